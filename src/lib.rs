@@ -1,0 +1,3 @@
+//! walsweep: keeps Redis caches honest by following a Postgres logical replication slot.
+
+pub mod pg;
