@@ -1,3 +1,15 @@
 //! walsweep: keeps Redis caches honest by following a Postgres logical replication slot.
+//!
+//! Data enters in `pg` (replication connection, pgoutput decoder), is assembled into committed
+//! transactions in `assembler`, turned into effects by a `plan::Planner`, and leaves through a
+//! `sink::Sink`. `pipeline` ties them together and reports progress back to Postgres.
 
+pub mod assembler;
+pub mod backoff;
+pub mod config;
+pub mod metrics;
 pub mod pg;
+pub mod pipeline;
+pub mod plan;
+pub mod progress;
+pub mod sink;

@@ -43,7 +43,9 @@ impl FromStr for Lsn {
     type Err = ParseLsnError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseLsnError { text: s.to_string() };
+        let err = || ParseLsnError {
+            text: s.to_string(),
+        };
         let (hi, lo) = s.trim().split_once('/').ok_or_else(err)?;
         let hi = u32::from_str_radix(hi, 16).map_err(|_| err())?;
         let lo = u32::from_str_radix(lo, 16).map_err(|_| err())?;

@@ -1,0 +1,433 @@
+//! The TOML configuration: documented serde structs (the reference for every option), defaults,
+//! environment overrides for secrets, and validation that reports every problem at once with the
+//! file, line and a fix.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::pg::replication::ConnectParams;
+
+pub const DEFAULT_SLOT: &str = "walsweep";
+pub const DEFAULT_PUBLICATION: &str = "walsweep";
+pub const DEFAULT_APPLICATION_NAME: &str = "walsweep";
+pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 1_000;
+pub const DEFAULT_QUEUE_CAPACITY: usize = 1_024;
+pub const DEFAULT_BATCH_MAX_TXNS: usize = 512;
+pub const DEFAULT_RECONNECT_MIN_MS: u64 = 100;
+pub const DEFAULT_RECONNECT_MAX_MS: u64 = 30_000;
+/// Environment variable that replaces `source.url`, so the password can stay out of the file.
+pub const SOURCE_URL_ENV: &str = "WALSWEEP_SOURCE_URL";
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct Config {
+    /// Where changes come from.
+    pub source: SourceConfig,
+    /// Tables whose changes walsweep follows. Each must be in the publication.
+    #[serde(default, rename = "table")]
+    pub tables: Vec<TableConfig>,
+}
+
+/// `[source]`: the Postgres primary and its logical replication slot.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct SourceConfig {
+    /// `postgres://user[:password]@host[:port]/database[?sslmode=disable]`. Overridden by the
+    /// `WALSWEEP_SOURCE_URL` environment variable. Never logged (only host, port and database).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Logical replication slot (pgoutput). Default `walsweep`.
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    /// Publication naming the followed tables. Default `walsweep`.
+    #[serde(default = "default_publication")]
+    pub publication: String,
+    /// Create the slot when it does not exist. Default true. With false, a missing slot stops
+    /// walsweep with the command to create it.
+    #[serde(default = "default_true")]
+    pub create_slot: bool,
+    /// Create the publication (`FOR TABLE` the `[[table]]` names) when it does not exist.
+    /// Default true. Needs a role allowed to create publications on those tables.
+    #[serde(default = "default_true")]
+    pub create_publication: bool,
+    /// Seconds between status updates sent to Postgres even when nothing happens, in ms.
+    /// Default 1000. Keep it well below the server's `wal_sender_timeout` (default 60 s).
+    #[serde(default = "default_status_interval_ms")]
+    pub status_interval_ms: u64,
+    /// `application_name` of walsweep's connections (shown in `pg_stat_replication`).
+    #[serde(default = "default_application_name")]
+    pub application_name: String,
+    /// Committed transactions that may wait for the sink. When full, walsweep stops reading the
+    /// replication socket (Postgres keeps the WAL) until the sink catches up. Default 1024.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Most committed transactions applied in one sink batch. Default 512.
+    #[serde(default = "default_batch_max_txns")]
+    pub batch_max_txns: usize,
+    /// First reconnect delay after a lost connection, in ms (doubles up to
+    /// `reconnect_max_ms`, jittered). Default 100.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay, in ms. Default 30000.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+/// `[[table]]`: one followed table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct TableConfig {
+    /// `schema.table`; a bare name means `public.name`.
+    pub name: String,
+}
+
+fn default_slot() -> String {
+    DEFAULT_SLOT.into()
+}
+fn default_publication() -> String {
+    DEFAULT_PUBLICATION.into()
+}
+fn default_application_name() -> String {
+    DEFAULT_APPLICATION_NAME.into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_status_interval_ms() -> u64 {
+    DEFAULT_STATUS_INTERVAL_MS
+}
+fn default_queue_capacity() -> usize {
+    DEFAULT_QUEUE_CAPACITY
+}
+fn default_batch_max_txns() -> usize {
+    DEFAULT_BATCH_MAX_TXNS
+}
+fn default_reconnect_min_ms() -> u64 {
+    DEFAULT_RECONNECT_MIN_MS
+}
+fn default_reconnect_max_ms() -> u64 {
+    DEFAULT_RECONNECT_MAX_MS
+}
+
+impl SourceConfig {
+    /// A source with every default, for tests and embedded use.
+    pub fn new(url: impl Into<String>) -> Self {
+        SourceConfig {
+            url: Some(url.into()),
+            slot: default_slot(),
+            publication: default_publication(),
+            create_slot: true,
+            create_publication: true,
+            status_interval_ms: DEFAULT_STATUS_INTERVAL_MS,
+            application_name: default_application_name(),
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            batch_max_txns: DEFAULT_BATCH_MAX_TXNS,
+            reconnect_min_ms: DEFAULT_RECONNECT_MIN_MS,
+            reconnect_max_ms: DEFAULT_RECONNECT_MAX_MS,
+        }
+    }
+
+    pub fn status_interval(&self) -> Duration {
+        Duration::from_millis(self.status_interval_ms)
+    }
+
+    pub fn reconnect_min(&self) -> Duration {
+        Duration::from_millis(self.reconnect_min_ms)
+    }
+
+    pub fn reconnect_max(&self) -> Duration {
+        Duration::from_millis(self.reconnect_max_ms)
+    }
+
+    pub fn connect_params(&self) -> Result<ConnectParams, ConfigError> {
+        let url = self.url.as_deref().ok_or_else(|| ConfigError::Invalid {
+            path: None,
+            problems: vec![Problem {
+                key: "source.url".into(),
+                line: None,
+                message: format!(
+                    "no source URL: set source.url or the {SOURCE_URL_ENV} environment variable"
+                ),
+            }],
+        })?;
+        let config: tokio_postgres::Config = url.parse().map_err(|_| ConfigError::Invalid {
+            path: None,
+            problems: vec![Problem {
+                key: "source.url".into(),
+                line: None,
+                // The URL may hold a password: never echo it.
+                message: "source.url is not a valid Postgres connection string; expected \
+                          postgres://user:password@host:port/database"
+                    .into(),
+            }],
+        })?;
+        Ok(ConnectParams {
+            config,
+            application_name: self.application_name.clone(),
+        })
+    }
+}
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// Dotted TOML path, e.g. `source.status_interval_ms` or `table[2].name`.
+    pub key: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(path.as_deref(), problems))]
+    Invalid {
+        path: Option<PathBuf>,
+        problems: Vec<Problem>,
+    },
+}
+
+fn render_problems(path: Option<&Path>, problems: &[Problem]) -> String {
+    let file = path
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "config".into());
+    problems
+        .iter()
+        .map(|p| match p.line {
+            Some(line) => format!("{file}:{line}: {}: {}", p.key, p.message),
+            None => format!("{file}: {}: {}", p.key, p.message),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads, parses and validates a file, then applies environment overrides.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Invalid { problems, .. } => ConfigError::Invalid {
+                path: Some(path.to_path_buf()),
+                problems,
+            },
+            other => other,
+        })?;
+        config.apply_env(|name| std::env::var(name).ok());
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text (no environment).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: None,
+            problems: vec![Problem {
+                key: "toml".into(),
+                line: e.span().map(|s| line_of(text, s.start)),
+                message: e.message().to_string(),
+            }],
+        })?;
+        let problems = config.validate(text);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: None,
+                problems,
+            })
+        }
+    }
+
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(url) = get(SOURCE_URL_ENV).filter(|u| !u.is_empty()) {
+            self.source.url = Some(url);
+        }
+    }
+
+    /// Every problem the file has, each with its line when it can be found.
+    fn validate(&self, text: &str) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, message: String| {
+            problems.push(Problem {
+                key: key.to_string(),
+                line: find_key_line(text, key.rsplit('.').next().unwrap_or(key)),
+                message,
+            })
+        };
+        let s = &self.source;
+        if s.slot.is_empty()
+            || !s
+                .slot
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            problem(
+                "source.slot",
+                format!(
+                    "slot name {:?} is invalid: Postgres allows only lowercase letters, digits \
+                     and underscores",
+                    s.slot
+                ),
+            );
+        }
+        if s.publication.is_empty() {
+            problem("source.publication", "publication name is empty".into());
+        }
+        if s.status_interval_ms == 0 {
+            problem(
+                "source.status_interval_ms",
+                "must be at least 1 (ms); 1000 is a good value".into(),
+            );
+        }
+        if s.queue_capacity == 0 {
+            problem("source.queue_capacity", "must be at least 1".into());
+        }
+        if s.batch_max_txns == 0 {
+            problem("source.batch_max_txns", "must be at least 1".into());
+        }
+        if s.reconnect_min_ms == 0 || s.reconnect_min_ms > s.reconnect_max_ms {
+            problem(
+                "source.reconnect_min_ms",
+                "must be at least 1 and at most source.reconnect_max_ms".into(),
+            );
+        }
+        if let Some(url) = &s.url {
+            if url.parse::<tokio_postgres::Config>().is_err() {
+                problem(
+                    "source.url",
+                    "not a valid Postgres connection string; expected \
+                     postgres://user:password@host:port/database"
+                        .into(),
+                );
+            }
+        }
+        for (i, table) in self.tables.iter().enumerate() {
+            let parts: Vec<&str> = table.name.split('.').collect();
+            if table.name.is_empty() || parts.len() > 2 || parts.iter().any(|p| p.is_empty()) {
+                problem(
+                    &format!("table[{i}].name"),
+                    format!(
+                        "table name {:?} is invalid; write schema.table, e.g. public.articles",
+                        table.name
+                    ),
+                );
+            }
+        }
+        problems
+    }
+
+    /// Table names as `schema.table`.
+    pub fn qualified_tables(&self) -> Vec<String> {
+        self.tables
+            .iter()
+            .map(|t| {
+                if t.name.contains('.') {
+                    t.name.clone()
+                } else {
+                    format!("public.{}", t.name)
+                }
+            })
+            .collect()
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The first line that assigns `key`, for pointing at values that parse but are wrong.
+fn find_key_line(text: &str, key: &str) -> Option<usize> {
+    let key = key.split('[').next().unwrap_or(key);
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = Config::parse("[source]\nurl = \"postgres://u@h/db\"\n").unwrap();
+        assert_eq!(c.source.slot, "walsweep");
+        assert_eq!(c.source.publication, "walsweep");
+        assert!(c.source.create_slot);
+        assert_eq!(c.source.status_interval(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn malformed_files_report_line_and_fix() {
+        let cases = [
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\nslott = \"x\"\n",
+                "config:3: toml: unknown field `slott`",
+            ),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\nslot = \"Bad-Slot\"\n",
+                "config:3: source.slot: slot name \"Bad-Slot\" is invalid",
+            ),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\nstatus_interval_ms = 0\n",
+                "config:3: source.status_interval_ms: must be at least 1",
+            ),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\nstatus_interval_ms = \"fast\"\n",
+                "config:3: toml: invalid type: string \"fast\", expected u64",
+            ),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\n[[table]]\nname = \"a.b.c\"\n",
+                "config:4: table[0].name: table name \"a.b.c\" is invalid",
+            ),
+            ("[sorce]\n", "config:1: toml: unknown field `sorce`"),
+            ("", "config: toml: missing field `source`"),
+        ];
+        for (text, expected) in cases {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with(expected),
+                "for {text:?}:\n got {err}\nwant {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn several_problems_are_reported_together() {
+        let err = Config::parse(
+            "[source]\nurl = \"postgres://u@h/db\"\nslot = \"\"\nqueue_capacity = 0\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("source.slot"), "{err}");
+        assert!(err.contains("source.queue_capacity"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_url_and_bad_url_is_not_echoed() {
+        let mut c = Config::parse("[source]\nurl = \"postgres://u@h/db\"\n").unwrap();
+        c.apply_env(|k| (k == SOURCE_URL_ENV).then(|| "postgres://u:secret@other/db".into()));
+        assert_eq!(
+            c.source.url.as_deref(),
+            Some("postgres://u:secret@other/db")
+        );
+        let err = Config::parse("[source]\nurl = \"postgres://u:hunter2@h:notaport/db\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("source.url"), "{err}");
+        assert!(!err.contains("hunter2"), "password leaked: {err}");
+    }
+}

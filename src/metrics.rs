@@ -1,0 +1,119 @@
+//! Every metric walsweep exports, named in one place, with the helpers that record them.
+//! Labels stay low-cardinality: never a key, a row value or an LSN.
+
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+
+use crate::assembler::CommittedTxn;
+use crate::pg::Lsn;
+use crate::plan::Plan;
+use crate::progress::StatusReason;
+
+pub const TRANSACTIONS_COMMITTED_TOTAL: &str = "walsweep_transactions_committed_total";
+pub const CHANGES_DECODED_TOTAL: &str = "walsweep_changes_decoded_total";
+pub const TRANSACTIONS_APPLIED_TOTAL: &str = "walsweep_transactions_applied_total";
+pub const EFFECTS_APPLIED_TOTAL: &str = "walsweep_effects_applied_total";
+pub const BATCH_SIZE_TRANSACTIONS: &str = "walsweep_batch_size_transactions";
+pub const BATCH_APPLY_SECONDS: &str = "walsweep_batch_apply_seconds";
+pub const COMMIT_TO_APPLIED_SECONDS: &str = "walsweep_commit_to_applied_seconds";
+pub const FLUSHED_LSN: &str = "walsweep_flushed_lsn";
+pub const STREAMING: &str = "walsweep_streaming";
+pub const RECONNECTS_TOTAL: &str = "walsweep_reconnects_total";
+pub const ERRORS_TOTAL: &str = "walsweep_errors_total";
+pub const STATUS_UPDATES_TOTAL: &str = "walsweep_status_updates_total";
+
+pub const LABEL_KIND: &str = "kind";
+pub const LABEL_REASON: &str = "reason";
+
+pub const ERROR_SINK: &str = "sink";
+
+/// Registers descriptions and units; call once after installing a recorder.
+pub fn describe() {
+    describe_counter!(
+        TRANSACTIONS_COMMITTED_TOTAL,
+        "Committed transactions decoded from the slot."
+    );
+    describe_counter!(
+        CHANGES_DECODED_TOTAL,
+        "Row changes folded into committed transactions."
+    );
+    describe_counter!(
+        TRANSACTIONS_APPLIED_TOTAL,
+        "Transactions whose effects the sink confirmed."
+    );
+    describe_counter!(
+        EFFECTS_APPLIED_TOTAL,
+        "Distinct effects the sink confirmed."
+    );
+    describe_histogram!(
+        BATCH_SIZE_TRANSACTIONS,
+        Unit::Count,
+        "Transactions per sink batch."
+    );
+    describe_histogram!(
+        BATCH_APPLY_SECONDS,
+        Unit::Seconds,
+        "Time to apply one sink batch, retries included."
+    );
+    describe_histogram!(
+        COMMIT_TO_APPLIED_SECONDS,
+        Unit::Seconds,
+        "From the commit timestamp in Postgres to the sink's confirmation."
+    );
+    describe_gauge!(
+        FLUSHED_LSN,
+        "Flush position last reported to Postgres, as a number."
+    );
+    describe_gauge!(STREAMING, "1 while the replication stream is open.");
+    describe_counter!(RECONNECTS_TOTAL, "Reconnects of the replication stream.");
+    describe_counter!(ERRORS_TOTAL, "Errors by kind.");
+    describe_counter!(
+        STATUS_UPDATES_TOTAL,
+        "Standby status updates sent, by reason."
+    );
+}
+
+pub fn txn_committed<P: Plan>(txn: &CommittedTxn<P>) {
+    counter!(TRANSACTIONS_COMMITTED_TOTAL).increment(1);
+    counter!(CHANGES_DECODED_TOTAL).increment(txn.change_count);
+}
+
+pub fn batch_applied<P: Plan>(batch: &[CommittedTxn<P>], elapsed: Duration) {
+    let now_micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    let effects: usize = batch.iter().map(|t| t.plan.effect_count()).sum();
+    counter!(TRANSACTIONS_APPLIED_TOTAL).increment(batch.len() as u64);
+    counter!(EFFECTS_APPLIED_TOTAL).increment(effects as u64);
+    histogram!(BATCH_SIZE_TRANSACTIONS).record(batch.len() as f64);
+    histogram!(BATCH_APPLY_SECONDS).record(elapsed.as_secs_f64());
+    let latency = histogram!(COMMIT_TO_APPLIED_SECONDS);
+    for txn in batch {
+        let micros = (now_micros - txn.commit_time_unix_micros).max(0);
+        latency.record(micros as f64 / 1e6);
+    }
+}
+
+pub fn set_flushed_lsn(lsn: Lsn) {
+    gauge!(FLUSHED_LSN).set(lsn.as_u64() as f64);
+}
+
+pub fn set_streaming(on: bool) {
+    gauge!(STREAMING).set(if on { 1.0 } else { 0.0 });
+}
+
+pub fn reconnected() {
+    counter!(RECONNECTS_TOTAL).increment(1);
+}
+
+pub fn error(kind: &'static str) {
+    counter!(ERRORS_TOTAL, LABEL_KIND => kind).increment(1);
+}
+
+pub fn status_sent(reason: StatusReason) {
+    counter!(STATUS_UPDATES_TOTAL, LABEL_REASON => reason.as_str()).increment(1);
+}

@@ -1,0 +1,154 @@
+//! Ordinary SQL against the source database (over tokio-postgres): server facts, slot and
+//! publication state, and creating the publication when configured to.
+
+use tokio_postgres::{Client, NoTls};
+
+use super::replication::{quote_ident, ConnectParams};
+use super::Lsn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot open a SQL connection to {target}")]
+    Connect {
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("catalog query failed: {what}")]
+    Query {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+/// Opens a plain SQL connection and drives it on a background task.
+pub async fn connect(params: &ConnectParams) -> Result<Client, CatalogError> {
+    let mut config = params.config.clone();
+    config.application_name(&format!("{}-catalog", params.application_name));
+    let (client, connection) =
+        config
+            .connect(NoTls)
+            .await
+            .map_err(|source| CatalogError::Connect {
+                target: params.target(),
+                source,
+            })?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %err, "catalog connection ended");
+        }
+    });
+    Ok(client)
+}
+
+fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
+    move |source| CatalogError::Query { what, source }
+}
+
+/// What `pg_replication_slots` says about one slot.
+#[derive(Debug, Clone)]
+pub struct SlotState {
+    pub plugin: Option<String>,
+    pub slot_type: String,
+    pub database: Option<String>,
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush_lsn: Option<Lsn>,
+    pub restart_lsn: Option<Lsn>,
+    /// `reserved`, `extended`, `unreserved` or `lost` (PG13+).
+    pub wal_status: Option<String>,
+}
+
+pub async fn server_version_num(client: &Client) -> Result<u32, CatalogError> {
+    let row = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(query_err("reading server_version_num"))?;
+    Ok(row.get::<_, i32>(0) as u32)
+}
+
+pub async fn wal_level(client: &Client) -> Result<String, CatalogError> {
+    let row = client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+        .map_err(query_err("reading wal_level"))?;
+    Ok(row.get(0))
+}
+
+pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, CatalogError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, slot_type, database::text, active, active_pid, \
+                    confirmed_flush_lsn::text, restart_lsn::text, wal_status \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(query_err("reading pg_replication_slots"))?;
+    Ok(row.map(|r| SlotState {
+        plugin: r.get(0),
+        slot_type: r.get(1),
+        database: r.get(2),
+        active: r.get(3),
+        active_pid: r.get(4),
+        confirmed_flush_lsn: r.get::<_, Option<String>>(5).and_then(|t| t.parse().ok()),
+        restart_lsn: r.get::<_, Option<String>>(6).and_then(|t| t.parse().ok()),
+        wal_status: r.get(7),
+    }))
+}
+
+pub async fn publication_exists(client: &Client, publication: &str) -> Result<bool, CatalogError> {
+    let row = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(query_err("reading pg_publication"))?;
+    Ok(row.is_some())
+}
+
+/// `CREATE PUBLICATION` for the given tables (`schema.table`, already validated names).
+pub async fn create_publication(
+    client: &Client,
+    publication: &str,
+    tables: &[String],
+) -> Result<(), CatalogError> {
+    let sql = create_publication_sql(publication, tables);
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(query_err("creating the publication"))
+}
+
+pub fn create_publication_sql(publication: &str, tables: &[String]) -> String {
+    let list = tables
+        .iter()
+        .map(|t| qualified_ident(t))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "CREATE PUBLICATION {} FOR TABLE {list}",
+        quote_ident(publication)
+    )
+}
+
+/// `public.articles` -> `"public"."articles"`; a bare name is taken as `public`.
+pub fn qualified_ident(name: &str) -> String {
+    let (schema, table) = split_table_name(name);
+    format!("{}.{}", quote_ident(schema), quote_ident(table))
+}
+
+pub fn split_table_name(name: &str) -> (&str, &str) {
+    name.split_once('.').unwrap_or(("public", name))
+}
+
+/// Current WAL position of the server (for lag).
+pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, CatalogError> {
+    let row = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(query_err("reading pg_current_wal_lsn()"))?;
+    Ok(row.get::<_, String>(0).parse().unwrap_or_default())
+}

@@ -1,0 +1,712 @@
+//! The replication connection: startup with `replication=database`, authentication, replication
+//! commands over the simple query protocol, and the CopyBoth stream of `START_REPLICATION`.
+//!
+//! This is the only place that touches the replication socket. The transport is any
+//! `AsyncRead + AsyncWrite` (`Transport`), so TLS can wrap the TCP stream without this module's
+//! protocol code changing. Message framing comes from `postgres-protocol`; the replication
+//! payloads are decoded by `wire` and `pgoutput`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::backend::{self, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::config::{Host, SslMode};
+
+use super::wire::{self, StandbyStatusUpdate, WireMessage};
+use super::Lsn;
+
+const COPY_BOTH_RESPONSE_TAG: u8 = b'W';
+const DEFAULT_PORT: u16 = 5432;
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Any byte stream the protocol can run over (plain TCP, a Unix socket, or TLS later).
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+
+/// Fields of a server `ErrorResponse` that callers act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerError {
+    pub severity: String,
+    pub sqlstate: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.severity, self.sqlstate, self.message)?;
+        if let Some(detail) = &self.detail {
+            write!(f, " (detail: {detail})")?;
+        }
+        if let Some(hint) = &self.hint {
+            write!(f, " (hint: {hint})")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("cannot connect to Postgres at {target}")]
+    Connect {
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("replication connection I/O failed")]
+    Io(#[from] io::Error),
+    #[error("Postgres refused: {0}")]
+    Server(ServerError),
+    #[error("authentication failed for user {user:?}: {reason}")]
+    Auth { user: String, reason: String },
+    #[error("unexpected {got} from Postgres while {during}")]
+    UnexpectedMessage {
+        got: &'static str,
+        during: &'static str,
+    },
+    #[error("Postgres closed the replication connection")]
+    Closed,
+    #[error("unsupported connection setting: {0}")]
+    Unsupported(String),
+    #[error("malformed replication message")]
+    Wire(#[from] wire::WireError),
+}
+
+impl ReplicationError {
+    /// Whether reconnecting could help. Configuration, authentication and missing-object errors
+    /// will fail the same way every time, so they stop the daemon with their message instead.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ReplicationError::Connect { .. }
+            | ReplicationError::Io(_)
+            | ReplicationError::Closed
+            | ReplicationError::UnexpectedMessage { .. } => true,
+            ReplicationError::Server(e) => is_retryable_sqlstate(&e.sqlstate),
+            ReplicationError::Auth { .. }
+            | ReplicationError::Unsupported(_)
+            | ReplicationError::Wire(_) => false,
+        }
+    }
+
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ReplicationError::Server(e) => Some(&e.sqlstate),
+            _ => None,
+        }
+    }
+
+    /// A short low-cardinality label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReplicationError::Connect { .. } => "connect",
+            ReplicationError::Io(_) => "io",
+            ReplicationError::Server(_) => "server",
+            ReplicationError::Auth { .. } => "auth",
+            ReplicationError::UnexpectedMessage { .. } => "protocol",
+            ReplicationError::Closed => "closed",
+            ReplicationError::Unsupported(_) => "unsupported",
+            ReplicationError::Wire(_) => "wire",
+        }
+    }
+}
+
+fn is_retryable_sqlstate(sqlstate: &str) -> bool {
+    // Class 28 (auth), 3D000 (no such database), 42704 (no such slot/publication) and
+    // 42501 (insufficient privilege) need a human; 55006 (slot in use by another consumer),
+    // 57P01..57P03 (admin shutdown, crash shutdown, cannot connect now), class 08 (connection)
+    // and 53 (insufficient resources, e.g. too many walsenders) pass by themselves.
+    !(sqlstate.starts_with("28")
+        || sqlstate == "3D000"
+        || sqlstate == "42704"
+        || sqlstate == "42501"
+        || sqlstate == "42601"
+        || sqlstate == "0A000"
+        || sqlstate == "55000")
+}
+
+fn server_error(body: &backend::ErrorResponseBody) -> ServerError {
+    let mut err = ServerError {
+        severity: "ERROR".into(),
+        sqlstate: String::new(),
+        message: String::new(),
+        detail: None,
+        hint: None,
+    };
+    let mut fields = body.fields();
+    while let Ok(Some(field)) = fields.next() {
+        let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+        match field.type_() {
+            b'S' => err.severity = value,
+            b'C' => err.sqlstate = value,
+            b'M' => err.message = value,
+            b'D' => err.detail = Some(value),
+            b'H' => err.hint = Some(value),
+            _ => {}
+        }
+    }
+    err
+}
+
+fn message_name(msg: &Message) -> &'static str {
+    match msg {
+        Message::AuthenticationOk => "AuthenticationOk",
+        Message::AuthenticationCleartextPassword => "AuthenticationCleartextPassword",
+        Message::AuthenticationMd5Password(_) => "AuthenticationMD5Password",
+        Message::AuthenticationSasl(_) => "AuthenticationSASL",
+        Message::AuthenticationSaslContinue(_) => "AuthenticationSASLContinue",
+        Message::AuthenticationSaslFinal(_) => "AuthenticationSASLFinal",
+        Message::BackendKeyData(_) => "BackendKeyData",
+        Message::CommandComplete(_) => "CommandComplete",
+        Message::CopyData(_) => "CopyData",
+        Message::CopyDone => "CopyDone",
+        Message::CopyOutResponse(_) => "CopyOutResponse",
+        Message::CopyInResponse(_) => "CopyInResponse",
+        Message::DataRow(_) => "DataRow",
+        Message::EmptyQueryResponse => "EmptyQueryResponse",
+        Message::ErrorResponse(_) => "ErrorResponse",
+        Message::NoticeResponse(_) => "NoticeResponse",
+        Message::ParameterStatus(_) => "ParameterStatus",
+        Message::ReadyForQuery(_) => "ReadyForQuery",
+        Message::RowDescription(_) => "RowDescription",
+        _ => "message",
+    }
+}
+
+/// A backend message, or the CopyBothResponse that `postgres-protocol` does not know.
+enum Incoming {
+    Message(Message),
+    CopyBothResponse,
+}
+
+/// Where and as whom to connect, taken from a `postgres://` URL or key=value string.
+#[derive(Clone)]
+pub struct ConnectParams {
+    pub config: tokio_postgres::Config,
+    pub application_name: String,
+}
+
+impl ConnectParams {
+    pub fn user(&self) -> String {
+        self.config
+            .get_user()
+            .map(str::to_owned)
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "postgres".into())
+    }
+
+    pub fn dbname(&self) -> String {
+        self.config
+            .get_dbname()
+            .map(str::to_owned)
+            .unwrap_or_else(|| self.user())
+    }
+
+    /// `host:port` for messages; never includes the password.
+    pub fn target(&self) -> String {
+        let host = match self.config.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".into(),
+        };
+        let port = self
+            .config
+            .get_ports()
+            .first()
+            .copied()
+            .unwrap_or(DEFAULT_PORT);
+        format!("{host}:{port}/{}", self.dbname())
+    }
+}
+
+/// An authenticated replication connection (before `START_REPLICATION`).
+pub struct ReplicationConnection {
+    transport: Box<dyn Transport>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    parameters: HashMap<String, String>,
+}
+
+/// One row of a simple-query result, as text.
+pub type TextRow = Vec<Option<String>>;
+
+impl ReplicationConnection {
+    /// Opens the socket and runs startup and authentication.
+    pub async fn connect(params: &ConnectParams) -> Result<Self, ReplicationError> {
+        if matches!(params.config.get_ssl_mode(), SslMode::Require) {
+            return Err(ReplicationError::Unsupported(
+                "sslmode=require: TLS is not supported yet; use sslmode=disable or prefer".into(),
+            ));
+        }
+        let transport = open_transport(params).await?;
+        let mut conn = ReplicationConnection {
+            transport,
+            read_buf: BytesMut::with_capacity(64 * 1024),
+            write_buf: BytesMut::with_capacity(1024),
+            parameters: HashMap::new(),
+        };
+        conn.startup(params).await?;
+        Ok(conn)
+    }
+
+    /// A server parameter reported at startup, e.g. `server_version`.
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.parameters.get(name).map(String::as_str)
+    }
+
+    /// `server_version_num` derived from the startup parameter `server_version` ("15.4 (Debian...)").
+    pub fn server_version_num(&self) -> Option<u32> {
+        let text = self.parameter("server_version")?;
+        let mut parts = text
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|p| !p.is_empty());
+        let major: u32 = parts.next()?.parse().ok()?;
+        let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        Some(if major >= 10 {
+            major * 10_000 + minor
+        } else {
+            major * 10_000 + minor * 100
+        })
+    }
+
+    async fn startup(&mut self, params: &ConnectParams) -> Result<(), ReplicationError> {
+        let user = params.user();
+        let dbname = params.dbname();
+        // Text values in pgoutput are rendered with the walsender's settings: pin the ones that
+        // change how timestamps and floats look, so rules see the same text everywhere.
+        let startup = [
+            ("user", user.as_str()),
+            ("database", dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", params.application_name.as_str()),
+            ("client_encoding", "UTF8"),
+            ("TimeZone", "UTC"),
+            ("DateStyle", "ISO"),
+            ("extra_float_digits", "3"),
+        ];
+        frontend::startup_message(startup.iter().copied(), &mut self.write_buf)?;
+        self.flush().await?;
+        self.authenticate(params, &user).await?;
+        loop {
+            match self.read_message().await? {
+                Incoming::Message(Message::ParameterStatus(body)) => {
+                    let name = body.name().map_err(ReplicationError::Io)?.to_string();
+                    let value = body.value().map_err(ReplicationError::Io)?.to_string();
+                    self.parameters.insert(name, value);
+                }
+                Incoming::Message(Message::BackendKeyData(_))
+                | Incoming::Message(Message::NoticeResponse(_)) => {}
+                Incoming::Message(Message::ReadyForQuery(_)) => return Ok(()),
+                Incoming::Message(Message::ErrorResponse(body)) => {
+                    return Err(ReplicationError::Server(server_error(&body)))
+                }
+                other => return Err(unexpected(&other, "starting up")),
+            }
+        }
+    }
+
+    async fn authenticate(
+        &mut self,
+        params: &ConnectParams,
+        user: &str,
+    ) -> Result<(), ReplicationError> {
+        let password = params.config.get_password();
+        let need_password = || ReplicationError::Auth {
+            user: user.to_string(),
+            reason: "the server asks for a password and the source URL has none \
+                     (add it to the URL or set WALSWEEP_SOURCE_URL)"
+                .into(),
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let msg = match self.read_message().await? {
+                Incoming::Message(m) => m,
+                other => return Err(unexpected(&other, "authenticating")),
+            };
+            match msg {
+                Message::AuthenticationOk => return Ok(()),
+                Message::AuthenticationCleartextPassword => {
+                    let pw = password.ok_or_else(need_password)?;
+                    frontend::password_message(pw, &mut self.write_buf)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let pw = password.ok_or_else(need_password)?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        user.as_bytes(),
+                        pw,
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.write_buf)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let pw = password.ok_or_else(need_password)?;
+                    let mut mechanisms = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Some(m) = mechanisms.next()? {
+                        has_scram |= m == SCRAM_SHA_256;
+                    }
+                    if !has_scram {
+                        return Err(ReplicationError::Auth {
+                            user: user.to_string(),
+                            reason: "the server offers no SASL mechanism walsweep supports \
+                                     (need SCRAM-SHA-256)"
+                                .into(),
+                        });
+                    }
+                    let state = ScramSha256::new(pw, ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        SCRAM_SHA_256,
+                        state.message(),
+                        &mut self.write_buf,
+                    )?;
+                    scram = Some(state);
+                    self.flush().await?;
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let state = scram.as_mut().ok_or(ReplicationError::UnexpectedMessage {
+                        got: "AuthenticationSASLContinue",
+                        during: "authenticating without SASL",
+                    })?;
+                    state
+                        .update(body.data())
+                        .map_err(|e| ReplicationError::Auth {
+                            user: user.to_string(),
+                            reason: format!("SCRAM exchange failed: {e}"),
+                        })?;
+                    frontend::sasl_response(state.message(), &mut self.write_buf)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let state = scram.as_mut().ok_or(ReplicationError::UnexpectedMessage {
+                        got: "AuthenticationSASLFinal",
+                        during: "authenticating without SASL",
+                    })?;
+                    state
+                        .finish(body.data())
+                        .map_err(|e| ReplicationError::Auth {
+                            user: user.to_string(),
+                            reason: format!("server SCRAM signature did not verify: {e}"),
+                        })?;
+                }
+                Message::ErrorResponse(body) => {
+                    let err = server_error(&body);
+                    if err.sqlstate.starts_with("28") {
+                        return Err(ReplicationError::Auth {
+                            user: user.to_string(),
+                            reason: format!(
+                                "{} ({}); check the user and password in the source URL \
+                                 and pg_hba.conf",
+                                err.message, err.sqlstate
+                            ),
+                        });
+                    }
+                    return Err(ReplicationError::Server(err));
+                }
+                other => {
+                    return Err(ReplicationError::UnexpectedMessage {
+                        got: message_name(&other),
+                        during: "authenticating (unsupported authentication method?)",
+                    })
+                }
+            }
+        }
+    }
+
+    /// Runs a replication command (`IDENTIFY_SYSTEM`, `CREATE_REPLICATION_SLOT`, ...) and
+    /// returns its rows as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<TextRow>, ReplicationError> {
+        frontend::query(sql, &mut self.write_buf)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                Incoming::Message(Message::DataRow(row)) => {
+                    let buf = row.buffer();
+                    let mut ranges = row.ranges();
+                    let mut values = Vec::new();
+                    while let Some(range) = ranges.next()? {
+                        values.push(range.and_then(|r| {
+                            buf.get(r).map(|b| String::from_utf8_lossy(b).into_owned())
+                        }));
+                    }
+                    rows.push(values);
+                }
+                Incoming::Message(Message::ErrorResponse(body)) => {
+                    error = Some(server_error(&body));
+                }
+                Incoming::Message(Message::ReadyForQuery(_)) => {
+                    return match error {
+                        Some(e) => Err(ReplicationError::Server(e)),
+                        None => Ok(rows),
+                    };
+                }
+                Incoming::Message(
+                    Message::RowDescription(_)
+                    | Message::CommandComplete(_)
+                    | Message::EmptyQueryResponse
+                    | Message::NoticeResponse(_)
+                    | Message::ParameterStatus(_),
+                ) => {}
+                other => return Err(unexpected(&other, "running a replication command")),
+            }
+        }
+    }
+
+    /// `IDENTIFY_SYSTEM`: returns (systemid, timeline, current WAL position, dbname).
+    pub async fn identify_system(&mut self) -> Result<IdentifySystem, ReplicationError> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = rows.first().ok_or(ReplicationError::UnexpectedMessage {
+            got: "empty result",
+            during: "IDENTIFY_SYSTEM",
+        })?;
+        let field = |i: usize| row.get(i).cloned().flatten();
+        let xlogpos = field(2).and_then(|t| t.parse::<Lsn>().ok()).ok_or(
+            ReplicationError::UnexpectedMessage {
+                got: "malformed xlogpos",
+                during: "IDENTIFY_SYSTEM",
+            },
+        )?;
+        Ok(IdentifySystem {
+            system_id: field(0).unwrap_or_default(),
+            timeline: field(1).and_then(|t| t.parse().ok()).unwrap_or(0),
+            xlogpos,
+            dbname: field(3),
+        })
+    }
+
+    /// Creates a pgoutput slot; returns its consistent point.
+    pub async fn create_slot(&mut self, slot: &str) -> Result<Lsn, ReplicationError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            quote_ident(slot)
+        );
+        let rows = self.simple_query(&sql).await?;
+        rows.first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .and_then(|t| t.parse::<Lsn>().ok())
+            .ok_or(ReplicationError::UnexpectedMessage {
+                got: "malformed consistent_point",
+                during: "CREATE_REPLICATION_SLOT",
+            })
+    }
+
+    /// `START_REPLICATION SLOT ... LOGICAL start (options)`; hands the socket to the stream.
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        start_lsn: Lsn,
+        options: &[(&str, String)],
+    ) -> Result<ReplicationStream, ReplicationError> {
+        let opts = options
+            .iter()
+            .map(|(k, v)| format!("{} {}", quote_ident(k), quote_literal(v)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} ({})",
+            quote_ident(slot),
+            start_lsn,
+            opts
+        );
+        frontend::query(&sql, &mut self.write_buf)?;
+        self.flush().await?;
+        loop {
+            match self.read_message().await? {
+                Incoming::CopyBothResponse => break,
+                Incoming::Message(Message::NoticeResponse(_)) => {}
+                Incoming::Message(Message::ErrorResponse(body)) => {
+                    return Err(ReplicationError::Server(server_error(&body)))
+                }
+                other => return Err(unexpected(&other, "starting replication")),
+            }
+        }
+        Ok(ReplicationStream { conn: self })
+    }
+
+    async fn flush(&mut self) -> Result<(), ReplicationError> {
+        self.transport.write_all(&self.write_buf).await?;
+        self.transport.flush().await?;
+        self.write_buf.clear();
+        Ok(())
+    }
+
+    /// Reads one backend message. Cancel-safe: a partial frame stays in `read_buf`.
+    async fn read_message(&mut self) -> Result<Incoming, ReplicationError> {
+        loop {
+            if let Some(msg) = self.try_parse()? {
+                return Ok(msg);
+            }
+            let n = self.transport.read_buf(&mut self.read_buf).await?;
+            if n == 0 {
+                return Err(ReplicationError::Closed);
+            }
+        }
+    }
+
+    fn try_parse(&mut self) -> Result<Option<Incoming>, ReplicationError> {
+        let Some(header) = backend::Header::parse(&self.read_buf)? else {
+            return Ok(None);
+        };
+        if header.tag() == COPY_BOTH_RESPONSE_TAG {
+            let total = header.len() as usize + 1;
+            if self.read_buf.len() < total {
+                return Ok(None);
+            }
+            let _ = self.read_buf.split_to(total);
+            return Ok(Some(Incoming::CopyBothResponse));
+        }
+        Ok(Message::parse(&mut self.read_buf)?.map(Incoming::Message))
+    }
+}
+
+fn unexpected(msg: &Incoming, during: &'static str) -> ReplicationError {
+    match msg {
+        Incoming::Message(Message::ErrorResponse(body)) => {
+            ReplicationError::Server(server_error(body))
+        }
+        Incoming::Message(m) => ReplicationError::UnexpectedMessage {
+            got: message_name(m),
+            during,
+        },
+        Incoming::CopyBothResponse => ReplicationError::UnexpectedMessage {
+            got: "CopyBothResponse",
+            during,
+        },
+    }
+}
+
+async fn open_transport(params: &ConnectParams) -> Result<Box<dyn Transport>, ReplicationError> {
+    let host = params
+        .config
+        .get_hosts()
+        .first()
+        .cloned()
+        .unwrap_or(Host::Tcp("localhost".into()));
+    let port = params
+        .config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(DEFAULT_PORT);
+    let timeout = params
+        .config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let connect_err = |source: io::Error| ReplicationError::Connect {
+        target: params.target(),
+        source,
+    };
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+    match host {
+        Host::Tcp(h) => {
+            let stream = tokio::time::timeout(timeout, TcpStream::connect((h.as_str(), port)))
+                .await
+                .map_err(|_| connect_err(timed_out()))?
+                .map_err(connect_err)?;
+            stream.set_nodelay(true).map_err(connect_err)?;
+            Ok(Box::new(stream))
+        }
+        #[cfg(unix)]
+        Host::Unix(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            let stream = tokio::time::timeout(timeout, tokio::net::UnixStream::connect(path))
+                .await
+                .map_err(|_| connect_err(timed_out()))?
+                .map_err(connect_err)?;
+            Ok(Box::new(stream))
+        }
+    }
+}
+
+/// Result of `IDENTIFY_SYSTEM`.
+#[derive(Debug, Clone)]
+pub struct IdentifySystem {
+    pub system_id: String,
+    pub timeline: u32,
+    pub xlogpos: Lsn,
+    pub dbname: Option<String>,
+}
+
+/// The CopyBoth phase: replication messages in, status updates out.
+pub struct ReplicationStream {
+    conn: ReplicationConnection,
+}
+
+impl ReplicationStream {
+    /// The next `XLogData` or keepalive. Cancel-safe, so it can sit in a `select!` next to timers.
+    /// `Ok(None)` means the server ended the stream (CopyDone).
+    pub async fn next(&mut self) -> Result<Option<WireMessage>, ReplicationError> {
+        loop {
+            match self.conn.read_message().await? {
+                Incoming::Message(Message::CopyData(body)) => {
+                    let data: Bytes = body.into_bytes();
+                    return Ok(Some(wire::parse_wire_message(data)?));
+                }
+                Incoming::Message(Message::CopyDone) => return Ok(None),
+                Incoming::Message(Message::NoticeResponse(_))
+                | Incoming::Message(Message::ParameterStatus(_)) => {}
+                other => return Err(unexpected(&other, "streaming")),
+            }
+        }
+    }
+
+    pub async fn send_status(
+        &mut self,
+        update: &StandbyStatusUpdate,
+    ) -> Result<(), ReplicationError> {
+        let mut payload = BytesMut::with_capacity(34);
+        wire::encode_standby_status_update(update, &mut payload);
+        frontend::CopyData::new(&payload[..])?.write(&mut self.conn.write_buf);
+        self.conn.flush().await
+    }
+
+    /// Ends the stream politely: CopyDone, then Terminate. Errors are ignored because the
+    /// connection is being dropped anyway.
+    pub async fn close(mut self) {
+        frontend::copy_done(&mut self.conn.write_buf);
+        frontend::terminate(&mut self.conn.write_buf);
+        let _ = self.conn.flush().await;
+    }
+}
+
+/// Quotes an identifier for replication commands, which take identifiers in SQL syntax.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_escapes_embedded_quotes() {
+        assert_eq!(quote_ident("my\"slot"), "\"my\"\"slot\"");
+        assert_eq!(quote_literal("a'b"), "'a''b'");
+    }
+
+    #[test]
+    fn auth_and_missing_objects_are_not_retried() {
+        for code in ["28P01", "28000", "3D000", "42704"] {
+            assert!(!is_retryable_sqlstate(code), "{code}");
+        }
+        for code in ["55006", "57P01", "08006", "53300"] {
+            assert!(is_retryable_sqlstate(code), "{code}");
+        }
+    }
+}

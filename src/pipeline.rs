@@ -1,0 +1,557 @@
+//! The loop that ties stream -> assembler -> sink -> acknowledgement.
+//!
+//! Two tasks and two channels, data flowing one way:
+//! - the stream task reads the replication socket, assembles committed transactions and puts
+//!   them on a bounded queue. When the queue is full it stops reading (backpressure: Postgres
+//!   keeps the WAL) but keeps answering keepalives;
+//! - the sink task takes whatever is queued as one batch, applies it (retrying retryable errors
+//!   forever), and publishes the batch's last commit end on a watch channel.
+//!
+//! Only that watch channel moves the flush position, except when nothing at all is pending:
+//! then a keepalive's WAL end is confirmed, so an idle slot never holds WAL.
+
+use tokio::sync::{mpsc, watch};
+
+use crate::assembler::{AssembleError, Assembler, CommittedTxn};
+use crate::backoff::Backoff;
+use crate::config::SourceConfig;
+use crate::metrics as m;
+use crate::pg::catalog::{self, CatalogError};
+use crate::pg::replication::{
+    ConnectParams, ReplicationConnection, ReplicationError, ReplicationStream,
+};
+use crate::pg::wire::WireMessage;
+use crate::pg::Lsn;
+use crate::plan::Planner;
+use crate::progress::{Progress, StatusReason};
+use crate::sink::{Sink, SinkError};
+
+/// Server versions from which pgoutput speaks protocol 2 (streaming of large transactions).
+const STREAMING_MIN_SERVER_VERSION: u32 = 140_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("cannot decode the replication stream at {lsn}")]
+    Assemble {
+        lsn: Lsn,
+        #[source]
+        source: AssembleError,
+    },
+    #[error("the sink failed and cannot be retried")]
+    Sink(#[from] SinkError),
+    /// Something only a human can fix; the message says what to do.
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl PipelineError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            PipelineError::Replication(e) => e.is_retryable(),
+            PipelineError::Catalog(CatalogError::Connect { .. }) => true,
+            PipelineError::Catalog(CatalogError::Query { source, .. }) => source.is_closed(),
+            _ => false,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            PipelineError::Config(_) => "config",
+            PipelineError::Replication(e) => e.kind(),
+            PipelineError::Catalog(_) => "catalog",
+            PipelineError::Assemble { .. } => "decode",
+            PipelineError::Sink(_) => "sink",
+            PipelineError::Setup(_) => "setup",
+        }
+    }
+}
+
+/// Asks the pipeline to stop: the first request drains committed work and confirms it, a
+/// second one stops at once (nothing is lost either way: unconfirmed work is redelivered).
+#[derive(Clone)]
+pub struct Shutdown {
+    rx: watch::Receiver<u32>,
+}
+
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    tx: std::sync::Arc<watch::Sender<u32>>,
+}
+
+impl ShutdownHandle {
+    pub fn request(&self) {
+        self.tx.send_modify(|n| *n += 1);
+    }
+}
+
+pub fn shutdown_channel() -> (ShutdownHandle, Shutdown) {
+    let (tx, rx) = watch::channel(0);
+    (
+        ShutdownHandle {
+            tx: std::sync::Arc::new(tx),
+        },
+        Shutdown { rx },
+    )
+}
+
+impl Shutdown {
+    fn requests(&self) -> u32 {
+        *self.rx.borrow()
+    }
+
+    /// Resolves once at least `n` requests were made (or every handle is gone).
+    async fn at_least(&mut self, n: u32) {
+        let _ = self.rx.wait_for(|count| *count >= n).await;
+    }
+}
+
+/// Checks what only a human can fix and creates the publication and slot when allowed to.
+pub async fn prepare_source(
+    source: &SourceConfig,
+    params: &ConnectParams,
+    tables: &[String],
+) -> Result<(), PipelineError> {
+    let client = catalog::connect(params).await?;
+    let wal_level = catalog::wal_level(&client).await?;
+    if wal_level != "logical" {
+        return Err(PipelineError::Setup(format!(
+            "wal_level is {wal_level:?} on {}; logical replication needs \
+             ALTER SYSTEM SET wal_level = logical and a server restart",
+            params.target()
+        )));
+    }
+    if !catalog::publication_exists(&client, &source.publication).await? {
+        if !source.create_publication {
+            return Err(PipelineError::Setup(format!(
+                "publication {:?} does not exist and source.create_publication is false; \
+                 create it with: {}",
+                source.publication,
+                catalog::create_publication_sql(&source.publication, tables)
+            )));
+        }
+        if tables.is_empty() {
+            return Err(PipelineError::Setup(format!(
+                "publication {:?} does not exist and no [[table]] is configured to create it \
+                 for; add [[table]] entries or create the publication yourself",
+                source.publication
+            )));
+        }
+        catalog::create_publication(&client, &source.publication, tables).await?;
+        tracing::info!(publication = %source.publication, ?tables, "created publication");
+    }
+    match catalog::slot_state(&client, &source.slot).await? {
+        Some(slot) if slot.plugin.as_deref() != Some("pgoutput") => {
+            return Err(PipelineError::Setup(format!(
+                "replication slot {:?} exists but uses plugin {:?}, not pgoutput; drop it \
+                 (SELECT pg_drop_replication_slot('{}')) or configure another source.slot",
+                source.slot, slot.plugin, source.slot
+            )));
+        }
+        Some(_) => {}
+        None if source.create_slot => {
+            let mut conn = ReplicationConnection::connect(params).await?;
+            let lsn = conn.create_slot(&source.slot).await?;
+            tracing::info!(slot = %source.slot, consistent_point = %lsn, "created replication slot");
+        }
+        None => {
+            return Err(PipelineError::Setup(format!(
+                "replication slot {:?} does not exist and source.create_slot is false; create \
+                 it with: SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+                source.slot, source.slot
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What a finished run did (for tests and the final log line).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunSummary {
+    pub confirmed_lsn: Lsn,
+    pub reconnects: u64,
+}
+
+/// Runs until shutdown or an error no retry can fix.
+pub async fn run<PL, S>(
+    source: &SourceConfig,
+    tables: &[String],
+    planner: PL,
+    sink: S,
+    shutdown: Shutdown,
+) -> Result<RunSummary, PipelineError>
+where
+    PL: Planner,
+    S: Sink<PL::Plan>,
+{
+    let params = source.connect_params()?;
+    let mut backoff = Backoff::new(source.reconnect_min(), source.reconnect_max());
+    // Setup is retried like streaming: the database may simply not be up yet.
+    loop {
+        match prepare_source(source, &params, tables).await {
+            Ok(()) => break,
+            Err(e) if e.is_retryable() && shutdown.requests() == 0 => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %display_chain(&e), retry_in_ms = delay.as_millis() as u64, "source not reachable");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+
+    let (txn_tx, txn_rx) = mpsc::channel(source.queue_capacity);
+    let (confirmed_tx, confirmed_rx) = watch::channel(Lsn::ZERO);
+    let sink_backoff = Backoff::new(source.reconnect_min(), source.reconnect_max());
+    let mut sink_task = tokio::spawn(sink_loop(
+        sink,
+        txn_rx,
+        confirmed_tx,
+        source.batch_max_txns,
+        sink_backoff,
+    ));
+    let mut streamer = Streamer {
+        source,
+        params,
+        assembler: Assembler::new(planner),
+        queue: txn_tx,
+        confirmed: confirmed_rx,
+        enqueued_lsn: Lsn::ZERO,
+        shutdown,
+        backoff,
+        reconnects: 0,
+    };
+    let stream_result = tokio::select! {
+        result = streamer.run() => result,
+        sink_result = &mut sink_task => {
+            return match sink_result {
+                Ok(Err(e)) => Err(e.into()),
+                Ok(Ok(())) => Err(PipelineError::Setup("sink stopped unexpectedly".into())),
+                Err(join) => Err(PipelineError::Setup(format!("sink task panicked: {join}"))),
+            };
+        }
+    };
+    let summary = RunSummary {
+        confirmed_lsn: *streamer.confirmed.borrow(),
+        reconnects: streamer.reconnects,
+    };
+    drop(streamer);
+    sink_task.abort();
+    stream_result.map(|()| summary)
+}
+
+/// Applies queued transactions in batches; confirms each batch only after the sink did.
+async fn sink_loop<P: crate::plan::Plan, S: Sink<P>>(
+    mut sink: S,
+    mut queue: mpsc::Receiver<CommittedTxn<P>>,
+    confirmed: watch::Sender<Lsn>,
+    batch_max: usize,
+    mut backoff: Backoff,
+) -> Result<(), SinkError> {
+    let mut batch = Vec::with_capacity(batch_max);
+    while queue.recv_many(&mut batch, batch_max).await > 0 {
+        let started = std::time::Instant::now();
+        loop {
+            match sink.apply(&batch).await {
+                Ok(()) => {
+                    backoff.reset();
+                    break;
+                }
+                Err(e) if e.is_retryable() => {
+                    let delay = backoff.next_delay();
+                    m::error(m::ERROR_SINK);
+                    tracing::warn!(
+                        error = %display_chain(&e),
+                        attempt = backoff.attempts(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "sink unavailable; holding the slot position and retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let last_end = batch.last().map(|t| t.end_lsn).unwrap_or_default();
+        m::batch_applied(&batch, started.elapsed());
+        confirmed.send_modify(|lsn| *lsn = (*lsn).max(last_end));
+        batch.clear();
+    }
+    Ok(())
+}
+
+struct Streamer<'a, PL: Planner> {
+    source: &'a SourceConfig,
+    params: ConnectParams,
+    assembler: Assembler<PL>,
+    queue: mpsc::Sender<CommittedTxn<PL::Plan>>,
+    confirmed: watch::Receiver<Lsn>,
+    /// End of the last transaction handed to the sink queue. A reconnect resumes after it, so
+    /// nothing reaches the sink twice or out of order while the sink task lives.
+    enqueued_lsn: Lsn,
+    shutdown: Shutdown,
+    backoff: Backoff,
+    reconnects: u64,
+}
+
+enum SessionEnd {
+    Shutdown,
+}
+
+impl<PL: Planner> Streamer<'_, PL> {
+    async fn run(&mut self) -> Result<(), PipelineError> {
+        loop {
+            match self.session().await {
+                Ok(SessionEnd::Shutdown) => return Ok(()),
+                Err(e) if e.is_retryable() && self.shutdown.requests() == 0 => {
+                    self.reconnects += 1;
+                    m::reconnected();
+                    m::error(e.kind());
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(
+                        error = %display_chain(&e),
+                        attempt = self.backoff.attempts(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "replication connection lost; reconnecting"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.at_least(1) => return Ok(()),
+                    }
+                }
+                Err(e) => {
+                    m::error(e.kind());
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn session(&mut self) -> Result<SessionEnd, PipelineError> {
+        let source = self.source;
+        let client = catalog::connect(&self.params).await?;
+        let slot = catalog::slot_state(&client, &source.slot)
+            .await?
+            .ok_or_else(|| {
+                PipelineError::Setup(format!(
+                    "replication slot {:?} disappeared; it was dropped while walsweep ran. \
+                     Caches may have missed changes: restart walsweep to recreate it, and \
+                     clear the caches it maintains",
+                    source.slot
+                ))
+            })?;
+        if slot.active {
+            return Err(
+                ReplicationError::Server(crate::pg::replication::ServerError {
+                    severity: "ERROR".into(),
+                    sqlstate: "55006".into(),
+                    message: format!(
+                        "replication slot {:?} is active for PID {:?}",
+                        source.slot, slot.active_pid
+                    ),
+                    detail: None,
+                    hint: None,
+                })
+                .into(),
+            );
+        }
+        let slot_confirmed = slot.confirmed_flush_lsn.unwrap_or_default();
+        let wal_end = catalog::current_wal_lsn(&client).await.unwrap_or_default();
+        drop(client);
+
+        let conn = ReplicationConnection::connect(&self.params).await?;
+        let version = conn.server_version_num().unwrap_or(0);
+        let confirmed_here = *self.confirmed.borrow();
+        let start_lsn = self.enqueued_lsn.max(confirmed_here);
+        let mut options = vec![
+            (
+                "proto_version",
+                if version >= STREAMING_MIN_SERVER_VERSION {
+                    "2"
+                } else {
+                    "1"
+                }
+                .to_string(),
+            ),
+            ("publication_names", quote_publication(&source.publication)),
+            ("messages", "true".to_string()),
+        ];
+        if version >= STREAMING_MIN_SERVER_VERSION {
+            options.push(("streaming", "on".to_string()));
+        }
+        let mut stream = conn
+            .start_replication(&source.slot, start_lsn, &options)
+            .await?;
+        self.assembler.reset();
+        self.backoff.reset();
+        let mut progress = Progress::new(slot_confirmed.max(confirmed_here));
+        m::set_flushed_lsn(progress.flushed_lsn());
+        tracing::info!(
+            slot = %source.slot,
+            start_lsn = %slot_confirmed.max(start_lsn),
+            lag_bytes = wal_end.bytes_since(slot_confirmed),
+            server_version = version,
+            "streaming"
+        );
+        m::set_streaming(true);
+        let result = self.stream(&mut stream, &mut progress).await;
+        m::set_streaming(false);
+        if let Ok(SessionEnd::Shutdown) = &result {
+            send_status(&mut stream, &progress, StatusReason::Shutdown).await?;
+            stream.close().await;
+            tracing::info!(flushed_lsn = %progress.flushed_lsn(), "stopped after draining committed work");
+        }
+        result
+    }
+
+    async fn stream(
+        &mut self,
+        stream: &mut ReplicationStream,
+        progress: &mut Progress,
+    ) -> Result<SessionEnd, PipelineError> {
+        let mut ticker = tokio::time::interval(self.source.status_interval());
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.at_least(1) => {
+                    self.drain(stream, progress).await?;
+                    return Ok(SessionEnd::Shutdown);
+                }
+                Ok(()) = self.confirmed.changed() => {
+                    progress.confirm(*self.confirmed.borrow_and_update());
+                    m::set_flushed_lsn(progress.flushed_lsn());
+                }
+                _ = ticker.tick() => {
+                    send_status(stream, progress, StatusReason::Interval).await?;
+                }
+                message = stream.next() => {
+                    match message? {
+                        None => return Err(ReplicationError::Closed.into()),
+                        Some(WireMessage::XLogData(x)) => {
+                            progress.receive(x.wal_start_lsn);
+                            let committed = self.assembler.feed(&x.data).map_err(|source| {
+                                PipelineError::Assemble { lsn: x.wal_start_lsn, source }
+                            })?;
+                            if let Some(txn) = committed {
+                                self.enqueue(txn, stream, progress, &mut ticker).await?;
+                            }
+                        }
+                        Some(WireMessage::PrimaryKeepalive(k)) => {
+                            progress.receive(k.wal_end_lsn);
+                            if self.nothing_pending() {
+                                progress.confirm(k.wal_end_lsn);
+                                m::set_flushed_lsn(progress.flushed_lsn());
+                            }
+                            if k.reply_requested {
+                                send_status(stream, progress, StatusReason::KeepaliveReply).await?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// No half-received transaction and every queued one confirmed by the sink.
+    fn nothing_pending(&self) -> bool {
+        self.assembler.is_idle() && *self.confirmed.borrow() >= self.enqueued_lsn
+    }
+
+    /// Puts a committed transaction on the queue, waiting while it is full. The socket is not
+    /// read meanwhile (that is the backpressure), but status updates keep flowing so the server
+    /// does not time the connection out.
+    async fn enqueue(
+        &mut self,
+        txn: CommittedTxn<PL::Plan>,
+        stream: &mut ReplicationStream,
+        progress: &mut Progress,
+        ticker: &mut tokio::time::Interval,
+    ) -> Result<(), PipelineError> {
+        let end_lsn = txn.end_lsn;
+        m::txn_committed(&txn);
+        loop {
+            tokio::select! {
+                biased;
+                permit = self.queue.reserve() => {
+                    match permit {
+                        Ok(permit) => permit.send(txn),
+                        Err(_) => return Err(PipelineError::Setup("sink stopped".into())),
+                    }
+                    self.enqueued_lsn = end_lsn;
+                    return Ok(());
+                }
+                Ok(()) = self.confirmed.changed() => {
+                    progress.confirm(*self.confirmed.borrow_and_update());
+                    m::set_flushed_lsn(progress.flushed_lsn());
+                }
+                _ = ticker.tick() => {
+                    send_status(stream, progress, StatusReason::Interval).await?;
+                }
+            }
+        }
+    }
+
+    /// After a shutdown request: wait until the sink confirmed everything queued, still sending
+    /// status updates, unless a second request asks to stop now.
+    async fn drain(
+        &mut self,
+        stream: &mut ReplicationStream,
+        progress: &mut Progress,
+    ) -> Result<(), PipelineError> {
+        let target = self.enqueued_lsn;
+        tracing::info!(pending_until = %target, "shutdown requested; draining committed work");
+        let mut ticker = tokio::time::interval(self.source.status_interval());
+        let mut shutdown = self.shutdown.clone();
+        while *self.confirmed.borrow() < target {
+            tokio::select! {
+                _ = shutdown.at_least(2) => {
+                    tracing::warn!("second shutdown request; stopping without draining (unconfirmed work will be redelivered)");
+                    break;
+                }
+                changed = self.confirmed.changed() => {
+                    if changed.is_err() { break; }
+                }
+                _ = ticker.tick() => {
+                    progress.confirm(*self.confirmed.borrow());
+                    send_status(stream, progress, StatusReason::Interval).await?;
+                }
+            }
+        }
+        progress.confirm(*self.confirmed.borrow());
+        Ok(())
+    }
+}
+
+async fn send_status(
+    stream: &mut ReplicationStream,
+    progress: &Progress,
+    reason: StatusReason,
+) -> Result<(), PipelineError> {
+    let update = progress.status_update();
+    tracing::trace!(write = %update.write_lsn, flush = %update.flush_lsn, reason = reason.as_str(), "status update");
+    stream.send_status(&update).await?;
+    m::status_sent(reason);
+    Ok(())
+}
+
+/// `publication_names` takes a comma-separated list of (possibly quoted) identifiers.
+fn quote_publication(name: &str) -> String {
+    crate::pg::replication::quote_ident(name)
+}
+
+/// `error: cause: cause`, for log lines (errors keep their sources separate).
+pub fn display_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,62 @@
+//! What walsweep knows about a published table, from pgoutput Relation messages.
+
+use crate::pg::pgoutput::{Relation, ReplicaIdentity};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColumnInfo {
+    pub name: String,
+    pub type_oid: u32,
+    pub type_modifier: i32,
+    /// Part of the replica identity (primary key or identity index, or every column with FULL).
+    pub is_key: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelationInfo {
+    pub oid: u32,
+    pub namespace: String,
+    pub name: String,
+    /// `schema.table`, the form config uses.
+    pub qualified_name: String,
+    pub replica_identity: ReplicaIdentity,
+    pub columns: Vec<ColumnInfo>,
+}
+
+impl RelationInfo {
+    pub fn from_message(rel: &Relation<'_>) -> Self {
+        RelationInfo {
+            oid: rel.oid,
+            namespace: rel.namespace.to_string(),
+            name: rel.name.to_string(),
+            qualified_name: format!("{}.{}", rel.namespace, rel.name),
+            replica_identity: rel.replica_identity,
+            columns: rel
+                .columns
+                .iter()
+                .map(|c| ColumnInfo {
+                    name: c.name.to_string(),
+                    type_oid: c.type_oid,
+                    type_modifier: c.type_modifier,
+                    is_key: c.is_key(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+
+    /// Indexes of the identity columns, or of every column when the table has none
+    /// (REPLICA IDENTITY NOTHING), so a row can still be told apart by its full contents.
+    pub fn key_indexes(&self) -> Vec<usize> {
+        let keys: Vec<usize> = (0..self.columns.len())
+            .filter(|&i| self.columns[i].is_key)
+            .collect();
+        if keys.is_empty() {
+            (0..self.columns.len()).collect()
+        } else {
+            keys
+        }
+    }
+}

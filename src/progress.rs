@@ -1,0 +1,109 @@
+//! Replication progress: what was received and what the sink confirmed, only ever moving
+//! forward, and the status updates that report it.
+
+use crate::pg::wire::{pg_now_micros, StandbyStatusUpdate};
+use crate::pg::Lsn;
+
+/// Why a status update was sent; doubles as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusReason {
+    /// The server asked for a reply in a keepalive.
+    KeepaliveReply,
+    /// The periodic `status_interval` tick.
+    Interval,
+    /// The sink confirmed new commits.
+    Confirmed,
+    /// Final update before a clean shutdown.
+    Shutdown,
+}
+
+impl StatusReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusReason::KeepaliveReply => "keepalive_reply",
+            StatusReason::Interval => "interval",
+            StatusReason::Confirmed => "confirmed",
+            StatusReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// `received_lsn`: the furthest WAL position seen on the stream.
+/// `flushed_lsn`: the furthest position whose effects are applied (or that carries none).
+/// Invariant: `flushed_lsn <= received_lsn`; neither moves backwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    received_lsn: Lsn,
+    flushed_lsn: Lsn,
+}
+
+impl Progress {
+    /// Starts from a position already safe to report (the slot's confirmed flush, or ours).
+    pub fn new(start_lsn: Lsn) -> Self {
+        Progress {
+            received_lsn: start_lsn,
+            flushed_lsn: start_lsn,
+        }
+    }
+
+    pub fn received_lsn(&self) -> Lsn {
+        self.received_lsn
+    }
+
+    pub fn flushed_lsn(&self) -> Lsn {
+        self.flushed_lsn
+    }
+
+    pub fn receive(&mut self, lsn: Lsn) {
+        self.received_lsn = self.received_lsn.max(lsn);
+    }
+
+    /// The sink applied everything up to `lsn` (a commit end), or nothing is pending at `lsn`.
+    /// Only these two facts may move the flush position.
+    pub fn confirm(&mut self, lsn: Lsn) {
+        self.flushed_lsn = self.flushed_lsn.max(lsn);
+        // A confirmation can outrun what the stream saw in a keepalive (commit end records are
+        // reported before the next XLogData): keep the invariant by moving received along.
+        self.received_lsn = self.received_lsn.max(self.flushed_lsn);
+        debug_assert!(self.flushed_lsn <= self.received_lsn);
+    }
+
+    pub fn status_update(&self) -> StandbyStatusUpdate {
+        StandbyStatusUpdate {
+            write_lsn: self.received_lsn,
+            flush_lsn: self.flushed_lsn,
+            apply_lsn: self.flushed_lsn,
+            client_time: pg_now_micros(),
+            reply_requested: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_never_move_backwards() {
+        let mut p = Progress::new(Lsn(100));
+        p.receive(Lsn(50));
+        assert_eq!(p.received_lsn(), Lsn(100));
+        p.receive(Lsn(300));
+        p.confirm(Lsn(200));
+        p.confirm(Lsn(150));
+        assert_eq!(p.flushed_lsn(), Lsn(200));
+        assert_eq!(p.received_lsn(), Lsn(300));
+        let s = p.status_update();
+        assert_eq!(
+            (s.write_lsn, s.flush_lsn, s.apply_lsn),
+            (Lsn(300), Lsn(200), Lsn(200))
+        );
+    }
+
+    #[test]
+    fn confirm_keeps_flushed_at_or_below_received() {
+        let mut p = Progress::new(Lsn(0));
+        p.confirm(Lsn(10));
+        assert_eq!(p.received_lsn(), Lsn(10));
+    }
+}

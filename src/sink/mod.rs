@@ -1,0 +1,49 @@
+//! Where committed plans leave walsweep.
+//!
+//! # The sink contract
+//! - `apply` receives committed transactions in commit order, in batches. It returns `Ok` only
+//!   once every effect of every transaction in the batch is confirmed by the destination. Only
+//!   then does the pipeline confirm the batch's last `end_lsn` to Postgres; confirmation is
+//!   cumulative.
+//! - Delivery is at-least-once: after a crash or reconnect a batch may be applied again, so
+//!   effects must be idempotent.
+//! - On error nothing of the batch counts as applied. A retryable error makes the pipeline retry
+//!   the same batch with backoff, forever (nothing is dropped); a non-retryable one stops the
+//!   daemon with its message, without confirming the batch.
+
+pub mod log;
+
+use std::future::Future;
+
+use crate::assembler::CommittedTxn;
+use crate::plan::Plan;
+
+#[derive(Debug, thiserror::Error)]
+#[error("sink failed to {operation}")]
+pub struct SinkError {
+    /// What the sink was doing, e.g. "unlink keys".
+    pub operation: &'static str,
+    /// Whether retrying the same batch can succeed (destination down vs. broken config).
+    pub retryable: bool,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl SinkError {
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+}
+
+pub trait Sink<P: Plan>: Send + 'static {
+    /// Applies `batch` (non-empty, commit order). See the module docs for the contract.
+    fn apply(
+        &mut self,
+        batch: &[CommittedTxn<P>],
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Whether the destination is reachable right now (readiness); defaults to true.
+    fn is_healthy(&self) -> bool {
+        true
+    }
+}
