@@ -54,8 +54,7 @@ impl PipelineError {
     fn is_retryable(&self) -> bool {
         match self {
             PipelineError::Replication(e) => e.is_retryable(),
-            PipelineError::Catalog(CatalogError::Connect { .. }) => true,
-            PipelineError::Catalog(CatalogError::Query { source, .. }) => source.is_closed(),
+            PipelineError::Catalog(e) => e.is_retryable(),
             _ => false,
         }
     }
@@ -221,6 +220,7 @@ where
         queue: txn_tx,
         confirmed: confirmed_rx,
         enqueued_lsn: Lsn::ZERO,
+        keepalive_lsn: Lsn::ZERO,
         shutdown,
         backoff,
         reconnects: 0,
@@ -292,6 +292,8 @@ struct Streamer<'a, PL: Planner> {
     /// End of the last transaction handed to the sink queue. A reconnect resumes after it, so
     /// nothing reaches the sink twice or out of order while the sink task lives.
     enqueued_lsn: Lsn,
+    /// WAL end of the latest keepalive: confirmable once nothing is pending.
+    keepalive_lsn: Lsn,
     shutdown: Shutdown,
     backoff: Backoff,
     reconnects: u64,
@@ -386,6 +388,7 @@ impl<PL: Planner> Streamer<'_, PL> {
             .start_replication(&source.slot, start_lsn, &options)
             .await?;
         self.assembler.reset();
+        self.keepalive_lsn = Lsn::ZERO;
         self.backoff.reset();
         let mut progress = Progress::new(slot_confirmed.max(confirmed_here));
         m::set_flushed_lsn(progress.flushed_lsn());
@@ -423,8 +426,7 @@ impl<PL: Planner> Streamer<'_, PL> {
                     return Ok(SessionEnd::Shutdown);
                 }
                 Ok(()) = self.confirmed.changed() => {
-                    progress.confirm(*self.confirmed.borrow_and_update());
-                    m::set_flushed_lsn(progress.flushed_lsn());
+                    self.observe_confirmation(progress);
                 }
                 _ = ticker.tick() => {
                     send_status(stream, progress, StatusReason::Interval).await?;
@@ -443,10 +445,8 @@ impl<PL: Planner> Streamer<'_, PL> {
                         }
                         Some(WireMessage::PrimaryKeepalive(k)) => {
                             progress.receive(k.wal_end_lsn);
-                            if self.nothing_pending() {
-                                progress.confirm(k.wal_end_lsn);
-                                m::set_flushed_lsn(progress.flushed_lsn());
-                            }
+                            self.keepalive_lsn = self.keepalive_lsn.max(k.wal_end_lsn);
+                            self.observe_confirmation(progress);
                             if k.reply_requested {
                                 send_status(stream, progress, StatusReason::KeepaliveReply).await?;
                             }
@@ -460,6 +460,19 @@ impl<PL: Planner> Streamer<'_, PL> {
     /// No half-received transaction and every queued one confirmed by the sink.
     fn nothing_pending(&self) -> bool {
         self.assembler.is_idle() && *self.confirmed.borrow() >= self.enqueued_lsn
+    }
+
+    /// Moves the flush position to what the sink confirmed, and, when nothing is pending, to the
+    /// latest keepalive's WAL end: every commit before it was received before that keepalive,
+    /// so it is confirmed already. Checking again on each confirmation matters: the server
+    /// stops sending keepalives once our write position reaches its end of WAL, so a keepalive
+    /// that arrived while a batch was in flight may be the last one for a while.
+    fn observe_confirmation(&mut self, progress: &mut Progress) {
+        progress.confirm(*self.confirmed.borrow_and_update());
+        if self.nothing_pending() {
+            progress.confirm(self.keepalive_lsn);
+        }
+        m::set_flushed_lsn(progress.flushed_lsn());
     }
 
     /// Puts a committed transaction on the queue, waiting while it is full. The socket is not

@@ -22,6 +22,20 @@ pub enum CatalogError {
     },
 }
 
+impl CatalogError {
+    /// Connection trouble passes; a missing database, a refused login or a failing query
+    /// (permissions, missing objects) does not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            CatalogError::Connect { source, .. } => match source.as_db_error() {
+                Some(db) => super::replication::is_retryable_sqlstate(db.code().code()),
+                None => true,
+            },
+            CatalogError::Query { source, .. } => source.is_closed(),
+        }
+    }
+}
+
 /// Opens a plain SQL connection and drives it on a background task.
 pub async fn connect(params: &ConnectParams) -> Result<Client, CatalogError> {
     let mut config = params.config.clone();

@@ -79,6 +79,10 @@ const TRUNCATE_OID_LEN: usize = 4;
 const STREAM_ABORT_PARALLEL_LEN: usize = 8 + 8;
 
 /// One decoded pgoutput message.
+///
+/// The `xid: Option<u32>` of data messages is set only inside a stream segment, and it names the
+/// (sub)transaction that made the change, which is not necessarily the StreamStart xid: a
+/// StreamAbort with `subxid != xid` discards exactly the changes that carried `subxid`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PgOutput<'a> {
     Begin(Begin),
@@ -160,7 +164,6 @@ pub struct Origin<'a> {
 /// tuples that follow are positional against the latest Relation with the same oid.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Relation<'a> {
-    /// Present only inside a streamed transaction.
     pub xid: Option<u32>,
     pub oid: u32,
     pub namespace: &'a str,
@@ -267,7 +270,7 @@ pub struct LogicalMessage<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamStart {
     pub xid: u32,
-    /// The first segment of this transaction: relation caches keyed by xid start empty.
+    /// Segments of different transactions may interleave; this marks where one begins.
     pub first_segment: bool,
 }
 
@@ -1023,6 +1026,1039 @@ impl<'a> Reader<'a> {
                 offset: self.pos,
                 count,
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Captured by `scripts/capture-pgoutput-fixtures`; see tests/fixtures/pgoutput/README.md.
+    const STREAM: &[u8] = include_bytes!("../../tests/fixtures/pgoutput/stream.bin");
+
+    /// Splits the fixture format: a u32 big-endian length, then that many bytes, repeated.
+    fn frames(mut stream: &[u8]) -> Vec<&[u8]> {
+        let mut out = Vec::new();
+        while !stream.is_empty() {
+            let (len, rest) = stream.split_first_chunk::<4>().expect("length prefix");
+            let (frame, rest) = rest.split_at(u32::from_be_bytes(*len) as usize);
+            out.push(frame);
+            stream = rest;
+        }
+        out
+    }
+
+    /// Every captured message, the stream state it has to be decoded in, and the result.
+    fn captured() -> Vec<(&'static [u8], bool, PgOutput<'static>)> {
+        let mut decoder = Decoder::new();
+        frames(STREAM)
+            .into_iter()
+            .enumerate()
+            .map(|(i, frame)| {
+                let in_stream = decoder.in_stream();
+                let msg = decoder
+                    .decode(frame)
+                    .unwrap_or_else(|e| panic!("captured message {i}: {e}"));
+                (frame, in_stream, msg)
+            })
+            .collect()
+    }
+
+    fn text(s: &str) -> TupleValue<'_> {
+        TupleValue::Text(s.as_bytes())
+    }
+
+    fn tuple<'a>(columns: &[TupleValue<'a>]) -> TupleData<'a> {
+        TupleData {
+            columns: columns.to_vec(),
+        }
+    }
+
+    /// Walks the decoded capture in order, so the test reads like the workload that made it.
+    struct Walk {
+        msgs: Vec<PgOutput<'static>>,
+        pos: usize,
+    }
+
+    impl Walk {
+        fn next(&mut self) -> &PgOutput<'static> {
+            let msg = self
+                .msgs
+                .get(self.pos)
+                .unwrap_or_else(|| panic!("capture ended at message {}", self.pos));
+            self.pos += 1;
+            msg
+        }
+
+        fn peek(&self, ahead: usize) -> Option<&PgOutput<'static>> {
+            self.msgs.get(self.pos + ahead)
+        }
+
+        fn stream_stop(&mut self) {
+            let at = self.pos;
+            match self.next() {
+                PgOutput::StreamStop => {}
+                other => panic!("message {at}: expected StreamStop, got {other:?}"),
+            }
+        }
+
+        /// Consumes consecutive streamed Inserts of `(id, v)` rows into `relation_oid`, across
+        /// the segment boundaries of transaction `xid`, checking each against `expected`.
+        /// Returns the xid each row carried and how many boundaries were crossed.
+        fn bulk_inserts(
+            &mut self,
+            xid: u32,
+            relation_oid: u32,
+            expected: &mut dyn Iterator<Item = (u32, String)>,
+        ) -> (Vec<u32>, usize) {
+            let (mut row_xids, mut boundaries) = (Vec::new(), 0);
+            loop {
+                match (self.peek(0), self.peek(1), self.peek(2)) {
+                    (Some(PgOutput::Insert(insert)), _, _) => {
+                        let (id, v) = expected.next().expect("more inserts than rows");
+                        let id = id.to_string();
+                        assert_eq!(insert.relation_oid, relation_oid);
+                        assert_eq!(insert.new, tuple(&[text(&id), text(&v)]));
+                        row_xids.push(insert.xid.expect("streamed change without xid"));
+                        self.pos += 1;
+                    }
+                    (
+                        Some(PgOutput::StreamStop),
+                        Some(PgOutput::StreamStart(start)),
+                        Some(PgOutput::Insert(_)),
+                    ) => {
+                        assert_eq!(
+                            start,
+                            &StreamStart {
+                                xid,
+                                first_segment: false
+                            }
+                        );
+                        self.pos += 2;
+                        boundaries += 1;
+                    }
+                    _ => return (row_xids, boundaries),
+                }
+            }
+        }
+    }
+
+    macro_rules! expect {
+        ($walk:expr, $variant:ident) => {{
+            let at = $walk.pos;
+            match $walk.next() {
+                PgOutput::$variant(inner) => inner.clone(),
+                other => panic!(
+                    "message {at}: expected {}, got {other:?}",
+                    stringify!($variant)
+                ),
+            }
+        }};
+    }
+
+    /// Begin and Commit of one transaction agree with each other and with the clock.
+    fn check_pair(begin: &Begin, commit: &Commit) {
+        assert_eq!(begin.final_lsn, commit.commit_lsn);
+        assert_eq!(begin.commit_time, commit.commit_time);
+        assert!(commit.end_lsn > commit.commit_lsn);
+        assert_eq!(commit.flags, 0);
+        check_time(commit.commit_time);
+    }
+
+    fn check_time(pg_time: i64) {
+        // 2024-01-01 .. 2100-01-01: the capture happened on a real clock.
+        let unix = pg_time_to_unix_micros(pg_time);
+        assert!(
+            (1_704_067_200_000_000..4_102_444_800_000_000).contains(&unix),
+            "{unix}"
+        );
+    }
+
+    const INT4_OID: u32 = 23;
+    const TEXT_OID: u32 = 25;
+
+    fn column(flags: u8, name: &str, type_oid: u32) -> RelationColumn<'_> {
+        RelationColumn {
+            flags,
+            name,
+            type_oid,
+            type_modifier: -1,
+        }
+    }
+
+    #[test]
+    fn captured_stream_decodes_to_the_workload() {
+        let mut w = Walk {
+            msgs: captured().into_iter().map(|(_, _, m)| m).collect(),
+            pos: 0,
+        };
+
+        // INSERT INTO items VALUES (1, NULL, 'hello')
+        let begin = expect!(w, Begin);
+        let items = expect!(w, Relation);
+        assert_eq!(
+            (items.xid, items.namespace, items.name),
+            (None, "public", "items")
+        );
+        assert_eq!(items.replica_identity, ReplicaIdentity::Default);
+        assert_eq!(
+            items.columns,
+            [
+                column(1, "id", INT4_OID),
+                column(0, "note", TEXT_OID),
+                column(0, "body", TEXT_OID)
+            ]
+        );
+        assert!(items.columns[0].is_key() && !items.columns[1].is_key());
+        let insert = expect!(w, Insert);
+        assert_eq!((insert.xid, insert.relation_oid), (None, items.oid));
+        assert_eq!(
+            insert.new,
+            tuple(&[text("1"), TupleValue::Null, text("hello")])
+        );
+        check_pair(&begin, &expect!(w, Commit));
+
+        // INSERT INTO items VALUES (2, 'toasty', repeat('x', 9000)): the full value is sent.
+        let begin = expect!(w, Begin);
+        let insert = expect!(w, Insert);
+        let body = "x".repeat(9000);
+        assert_eq!(insert.new, tuple(&[text("2"), text("toasty"), text(&body)]));
+        check_pair(&begin, &expect!(w, Commit));
+
+        // UPDATE items SET note = 'touched' WHERE id = 2: the TOASTed body is not resent.
+        let begin = expect!(w, Begin);
+        let update = expect!(w, Update);
+        assert_eq!(
+            update,
+            Update {
+                xid: None,
+                relation_oid: items.oid,
+                key: None,
+                old: None,
+                new: tuple(&[text("2"), text("touched"), TupleValue::UnchangedToast]),
+            }
+        );
+        check_pair(&begin, &expect!(w, Commit));
+
+        // INSERT INTO audit VALUES (1, 'happy', 'first'): the enum type is announced first.
+        let begin = expect!(w, Begin);
+        let mood = expect!(w, Type);
+        assert_eq!(
+            (mood.xid, mood.namespace, mood.name),
+            (None, "public", "mood")
+        );
+        let audit = expect!(w, Relation);
+        assert_eq!((audit.namespace, audit.name), ("public", "audit"));
+        assert_eq!(audit.replica_identity, ReplicaIdentity::Full);
+        // With REPLICA IDENTITY FULL every column is part of the identity.
+        assert_eq!(
+            audit.columns,
+            [
+                column(1, "id", INT4_OID),
+                column(1, "mood", mood.oid),
+                column(1, "payload", TEXT_OID)
+            ]
+        );
+        let insert = expect!(w, Insert);
+        assert_eq!(insert.relation_oid, audit.oid);
+        assert_eq!(
+            insert.new,
+            tuple(&[text("1"), text("happy"), text("first")])
+        );
+        check_pair(&begin, &expect!(w, Commit));
+
+        // UPDATE audit SET payload = 'second': FULL sends the whole old row.
+        let begin = expect!(w, Begin);
+        let update = expect!(w, Update);
+        assert_eq!(update.relation_oid, audit.oid);
+        assert_eq!(update.key, None);
+        assert_eq!(
+            update.old,
+            Some(tuple(&[text("1"), text("happy"), text("first")]))
+        );
+        assert_eq!(
+            update.new,
+            tuple(&[text("1"), text("happy"), text("second")])
+        );
+        check_pair(&begin, &expect!(w, Commit));
+
+        // DELETE FROM items WHERE id = 1: DEFAULT sends the key, other columns as NULL.
+        let begin = expect!(w, Begin);
+        let delete = expect!(w, Delete);
+        assert_eq!(
+            delete,
+            Delete {
+                xid: None,
+                relation_oid: items.oid,
+                key: Some(tuple(&[text("1"), TupleValue::Null, TupleValue::Null])),
+                old: None,
+            }
+        );
+        check_pair(&begin, &expect!(w, Commit));
+
+        // DELETE FROM audit WHERE id = 1
+        let begin = expect!(w, Begin);
+        let delete = expect!(w, Delete);
+        assert_eq!(delete.relation_oid, audit.oid);
+        assert_eq!(delete.key, None);
+        assert_eq!(
+            delete.old,
+            Some(tuple(&[text("1"), text("happy"), text("second")]))
+        );
+        let previous = expect!(w, Commit);
+        check_pair(&begin, &previous);
+
+        // pg_logical_emit_message(true, 'walsweep', '{"keys":["a"]}')
+        let begin = expect!(w, Begin);
+        let message = expect!(w, Message);
+        assert_eq!(
+            (message.xid, message.transactional, message.prefix),
+            (None, true, "walsweep")
+        );
+        assert_eq!(message.content, br#"{"keys":["a"]}"#);
+        let commit = expect!(w, Commit);
+        // The message LSN is the end of its WAL record; the commit record follows right after.
+        assert!(previous.end_lsn < message.lsn && message.lsn <= commit.commit_lsn);
+        check_pair(&begin, &commit);
+
+        // pg_logical_emit_message(false, ...): alone, outside any transaction.
+        let message = expect!(w, Message);
+        assert_eq!(
+            (message.xid, message.transactional, message.prefix),
+            (None, false, "walsweep")
+        );
+        assert_eq!(message.content, b"not-transactional");
+
+        // ALTER TABLE items ADD COLUMN extra int; INSERT INTO items VALUES (3, 'after-alter', 'b', 42)
+        let begin = expect!(w, Begin);
+        let altered = expect!(w, Relation);
+        assert_eq!((altered.oid, altered.name), (items.oid, "items"));
+        assert_eq!(altered.columns.len(), 4);
+        assert_eq!(altered.columns[3], column(0, "extra", INT4_OID));
+        let insert = expect!(w, Insert);
+        assert_eq!(
+            insert.new,
+            tuple(&[text("3"), text("after-alter"), text("b"), text("42")])
+        );
+        check_pair(&begin, &expect!(w, Commit));
+
+        // UPDATE items SET id = 4 WHERE id = 3: the key changed, so the old key comes along.
+        let begin = expect!(w, Begin);
+        let update = expect!(w, Update);
+        let null = TupleValue::Null;
+        assert_eq!(update.key, Some(tuple(&[text("3"), null, null, null])));
+        assert_eq!(update.old, None);
+        assert_eq!(
+            update.new,
+            tuple(&[text("4"), text("after-alter"), text("b"), text("42")])
+        );
+        check_pair(&begin, &expect!(w, Commit));
+
+        // INSERT INTO scratch DEFAULT VALUES
+        let begin = expect!(w, Begin);
+        let scratch = expect!(w, Relation);
+        assert_eq!(scratch.name, "scratch");
+        assert_eq!(scratch.columns, [column(1, "id", INT4_OID)]);
+        assert_eq!(expect!(w, Insert).new, tuple(&[text("1")]));
+        check_pair(&begin, &expect!(w, Commit));
+
+        // TRUNCATE audit, scratch RESTART IDENTITY CASCADE: both relations are re-described
+        // (new relfilenodes invalidate the server's cache) before the Truncate.
+        let begin = expect!(w, Begin);
+        assert_eq!(expect!(w, Type).oid, mood.oid);
+        assert_eq!(expect!(w, Relation).oid, audit.oid);
+        assert_eq!(expect!(w, Relation).oid, scratch.oid);
+        let truncate = expect!(w, Truncate);
+        assert_eq!(truncate.xid, None);
+        assert!(truncate.cascade() && truncate.restart_identity());
+        assert_eq!(truncate.relation_oids, [audit.oid, scratch.oid]);
+        check_pair(&begin, &expect!(w, Commit));
+
+        // A committed transaction bigger than logical_decoding_work_mem, streamed in segments.
+        let start = expect!(w, StreamStart);
+        let xid = start.xid;
+        assert!(start.first_segment);
+        let bulk = expect!(w, Relation);
+        assert_eq!((bulk.xid, bulk.name), (Some(xid), "bulk"));
+        let mut rows = (1..=1000).map(|g| (g, format!("row-{g}")));
+        let (row_xids, boundaries) = w.bulk_inserts(xid, bulk.oid, &mut rows);
+        assert_eq!(row_xids, [xid; 1000]);
+        assert!(boundaries >= 1, "expected several stream segments");
+        let message = expect!(w, Message);
+        assert_eq!(
+            (message.xid, message.transactional, message.content),
+            (Some(xid), true, &b"in-stream"[..])
+        );
+        assert_eq!(expect!(w, Type).xid, Some(xid));
+        let streamed_audit = expect!(w, Relation);
+        assert_eq!(
+            (streamed_audit.xid, streamed_audit.oid),
+            (Some(xid), audit.oid)
+        );
+        let insert = expect!(w, Insert);
+        assert_eq!((insert.xid, insert.relation_oid), (Some(xid), audit.oid));
+        assert_eq!(
+            insert.new,
+            tuple(&[text("2"), text("sad"), text("streamed")])
+        );
+        assert_eq!(expect!(w, Relation).oid, scratch.oid);
+        let truncate = expect!(w, Truncate);
+        assert_eq!(truncate.xid, Some(xid));
+        assert!(!truncate.cascade() && !truncate.restart_identity());
+        assert_eq!(truncate.relation_oids, [scratch.oid]);
+        let update = expect!(w, Update);
+        assert_eq!((update.xid, update.key.clone()), (Some(xid), None));
+        assert_eq!(update.new, tuple(&[text("1"), text("updated")]));
+        let delete = expect!(w, Delete);
+        assert_eq!(delete.key, Some(tuple(&[text("2"), TupleValue::Null])));
+        w.stream_stop();
+        let commit = expect!(w, StreamCommit);
+        assert_eq!((commit.xid, commit.flags), (xid, 0));
+        assert!(commit.end_lsn > commit.commit_lsn);
+        check_time(commit.commit_time);
+
+        // A streamed transaction rolled back: the server stops sending at the abort.
+        let start = expect!(w, StreamStart);
+        let aborted = start.xid;
+        assert!(start.first_segment && aborted != xid);
+        assert_eq!(expect!(w, Relation).xid, Some(aborted));
+        let mut rows = (1001..=1800).map(|g| (g, format!("gone-{g}")));
+        let (row_xids, _) = w.bulk_inserts(aborted, bulk.oid, &mut rows);
+        assert!((1..800).contains(&row_xids.len()), "{}", row_xids.len());
+        assert!(row_xids.iter().all(|&x| x == aborted));
+        w.stream_stop();
+        assert_eq!(
+            expect!(w, StreamAbort),
+            StreamAbort {
+                xid: aborted,
+                subxid: aborted,
+                abort_lsn: None,
+                abort_time: None
+            }
+        );
+
+        // A streamed transaction with a rolled-back savepoint, then committed.
+        let start = expect!(w, StreamStart);
+        let xid = start.xid;
+        assert!(start.first_segment);
+        assert_eq!(expect!(w, Relation).xid, Some(xid));
+        let mut rows = (2001..=2600)
+            .map(|g| (g, format!("kept-{g}")))
+            .chain((3001..=3600).map(|g| (g, format!("sub-{g}"))));
+        let (row_xids, _) = w.bulk_inserts(xid, bulk.oid, &mut rows);
+        // Part of the subtransaction was streamed, which is why its abort is sent at all.
+        assert!((601..1200).contains(&row_xids.len()), "{}", row_xids.len());
+        // Streamed changes carry the xid of the subtransaction that made them, not the
+        // StreamStart xid: that is what lets a StreamAbort discard just the subtransaction.
+        let (kept, sub) = row_xids.split_at(600);
+        assert!(kept.iter().all(|&x| x == xid));
+        let subxid = sub[0];
+        assert!(subxid != xid && sub.iter().all(|&x| x == subxid));
+        w.stream_stop();
+        assert_eq!(
+            expect!(w, StreamAbort),
+            StreamAbort {
+                xid,
+                subxid,
+                abort_lsn: None,
+                abort_time: None
+            }
+        );
+        assert_eq!(
+            expect!(w, StreamStart),
+            StreamStart {
+                xid,
+                first_segment: false
+            }
+        );
+        // The abort dropped the server's per-transaction relation cache, so bulk is re-described.
+        assert_eq!(expect!(w, Relation).oid, bulk.oid);
+        let insert = expect!(w, Insert);
+        assert_eq!(insert.new, tuple(&[text("4000"), text("after-savepoint")]));
+        w.stream_stop();
+        assert_eq!(expect!(w, StreamCommit).xid, xid);
+
+        assert_eq!(w.peek(0), None, "unexpected messages after the workload");
+    }
+
+    /// Data messages carry an xid exactly inside stream segments: the segment's, or that of one of
+    /// its subtransactions, which are numbered after it.
+    #[test]
+    fn captured_xids_match_the_open_stream_segment() {
+        let mut segment_xid = None;
+        let mut commit_end_lsn = Lsn::ZERO;
+        for (i, (_, in_stream, msg)) in captured().iter().enumerate() {
+            assert_eq!(*in_stream, segment_xid.is_some(), "message {i}");
+            let xid = match msg {
+                PgOutput::StreamStart(start) => {
+                    segment_xid = Some(start.xid);
+                    continue;
+                }
+                PgOutput::StreamStop => {
+                    segment_xid = None;
+                    continue;
+                }
+                PgOutput::Commit(Commit { end_lsn, .. })
+                | PgOutput::StreamCommit(StreamCommit { end_lsn, .. }) => {
+                    assert!(*end_lsn > commit_end_lsn, "message {i}: end lsn went back");
+                    commit_end_lsn = *end_lsn;
+                    continue;
+                }
+                PgOutput::Relation(m) => m.xid,
+                PgOutput::Type(m) => m.xid,
+                PgOutput::Insert(m) => m.xid,
+                PgOutput::Update(m) => m.xid,
+                PgOutput::Delete(m) => m.xid,
+                PgOutput::Truncate(m) => m.xid,
+                PgOutput::Message(m) => m.xid,
+                _ => continue,
+            };
+            assert_eq!(xid.is_some(), segment_xid.is_some(), "message {i}: {msg:?}");
+            assert!(xid >= segment_xid, "message {i}: {msg:?}");
+        }
+        assert_eq!(segment_xid, None);
+    }
+
+    #[test]
+    fn every_truncation_of_every_captured_message_is_an_error() {
+        for (i, (bytes, in_stream, msg)) in captured().iter().enumerate() {
+            for len in 0..bytes.len() {
+                let prefix = &bytes[..len];
+                assert!(
+                    parse_message(prefix, *in_stream).is_err(),
+                    "message {i} ({}) cut to {len} bytes parsed",
+                    msg.name()
+                );
+                // Decoded in the wrong stream state it may or may not parse, but must not panic.
+                let _ = parse_message(prefix, !*in_stream);
+            }
+        }
+    }
+
+    /// Builds messages by hand, for the ones the capture cannot produce and for broken ones.
+    struct Msg(Vec<u8>);
+
+    impl Msg {
+        fn new(tag: u8) -> Self {
+            Msg(vec![tag])
+        }
+        fn u8(mut self, v: u8) -> Self {
+            self.0.push(v);
+            self
+        }
+        fn i16(mut self, v: i16) -> Self {
+            self.0.extend(v.to_be_bytes());
+            self
+        }
+        fn u32(mut self, v: u32) -> Self {
+            self.0.extend(v.to_be_bytes());
+            self
+        }
+        fn i32(mut self, v: i32) -> Self {
+            self.0.extend(v.to_be_bytes());
+            self
+        }
+        fn i64(mut self, v: i64) -> Self {
+            self.0.extend(v.to_be_bytes());
+            self
+        }
+        fn raw(mut self, v: &[u8]) -> Self {
+            self.0.extend_from_slice(v);
+            self
+        }
+        fn cstr(self, v: &str) -> Self {
+            self.raw(v.as_bytes()).u8(0)
+        }
+        fn text(self, v: &[u8]) -> Self {
+            self.u8(b't').i32(v.len() as i32).raw(v)
+        }
+    }
+
+    const LSN_A: i64 = 0x0000_0016_B374_D848;
+    const LSN_B: i64 = 0x0000_0016_B374_D8A0;
+    const TIME_A: i64 = 800_000_000_000_000;
+    const TIME_B: i64 = 800_000_000_123_456;
+
+    #[test]
+    fn decodes_begin_prepare() {
+        let bytes = Msg::new(b'b')
+            .i64(LSN_A)
+            .i64(LSN_B)
+            .i64(TIME_A)
+            .u32(731)
+            .cstr("gid-1")
+            .0;
+        assert_eq!(
+            parse_message(&bytes, false),
+            Ok(PgOutput::BeginPrepare(BeginPrepare {
+                prepare_lsn: Lsn(LSN_A as u64),
+                end_lsn: Lsn(LSN_B as u64),
+                prepare_time: TIME_A,
+                xid: 731,
+                gid: "gid-1",
+            }))
+        );
+    }
+
+    #[test]
+    fn decodes_prepare_and_stream_prepare() {
+        let body = |tag| {
+            Msg::new(tag)
+                .u8(0)
+                .i64(LSN_A)
+                .i64(LSN_B)
+                .i64(TIME_A)
+                .u32(732)
+                .cstr("gid-2")
+                .0
+        };
+        let prepare = Prepare {
+            flags: 0,
+            prepare_lsn: Lsn(LSN_A as u64),
+            end_lsn: Lsn(LSN_B as u64),
+            prepare_time: TIME_A,
+            xid: 732,
+            gid: "gid-2",
+        };
+        assert_eq!(
+            parse_message(&body(b'P'), false),
+            Ok(PgOutput::Prepare(prepare.clone()))
+        );
+        // StreamPrepare follows the last StreamStop, so it never carries a stream xid prefix.
+        assert_eq!(
+            parse_message(&body(b'p'), false),
+            Ok(PgOutput::StreamPrepare(prepare))
+        );
+    }
+
+    #[test]
+    fn decodes_commit_prepared() {
+        let bytes = Msg::new(b'K')
+            .u8(0)
+            .i64(LSN_A)
+            .i64(LSN_B)
+            .i64(TIME_B)
+            .u32(733)
+            .cstr("gid-3")
+            .0;
+        assert_eq!(
+            parse_message(&bytes, false),
+            Ok(PgOutput::CommitPrepared(CommitPrepared {
+                flags: 0,
+                commit_lsn: Lsn(LSN_A as u64),
+                end_lsn: Lsn(LSN_B as u64),
+                commit_time: TIME_B,
+                xid: 733,
+                gid: "gid-3",
+            }))
+        );
+    }
+
+    #[test]
+    fn decodes_rollback_prepared() {
+        let bytes = Msg::new(b'r')
+            .u8(0)
+            .i64(LSN_A)
+            .i64(LSN_B)
+            .i64(TIME_A)
+            .i64(TIME_B)
+            .u32(734)
+            .cstr("gid-4")
+            .0;
+        assert_eq!(
+            parse_message(&bytes, false),
+            Ok(PgOutput::RollbackPrepared(RollbackPrepared {
+                flags: 0,
+                prepare_end_lsn: Lsn(LSN_A as u64),
+                rollback_end_lsn: Lsn(LSN_B as u64),
+                prepare_time: TIME_A,
+                rollback_time: TIME_B,
+                xid: 734,
+                gid: "gid-4",
+            }))
+        );
+    }
+
+    #[test]
+    fn decodes_origin() {
+        let bytes = Msg::new(b'O').i64(LSN_A).cstr("node-east").0;
+        assert_eq!(
+            parse_message(&bytes, false),
+            Ok(PgOutput::Origin(Origin {
+                commit_lsn: Lsn(LSN_A as u64),
+                name: "node-east",
+            }))
+        );
+    }
+
+    #[test]
+    fn decodes_parallel_stream_abort_fields_when_present() {
+        let bytes = Msg::new(b'A').u32(900).u32(901).i64(LSN_A).i64(TIME_A).0;
+        assert_eq!(
+            parse_message(&bytes, false),
+            Ok(PgOutput::StreamAbort(StreamAbort {
+                xid: 900,
+                subxid: 901,
+                abort_lsn: Some(Lsn(LSN_A as u64)),
+                abort_time: Some(TIME_A),
+            }))
+        );
+    }
+
+    #[test]
+    fn decodes_binary_values_and_stream_xids() {
+        let bytes = Msg::new(b'U')
+            .u32(77)
+            .u32(16_384)
+            .u8(b'O')
+            .i16(2)
+            .u8(b'b')
+            .i32(4)
+            .raw(&[0, 0, 0, 7])
+            .u8(b'n')
+            .u8(b'N')
+            .i16(2)
+            .text(b"\xff\xfe not utf-8")
+            .u8(b'u')
+            .0;
+        assert_eq!(
+            parse_message(&bytes, true),
+            Ok(PgOutput::Update(Update {
+                xid: Some(77),
+                relation_oid: 16_384,
+                key: None,
+                old: Some(tuple(&[
+                    TupleValue::Binary(&[0, 0, 0, 7]),
+                    TupleValue::Null
+                ])),
+                new: tuple(&[
+                    TupleValue::Text(b"\xff\xfe not utf-8"),
+                    TupleValue::UnchangedToast
+                ]),
+            }))
+        );
+    }
+
+    #[test]
+    fn decoder_tracks_stream_segments_only_on_success() {
+        let mut decoder = Decoder::new();
+        let plain = Msg::new(b'I').u32(16_384).u8(b'N').i16(0).0;
+        let streamed = Msg::new(b'I').u32(5).u32(16_384).u8(b'N').i16(0).0;
+        assert!(matches!(
+            decoder.decode(&plain),
+            Ok(PgOutput::Insert(Insert { xid: None, .. }))
+        ));
+        assert!(decoder.decode(&streamed).is_err(), "xid outside a stream");
+        decoder
+            .decode(&Msg::new(b'S').u32(5).u8(1).0)
+            .expect("StreamStart");
+        assert!(decoder.in_stream());
+        assert!(decoder.decode(&plain).is_err(), "no xid inside a stream");
+        assert!(decoder.decode(&[b'E', 0]).is_err());
+        assert!(
+            decoder.in_stream(),
+            "a failed StreamStop must not close the segment"
+        );
+        assert!(matches!(
+            decoder.decode(&streamed),
+            Ok(PgOutput::Insert(Insert { xid: Some(5), .. }))
+        ));
+        assert_eq!(decoder.decode(b"E"), Ok(PgOutput::StreamStop));
+        assert!(!decoder.in_stream());
+    }
+
+    #[test]
+    fn converts_postgres_timestamps() {
+        assert_eq!(pg_time_to_unix_micros(0), POSTGRES_EPOCH_UNIX_MICROS);
+        assert_eq!(pg_time_to_unix_micros(-POSTGRES_EPOCH_UNIX_MICROS), 0);
+        assert_eq!(pg_time_to_unix_micros(i64::MAX), i64::MAX);
+    }
+
+    #[test]
+    fn malformed_messages_name_message_offset_and_field() {
+        let commit = Msg::new(b'C').u8(0).i64(LSN_A).i64(LSN_B).i64(TIME_A);
+        let relation_head = || Msg::new(b'R').u32(16_384).cstr("public").cstr("items");
+        let cases: Vec<(&str, Vec<u8>, bool, &str)> =
+            vec![
+            ("empty", vec![], false, "empty pgoutput message: no tag byte"),
+            (
+                "unknown tag",
+                b"Z".to_vec(),
+                false,
+                "unknown pgoutput message tag 0x5a ('Z') at offset 0",
+            ),
+            (
+                "unprintable tag",
+                vec![0xff, 1, 2],
+                false,
+                "unknown pgoutput message tag 0xff at offset 0",
+            ),
+            (
+                "trailing bytes",
+                commit.u8(0).0,
+                false,
+                "1 trailing bytes after Commit at offset 26",
+            ),
+            (
+                "trailing bytes after StreamAbort that are not the v4 fields",
+                Msg::new(b'A').u32(1).u32(1).raw(&[0; 5]).0,
+                false,
+                "5 trailing bytes after StreamAbort at offset 9",
+            ),
+            (
+                "the documented example",
+                Msg::new(b'U')
+                    .u32(16_384)
+                    .u8(b'N')
+                    .i16(5)
+                    .text(b"7")
+                    .u8(b'n')
+                    .u8(b'n')
+                    .u8(b't')
+                    .raw(&[0, 0])
+                    .0,
+                false,
+                "pgoutput Update: truncated at offset 17 reading new tuple column 3 length \
+                 (need 4 bytes, 2 left)",
+            ),
+            (
+                "huge tuple column count",
+                Msg::new(b'I').u32(16_384).u8(b'N').raw(&[0xff, 0xff]).raw(b"nnn").0,
+                false,
+                "pgoutput Insert: truncated at offset 8 reading new tuple columns \
+                 (need 65535 bytes, 3 left)",
+            ),
+            (
+                "huge relation column count",
+                relation_head().u8(b'd').i16(i16::MAX).raw(&[0; 9]).0,
+                false,
+                "pgoutput Relation: truncated at offset 21 reading columns \
+                 (need 327670 bytes, 9 left)",
+            ),
+            (
+                "huge truncate relation count",
+                Msg::new(b'T').i32(i32::MAX).u8(0).u32(16_384).0,
+                false,
+                "pgoutput Truncate: truncated at offset 6 reading relation oids \
+                 (need 8589934588 bytes, 4 left)",
+            ),
+            (
+                "negative truncate relation count",
+                Msg::new(b'T').i32(-1).u8(0).0,
+                false,
+                "pgoutput Truncate: negative relation count -1 at offset 1",
+            ),
+            (
+                "negative value length",
+                Msg::new(b'I').u32(16_384).u8(b'N').i16(1).u8(b't').i32(-5).0,
+                false,
+                "pgoutput Insert: negative new tuple column 0 length -5 at offset 9",
+            ),
+            (
+                "oversized value length",
+                Msg::new(b'I').u32(16_384).u8(b'N').i16(1).u8(b'b').i32(1 << 30).raw(b"ab").0,
+                false,
+                "pgoutput Insert: truncated at offset 13 reading new tuple column 0 value \
+                 (need 1073741824 bytes, 2 left)",
+            ),
+            (
+                "oversized message content",
+                Msg::new(b'M').u8(1).i64(LSN_A).cstr("walsweep").i32(100).raw(b"{}").0,
+                false,
+                "pgoutput Message: truncated at offset 23 reading content (need 100 bytes, 2 left)",
+            ),
+            (
+                "invalid UTF-8 in a name",
+                Msg::new(b'R').u32(16_384).raw(b"pub\xfflic\0").cstr("items").0,
+                false,
+                "pgoutput Relation: namespace is not valid UTF-8 at offset 8",
+            ),
+            (
+                "invalid UTF-8 in a column name",
+                relation_head().u8(b'f').i16(1).u8(1).raw(b"\xc3(\0").u32(23).i32(-1).0,
+                false,
+                "pgoutput Relation: column 0 name is not valid UTF-8 at offset 22",
+            ),
+            (
+                "missing NUL",
+                Msg::new(b'R').u32(16_384).cstr("public").raw(b"items").0,
+                false,
+                "pgoutput Relation: relation name at offset 12 has no NUL terminator",
+            ),
+            (
+                "missing NUL in a message prefix",
+                Msg::new(b'M').u8(1).i64(LSN_A).raw(b"walsweep").0,
+                false,
+                "pgoutput Message: prefix at offset 10 has no NUL terminator",
+            ),
+            (
+                "unknown replica identity",
+                relation_head().u8(b'z').i16(0).0,
+                false,
+                "pgoutput Relation: unexpected replica identity 0x7a ('z') at offset 18, \
+                 expected 'd', 'n', 'f' or 'i'",
+            ),
+            (
+                "unknown tuple column kind",
+                Msg::new(b'I').u32(16_384).u8(b'N').i16(1).u8(b'x').0,
+                false,
+                "pgoutput Insert: unexpected new tuple column 0 kind 0x78 ('x') at offset 8, \
+                 expected 'n', 'u', 't' or 'b'",
+            ),
+            (
+                "bad tuple type in Update",
+                Msg::new(b'U').u32(16_384).u8(b'Q').0,
+                false,
+                "pgoutput Update: unexpected tuple type 0x51 ('Q') at offset 5, \
+                 expected 'K', 'O' or 'N'",
+            ),
+            (
+                "two old tuples in Update",
+                Msg::new(b'U').u32(16_384).u8(b'K').i16(0).u8(b'O').i16(0).0,
+                false,
+                "pgoutput Update: unexpected tuple type 0x4f ('O') at offset 8, expected 'N'",
+            ),
+            (
+                "new tuple in Delete",
+                Msg::new(b'D').u32(16_384).u8(b'N').i16(0).0,
+                false,
+                "pgoutput Delete: unexpected tuple type 0x4e ('N') at offset 5, \
+                 expected 'K' or 'O'",
+            ),
+            (
+                "old tuple in Insert",
+                Msg::new(b'I').u32(16_384).u8(b'O').i16(0).0,
+                false,
+                "pgoutput Insert: unexpected tuple type 0x4f ('O') at offset 5, expected 'N'",
+            ),
+            (
+                "streamed Insert without its xid",
+                Msg::new(b'I').u32(16_384).u8(b'N').0,
+                true,
+                "pgoutput Insert: truncated at offset 5 reading relation oid \
+                 (need 4 bytes, 1 left)",
+            ),
+            (
+                "truncated key tuple",
+                Msg::new(b'D').u32(16_384).u8(b'K').i16(1).u8(b't').i32(3).raw(b"ab").0,
+                false,
+                "pgoutput Delete: truncated at offset 13 reading key tuple column 0 value \
+                 (need 3 bytes, 2 left)",
+            ),
+        ];
+        for (case, bytes, in_stream, want) in cases {
+            let err = parse_message(&bytes, in_stream).expect_err(case);
+            assert_eq!(err.to_string(), want, "{case}");
+            assert!(!err.is_retryable());
+            assert!(err.offset() <= bytes.len(), "{case}");
+        }
+    }
+
+    #[test]
+    fn error_accessors_report_message_and_offset() {
+        let err = parse_message(b"E\0\0", false).unwrap_err();
+        assert_eq!((err.message(), err.offset()), (Some("StreamStop"), 1));
+        let err = parse_message(b"Z", false).unwrap_err();
+        assert_eq!((err.message(), err.offset()), (None, 0));
+    }
+
+    /// A xorshift64 generator: deterministic, so a failure here reproduces exactly.
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn byte(&mut self) -> u8 {
+            self.next() as u8
+        }
+    }
+
+    const TAGS: &[u8] = b"BCORYIUDTMSEcAbPKrp";
+    const INTERESTING: [[u8; 4]; 5] = [
+        [0xff; 4],
+        [0x7f, 0xff, 0xff, 0xff],
+        [0x80, 0, 0, 0],
+        [0; 4],
+        [0, 0, 0, 1],
+    ];
+
+    fn mutate(buf: &mut Vec<u8>, rng: &mut XorShift) {
+        match rng.below(6) {
+            0 if !buf.is_empty() => {
+                let i = rng.below(buf.len());
+                buf[i] ^= 1 << rng.below(8);
+            }
+            1 if !buf.is_empty() => buf.truncate(rng.below(buf.len())),
+            2 => {
+                let at = rng.below(buf.len() + 1);
+                for _ in 0..1 + rng.below(4) {
+                    buf.insert(at, rng.byte());
+                }
+            }
+            3 if !buf.is_empty() => {
+                buf.remove(rng.below(buf.len()));
+            }
+            4 if buf.len() >= 4 => {
+                let at = rng.below(buf.len() - 3);
+                let value = INTERESTING[rng.below(INTERESTING.len())];
+                buf[at..at + 4].copy_from_slice(&value);
+            }
+            _ => {
+                let at = rng.below(buf.len() + 1);
+                buf.insert(at, [0, b'n', b't', b'u', b'K', b'N'][rng.below(6)]);
+            }
+        }
+    }
+
+    /// Everything the fuzz target does, minus coverage guidance: cheap enough for every CI run.
+    fn exercise(buf: &[u8]) {
+        for in_stream in [false, true] {
+            if let Err(e) = parse_message(buf, in_stream) {
+                assert!(!e.to_string().is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn survives_random_and_mutated_input() {
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        for i in 0..100_000 {
+            let mut buf: Vec<u8> = (0..rng.below(48)).map(|_| rng.byte()).collect();
+            if i % 2 == 0 && !buf.is_empty() {
+                buf[0] = TAGS[rng.below(TAGS.len())];
+            }
+            exercise(&buf);
+        }
+
+        let seeds = frames(STREAM);
+        for _ in 0..100_000 {
+            let mut buf = seeds[rng.below(seeds.len())].to_vec();
+            for _ in 0..1 + rng.below(4) {
+                mutate(&mut buf, &mut rng);
+            }
+            exercise(&buf);
+        }
+
+        // Whole mutated streams through the state machine, as a walsender would deliver them.
+        for _ in 0..200 {
+            let mut decoder = Decoder::new();
+            for frame in &seeds {
+                if rng.below(50) == 0 {
+                    let mut buf = frame.to_vec();
+                    mutate(&mut buf, &mut rng);
+                    let _ = decoder.decode(&buf);
+                } else {
+                    let _ = decoder.decode(frame);
+                }
+            }
         }
     }
 }

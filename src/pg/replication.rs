@@ -119,7 +119,7 @@ impl ReplicationError {
     }
 }
 
-fn is_retryable_sqlstate(sqlstate: &str) -> bool {
+pub(crate) fn is_retryable_sqlstate(sqlstate: &str) -> bool {
     // Class 28 (auth), 3D000 (no such database), 42704 (no such slot/publication) and
     // 42501 (insufficient privilege) need a human; 55006 (slot in use by another consumer),
     // 57P01..57P03 (admin shutdown, crash shutdown, cannot connect now), class 08 (connection)

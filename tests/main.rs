@@ -1,0 +1,4 @@
+//! Integration suites: each test boots its own Postgres (and Redis where a sink needs one).
+
+mod stream;
+mod support;
