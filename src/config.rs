@@ -17,6 +17,12 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 1_024;
 pub const DEFAULT_BATCH_MAX_TXNS: usize = 512;
 pub const DEFAULT_RECONNECT_MIN_MS: u64 = 100;
 pub const DEFAULT_RECONNECT_MAX_MS: u64 = 30_000;
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_MATROSKA_PREFIX: &str = "cache";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
+/// Environment variable that replaces `redis.url`.
+pub const REDIS_URL_ENV: &str = "WALSWEEP_REDIS_URL";
 /// Environment variable that replaces `source.url`, so the password can stay out of the file.
 pub const SOURCE_URL_ENV: &str = "WALSWEEP_SOURCE_URL";
 
@@ -26,9 +32,83 @@ pub const SOURCE_URL_ENV: &str = "WALSWEEP_SOURCE_URL";
 pub struct Config {
     /// Where changes come from.
     pub source: SourceConfig,
-    /// Tables whose changes walsweep follows. Each must be in the publication.
+    /// Where invalidations go.
+    #[serde(default)]
+    pub redis: RedisConfig,
+    /// Prometheus metrics and health endpoints.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Layout of matroska-cache entries (dependency sets and scopes).
+    #[serde(default)]
+    pub matroska: MatroskaConfig,
+    /// Tables whose changes walsweep follows, with their rules. Each must be in the publication.
     #[serde(default, rename = "table")]
     pub tables: Vec<TableConfig>,
+}
+
+/// `[redis]`: the cache to keep honest (a single node; cluster is not supported).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port/db`. Overridden by `WALSWEEP_REDIS_URL`. Never logged.
+    /// Default `redis://127.0.0.1:6379/0`.
+    #[serde(default = "default_redis_url")]
+    pub url: String,
+    /// How long one Redis round trip may take before it counts as failed and is retried, in ms.
+    /// Default 5000.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: default_redis_url(),
+            timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
+        }
+    }
+}
+
+/// `[metrics]`: the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct MetricsConfig {
+    /// `address:port` to listen on; an empty string disables the endpoint.
+    /// Default `127.0.0.1:9187`.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+/// `[matroska]`: compatibility with the matroska-cache layout.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct MatroskaConfig {
+    /// The `prefix` the app gave `RedisBackend`: data keys are `{prefix}::data::{key}` and
+    /// dependency sets `{prefix}::rdep::{dep}`. Default `cache`.
+    #[serde(default = "default_matroska_prefix")]
+    pub prefix: String,
+    /// Also delete a dependency set after unlinking its members, as the library does. Default
+    /// false: keeping the set lets the next change find an entry written by a reader that raced
+    /// the invalidation (measured: fewer stale entries). The app's TTL expires the set.
+    #[serde(default)]
+    pub remove_dependency_sets: bool,
+}
+
+impl Default for MatroskaConfig {
+    fn default() -> Self {
+        MatroskaConfig {
+            prefix: default_matroska_prefix(),
+            remove_dependency_sets: false,
+        }
+    }
 }
 
 /// `[source]`: the Postgres primary and its logical replication slot.
@@ -76,14 +156,67 @@ pub struct SourceConfig {
     pub reconnect_max_ms: u64,
 }
 
-/// `[[table]]`: one followed table.
+/// `[[table]]`: one followed table and what its changes invalidate.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct TableConfig {
     /// `schema.table`; a bare name means `public.name`.
     pub name: String,
+    /// Key templates such as `article:{id}`: rendered from the old and the new row, and those
+    /// keys are UNLINKed. `{column}` takes the column's text as Postgres prints it; `{{` and
+    /// `}}` are literal braces.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// matroska-cache dependency templates such as `id:article:{id}` or `pk:Article:{id}`:
+    /// each rendered dependency's set `{prefix}::rdep::{dep}` is invalidated (every member key
+    /// unlinked). Values render as Python `str()` would (`True`, `None`, ...).
+    #[serde(default)]
+    pub deps: Vec<String>,
+    /// When set, an UPDATE that changes none of these columns invalidates no key and no
+    /// dependency (unchanged TOAST counts as unchanged). Scopes use their own columns.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Operations this table's rules react to: any of `insert`, `update`, `delete`,
+    /// `truncate`. Default: all four.
+    #[serde(default)]
+    pub ops: Option<Vec<OpName>>,
+    /// matroska-cache `Scopes`, see `ScopeConfig`.
+    #[serde(default)]
+    pub scope: Vec<ScopeConfig>,
 }
 
+/// `[[table.scope]]`: a matroska-cache `Scopes(name)` described by `columns`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct ScopeConfig {
+    /// The name given to `Scopes(...)` in the app, e.g. `Article`.
+    pub name: String,
+    /// The described columns (the keys of the app's `condition(...)` call).
+    pub columns: Vec<String>,
+}
+
+/// An operation name in `ops`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpName {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+fn default_redis_url() -> String {
+    DEFAULT_REDIS_URL.into()
+}
+fn default_redis_timeout_ms() -> u64 {
+    DEFAULT_REDIS_TIMEOUT_MS
+}
+fn default_metrics_listen() -> String {
+    DEFAULT_METRICS_LISTEN.into()
+}
+fn default_matroska_prefix() -> String {
+    DEFAULT_MATROSKA_PREFIX.into()
+}
 fn default_slot() -> String {
     DEFAULT_SLOT.into()
 }
@@ -251,6 +384,9 @@ impl Config {
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
         if let Some(url) = get(SOURCE_URL_ENV).filter(|u| !u.is_empty()) {
             self.source.url = Some(url);
+        }
+        if let Some(url) = get(REDIS_URL_ENV).filter(|u| !u.is_empty()) {
+            self.redis.url = url;
         }
     }
 

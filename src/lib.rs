@@ -12,4 +12,6 @@ pub mod pg;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod redis;
+pub mod rules;
 pub mod sink;

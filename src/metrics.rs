@@ -117,3 +117,47 @@ pub fn error(kind: &'static str) {
 pub fn status_sent(reason: StatusReason) {
     counter!(STATUS_UPDATES_TOTAL, LABEL_REASON => reason.as_str()).increment(1);
 }
+
+pub const FALLBACKS_TOTAL: &str = "walsweep_fallbacks_total";
+pub const HINTS_MALFORMED_TOTAL: &str = "walsweep_hints_malformed_total";
+pub const LABEL_CAUSE: &str = "cause";
+
+pub fn fallback_planned(cause: crate::rules::FallbackCause) {
+    counter!(FALLBACKS_TOTAL, LABEL_CAUSE => cause.as_str()).increment(1);
+}
+
+pub fn hint_malformed() {
+    counter!(HINTS_MALFORMED_TOTAL).increment(1);
+}
+
+pub const KEYS_UNLINKED_TOTAL: &str = "walsweep_keys_unlinked_total";
+pub const EFFECTS_BY_KIND_TOTAL: &str = "walsweep_effects_total";
+pub const FALLBACKS_APPLIED_TOTAL: &str = "walsweep_fallbacks_applied_total";
+pub const REDIS_ROUND_TRIP_SECONDS: &str = "walsweep_redis_round_trip_seconds";
+pub const REDIS_UP: &str = "walsweep_redis_up";
+pub const ERROR_WRONG_TYPE: &str = "redis_wrong_type";
+
+pub fn keys_unlinked(n: u64) {
+    counter!(KEYS_UNLINKED_TOTAL).increment(n);
+}
+
+pub fn effects_planned(plan: &crate::rules::EffectPlan) {
+    counter!(EFFECTS_BY_KIND_TOTAL, LABEL_KIND => "key").increment(plan.keys.len() as u64);
+    counter!(EFFECTS_BY_KIND_TOTAL, LABEL_KIND => "dep").increment(plan.deps.len() as u64);
+    counter!(EFFECTS_BY_KIND_TOTAL, LABEL_KIND => "key_prefix")
+        .increment(plan.key_prefixes.len() as u64);
+    counter!(EFFECTS_BY_KIND_TOTAL, LABEL_KIND => "dep_prefix")
+        .increment(plan.dep_prefixes.len() as u64);
+}
+
+pub fn fallback_applied(cause: crate::rules::FallbackCause) {
+    counter!(FALLBACKS_APPLIED_TOTAL, LABEL_CAUSE => cause.as_str()).increment(1);
+}
+
+pub fn redis_round_trip(elapsed: Duration) {
+    histogram!(REDIS_ROUND_TRIP_SECONDS).record(elapsed.as_secs_f64());
+}
+
+pub fn set_redis_up(up: bool) {
+    gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
+}

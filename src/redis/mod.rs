@@ -1,0 +1,281 @@
+//! The Redis sink: applies effect plans to a single Redis node.
+//!
+//! Per batch: the plans of all its transactions are merged (deduplicated), then keys are
+//! UNLINKed and dependency sets invalidated in ONE pipelined round trip (the set fan-out is a
+//! Lua script, atomic per call). Table-wide fallbacks SCAN their prefix in further round trips.
+//! All effects are deletions, so their order within a batch does not matter and applying a
+//! batch twice is harmless: the sink contract's at-least-once delivery is safe here.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{ErrorKind, RedisError, Value};
+
+use crate::assembler::CommittedTxn;
+use crate::config::{MatroskaConfig, RedisConfig};
+use crate::metrics as m;
+use crate::rules::template::glob_escape;
+use crate::rules::{EffectPlan, FallbackCause};
+use crate::sink::{Sink, SinkError};
+
+const INVALIDATE_DEPS_LUA: &str = include_str!("scripts/invalidate_deps.lua");
+/// Keys per UNLINK and sets per script call: large enough to amortise, small enough that one
+/// command never blocks Redis for long.
+const KEYS_PER_COMMAND: usize = 1_000;
+const SETS_PER_SCRIPT_CALL: usize = 256;
+const SCAN_COUNT: usize = 1_000;
+
+/// Where matroska-cache keeps dependency sets.
+pub fn dep_set_key(prefix: &str, dep: &str) -> String {
+    format!("{prefix}::rdep::{dep}")
+}
+
+pub struct RedisSink {
+    client: ::redis::Client,
+    config: ConnectionManagerConfig,
+    connection: Option<ConnectionManager>,
+    prefix: String,
+    remove_sets: bool,
+    healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What applying a batch did (tests and metrics).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub keys_unlinked: u64,
+    pub wrong_type_sets: u64,
+}
+
+fn sink_error(operation: &'static str, err: RedisError) -> SinkError {
+    // Everything but a configuration mistake is retried: Redis down, loading, read-only
+    // replica, out of memory and timeouts all pass, and dropping effects is never an option.
+    let retryable = !matches!(
+        err.kind(),
+        ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig
+    );
+    SinkError {
+        operation,
+        retryable,
+        source: Box::new(err),
+    }
+}
+
+impl RedisSink {
+    /// Validates the URL; connects lazily, so Redis being down at start is retried like any
+    /// other outage instead of failing the daemon.
+    pub fn new(redis: &RedisConfig, matroska: &MatroskaConfig) -> Result<Self, SinkError> {
+        let client = ::redis::Client::open(redis.url.as_str()).map_err(|e| SinkError {
+            operation: "parse redis.url",
+            retryable: false,
+            source: Box::new(e),
+        })?;
+        let timeout = Duration::from_millis(redis.timeout_ms);
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        Ok(RedisSink {
+            client,
+            config,
+            connection: None,
+            prefix: matroska.prefix.clone(),
+            remove_sets: matroska.remove_dependency_sets,
+            healthy: Default::default(),
+        })
+    }
+
+    /// A flag that follows whether the last Redis round trip succeeded (for readiness).
+    pub fn health_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.healthy.clone()
+    }
+
+    async fn connection(&mut self) -> Result<ConnectionManager, SinkError> {
+        if let Some(c) = &self.connection {
+            return Ok(c.clone());
+        }
+        let c = ConnectionManager::new_with_config(self.client.clone(), self.config.clone())
+            .await
+            .map_err(|e| sink_error("connect to Redis", e))?;
+        self.connection = Some(c.clone());
+        Ok(c)
+    }
+
+    fn mark(&self, up: bool) {
+        self.healthy.store(up, std::sync::atomic::Ordering::Relaxed);
+        m::set_redis_up(up);
+    }
+
+    /// Applies the union of `plans`.
+    pub async fn apply_plans<'a>(
+        &mut self,
+        plans: impl Iterator<Item = &'a EffectPlan>,
+    ) -> Result<Applied, SinkError> {
+        let mut keys: HashSet<&str> = HashSet::new();
+        let mut deps: HashSet<&str> = HashSet::new();
+        let mut key_prefixes: BTreeMap<&str, FallbackCause> = BTreeMap::new();
+        let mut dep_prefixes: BTreeMap<&str, FallbackCause> = BTreeMap::new();
+        for plan in plans {
+            keys.extend(plan.keys.iter().map(String::as_str));
+            deps.extend(plan.deps.iter().map(String::as_str));
+            for (p, c) in &plan.key_prefixes {
+                key_prefixes.entry(p).or_insert(*c);
+            }
+            for (p, c) in &plan.dep_prefixes {
+                dep_prefixes.entry(p).or_insert(*c);
+            }
+        }
+        let result = self
+            .apply_sets(keys, deps, key_prefixes, dep_prefixes)
+            .await;
+        self.mark(result.is_ok());
+        if result.is_err() {
+            // Start the next attempt on a fresh connection rather than a wedged one.
+            self.connection = None;
+        }
+        result
+    }
+
+    async fn apply_sets(
+        &mut self,
+        keys: HashSet<&str>,
+        deps: HashSet<&str>,
+        key_prefixes: BTreeMap<&str, FallbackCause>,
+        dep_prefixes: BTreeMap<&str, FallbackCause>,
+    ) -> Result<Applied, SinkError> {
+        let mut conn = self.connection().await?;
+        let mut applied = Applied::default();
+        let keys: Vec<&str> = keys.into_iter().collect();
+        let sets: Vec<String> = deps.iter().map(|d| dep_set_key(&self.prefix, d)).collect();
+        if !keys.is_empty() || !sets.is_empty() {
+            let mut pipe = ::redis::pipe();
+            for chunk in keys.chunks(KEYS_PER_COMMAND) {
+                pipe.cmd("UNLINK").arg(chunk);
+            }
+            for chunk in sets.chunks(SETS_PER_SCRIPT_CALL) {
+                self.push_invalidate_sets(&mut pipe, chunk);
+            }
+            let started = Instant::now();
+            let replies: Vec<Value> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| sink_error("unlink keys and invalidate dependency sets", e))?;
+            m::redis_round_trip(started.elapsed());
+            count_replies(&replies, &mut applied);
+        }
+        for (prefix, cause) in key_prefixes {
+            let pattern = format!("{}*", glob_escape(prefix));
+            let found = self.scan(&mut conn, &pattern).await?;
+            for chunk in found.chunks(KEYS_PER_COMMAND) {
+                let started = Instant::now();
+                let n: u64 = ::redis::cmd("UNLINK")
+                    .arg(chunk)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| sink_error("unlink keys of a table-wide invalidation", e))?;
+                m::redis_round_trip(started.elapsed());
+                applied.keys_unlinked += n;
+            }
+            m::fallback_applied(cause);
+        }
+        for (prefix, cause) in dep_prefixes {
+            let pattern = format!("{}*", glob_escape(&dep_set_key(&self.prefix, prefix)));
+            let found = self.scan(&mut conn, &pattern).await?;
+            for chunk in found.chunks(SETS_PER_SCRIPT_CALL) {
+                let mut pipe = ::redis::pipe();
+                self.push_invalidate_sets(&mut pipe, chunk);
+                let started = Instant::now();
+                let replies: Vec<Value> = pipe
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| sink_error("invalidate dependency sets table-wide", e))?;
+                m::redis_round_trip(started.elapsed());
+                count_replies(&replies, &mut applied);
+            }
+            m::fallback_applied(cause);
+        }
+        if applied.wrong_type_sets > 0 {
+            m::error(m::ERROR_WRONG_TYPE);
+            tracing::warn!(
+                sets = applied.wrong_type_sets,
+                prefix = %self.prefix,
+                "some dependency keys are not sets; left alone (another app may share the prefix)"
+            );
+        }
+        m::keys_unlinked(applied.keys_unlinked);
+        Ok(applied)
+    }
+
+    fn push_invalidate_sets<S: AsRef<str>>(&self, pipe: &mut ::redis::Pipeline, sets: &[S]) {
+        // EVAL with the source rather than EVALSHA: no NOSCRIPT dance after a Redis restart,
+        // and Redis caches the compiled script by its hash anyway.
+        let cmd = pipe.cmd("EVAL").arg(INVALIDATE_DEPS_LUA).arg(sets.len());
+        for s in sets {
+            cmd.arg(s.as_ref());
+        }
+        cmd.arg(if self.remove_sets { "1" } else { "0" });
+    }
+
+    async fn scan(
+        &self,
+        conn: &mut ConnectionManager,
+        pattern: &str,
+    ) -> Result<Vec<String>, SinkError> {
+        let mut cursor: u64 = 0;
+        let mut found = Vec::new();
+        loop {
+            let started = Instant::now();
+            let (next, batch): (u64, Vec<String>) = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(conn)
+                .await
+                .map_err(|e| sink_error("scan for a table-wide invalidation", e))?;
+            m::redis_round_trip(started.elapsed());
+            found.extend(batch);
+            if next == 0 {
+                return Ok(found);
+            }
+            cursor = next;
+        }
+    }
+}
+
+fn count_replies(replies: &[Value], applied: &mut Applied) {
+    for reply in replies {
+        match reply {
+            Value::Int(n) => applied.keys_unlinked += *n as u64,
+            Value::Array(items) => {
+                if let Some(Value::Int(n)) = items.first() {
+                    applied.keys_unlinked += *n as u64;
+                }
+                if let Some(Value::Int(n)) = items.get(2) {
+                    applied.wrong_type_sets += *n as u64;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Sink<EffectPlan> for RedisSink {
+    async fn apply(&mut self, batch: &[CommittedTxn<EffectPlan>]) -> Result<(), SinkError> {
+        let applied = self.apply_plans(batch.iter().map(|t| &t.plan)).await?;
+        for txn in batch {
+            m::effects_planned(&txn.plan);
+        }
+        tracing::debug!(
+            transactions = batch.len(),
+            keys_unlinked = applied.keys_unlinked,
+            "batch applied"
+        );
+        Ok(())
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.healthy.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

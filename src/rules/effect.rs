@@ -1,0 +1,114 @@
+//! Effects: what one change asks of Redis, and the deduplicated plan a transaction keeps.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::plan::Plan;
+
+/// Why a table-wide invalidation replaced precise ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FallbackCause {
+    /// TRUNCATE removes every row.
+    Truncate,
+    /// An old value the template needs was not sent (replica identity too weak).
+    UnknownOldValue,
+    /// A new value is unchanged TOAST without a full old row to take it from.
+    UnknownNewValue,
+    /// The template names a column the table does not have (fix the config; `check` says so).
+    UnknownColumn,
+}
+
+impl FallbackCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackCause::Truncate => "truncate",
+            FallbackCause::UnknownOldValue => "unknown_old_value",
+            FallbackCause::UnknownNewValue => "unknown_new_value",
+            FallbackCause::UnknownColumn => "unknown_column",
+        }
+    }
+}
+
+/// One thing to do in Redis.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Effect {
+    /// UNLINK this key.
+    UnlinkKey(String),
+    /// Invalidate the dependency set of this matroska dependency string (e.g. `id:article:1`):
+    /// unlink every member key.
+    InvalidateDep(String),
+    /// UNLINK every key starting with this literal prefix (SCAN in batches).
+    UnlinkKeysWithPrefix {
+        prefix: String,
+        cause: FallbackCause,
+    },
+    /// Invalidate every dependency set whose dependency starts with this prefix.
+    InvalidateDepsWithPrefix {
+        prefix: String,
+        cause: FallbackCause,
+    },
+}
+
+impl Effect {
+    /// Metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Effect::UnlinkKey(_) => "key",
+            Effect::InvalidateDep(_) => "dep",
+            Effect::UnlinkKeysWithPrefix { .. } => "key_prefix",
+            Effect::InvalidateDepsWithPrefix { .. } => "dep_prefix",
+        }
+    }
+}
+
+/// Distinct effects of a transaction (or of a batch of them).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct EffectPlan {
+    pub keys: HashSet<String>,
+    pub deps: HashSet<String>,
+    pub key_prefixes: BTreeMap<String, FallbackCause>,
+    pub dep_prefixes: BTreeMap<String, FallbackCause>,
+}
+
+impl EffectPlan {
+    pub fn add(&mut self, effect: Effect) {
+        match effect {
+            Effect::UnlinkKey(k) => {
+                self.keys.insert(k);
+            }
+            Effect::InvalidateDep(d) => {
+                self.deps.insert(d);
+            }
+            Effect::UnlinkKeysWithPrefix { prefix, cause } => {
+                self.key_prefixes.entry(prefix).or_insert(cause);
+            }
+            Effect::InvalidateDepsWithPrefix { prefix, cause } => {
+                self.dep_prefixes.entry(prefix).or_insert(cause);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.effect_count() == 0
+    }
+}
+
+impl Plan for EffectPlan {
+    fn merge(&mut self, later: Self) {
+        if self.keys.is_empty() {
+            self.keys = later.keys;
+        } else {
+            self.keys.extend(later.keys);
+        }
+        self.deps.extend(later.deps);
+        for (p, c) in later.key_prefixes {
+            self.key_prefixes.entry(p).or_insert(c);
+        }
+        for (p, c) in later.dep_prefixes {
+            self.dep_prefixes.entry(p).or_insert(c);
+        }
+    }
+
+    fn effect_count(&self) -> usize {
+        self.keys.len() + self.deps.len() + self.key_prefixes.len() + self.dep_prefixes.len()
+    }
+}

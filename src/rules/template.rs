@@ -1,0 +1,180 @@
+//! Key and dependency templates: `article:{id}`, `pk:Pair:({a}, '{b}')`.
+//!
+//! Parsed once from config, bound to a relation's column positions once per Relation message,
+//! rendered per row without allocating more than the output string.
+
+use std::fmt::Write as _;
+
+/// One piece of a template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    Literal(String),
+    Column(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pub source: String,
+    pub segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("unclosed `{{` at byte {at}; write `{{{{` for a literal brace")]
+    Unclosed { at: usize },
+    #[error("stray `}}` at byte {at}; write `}}}}` for a literal brace")]
+    Stray { at: usize },
+    #[error("empty column name `{{}}` at byte {at}")]
+    EmptyColumn { at: usize },
+    #[error("template is empty")]
+    Empty,
+}
+
+impl Template {
+    pub fn parse(source: &str) -> Result<Template, TemplateError> {
+        if source.is_empty() {
+            return Err(TemplateError::Empty);
+        }
+        let mut segments = Vec::new();
+        let mut literal = String::new();
+        let mut chars = source.char_indices().peekable();
+        while let Some((at, c)) = chars.next() {
+            match c {
+                '{' if chars.peek().map(|(_, n)| *n) == Some('{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek().map(|(_, n)| *n) == Some('}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '{' => {
+                    let mut name = String::new();
+                    let mut closed = false;
+                    for (_, c) in chars.by_ref() {
+                        if c == '}' {
+                            closed = true;
+                            break;
+                        }
+                        name.push(c);
+                    }
+                    if !closed {
+                        return Err(TemplateError::Unclosed { at });
+                    }
+                    let name = name.trim().to_string();
+                    if name.is_empty() {
+                        return Err(TemplateError::EmptyColumn { at });
+                    }
+                    if !literal.is_empty() {
+                        segments.push(Segment::Literal(std::mem::take(&mut literal)));
+                    }
+                    segments.push(Segment::Column(name));
+                }
+                '}' => return Err(TemplateError::Stray { at }),
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            segments.push(Segment::Literal(literal));
+        }
+        Ok(Template {
+            source: source.to_string(),
+            segments,
+        })
+    }
+
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Column(c) => Some(c.as_str()),
+            Segment::Literal(_) => None,
+        })
+    }
+
+    /// The literal text before the first column: every rendering starts with it, so a
+    /// table-wide invalidation can find all of them with `SCAN MATCH prefix*`.
+    pub fn literal_prefix(&self) -> &str {
+        match self.segments.first() {
+            Some(Segment::Literal(l)) => l,
+            _ => "",
+        }
+    }
+
+    /// Renders with `value(column)`; `None` when any column's value cannot be known.
+    pub fn render<'v>(&self, mut value: impl FnMut(&str) -> Option<&'v str>) -> Option<String> {
+        let mut out = String::with_capacity(self.source.len() + 16);
+        for segment in &self.segments {
+            match segment {
+                Segment::Literal(l) => out.push_str(l),
+                Segment::Column(c) => {
+                    let _ = write!(out, "{}", value(c)?);
+                }
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Escapes Redis glob metacharacters so a literal prefix matches only itself in `SCAN MATCH`.
+pub fn glob_escape(literal: &str) -> String {
+    let mut out = String::with_capacity(literal.len() + 4);
+    for c in literal.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_columns_literals_and_escaped_braces() {
+        let t = Template::parse("pk:Pair:({a}, '{ b }'){{x}}").unwrap();
+        assert_eq!(
+            t.segments,
+            vec![
+                Segment::Literal("pk:Pair:(".into()),
+                Segment::Column("a".into()),
+                Segment::Literal(", '".into()),
+                Segment::Column("b".into()),
+                Segment::Literal("'){x}".into()),
+            ]
+        );
+        assert_eq!(t.literal_prefix(), "pk:Pair:(");
+        assert_eq!(t.columns().collect::<Vec<_>>(), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn rejects_malformed_templates() {
+        assert_eq!(
+            Template::parse("a:{id"),
+            Err(TemplateError::Unclosed { at: 2 })
+        );
+        assert_eq!(Template::parse("a:}"), Err(TemplateError::Stray { at: 2 }));
+        assert_eq!(
+            Template::parse("a:{}"),
+            Err(TemplateError::EmptyColumn { at: 2 })
+        );
+        assert_eq!(Template::parse(""), Err(TemplateError::Empty));
+    }
+
+    #[test]
+    fn renders_or_reports_unknown() {
+        let t = Template::parse("article:{id}:{slug}").unwrap();
+        let row = |c: &str| match c {
+            "id" => Some("7"),
+            "slug" => Some("hello"),
+            _ => None,
+        };
+        assert_eq!(t.render(row).as_deref(), Some("article:7:hello"));
+        assert_eq!(t.render(|c| (c == "id").then_some("7")), None);
+    }
+
+    #[test]
+    fn glob_escape_neutralises_metacharacters() {
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+}
