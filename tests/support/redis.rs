@@ -1,0 +1,231 @@
+//! A private Redis server per test.
+//!
+//! redis-server runs as a direct child (not daemonized) with no persistence, so killing it is
+//! an honest "Redis went away" and nothing outlives the test: `Drop` kills it, and a test
+//! process that dies without unwinding leaves a pid file for the next run's stale sweep.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::binaries::redis_server;
+use super::scratch;
+
+const HOST: &str = "127.0.0.1";
+
+/// How long start-up may take before we give up (it normally takes a few milliseconds).
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A private redis-server on a free port, killed on drop.
+pub struct Redis {
+    /// Working dir (`--dir`), log and pid file. Removed on drop.
+    dir: tempfile::TempDir,
+    port: u16,
+    /// `None` while stopped.
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Boots a server and waits until it answers. Panics (with its log's tail) if it can't.
+    pub fn start() -> Redis {
+        // The free port can be taken by someone else before redis-server binds it; only that
+        // case is worth another try.
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let mut redis = Redis {
+                dir: scratch::instance_dir("redis-", false),
+                port: scratch::free_port(),
+                child: None,
+            };
+            match redis.spawn() {
+                Ok(()) => return redis,
+                Err(e) if attempt < ATTEMPTS && redis.log_mentions_port_in_use() => {
+                    eprintln!(
+                        "walsweep test support: port {} taken, retrying: {e}",
+                        redis.port
+                    );
+                }
+                Err(e) => {
+                    // Dropped first so its Drop does not print the log tail a second time.
+                    drop(redis);
+                    panic!("{e}");
+                }
+            }
+        }
+        unreachable!("the last attempt returns or panics");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT/0`
+    pub fn url(&self) -> String {
+        format!("redis://{HOST}:{}/0", self.port)
+    }
+
+    /// A new multiplexed connection. It does not reconnect: after [`Redis::stop`] its commands
+    /// fail, and after [`Redis::restart`] a new one is needed.
+    pub async fn connection(&self) -> ::redis::aio::MultiplexedConnection {
+        let url = self.url();
+        let client = ::redis::Client::open(url.as_str())
+            .unwrap_or_else(|e| panic!("parsing Redis URL {url}: {e}"));
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("connecting to Redis at {url}: {e}"))
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit, to simulate Redis going away. Its
+    /// data is gone (no persistence). A no-op when already stopped.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // kill() only fails if the child was already reaped, which can't happen here.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts an empty server again on the same port (stopping it first if it is running).
+    /// Panics if the port has been taken meanwhile or it does not come up.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn()
+            .unwrap_or_else(|e| panic!("restarting Redis: {e}"));
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Pid of the running redis-server, `None` while stopped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let bin = redis_server();
+        let dir = self.dir.path();
+        let child = Command::new(bin)
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args([
+                "--bind",
+                HOST,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--logfile")
+            .arg(self.log_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
+        let pid = child.id();
+        self.child = Some(child);
+        // For the stale sweep of a later run, should this process die without unwinding.
+        let pid_file = dir.join("redis.pid");
+        std::fs::write(&pid_file, format!("{pid}\n"))
+            .map_err(|e| format!("writing {}: {e}", pid_file.display()))?;
+        self.wait_ready(pid)
+    }
+
+    /// Waits until *our* redis-server answers on the port: a server that answers with another
+    /// process id means someone else holds the port (ours will then exit, which we report).
+    fn wait_ready(&mut self, pid: u32) -> Result<(), String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let child = self.child.as_mut().expect("spawned");
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    return Err(format!(
+                        "redis-server on port {} exited during start-up ({status})\n{}",
+                        self.port,
+                        scratch::log_tail(&self.log_path(), 20)
+                    ));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(format!("checking on redis-server: {e}")),
+            }
+            if server_pid(self.port) == Some(pid) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.stop();
+                return Err(format!(
+                    "redis-server on port {} not answering after {READY_TIMEOUT:?}\n{}",
+                    self.port,
+                    scratch::log_tail(&self.log_path(), 20)
+                ));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn log_mentions_port_in_use(&self) -> bool {
+        std::fs::read_to_string(self.log_path())
+            .map(|log| log.contains("Address already in use"))
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Redis {
+    /// Never panics: a panic while unwinding would abort the whole test binary.
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.child.is_some() {
+            eprintln!(
+                "Redis on port {}:\n{}",
+                self.port,
+                scratch::log_tail(&self.log_path(), 20)
+            );
+        }
+        self.stop();
+    }
+}
+
+/// `process_id` from `INFO server` of whatever answers on the port, using raw RESP over a
+/// blocking socket so start-up needs no async runtime.
+fn server_pid(port: u16) -> Option<u32> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(b"INFO server\r\n").ok()?;
+    // Reply: "$<len>\r\n<len bytes>\r\n"; read until the whole bulk string is in.
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&reply);
+        // An error reply (e.g. "-LOADING") means "not ready yet".
+        let Some((header, body)) = text.strip_prefix('$')?.split_once("\r\n") else {
+            continue;
+        };
+        let len: usize = header.parse().ok()?;
+        if body.len() >= len {
+            return body
+                .lines()
+                .find_map(|l| l.strip_prefix("process_id:"))
+                .and_then(|p| p.trim().parse().ok());
+        }
+    }
+}
