@@ -396,7 +396,7 @@ impl Config {
         let mut problem = |key: &str, message: String| {
             problems.push(Problem {
                 key: key.to_string(),
-                line: find_key_line(text, key.rsplit('.').next().unwrap_or(key)),
+                line: locate(text, key),
                 message,
             })
         };
@@ -447,6 +447,35 @@ impl Config {
                 );
             }
         }
+        if ::redis::Client::open(self.redis.url.as_str()).is_err() {
+            problem(
+                "redis.url",
+                "not a valid Redis URL; expected redis://[user:password@]host:port/db".into(),
+            );
+        }
+        if self.redis.timeout_ms == 0 {
+            problem(
+                "redis.timeout_ms",
+                "must be at least 1 (ms); 5000 is a good value".into(),
+            );
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            problem(
+                "metrics.listen",
+                format!(
+                    "{:?} is not address:port, e.g. 127.0.0.1:9187 (empty disables the endpoint)",
+                    self.metrics.listen
+                ),
+            );
+        }
+        if self.matroska.prefix.is_empty() {
+            problem(
+                "matroska.prefix",
+                "must not be empty (matroska-cache's default is \"cache\")".into(),
+            );
+        }
         for (i, table) in self.tables.iter().enumerate() {
             let parts: Vec<&str> = table.name.split('.').collect();
             if table.name.is_empty() || parts.len() > 2 || parts.iter().any(|p| p.is_empty()) {
@@ -458,8 +487,78 @@ impl Config {
                     ),
                 );
             }
+            for (field, templates) in [("keys", &table.keys), ("deps", &table.deps)] {
+                for (j, source) in templates.iter().enumerate() {
+                    let key = format!("table[{i}].{field}[{j}]");
+                    match crate::rules::template::Template::parse(source) {
+                        Err(e) => problem(&key, format!("template {source:?}: {e}")),
+                        Ok(t) if t.literal_prefix().is_empty() => problem(
+                            &key,
+                            format!(
+                                "template {source:?} must start with literal text (e.g. \
+                                 \"article:{{id}}\"): a table-wide invalidation removes \
+                                 everything starting with that text"
+                            ),
+                        ),
+                        Ok(t) if t.columns().next().is_none() => problem(
+                            &key,
+                            format!("template {source:?} names no column; write e.g. \"article:{{id}}\""),
+                        ),
+                        Ok(_) => {}
+                    }
+                }
+            }
+            if let Some(ops) = &table.ops {
+                if ops.is_empty() {
+                    problem(
+                        &format!("table[{i}].ops"),
+                        "is empty; remove it to react to every operation".into(),
+                    );
+                }
+            }
+            if let Some(columns) = &table.columns {
+                if columns.is_empty() {
+                    problem(
+                        &format!("table[{i}].columns"),
+                        "is empty, so no UPDATE would ever invalidate; remove it to react to \
+                         every column"
+                            .into(),
+                    );
+                }
+            }
+            for (j, scope) in table.scope.iter().enumerate() {
+                if scope.name.is_empty() {
+                    problem(
+                        &format!("table[{i}].scope[{j}].name"),
+                        "is empty; use the name given to Scopes(...)".into(),
+                    );
+                }
+                if scope.columns.is_empty() {
+                    problem(
+                        &format!("table[{i}].scope[{j}].columns"),
+                        "is empty; list the columns the app's condition(...) uses".into(),
+                    );
+                }
+            }
         }
         problems
+    }
+
+    /// Things that work but are probably not what was meant (`check --deny-warnings` fails).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.tables.is_empty() {
+            out.push("no [[table]] is configured: walsweep will follow nothing".to_string());
+        }
+        for (i, t) in self.tables.iter().enumerate() {
+            if t.keys.is_empty() && t.deps.is_empty() && t.scope.is_empty() {
+                out.push(format!(
+                    "table[{i}] ({}) has no keys, deps or scope: its changes invalidate nothing",
+                    t.name
+                ));
+            }
+        }
+        out
     }
 
     /// Table names as `schema.table`.
@@ -481,16 +580,60 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// The first line that assigns `key`, for pointing at values that parse but are wrong.
-fn find_key_line(text: &str, key: &str) -> Option<usize> {
-    let key = key.split('[').next().unwrap_or(key);
-    text.lines()
+/// The line of a dotted config path such as `source.slot`, `table[2].keys[0]` or
+/// `table[0].scope[1].columns`: the n-th `[[table]]` header, then the n-th `[[table.scope]]`
+/// under it, then the line assigning the last field. Falls back to the closest header found.
+fn locate(text: &str, path: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut start = 0usize;
+    let mut end = lines.len();
+    let mut found = None;
+    let segments: Vec<&str> = path.split('.').collect();
+    let (field, sections) = segments.split_last()?;
+    let mut header_path = String::new();
+    for section in sections {
+        let (name, nth) = match section.split_once('[') {
+            Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (*section, None),
+        };
+        if !header_path.is_empty() {
+            header_path.push('.');
+        }
+        header_path.push_str(name);
+        let header = match nth {
+            Some(_) => format!("[[{header_path}]]"),
+            None => format!("[{header_path}]"),
+        };
+        let hit = lines[start..end]
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.trim() == header)
+            .nth(nth.unwrap_or(0))
+            .map(|(k, _)| start + k)?;
+        found = Some(hit + 1);
+        start = hit + 1;
+        // The section ends at the next header of the same or an outer level.
+        end = lines[start..end]
+            .iter()
+            .position(|l| {
+                let t = l.trim();
+                t.starts_with('[')
+                    && (nth.is_none()
+                        || t == header
+                        || !t.starts_with(&format!("[[{header_path}.")))
+            })
+            .map_or(end, |k| start + k);
+    }
+    let field = field.split('[').next().unwrap_or(field);
+    lines[start..end]
+        .iter()
         .position(|l| {
-            let l = l.trim_start();
-            l.strip_prefix(key)
+            l.trim_start()
+                .strip_prefix(field)
                 .is_some_and(|rest| rest.trim_start().starts_with('='))
         })
-        .map(|i| i + 1)
+        .map(|k| start + k + 1)
+        .or(found)
 }
 
 #[cfg(test)]
@@ -530,7 +673,35 @@ mod tests {
                 "config:4: table[0].name: table name \"a.b.c\" is invalid",
             ),
             ("[sorce]\n", "config:1: toml: unknown field `sorce`"),
-            ("", "config: toml: missing field `source`"),
+            ("", "config:1: toml: missing field `source`"),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\n[[table]]\nname = \"a\"\n[[table]]\nname = \"b\"\nkeys = [\"b:{id\"]\n",
+                "config:7: table[1].keys[0]: template \"b:{id\": unclosed `{` at byte 2",
+            ),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\n[[table]]\nname = \"a\"\ndeps = [\"{id}\"]\n",
+                "config:5: table[0].deps[0]: template \"{id}\" must start with literal text",
+            ),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\n[[table]]\nname = \"a\"\n[[table.scope]]\nname = \"A\"\ncolumns = []\n",
+                "config:7: table[0].scope[0].columns: is empty",
+            ),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\n[[table]]\nname = \"a\"\nops = [\"upsert\"]\n",
+                "config:5: toml: unknown variant `upsert`",
+            ),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\n[metrics]\nlisten = \"nine\"\n",
+                "config:4: metrics.listen: \"nine\" is not address:port",
+            ),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"http://x\"\n",
+                "config:4: redis.url: not a valid Redis URL",
+            ),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\n[[table]]\nname = \"a\"\n[[table.scope]]\nname = \"A\"\ncolumns = [\"x\"]\nextra = 1\n",
+                "config:8: toml: unknown field `extra`",
+            ),
         ];
         for (text, expected) in cases {
             let err = Config::parse(text).unwrap_err().to_string();

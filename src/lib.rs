@@ -6,7 +6,9 @@
 
 pub mod assembler;
 pub mod backoff;
+pub mod check;
 pub mod config;
+pub mod explain;
 pub mod metrics;
 pub mod pg;
 pub mod pipeline;
@@ -14,4 +16,5 @@ pub mod plan;
 pub mod progress;
 pub mod redis;
 pub mod rules;
+pub mod setup;
 pub mod sink;

@@ -1,15 +1,17 @@
 //! The `walsweep` command line: parses arguments, loads config, starts telemetry and hands over
-//! to `pipeline::run`.
+//! to the library (`pipeline::run`, `check`, `explain`, `setup`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use walsweep::check::{self, Report};
 use walsweep::config::{Config, ConfigError};
 use walsweep::pipeline::{self, display_chain, PipelineError};
-use walsweep::plan::touched::TouchedRowsPlanner;
-use walsweep::sink::log::LogSink;
+use walsweep::plan::Op;
+use walsweep::redis::RedisSink;
+use walsweep::rules::{Rules, RulesPlanner};
 
 /// sysexits' EX_CONFIG: the configuration is wrong, retrying will not help.
 const EXIT_CONFIG: u8 = 78;
@@ -34,13 +36,59 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum OpArg {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Follow the slot and apply committed changes until SIGINT/SIGTERM.
+    /// Follow the slot and apply committed changes to Redis until SIGINT/SIGTERM.
     Run {
         /// Path to the TOML configuration.
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Validate the config, then (unless --no-environment) the database and Redis.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only check the file.
+        #[arg(long)]
+        no_environment: bool,
+        /// Fail on warnings too.
+        #[arg(long)]
+        deny_warnings: bool,
+    },
+    /// Print the effects one row change would produce, and which rule produces each.
+    Explain {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Table, `schema.table` or `table` (public).
+        #[arg(long)]
+        table: String,
+        #[arg(long, value_enum)]
+        op: OpArg,
+        /// Old row as a JSON object, e.g. '{"id": 1, "slug": "a"}'.
+        #[arg(long)]
+        old: Option<String>,
+        /// New row as a JSON object.
+        #[arg(long)]
+        new: Option<String>,
+    },
+    /// Create (or with --print, print) the publication, replica identities and a role.
+    Setup {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the SQL instead of running it.
+        #[arg(long)]
+        print: bool,
+        /// Name of the least-privilege role walsweep should connect as.
+        #[arg(long, default_value = "walsweep")]
+        role: String,
     },
 }
 
@@ -70,14 +118,50 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { config } => runtime.block_on(run(config)),
+        Command::Run { config } => runtime.block_on(run(&config)),
+        Command::Check {
+            config,
+            no_environment,
+            deny_warnings,
+        } => runtime.block_on(check(&config, no_environment, deny_warnings)),
+        Command::Explain {
+            config,
+            table,
+            op,
+            old,
+            new,
+        } => explain(&config, &table, op, old.as_deref(), new.as_deref()),
+        Command::Setup {
+            config,
+            print,
+            role,
+        } => runtime.block_on(setup(&config, print, &role)),
     }
 }
 
-async fn run(path: PathBuf) -> ExitCode {
-    let config = match Config::load(&path) {
+fn load(path: &Path) -> Result<(Config, Rules), ExitCode> {
+    let config = Config::load(path).map_err(|e| config_failure(&e))?;
+    let rules = Rules::from_config(&config).map_err(|e| {
+        eprintln!("walsweep: {}: {e}", path.display());
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    Ok((config, rules))
+}
+
+async fn run(path: &Path) -> ExitCode {
+    let (config, rules) = match load(path) {
         Ok(c) => c,
-        Err(e) => return config_failure(&e),
+        Err(code) => return code,
+    };
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let sink = match RedisSink::new(&config.redis, &config.matroska) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("walsweep: {}", display_chain(&e));
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
     let (handle, shutdown) = pipeline::shutdown_channel();
     tokio::spawn(async move {
@@ -99,8 +183,8 @@ async fn run(path: PathBuf) -> ExitCode {
     let result = pipeline::run(
         &config.source,
         &tables,
-        TouchedRowsPlanner::default(),
-        LogSink,
+        RulesPlanner::new(rules),
+        sink,
         shutdown,
     )
     .await;
@@ -116,6 +200,112 @@ async fn run(path: PathBuf) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn print_report(report: &Report) {
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    for warning in &report.warnings {
+        println!("warning: {warning}");
+    }
+    for error in &report.errors {
+        println!("error: {error}");
+    }
+}
+
+async fn check(path: &Path, no_environment: bool, deny_warnings: bool) -> ExitCode {
+    let (config, rules) = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut report = Report {
+        warnings: config.warnings(),
+        ..Default::default()
+    };
+    if !no_environment {
+        check::check_environment(&config, &rules, &mut report).await;
+    }
+    print_report(&report);
+    let failed = !report.errors.is_empty() || (deny_warnings && !report.warnings.is_empty());
+    if failed {
+        println!(
+            "{}: {} error(s), {} warning(s)",
+            path.display(),
+            report.errors.len(),
+            report.warnings.len()
+        );
+        ExitCode::from(EXIT_CONFIG)
+    } else {
+        println!("{}: ok", path.display());
+        ExitCode::SUCCESS
+    }
+}
+
+fn explain(path: &Path, table: &str, op: OpArg, old: Option<&str>, new: Option<&str>) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return config_failure(&e),
+    };
+    let op = match op {
+        OpArg::Insert => Op::Insert,
+        OpArg::Update => Op::Update,
+        OpArg::Delete => Op::Delete,
+        OpArg::Truncate => Op::Truncate,
+    };
+    match walsweep::explain::explain(&config, table, op, old, new) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("walsweep explain: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn setup(path: &Path, print_only: bool, role: &str) -> ExitCode {
+    let (config, rules) = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if print_only {
+        for statement in walsweep::setup::statements(&config, None, role, false) {
+            println!("{statement}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let params = match config.source.connect_params() {
+        Ok(p) => p,
+        Err(e) => return config_failure(&e),
+    };
+    let client = match walsweep::pg::catalog::connect(&params).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("walsweep setup: {}", display_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut report = Report::default();
+    check::check_environment(&config, &rules, &mut report).await;
+    let exists = walsweep::pg::catalog::publication_exists(&client, &config.source.publication)
+        .await
+        .unwrap_or(false);
+    for statement in walsweep::setup::statements(&config, Some(&report), role, exists) {
+        match client.batch_execute(&statement).await {
+            Ok(()) => println!("{statement}"),
+            Err(e) => {
+                eprintln!(
+                    "walsweep setup: {statement}\n  failed: {}",
+                    display_chain(&e)
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("-- done; give the role a password with: ALTER ROLE {role} PASSWORD '...';");
+    ExitCode::SUCCESS
 }
 
 fn config_failure(err: &ConfigError) -> ExitCode {

@@ -220,7 +220,8 @@ pub struct Insert<'a> {
 pub struct Update<'a> {
     pub xid: Option<u32>,
     pub relation_oid: u32,
-    /// Old replica identity columns ('K'); sent only when the identity changed.
+    /// Old replica identity columns ('K'), other columns NULL; sent only when the identity
+    /// changed or cannot be read from `new` (an unchanged value stored out of line).
     pub key: Option<TupleData<'a>>,
     /// Whole old row ('O'); sent only for REPLICA IDENTITY FULL.
     pub old: Option<TupleData<'a>>,
@@ -341,7 +342,7 @@ pub struct TupleData<'a> {
     pub columns: Vec<TupleValue<'a>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TupleValue<'a> {
     Null,
     /// The column is stored out of line and did not change, so the server did not send it:
@@ -1346,8 +1347,11 @@ mod tests {
         // UPDATE items SET id = 4 WHERE id = 3: the key changed, so the old key comes along.
         let begin = expect!(w, Begin);
         let update = expect!(w, Update);
-        let null = TupleValue::Null;
-        assert_eq!(update.key, Some(tuple(&[text("3"), null, null, null])));
+        let null = || TupleValue::Null;
+        assert_eq!(
+            update.key,
+            Some(tuple(&[text("3"), null(), null(), null()]))
+        );
         assert_eq!(update.old, None);
         assert_eq!(
             update.new,

@@ -11,8 +11,6 @@
 //!   the same batch with backoff, forever (nothing is dropped); a non-retryable one stops the
 //!   daemon with its message, without confirming the batch.
 
-pub mod log;
-
 use std::future::Future;
 
 use crate::assembler::CommittedTxn;

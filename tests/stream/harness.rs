@@ -288,9 +288,3 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
-
-/// Returns a string unique within this test process (slot and database names).
-pub fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}_{}", N.fetch_add(1, Ordering::SeqCst))
-}

@@ -2,6 +2,6 @@
 
 mod auth;
 mod decoding;
-mod harness;
+pub mod harness;
 mod progress;
 mod resilience;

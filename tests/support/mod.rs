@@ -13,6 +13,7 @@ pub mod postgres;
 pub mod redis;
 pub mod scratch;
 
+#[allow(unused_imports)]
 pub use postgres::{Postgres, PostgresOptions, ShutdownMode};
 pub use redis::Redis;
 

@@ -26,11 +26,23 @@ pub struct Redis {
     port: u16,
     /// `None` while stopped.
     child: Option<Child>,
+    /// Keep data across `stop`/`restart` (append-only file, fsync on every write).
+    persistent: bool,
 }
 
 impl Redis {
     /// Boots a server and waits until it answers. Panics (with its log's tail) if it can't.
     pub fn start() -> Redis {
+        Redis::start_inner(false)
+    }
+
+    /// Like `start`, but the data survives `stop` (SIGKILL) and `restart`: an outage test can
+    /// then check that invalidations reach keys written before the outage.
+    pub fn start_persistent() -> Redis {
+        Redis::start_inner(true)
+    }
+
+    fn start_inner(persistent: bool) -> Redis {
         // The free port can be taken by someone else before redis-server binds it; only that
         // case is worth another try.
         const ATTEMPTS: usize = 3;
@@ -39,6 +51,7 @@ impl Redis {
                 dir: scratch::instance_dir("redis-", false),
                 port: scratch::free_port(),
                 child: None,
+                persistent,
             };
             match redis.spawn() {
                 Ok(()) => return redis,
@@ -80,7 +93,7 @@ impl Redis {
     }
 
     /// Kills the server (SIGKILL) and waits for it to exit, to simulate Redis going away. Its
-    /// data is gone (no persistence). A no-op when already stopped.
+    /// data is gone unless it was started with `start_persistent`. A no-op when stopped.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // kill() only fails if the child was already reaped, which can't happen here.
@@ -123,7 +136,9 @@ impl Redis {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                if self.persistent { "yes" } else { "no" },
+                "--appendfsync",
+                "always",
                 "--daemonize",
                 "no",
             ])

@@ -1,0 +1,103 @@
+//! `walsweep setup`: the SQL that prepares a database for walsweep (publication, replica
+//! identity where rules need old values, a least-privilege role), printed or executed.
+
+use crate::check::Report;
+use crate::config::Config;
+use crate::pg::catalog::{create_publication_sql, qualified_ident, split_table_name};
+use crate::pg::replication::{quote_ident, quote_literal};
+
+/// Statements to run, given what `check` found (`None`: the database was not consulted, so
+/// every statement that might be needed is included).
+pub fn statements(
+    config: &Config,
+    found: Option<&Report>,
+    role: &str,
+    publication_exists: bool,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let tables = config.qualified_tables();
+    let publication = &config.source.publication;
+    match found {
+        None => out.push(format!("{};", create_publication_sql(publication, &tables))),
+        Some(_) if !publication_exists => {
+            out.push(format!("{};", create_publication_sql(publication, &tables)))
+        }
+        Some(report) => {
+            for table in &report.missing_from_publication {
+                out.push(format!(
+                    "ALTER PUBLICATION {} ADD TABLE {};",
+                    quote_ident(publication),
+                    qualified_ident(table)
+                ));
+            }
+        }
+    }
+    let full: Vec<String> = match found {
+        Some(report) => report.needs_full_identity.clone(),
+        None => tables.clone(),
+    };
+    for table in full {
+        out.push(format!(
+            "ALTER TABLE {} REPLICA IDENTITY FULL;",
+            qualified_ident(&table)
+        ));
+    }
+    // REPLICATION lets the role stream and create its slot; SELECT lets `check` and snapshots
+    // read the tables. Nothing else: no superuser, no write access.
+    let role_ident = quote_ident(role);
+    out.push(format!(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {}) THEN \
+         CREATE ROLE {role_ident} LOGIN REPLICATION; END IF; END $$;",
+        quote_literal(role)
+    ));
+    let mut schemas: Vec<&str> = tables.iter().map(|t| split_table_name(t).0).collect();
+    schemas.sort();
+    schemas.dedup();
+    for schema in schemas {
+        out.push(format!(
+            "GRANT USAGE ON SCHEMA {} TO {role_ident};",
+            quote_ident(schema)
+        ));
+    }
+    if !tables.is_empty() {
+        out.push(format!(
+            "GRANT SELECT ON {} TO {role_ident};",
+            tables
+                .iter()
+                .map(|t| qualified_ident(t))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offline_statements_cover_publication_identity_and_role() {
+        let config = Config::parse(
+            "[source]\nurl = \"postgres://u@h/db\"\n[[table]]\nname = \"articles\"\nkeys = [\"a:{id}\"]\n",
+        )
+        .unwrap();
+        let sql = statements(&config, None, "walsweep", false).join("\n");
+        assert!(
+            sql.contains("CREATE PUBLICATION \"walsweep\" FOR TABLE \"public\".\"articles\";"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("ALTER TABLE \"public\".\"articles\" REPLICA IDENTITY FULL;"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("CREATE ROLE \"walsweep\" LOGIN REPLICATION"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("GRANT SELECT ON \"public\".\"articles\" TO \"walsweep\";"),
+            "{sql}"
+        );
+    }
+}

@@ -1,0 +1,322 @@
+use std::time::Duration;
+
+use super::{config, exists, matroska_put, set_keys, start, wait_gone};
+use crate::stream::harness;
+use crate::support::{self, Postgres, Redis};
+
+const SCHEMA: &str = "
+CREATE TABLE articles (id int PRIMARY KEY, slug text, title text, category text, published bool, views int);
+ALTER TABLE articles REPLICA IDENTITY FULL;
+INSERT INTO articles VALUES (1, 'a', 'A', 'x', true, 0), (2, 'b', 'B', 'y', false, 0);
+CREATE TABLE markers (id int PRIMARY KEY);
+CREATE PUBLICATION pub FOR TABLE articles, markers;
+";
+
+const RULES: &str = r#"
+[[table]]
+name = "public.articles"
+keys = ["article:{id}", "article:slug:{slug}"]
+deps = ["id:article:{id}"]
+columns = ["slug", "title", "category", "published"]
+[[table.scope]]
+name = "Article"
+columns = ["published", "category"]
+[[table]]
+name = "public.markers"
+keys = ["marker:{id}"]
+"#;
+
+const SCOPE_X: &str = "condition:Article:&category=x&published=True&";
+const SCOPE_Y: &str = "condition:Article:&category=y&published=False&";
+const SCOPE_Z: &str = "condition:Article:&category=z&published=True&";
+
+struct Fixture {
+    pg: Postgres,
+    _redis: Redis,
+    conn: redis::aio::MultiplexedConnection,
+    daemon: super::Daemon,
+    markers: i32,
+}
+
+impl Fixture {
+    async fn new(slot: &str) -> Fixture {
+        support::init_tracing();
+        let pg = Postgres::start();
+        pg.create_database("app");
+        pg.psql("app", SCHEMA);
+        let redis = Redis::start();
+        let conn = redis.connection().await;
+        let daemon = start(config(&pg, &redis, "app", slot, RULES));
+        let client = pg.client("app").await;
+        harness::wait_streaming(&client, slot).await;
+        Fixture {
+            pg,
+            _redis: redis,
+            conn,
+            daemon,
+            markers: 0,
+        }
+    }
+
+    /// Fills the cache the way apps do: plain keys and matroska entries with dependencies.
+    async fn fill(&mut self) {
+        set_keys(
+            &mut self.conn,
+            &[
+                "article:1",
+                "article:slug:a",
+                "article:2",
+                "article:slug:b",
+                "unrelated",
+            ],
+        )
+        .await;
+        matroska_put(&mut self.conn, "one", &["id:article:1"]).await;
+        matroska_put(&mut self.conn, "two", &["id:article:2"]).await;
+        matroska_put(
+            &mut self.conn,
+            "list-x",
+            &[SCOPE_X, "condition:Article::InvalidateAll"],
+        )
+        .await;
+        matroska_put(
+            &mut self.conn,
+            "list-y",
+            &[SCOPE_Y, "condition:Article::InvalidateAll"],
+        )
+        .await;
+        matroska_put(
+            &mut self.conn,
+            "list-z",
+            &[SCOPE_Z, "condition:Article::InvalidateAll"],
+        )
+        .await;
+    }
+
+    /// Commits a marker row and waits until walsweep removed its key: every earlier commit has
+    /// been applied by then (commit order).
+    async fn barrier(&mut self) {
+        self.markers += 1;
+        let key = format!("marker:{}", self.markers);
+        set_keys(&mut self.conn, &[&key]).await;
+        self.pg.psql(
+            "app",
+            &format!("INSERT INTO markers VALUES ({})", self.markers),
+        );
+        wait_gone(&mut self.conn, &key, 20).await;
+    }
+
+    async fn present(&mut self, keys: &[&str]) -> Vec<String> {
+        let mut out = Vec::new();
+        for k in keys {
+            if exists(&mut self.conn, k).await {
+                out.push(k.to_string());
+            }
+        }
+        out
+    }
+}
+
+const ALL: &[&str] = &[
+    "article:1",
+    "article:slug:a",
+    "article:2",
+    "article:slug:b",
+    "unrelated",
+    "cache::data::one",
+    "cache::data::two",
+    "cache::data::list-x",
+    "cache::data::list-y",
+    "cache::data::list-z",
+];
+
+fn without(removed: &[&str]) -> Vec<String> {
+    ALL.iter()
+        .filter(|k| !removed.contains(k))
+        .map(|k| k.to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_insert_and_delete_remove_exactly_their_entries() {
+    let mut f = Fixture::new("rules_crud").await;
+
+    // An UPDATE of a column no rule watches removes nothing.
+    f.fill().await;
+    f.pg.psql("app", "UPDATE articles SET views = views + 1 WHERE id = 1");
+    f.barrier().await;
+    assert_eq!(f.present(ALL).await, without(&[]));
+
+    // A watched column changes: keys and the dependency go, scopes stay (scope columns same).
+    f.pg.psql("app", "UPDATE articles SET title = 'A2' WHERE id = 1");
+    f.barrier().await;
+    assert_eq!(
+        f.present(ALL).await,
+        without(&["article:1", "article:slug:a", "cache::data::one"])
+    );
+
+    // A scope column changes: the old and the new scope both go; the slug key moves.
+    f.fill().await;
+    f.pg.psql(
+        "app",
+        "UPDATE articles SET category = 'z', slug = 'a2' WHERE id = 1",
+    );
+    f.barrier().await;
+    assert_eq!(
+        f.present(ALL).await,
+        without(&[
+            "article:1",
+            "article:slug:a",
+            "cache::data::one",
+            "cache::data::list-x",
+            "cache::data::list-z"
+        ])
+    );
+
+    // INSERT: the new row's keys and its scope.
+    f.fill().await;
+    f.pg.psql(
+        "app",
+        "INSERT INTO articles VALUES (3, 'c', 'C', 'y', false, 0)",
+    );
+    f.barrier().await;
+    assert_eq!(f.present(ALL).await, without(&["cache::data::list-y"]));
+
+    // DELETE: the old row's keys, dependency and scope.
+    f.pg.psql("app", "DELETE FROM articles WHERE id = 2");
+    f.barrier().await;
+    assert_eq!(
+        f.present(ALL).await,
+        without(&[
+            "article:2",
+            "article:slug:b",
+            "cache::data::two",
+            "cache::data::list-y"
+        ])
+    );
+
+    // Dependency sets are kept by default (matroska's put() may have raced us).
+    let mut conn = f.conn.clone();
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("cache::rdep::id:article:2")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(members, vec!["cache::data::two".to_string()]);
+    f.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_apply_whole_at_commit_and_rollbacks_remove_nothing() {
+    let mut f = Fixture::new("rules_txn").await;
+    f.fill().await;
+    f.pg.psql(
+        "app",
+        "BEGIN; UPDATE articles SET title = 'gone' WHERE id = 1; DELETE FROM articles WHERE id = 2; ROLLBACK;",
+    );
+    f.barrier().await;
+    assert_eq!(f.present(ALL).await, without(&[]));
+
+    // Several rows in one transaction, plus a hint naming extra keys and a dependency.
+    f.pg.psql(
+        "app",
+        "BEGIN;
+         UPDATE articles SET title = title || '!' ;
+         SELECT pg_logical_emit_message(true, 'walsweep', '{\"keys\": [\"unrelated\"], \"deps\": [\"condition:Article::InvalidateAll\"]}');
+         COMMIT;",
+    );
+    f.barrier().await;
+    assert_eq!(f.present(ALL).await, Vec::<String>::new());
+
+    // A malformed hint is counted and skipped; the transaction still applies.
+    f.fill().await;
+    f.pg.psql(
+        "app",
+        "BEGIN; UPDATE articles SET title = 'x' WHERE id = 2;
+         SELECT pg_logical_emit_message(true, 'walsweep', 'not json'); COMMIT;",
+    );
+    f.barrier().await;
+    assert_eq!(
+        f.present(ALL).await,
+        without(&["article:2", "article:slug:b", "cache::data::two"])
+    );
+    f.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_and_unknown_old_values_invalidate_table_wide() {
+    let mut f = Fixture::new("rules_wide").await;
+    f.fill().await;
+    f.pg.psql("app", "TRUNCATE articles");
+    f.barrier().await;
+    assert_eq!(f.present(ALL).await, vec!["unrelated".to_string()]);
+
+    // With REPLICA IDENTITY DEFAULT the old slug is unknown on UPDATE: every article:slug:*
+    // key goes (and the scope's InvalidateAll), but not keys of other templates' prefixes.
+    f.pg.psql(
+        "app",
+        "INSERT INTO articles VALUES (1, 'a', 'A', 'x', true, 0), (2, 'b', 'B', 'y', false, 0);
+         ALTER TABLE articles REPLICA IDENTITY DEFAULT;",
+    );
+    f.barrier().await;
+    f.fill().await;
+    f.pg.psql("app", "UPDATE articles SET slug = 'a3' WHERE id = 1");
+    f.barrier().await;
+    assert_eq!(
+        f.present(ALL).await,
+        vec![
+            "article:2".to_string(),
+            "unrelated".to_string(),
+            "cache::data::two".to_string()
+        ]
+    );
+    f.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_delays_but_never_drops_invalidations() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    let mut redis = Redis::start_persistent();
+    let mut conn = redis.connection().await;
+    set_keys(&mut conn, &["article:1", "article:2", "marker:1"]).await;
+    let daemon = start(config(&pg, &redis, "app", "outage", RULES));
+    let client = pg.client("app").await;
+    harness::wait_streaming(&client, "outage").await;
+
+    redis.stop();
+    pg.psql(
+        "app",
+        "UPDATE articles SET title = 'during outage' WHERE id = 1",
+    );
+    let after_commit = harness::current_wal_lsn(&client).await;
+    let before = harness::slot_confirmed_flush(&client, "outage").await;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let confirmed = harness::slot_confirmed_flush(&client, "outage").await;
+        assert!(
+            confirmed < after_commit,
+            "slot confirmed {confirmed} past the unapplied commit"
+        );
+        assert!(confirmed >= before);
+    }
+    pg.psql(
+        "app",
+        "UPDATE articles SET title = 'also during outage' WHERE id = 2",
+    );
+    redis.restart();
+    let mut conn = redis.connection().await;
+    wait_gone(&mut conn, "article:1", 30).await;
+    wait_gone(&mut conn, "article:2", 30).await;
+    harness::wait_for(10, || async {
+        harness::slot_confirmed_flush(&client, "outage").await >= after_commit
+    })
+    .await;
+    assert!(
+        exists(&mut conn, "marker:1").await,
+        "nothing else was removed"
+    );
+    daemon.stop().await;
+}
