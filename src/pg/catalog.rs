@@ -39,7 +39,7 @@ impl CatalogError {
 /// Opens a plain SQL connection and drives it on a background task.
 pub async fn connect(params: &ConnectParams) -> Result<Client, CatalogError> {
     let mut config = params.config.clone();
-    config.application_name(&format!("{}-catalog", params.application_name));
+    config.application_name(format!("{}-catalog", params.application_name));
     let (client, connection) =
         config
             .connect(NoTls)

@@ -5,6 +5,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::pgoutput::POSTGRES_EPOCH_UNIX_MICROS;
 use super::Lsn;
 
 const XLOG_DATA_TAG: u8 = b'w';
@@ -133,9 +134,6 @@ pub fn pg_now_micros() -> i64 {
         .unwrap_or(0);
     unix_micros - POSTGRES_EPOCH_UNIX_MICROS
 }
-
-/// 2000-01-01T00:00:00Z in Unix microseconds.
-pub const POSTGRES_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 #[cfg(test)]
 mod tests {
