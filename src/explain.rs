@@ -178,15 +178,29 @@ pub fn explain(
         };
         planner.effects(&change, &mut emit);
     }
+    // One line per distinct effect and rule; the sides that produced it are listed together.
+    let mut merged: Vec<(Effect, Origin, Vec<&'static str>)> = Vec::new();
+    for (effect, origin) in lines {
+        match merged
+            .iter_mut()
+            .find(|(e, o, _)| *e == effect && o.table == origin.table && o.rule == origin.rule)
+        {
+            Some((_, _, sides)) => sides.push(origin.side.as_str()),
+            None => {
+                let side = origin.side.as_str();
+                merged.push((effect, origin, vec![side]));
+            }
+        }
+    }
     let prefix = &config.matroska.prefix;
     let mut out = String::new();
     let _ = writeln!(
         out,
         "{} {qualified}: {} effect(s)",
         op.as_str(),
-        lines.len()
+        merged.len()
     );
-    for (effect, origin) in &lines {
+    for (effect, origin, sides) in &merged {
         let rule = rule_set.iter().find(|r| r.index == origin.table);
         let source = match (&origin.rule, rule) {
             (RuleRef::Key(i), Some(r)) => {
@@ -216,7 +230,7 @@ pub fn explain(
                 cause.as_str()
             ),
         };
-        let _ = writeln!(out, "  {what:<60}  <- {source}, {}", origin.side.as_str());
+        let _ = writeln!(out, "  {what:<60}  <- {source}, {}", sides.join(" + "));
     }
     Ok(out)
 }
@@ -268,7 +282,8 @@ columns = ["published", "category"]
             "invalidate cache::rdep::id:article:1",
             "invalidate cache::rdep::condition:Article:&category=x&published=True&",
             "invalidate cache::rdep::condition:Article:&category=y&published=True&",
-            "table[0].keys[1] \"article:slug:{slug}\", old row",
+            "table[0].keys[1] \"article:slug:{slug}\", old row\n",
+            "table[0].keys[0] \"article:{id}\", old row + new row",
         ] {
             assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
         }

@@ -9,6 +9,8 @@ pub mod backoff;
 pub mod check;
 pub mod config;
 pub mod explain;
+pub mod health;
+pub mod http;
 pub mod metrics;
 pub mod pg;
 pub mod pipeline;

@@ -97,7 +97,8 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -163,6 +164,21 @@ async fn run(path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if !config.metrics.listen.is_empty() {
+        let recorder = walsweep::http::install_recorder();
+        match walsweep::http::serve(&config.metrics.listen, recorder).await {
+            Ok(addr) => tracing::info!(%addr, "serving /metrics, /healthz and /readyz"),
+            Err(e) => {
+                eprintln!("walsweep: {}", display_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    tokio::spawn(walsweep::health::probe_redis(
+        config.redis.url.clone(),
+        std::time::Duration::from_secs(2),
+        std::time::Duration::from_millis(config.redis.timeout_ms),
+    ));
     let (handle, shutdown) = pipeline::shutdown_channel();
     tokio::spawn(async move {
         let Ok(mut term) =

@@ -25,6 +25,15 @@ pub const RECONNECTS_TOTAL: &str = "walsweep_reconnects_total";
 pub const ERRORS_TOTAL: &str = "walsweep_errors_total";
 pub const STATUS_UPDATES_TOTAL: &str = "walsweep_status_updates_total";
 
+/// Histogram buckets for latencies: 100 µs to 30 s.
+pub const SECONDS_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0, 30.0,
+];
+
+/// Histogram buckets for transactions per batch.
+pub const BATCH_SIZE_BUCKETS: [f64; 10] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+
 pub const LABEL_KIND: &str = "kind";
 pub const LABEL_REASON: &str = "reason";
 

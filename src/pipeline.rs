@@ -399,9 +399,9 @@ impl<PL: Planner> Streamer<'_, PL> {
             server_version = version,
             "streaming"
         );
-        m::set_streaming(true);
+        crate::health::set_streaming(true);
         let result = self.stream(&mut stream, &mut progress).await;
-        m::set_streaming(false);
+        crate::health::set_streaming(false);
         if let Ok(SessionEnd::Shutdown) = &result {
             send_status(&mut stream, &progress, StatusReason::Shutdown).await?;
             stream.close().await;

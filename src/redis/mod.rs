@@ -37,7 +37,6 @@ pub struct RedisSink {
     connection: Option<ConnectionManager>,
     prefix: String,
     remove_sets: bool,
-    healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What applying a batch did (tests and metrics).
@@ -81,13 +80,7 @@ impl RedisSink {
             connection: None,
             prefix: matroska.prefix.clone(),
             remove_sets: matroska.remove_dependency_sets,
-            healthy: Default::default(),
         })
-    }
-
-    /// A flag that follows whether the last Redis round trip succeeded (for readiness).
-    pub fn health_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-        self.healthy.clone()
     }
 
     async fn connection(&mut self) -> Result<ConnectionManager, SinkError> {
@@ -99,11 +92,6 @@ impl RedisSink {
             .map_err(|e| sink_error("connect to Redis", e))?;
         self.connection = Some(c.clone());
         Ok(c)
-    }
-
-    fn mark(&self, up: bool) {
-        self.healthy.store(up, std::sync::atomic::Ordering::Relaxed);
-        m::set_redis_up(up);
     }
 
     /// Applies the union of `plans`.
@@ -125,10 +113,13 @@ impl RedisSink {
                 dep_prefixes.entry(p).or_insert(*c);
             }
         }
+        if tracing::enabled!(target: EFFECTS_LOG_TARGET, tracing::Level::DEBUG) {
+            log_effects(&keys, &deps, &key_prefixes, &dep_prefixes, &self.prefix);
+        }
         let result = self
             .apply_sets(keys, deps, key_prefixes, dep_prefixes)
             .await;
-        self.mark(result.is_ok());
+        crate::health::set_redis_up(result.is_ok());
         if result.is_err() {
             // Start the next attempt on a fresh connection rather than a wedged one.
             self.connection = None;
@@ -244,6 +235,31 @@ impl RedisSink {
     }
 }
 
+/// Log target for one line per effect (`RUST_LOG=walsweep::effects=debug`): handy to watch,
+/// far too chatty for production.
+pub const EFFECTS_LOG_TARGET: &str = "walsweep::effects";
+
+fn log_effects(
+    keys: &HashSet<&str>,
+    deps: &HashSet<&str>,
+    key_prefixes: &BTreeMap<&str, FallbackCause>,
+    dep_prefixes: &BTreeMap<&str, FallbackCause>,
+    prefix: &str,
+) {
+    for key in keys {
+        tracing::debug!(target: EFFECTS_LOG_TARGET, "unlink {key}");
+    }
+    for dep in deps {
+        tracing::debug!(target: EFFECTS_LOG_TARGET, "invalidate {}", dep_set_key(prefix, dep));
+    }
+    for (p, cause) in key_prefixes {
+        tracing::debug!(target: EFFECTS_LOG_TARGET, cause = cause.as_str(), "unlink every {p}*");
+    }
+    for (p, cause) in dep_prefixes {
+        tracing::debug!(target: EFFECTS_LOG_TARGET, cause = cause.as_str(), "invalidate every {}*", dep_set_key(prefix, p));
+    }
+}
+
 fn count_replies(replies: &[Value], applied: &mut Applied) {
     for reply in replies {
         match reply {
@@ -273,9 +289,5 @@ impl Sink<EffectPlan> for RedisSink {
             "batch applied"
         );
         Ok(())
-    }
-
-    fn is_healthy(&self) -> bool {
-        self.healthy.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

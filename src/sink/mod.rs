@@ -39,9 +39,4 @@ pub trait Sink<P: Plan>: Send + 'static {
         &mut self,
         batch: &[CommittedTxn<P>],
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
-
-    /// Whether the destination is reachable right now (readiness); defaults to true.
-    fn is_healthy(&self) -> bool {
-        true
-    }
 }

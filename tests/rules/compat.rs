@@ -1,1 +1,173 @@
+//! Compatibility with the real matroska-cache (Python, from PyPI): the library writes the
+//! entries and reads them back (tests/compat/matroska_compat.py), walsweep removes them from
+//! SQL changes. Nothing here restates the library's layout: if walsweep's dependency strings
+//! drifted from the library's, the entries would survive and this test fails.
+//!
+//! The interpreter is `$WALSWEEP_PYTHON`, else `<repo>/.venv/bin/python`; `scripts/ensure-venv`
+//! creates that venv.
 
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use super::{config, exists, set_keys, start, wait_gone};
+use crate::stream::harness;
+use crate::support::{self, Postgres, Redis};
+
+const SCHEMA: &str = "
+CREATE TABLE articles (id int PRIMARY KEY, title text, category text, published bool);
+ALTER TABLE articles REPLICA IDENTITY FULL;
+INSERT INTO articles VALUES (1, 't1', 'y', false), (2, 't2', 'y', false), (3, 't3', 'x', true);
+CREATE TABLE pairs (a int, b text, v int, PRIMARY KEY (a, b));
+INSERT INTO pairs VALUES (1, 'x', 0), (2, 'y', 0);
+CREATE TABLE markers (id int PRIMARY KEY);
+CREATE PUBLICATION pub FOR TABLE articles, pairs, markers;
+";
+
+const RULES: &str = r#"
+[[table]]
+name = "public.articles"
+deps = ["id:article:{id}", "pk:Article:{id}"]
+[[table.scope]]
+name = "Article"
+columns = ["category", "published"]
+[[table]]
+name = "public.pairs"
+deps = ["pk:Pair:({a}, '{b}')"]
+[[table]]
+name = "public.markers"
+keys = ["marker:{id}"]
+"#;
+
+/// Entries (cache keys, as `matroska_compat.py put` names them) the changes below invalidate:
+/// article 1's by `dep.Id` and `dep.PrimaryKey`, the scoped lists article 3 leaves (x, True)
+/// and enters (z, True), and Pair (1, 'x') by its composite primary key.
+const GONE: &[&str] = &["a1", "a1pk", "list-x-true", "list-z-true", "pair-1-x"];
+
+/// Entries that must survive: article 2's, the (y, False) list (article 1 is in it, but its
+/// UPDATE changed no scope column), Pair (2, 'y').
+const KEPT: &[&str] = &["a2", "a2pk", "list-y-false", "pair-2-y"];
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The interpreter with matroska-cache installed. Fails (never skips) when there is none.
+fn python() -> PathBuf {
+    const HOW: &str = "run scripts/ensure-venv (creates <repo>/.venv with \
+                       tests/compat/requirements.txt), or eval \"$(scripts/ensure-venv --env)\"";
+    match std::env::var_os("WALSWEEP_PYTHON").filter(|p| !p.is_empty()) {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            assert!(
+                p.exists(),
+                "WALSWEEP_PYTHON={} does not exist; {HOW}",
+                p.display()
+            );
+            p
+        }
+        None => {
+            let venv = repo().join(".venv/bin/python");
+            assert!(
+                venv.exists(),
+                "the matroska-cache compatibility test needs a Python with matroska-cache: \
+                 WALSWEEP_PYTHON is unset and {} does not exist; {HOW}",
+                venv.display()
+            );
+            venv
+        }
+    }
+}
+
+/// Runs `matroska_compat.py <args>`; `Err` carries its exit status, stdout and stderr.
+async fn run_script(python: &Path, args: &[String]) -> Result<String, String> {
+    let script = repo().join("tests/compat/matroska_compat.py");
+    let out = tokio::process::Command::new(python)
+        .arg(&script)
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("run {} {}: {e}", python.display(), script.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "`matroska_compat.py {}` failed ({}):\n--- stdout\n{stdout}--- stderr\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_written_by_matroska_cache_are_invalidated_exactly() {
+    let python = python();
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let daemon = start(config(&pg, &redis, "app", "compat", RULES));
+    let client = pg.client("app").await;
+    harness::wait_streaming(&client, "compat").await;
+
+    // The app caches its entries with the library, which also reads them back.
+    let port = redis.port().to_string();
+    let written = run_script(&python, &["put".into(), port.clone()])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("matroska-cache wrote (key, dependencies...):\n{written}");
+    let keys: BTreeSet<&str> = written
+        .lines()
+        .filter_map(|l| l.split('\t').next())
+        .collect();
+    let expected: BTreeSet<&str> = GONE.iter().chain(KEPT).copied().collect();
+    assert_eq!(keys, expected, "entries the script wrote");
+    for key in &expected {
+        let data_key = format!("cache::data::{key}");
+        assert!(
+            exists(&mut conn, &data_key).await,
+            "{data_key} missing after put (not the layout walsweep expects?)\n{written}"
+        );
+    }
+
+    pg.psql("app", "UPDATE articles SET title = 't2' WHERE id = 1");
+    pg.psql("app", "UPDATE articles SET category = 'z' WHERE id = 3");
+    pg.psql("app", "UPDATE pairs SET v = v + 1 WHERE a = 1 AND b = 'x'");
+    // Barrier: once the marker's key is gone, every earlier commit has been applied.
+    set_keys(&mut conn, &["marker:1"]).await;
+    pg.psql("app", "INSERT INTO markers VALUES (1)");
+    wait_gone(&mut conn, "marker:1", 20).await;
+
+    let mut present = Vec::new();
+    for key in GONE.iter().chain(KEPT) {
+        if exists(&mut conn, &format!("cache::data::{key}")).await {
+            present.push(key.to_string());
+        }
+    }
+    // The library's own view, run before asserting so a failure shows both.
+    let mut args = vec!["check".to_string(), port, "--gone".into()];
+    args.extend(strings(GONE));
+    args.push("--kept".into());
+    args.extend(strings(KEPT));
+    let checked = run_script(&python, &args).await;
+    let check_report = checked.clone().unwrap_or_else(|e| e);
+
+    assert_eq!(
+        present,
+        strings(KEPT),
+        "cache::data::<key> present after the changes (expected exactly the kept ones); \
+         the library wrote:\n{written}\nits check: {check_report}"
+    );
+    if let Err(e) = checked {
+        panic!("{e}\nthe library wrote:\n{written}");
+    }
+    daemon.stop().await;
+}
