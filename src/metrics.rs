@@ -1,5 +1,6 @@
 //! Every metric walsweep exports, named in one place, with the helpers that record them.
-//! Labels stay low-cardinality: never a key, a row value or an LSN.
+//! Labels stay low-cardinality: never a key, a row value or an LSN. The README's metrics
+//! reference lists the same names; a test checks that `/metrics` exports each of them.
 
 use std::time::Duration;
 
@@ -11,19 +12,53 @@ use crate::assembler::CommittedTxn;
 use crate::pg::Lsn;
 use crate::plan::Plan;
 use crate::progress::StatusReason;
+use crate::rules::{EffectPlan, FallbackCause};
 
 pub const TRANSACTIONS_COMMITTED_TOTAL: &str = "walsweep_transactions_committed_total";
 pub const CHANGES_DECODED_TOTAL: &str = "walsweep_changes_decoded_total";
 pub const TRANSACTIONS_APPLIED_TOTAL: &str = "walsweep_transactions_applied_total";
 pub const EFFECTS_APPLIED_TOTAL: &str = "walsweep_effects_applied_total";
+pub const KEYS_UNLINKED_TOTAL: &str = "walsweep_keys_unlinked_total";
+pub const FALLBACKS_TOTAL: &str = "walsweep_fallbacks_total";
+pub const HINTS_MALFORMED_TOTAL: &str = "walsweep_hints_malformed_total";
 pub const BATCH_SIZE_TRANSACTIONS: &str = "walsweep_batch_size_transactions";
 pub const BATCH_APPLY_SECONDS: &str = "walsweep_batch_apply_seconds";
 pub const COMMIT_TO_APPLIED_SECONDS: &str = "walsweep_commit_to_applied_seconds";
+pub const REDIS_ROUND_TRIP_SECONDS: &str = "walsweep_redis_round_trip_seconds";
+pub const REDIS_UP: &str = "walsweep_redis_up";
 pub const FLUSHED_LSN: &str = "walsweep_flushed_lsn";
 pub const STREAMING: &str = "walsweep_streaming";
 pub const RECONNECTS_TOTAL: &str = "walsweep_reconnects_total";
 pub const ERRORS_TOTAL: &str = "walsweep_errors_total";
 pub const STATUS_UPDATES_TOTAL: &str = "walsweep_status_updates_total";
+
+/// Every exported name, for the endpoint test and the docs.
+pub const ALL: [&str; 17] = [
+    TRANSACTIONS_COMMITTED_TOTAL,
+    CHANGES_DECODED_TOTAL,
+    TRANSACTIONS_APPLIED_TOTAL,
+    EFFECTS_APPLIED_TOTAL,
+    KEYS_UNLINKED_TOTAL,
+    FALLBACKS_TOTAL,
+    HINTS_MALFORMED_TOTAL,
+    BATCH_SIZE_TRANSACTIONS,
+    BATCH_APPLY_SECONDS,
+    COMMIT_TO_APPLIED_SECONDS,
+    REDIS_ROUND_TRIP_SECONDS,
+    REDIS_UP,
+    FLUSHED_LSN,
+    STREAMING,
+    RECONNECTS_TOTAL,
+    ERRORS_TOTAL,
+    STATUS_UPDATES_TOTAL,
+];
+
+pub const LABEL_KIND: &str = "kind";
+pub const LABEL_REASON: &str = "reason";
+pub const LABEL_CAUSE: &str = "cause";
+
+pub const ERROR_SINK: &str = "sink";
+pub const ERROR_WRONG_TYPE: &str = "redis_wrong_type";
 
 /// Histogram buckets for latencies: 100 µs to 30 s.
 pub const SECONDS_BUCKETS: [f64; 16] = [
@@ -32,14 +67,11 @@ pub const SECONDS_BUCKETS: [f64; 16] = [
 ];
 
 /// Histogram buckets for transactions per batch.
-pub const BATCH_SIZE_BUCKETS: [f64; 10] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+pub const BATCH_SIZE_BUCKETS: [f64; 10] =
+    [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
 
-pub const LABEL_KIND: &str = "kind";
-pub const LABEL_REASON: &str = "reason";
-
-pub const ERROR_SINK: &str = "sink";
-
-/// Registers descriptions and units; call once after installing a recorder.
+/// Registers descriptions and units; call once after installing a recorder. Also sets every
+/// metric to zero so dashboards and alerts see it from the first scrape.
 pub fn describe() {
     describe_counter!(
         TRANSACTIONS_COMMITTED_TOTAL,
@@ -47,7 +79,7 @@ pub fn describe() {
     );
     describe_counter!(
         CHANGES_DECODED_TOTAL,
-        "Row changes folded into committed transactions."
+        "Row changes in committed transactions."
     );
     describe_counter!(
         TRANSACTIONS_APPLIED_TOTAL,
@@ -55,7 +87,16 @@ pub fn describe() {
     );
     describe_counter!(
         EFFECTS_APPLIED_TOTAL,
-        "Distinct effects the sink confirmed."
+        "Distinct effects confirmed by Redis, by kind (key, dep, key_prefix, dep_prefix)."
+    );
+    describe_counter!(
+        KEYS_UNLINKED_TOTAL,
+        "Redis keys actually removed (UNLINK replies)."
+    );
+    describe_counter!(FALLBACKS_TOTAL, "Table-wide invalidations, by cause.");
+    describe_counter!(
+        HINTS_MALFORMED_TOTAL,
+        "walsweep hints (pg_logical_emit_message) that could not be parsed."
     );
     describe_histogram!(
         BATCH_SIZE_TRANSACTIONS,
@@ -70,19 +111,69 @@ pub fn describe() {
     describe_histogram!(
         COMMIT_TO_APPLIED_SECONDS,
         Unit::Seconds,
-        "From the commit timestamp in Postgres to the sink's confirmation."
+        "From the commit timestamp in Postgres to Redis confirming the effects."
+    );
+    describe_histogram!(
+        REDIS_ROUND_TRIP_SECONDS,
+        Unit::Seconds,
+        "One Redis round trip (pipeline, script or scan)."
+    );
+    describe_gauge!(
+        REDIS_UP,
+        "1 when the last Redis round trip or probe succeeded."
     );
     describe_gauge!(
         FLUSHED_LSN,
-        "Flush position last reported to Postgres, as a number."
+        "Flush position reported to Postgres, as a number."
     );
     describe_gauge!(STREAMING, "1 while the replication stream is open.");
     describe_counter!(RECONNECTS_TOTAL, "Reconnects of the replication stream.");
-    describe_counter!(ERRORS_TOTAL, "Errors by kind.");
+    describe_counter!(ERRORS_TOTAL, "Errors, by kind.");
     describe_counter!(
         STATUS_UPDATES_TOTAL,
-        "Standby status updates sent, by reason."
+        "Standby status updates sent to Postgres, by reason."
     );
+    for name in [
+        TRANSACTIONS_COMMITTED_TOTAL,
+        CHANGES_DECODED_TOTAL,
+        TRANSACTIONS_APPLIED_TOTAL,
+        KEYS_UNLINKED_TOTAL,
+        HINTS_MALFORMED_TOTAL,
+        RECONNECTS_TOTAL,
+    ] {
+        counter!(name).absolute(0);
+    }
+    for kind in ["key", "dep", "key_prefix", "dep_prefix"] {
+        counter!(EFFECTS_APPLIED_TOTAL, LABEL_KIND => kind).absolute(0);
+    }
+    for cause in [
+        FallbackCause::Truncate,
+        FallbackCause::UnknownOldValue,
+        FallbackCause::UnknownNewValue,
+        FallbackCause::UnknownColumn,
+    ] {
+        counter!(FALLBACKS_TOTAL, LABEL_CAUSE => cause.as_str()).absolute(0);
+    }
+    counter!(ERRORS_TOTAL, LABEL_KIND => ERROR_SINK).absolute(0);
+    for reason in [
+        StatusReason::KeepaliveReply,
+        StatusReason::Interval,
+        StatusReason::Shutdown,
+    ] {
+        counter!(STATUS_UPDATES_TOTAL, LABEL_REASON => reason.as_str()).absolute(0);
+    }
+    gauge!(REDIS_UP).set(0.0);
+    gauge!(STREAMING).set(0.0);
+    gauge!(FLUSHED_LSN).set(0.0);
+    for name in [
+        BATCH_SIZE_TRANSACTIONS,
+        BATCH_APPLY_SECONDS,
+        COMMIT_TO_APPLIED_SECONDS,
+        REDIS_ROUND_TRIP_SECONDS,
+    ] {
+        // Registering without recording keeps the histogram empty but exported.
+        let _ = histogram!(name);
+    }
 }
 
 pub fn txn_committed<P: Plan>(txn: &CommittedTxn<P>) {
@@ -95,9 +186,7 @@ pub fn batch_applied<P: Plan>(batch: &[CommittedTxn<P>], elapsed: Duration) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0);
-    let effects: usize = batch.iter().map(|t| t.plan.effect_count()).sum();
     counter!(TRANSACTIONS_APPLIED_TOTAL).increment(batch.len() as u64);
-    counter!(EFFECTS_APPLIED_TOTAL).increment(effects as u64);
     histogram!(BATCH_SIZE_TRANSACTIONS).record(batch.len() as f64);
     histogram!(BATCH_APPLY_SECONDS).record(elapsed.as_secs_f64());
     let latency = histogram!(COMMIT_TO_APPLIED_SECONDS);
@@ -105,6 +194,40 @@ pub fn batch_applied<P: Plan>(batch: &[CommittedTxn<P>], elapsed: Duration) {
         let micros = (now_micros - txn.commit_time_unix_micros).max(0);
         latency.record(micros as f64 / 1e6);
     }
+}
+
+/// Effects Redis confirmed, by kind.
+pub fn effects_applied(plan: &EffectPlan) {
+    for (kind, n) in [
+        ("key", plan.keys.len()),
+        ("dep", plan.deps.len()),
+        ("key_prefix", plan.key_prefixes.len()),
+        ("dep_prefix", plan.dep_prefixes.len()),
+    ] {
+        if n > 0 {
+            counter!(EFFECTS_APPLIED_TOTAL, LABEL_KIND => kind).increment(n as u64);
+        }
+    }
+}
+
+pub fn keys_unlinked(n: u64) {
+    counter!(KEYS_UNLINKED_TOTAL).increment(n);
+}
+
+pub fn fallback(cause: FallbackCause) {
+    counter!(FALLBACKS_TOTAL, LABEL_CAUSE => cause.as_str()).increment(1);
+}
+
+pub fn hint_malformed() {
+    counter!(HINTS_MALFORMED_TOTAL).increment(1);
+}
+
+pub fn redis_round_trip(elapsed: Duration) {
+    histogram!(REDIS_ROUND_TRIP_SECONDS).record(elapsed.as_secs_f64());
+}
+
+pub fn set_redis_up(up: bool) {
+    gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
 }
 
 pub fn set_flushed_lsn(lsn: Lsn) {
@@ -125,48 +248,4 @@ pub fn error(kind: &'static str) {
 
 pub fn status_sent(reason: StatusReason) {
     counter!(STATUS_UPDATES_TOTAL, LABEL_REASON => reason.as_str()).increment(1);
-}
-
-pub const FALLBACKS_TOTAL: &str = "walsweep_fallbacks_total";
-pub const HINTS_MALFORMED_TOTAL: &str = "walsweep_hints_malformed_total";
-pub const LABEL_CAUSE: &str = "cause";
-
-pub fn fallback_planned(cause: crate::rules::FallbackCause) {
-    counter!(FALLBACKS_TOTAL, LABEL_CAUSE => cause.as_str()).increment(1);
-}
-
-pub fn hint_malformed() {
-    counter!(HINTS_MALFORMED_TOTAL).increment(1);
-}
-
-pub const KEYS_UNLINKED_TOTAL: &str = "walsweep_keys_unlinked_total";
-pub const EFFECTS_BY_KIND_TOTAL: &str = "walsweep_effects_total";
-pub const FALLBACKS_APPLIED_TOTAL: &str = "walsweep_fallbacks_applied_total";
-pub const REDIS_ROUND_TRIP_SECONDS: &str = "walsweep_redis_round_trip_seconds";
-pub const REDIS_UP: &str = "walsweep_redis_up";
-pub const ERROR_WRONG_TYPE: &str = "redis_wrong_type";
-
-pub fn keys_unlinked(n: u64) {
-    counter!(KEYS_UNLINKED_TOTAL).increment(n);
-}
-
-pub fn effects_planned(plan: &crate::rules::EffectPlan) {
-    counter!(EFFECTS_BY_KIND_TOTAL, LABEL_KIND => "key").increment(plan.keys.len() as u64);
-    counter!(EFFECTS_BY_KIND_TOTAL, LABEL_KIND => "dep").increment(plan.deps.len() as u64);
-    counter!(EFFECTS_BY_KIND_TOTAL, LABEL_KIND => "key_prefix")
-        .increment(plan.key_prefixes.len() as u64);
-    counter!(EFFECTS_BY_KIND_TOTAL, LABEL_KIND => "dep_prefix")
-        .increment(plan.dep_prefixes.len() as u64);
-}
-
-pub fn fallback_applied(cause: crate::rules::FallbackCause) {
-    counter!(FALLBACKS_APPLIED_TOTAL, LABEL_CAUSE => cause.as_str()).increment(1);
-}
-
-pub fn redis_round_trip(elapsed: Duration) {
-    histogram!(REDIS_ROUND_TRIP_SECONDS).record(elapsed.as_secs_f64());
-}
-
-pub fn set_redis_up(up: bool) {
-    gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
 }

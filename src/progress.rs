@@ -11,8 +11,6 @@ pub enum StatusReason {
     KeepaliveReply,
     /// The periodic `status_interval` tick.
     Interval,
-    /// The sink confirmed new commits.
-    Confirmed,
     /// Final update before a clean shutdown.
     Shutdown,
 }
@@ -22,7 +20,6 @@ impl StatusReason {
         match self {
             StatusReason::KeepaliveReply => "keepalive_reply",
             StatusReason::Interval => "interval",
-            StatusReason::Confirmed => "confirmed",
             StatusReason::Shutdown => "shutdown",
         }
     }

@@ -154,7 +154,7 @@ impl RedisSink {
             m::redis_round_trip(started.elapsed());
             count_replies(&replies, &mut applied);
         }
-        for (prefix, cause) in key_prefixes {
+        for prefix in key_prefixes.into_keys() {
             let pattern = format!("{}*", glob_escape(prefix));
             let found = self.scan(&mut conn, &pattern).await?;
             for chunk in found.chunks(KEYS_PER_COMMAND) {
@@ -167,9 +167,8 @@ impl RedisSink {
                 m::redis_round_trip(started.elapsed());
                 applied.keys_unlinked += n;
             }
-            m::fallback_applied(cause);
         }
-        for (prefix, cause) in dep_prefixes {
+        for prefix in dep_prefixes.into_keys() {
             let pattern = format!("{}*", glob_escape(&dep_set_key(&self.prefix, prefix)));
             let found = self.scan(&mut conn, &pattern).await?;
             for chunk in found.chunks(SETS_PER_SCRIPT_CALL) {
@@ -183,7 +182,6 @@ impl RedisSink {
                 m::redis_round_trip(started.elapsed());
                 count_replies(&replies, &mut applied);
             }
-            m::fallback_applied(cause);
         }
         if applied.wrong_type_sets > 0 {
             m::error(m::ERROR_WRONG_TYPE);
@@ -281,7 +279,7 @@ impl Sink<EffectPlan> for RedisSink {
     async fn apply(&mut self, batch: &[CommittedTxn<EffectPlan>]) -> Result<(), SinkError> {
         let applied = self.apply_plans(batch.iter().map(|t| &t.plan)).await?;
         for txn in batch {
-            m::effects_planned(&txn.plan);
+            m::effects_applied(&txn.plan);
         }
         tracing::debug!(
             transactions = batch.len(),

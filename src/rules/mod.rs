@@ -497,7 +497,7 @@ impl RulesPlanner {
             }
         }
         for (rule, what, cause) in fallbacks {
-            crate::metrics::fallback_planned(cause);
+            crate::metrics::fallback(cause);
             self.fallback_logged(&rule, &what, cause);
         }
     }
@@ -545,7 +545,7 @@ impl RulesPlanner {
                     origin(RuleRef::Scope(scope.index)),
                 );
             }
-            crate::metrics::fallback_planned(cause);
+            crate::metrics::fallback(cause);
         }
     }
 }
