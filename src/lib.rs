@@ -12,6 +12,7 @@ pub mod explain;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod monitor;
 pub mod pg;
 pub mod pipeline;
 pub mod plan;

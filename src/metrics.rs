@@ -31,9 +31,14 @@ pub const STREAMING: &str = "walsweep_streaming";
 pub const RECONNECTS_TOTAL: &str = "walsweep_reconnects_total";
 pub const ERRORS_TOTAL: &str = "walsweep_errors_total";
 pub const STATUS_UPDATES_TOTAL: &str = "walsweep_status_updates_total";
+pub const SLOT_LAG_BYTES: &str = "walsweep_slot_lag_bytes";
+pub const LAG_SECONDS: &str = "walsweep_lag_seconds";
+pub const SLOT_WAL_STATUS: &str = "walsweep_slot_wal_status";
+pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "walsweep_slot_safe_wal_size_bytes";
+pub const RECEIVED_LSN: &str = "walsweep_received_lsn";
 
 /// Every exported name, for the endpoint test and the docs.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 22] = [
     TRANSACTIONS_COMMITTED_TOTAL,
     CHANGES_DECODED_TOTAL,
     TRANSACTIONS_APPLIED_TOTAL,
@@ -51,11 +56,20 @@ pub const ALL: [&str; 17] = [
     RECONNECTS_TOTAL,
     ERRORS_TOTAL,
     STATUS_UPDATES_TOTAL,
+    SLOT_LAG_BYTES,
+    LAG_SECONDS,
+    SLOT_WAL_STATUS,
+    SLOT_SAFE_WAL_SIZE_BYTES,
+    RECEIVED_LSN,
 ];
+
+/// Values of `pg_replication_slots.wal_status`, one `walsweep_slot_wal_status` series each.
+pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
 pub const LABEL_KIND: &str = "kind";
 pub const LABEL_REASON: &str = "reason";
 pub const LABEL_CAUSE: &str = "cause";
+pub const LABEL_STATUS: &str = "status";
 
 pub const ERROR_SINK: &str = "sink";
 pub const ERROR_WRONG_TYPE: &str = "redis_wrong_type";
@@ -162,6 +176,36 @@ pub fn describe() {
     ] {
         counter!(STATUS_UPDATES_TOTAL, LABEL_REASON => reason.as_str()).absolute(0);
     }
+    describe_gauge!(
+        SLOT_LAG_BYTES,
+        Unit::Bytes,
+        "WAL the slot still holds: pg_current_wal_lsn() - confirmed_flush_lsn (polled)."
+    );
+    describe_gauge!(
+        LAG_SECONDS,
+        Unit::Seconds,
+        "Commit timestamp to Redis confirmation of the newest applied transaction."
+    );
+    describe_gauge!(
+        SLOT_WAL_STATUS,
+        "1 for the slot's current wal_status (reserved, extended, unreserved, lost)."
+    );
+    describe_gauge!(
+        SLOT_SAFE_WAL_SIZE_BYTES,
+        Unit::Bytes,
+        "WAL that can still be written before the slot risks being lost (-1: unlimited)."
+    );
+    describe_gauge!(
+        RECEIVED_LSN,
+        "Furthest WAL position received from Postgres, as a number."
+    );
+    for status in WAL_STATUSES {
+        gauge!(SLOT_WAL_STATUS, LABEL_STATUS => status).set(0.0);
+    }
+    gauge!(SLOT_LAG_BYTES).set(0.0);
+    gauge!(LAG_SECONDS).set(0.0);
+    gauge!(SLOT_SAFE_WAL_SIZE_BYTES).set(-1.0);
+    gauge!(RECEIVED_LSN).set(0.0);
     gauge!(REDIS_UP).set(0.0);
     gauge!(STREAMING).set(0.0);
     gauge!(FLUSHED_LSN).set(0.0);
@@ -194,6 +238,24 @@ pub fn batch_applied<P: Plan>(batch: &[CommittedTxn<P>], elapsed: Duration) {
         let micros = (now_micros - txn.commit_time_unix_micros).max(0);
         latency.record(micros as f64 / 1e6);
     }
+    if let Some(newest) = batch.last() {
+        let micros = (now_micros - newest.commit_time_unix_micros).max(0);
+        gauge!(LAG_SECONDS).set(micros as f64 / 1e6);
+    }
+}
+
+pub fn set_received_lsn(lsn: Lsn) {
+    gauge!(RECEIVED_LSN).set(lsn.as_u64() as f64);
+}
+
+/// One poll of the slot's state.
+pub fn slot_polled(lag_bytes: u64, wal_status: Option<&str>, safe_wal_size: Option<i64>) {
+    gauge!(SLOT_LAG_BYTES).set(lag_bytes as f64);
+    for status in WAL_STATUSES {
+        let current = wal_status == Some(status);
+        gauge!(SLOT_WAL_STATUS, LABEL_STATUS => status).set(if current { 1.0 } else { 0.0 });
+    }
+    gauge!(SLOT_SAFE_WAL_SIZE_BYTES).set(safe_wal_size.map_or(-1.0, |b| b as f64));
 }
 
 /// Effects Redis confirmed, by kind.

@@ -26,6 +26,18 @@ use crate::plan::Planner;
 use crate::progress::{Progress, StatusReason};
 use crate::sink::{Sink, SinkError};
 
+/// How often the slot's lag and WAL status are polled over SQL.
+const SLOT_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Stops a helper task when the run ends, whichever way it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Server versions from which pgoutput speaks protocol 2 (streaming of large transactions).
 const STREAMING_MIN_SERVER_VERSION: u32 = 140_000;
 
@@ -203,6 +215,12 @@ where
         }
     }
 
+    let monitor = tokio::spawn(crate::monitor::watch_slot(
+        params.clone(),
+        source.slot.clone(),
+        SLOT_POLL_INTERVAL,
+    ));
+    let _monitor = AbortOnDrop(monitor);
     let (txn_tx, txn_rx) = mpsc::channel(source.queue_capacity);
     let (confirmed_tx, confirmed_rx) = watch::channel(Lsn::ZERO);
     let sink_backoff = Backoff::new(source.reconnect_min(), source.reconnect_max());
@@ -546,6 +564,7 @@ async fn send_status(
     reason: StatusReason,
 ) -> Result<(), PipelineError> {
     let update = progress.status_update();
+    m::set_received_lsn(update.write_lsn);
     tracing::trace!(write = %update.write_lsn, flush = %update.flush_lsn, reason = reason.as_str(), "status update");
     stream.send_status(&update).await?;
     m::status_sent(reason);

@@ -72,6 +72,9 @@ pub struct SlotState {
     pub restart_lsn: Option<Lsn>,
     /// `reserved`, `extended`, `unreserved` or `lost` (PG13+).
     pub wal_status: Option<String>,
+    /// Bytes of WAL that can still be written before the slot is at risk of being lost
+    /// (`max_slot_wal_keep_size`); `None` when unlimited.
+    pub safe_wal_size: Option<i64>,
 }
 
 pub async fn server_version_num(client: &Client) -> Result<u32, CatalogError> {
@@ -94,7 +97,7 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
     let row = client
         .query_opt(
             "SELECT plugin::text, slot_type, database::text, active, active_pid, \
-                    confirmed_flush_lsn::text, restart_lsn::text, wal_status \
+                    confirmed_flush_lsn::text, restart_lsn::text, wal_status, safe_wal_size \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -109,6 +112,7 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
         confirmed_flush_lsn: r.get::<_, Option<String>>(5).and_then(|t| t.parse().ok()),
         restart_lsn: r.get::<_, Option<String>>(6).and_then(|t| t.parse().ok()),
         wal_status: r.get(7),
+        safe_wal_size: r.get(8),
     }))
 }
 

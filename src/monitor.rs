@@ -1,0 +1,100 @@
+//! Watches the slot from the outside over SQL: how much WAL it holds, whether Postgres still
+//! reserves that WAL, and, while a backlog drains, how fast and how long until caught up.
+
+use std::time::{Duration, Instant};
+
+use crate::metrics as m;
+use crate::pg::catalog;
+use crate::pg::replication::ConnectParams;
+use crate::pg::Lsn;
+
+/// A backlog above this many bytes counts as catching up and gets progress lines.
+const CATCHING_UP_BYTES: u64 = 16 * 1024 * 1024;
+
+/// One poll.
+#[derive(Debug, Clone)]
+pub struct SlotSample {
+    pub current_wal_lsn: Lsn,
+    pub confirmed_flush_lsn: Option<Lsn>,
+    pub active: bool,
+    pub wal_status: Option<String>,
+    pub safe_wal_size: Option<i64>,
+}
+
+impl SlotSample {
+    pub fn lag_bytes(&self) -> u64 {
+        self.confirmed_flush_lsn
+            .map_or(0, |c| self.current_wal_lsn.bytes_since(c))
+    }
+}
+
+/// Reads the slot's state; `Ok(None)` when the slot does not exist.
+pub async fn sample(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<SlotSample>, catalog::CatalogError> {
+    let Some(state) = catalog::slot_state(client, slot).await? else {
+        return Ok(None);
+    };
+    let current_wal_lsn = catalog::current_wal_lsn(client).await?;
+    Ok(Some(SlotSample {
+        current_wal_lsn,
+        confirmed_flush_lsn: state.confirmed_flush_lsn,
+        active: state.active,
+        wal_status: state.wal_status,
+        safe_wal_size: state.safe_wal_size,
+    }))
+}
+
+/// Polls every `interval` until dropped; failures are logged at debug and retried, since the
+/// replication side already reports outages.
+pub async fn watch_slot(params: ConnectParams, slot: String, interval: Duration) {
+    let mut client = None;
+    let mut previous: Option<(Instant, u64)> = None;
+    let mut lost_reported = false;
+    loop {
+        if client.is_none() {
+            match catalog::connect(&params).await {
+                Ok(c) => client = Some(c),
+                Err(e) => tracing::debug!(error = %e, "slot monitor cannot connect"),
+            }
+        }
+        if let Some(c) = &client {
+            match sample(c, &slot).await {
+                Ok(Some(s)) => {
+                    let lag = s.lag_bytes();
+                    m::slot_polled(lag, s.wal_status.as_deref(), s.safe_wal_size);
+                    if s.wal_status.as_deref() == Some("lost") && !lost_reported {
+                        lost_reported = true;
+                        tracing::error!(
+                            slot = %slot,
+                            "replication slot is lost: Postgres removed WAL it still needed; \
+                             caches may have missed changes. Recreate the slot and clear the caches"
+                        );
+                    }
+                    let now = Instant::now();
+                    if lag > CATCHING_UP_BYTES {
+                        if let Some((then, before)) = previous {
+                            let secs = now.duration_since(then).as_secs_f64().max(0.001);
+                            let rate = (before as f64 - lag as f64) / secs;
+                            let eta = (rate > 0.0).then(|| (lag as f64 / rate).round() as u64);
+                            tracing::info!(
+                                remaining_bytes = lag,
+                                drain_rate_bytes_per_s = rate.round() as i64,
+                                eta_s = ?eta,
+                                "catching up"
+                            );
+                        }
+                    }
+                    previous = Some((now, lag));
+                }
+                Ok(None) => tracing::debug!(slot = %slot, "slot monitor: slot does not exist"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "slot monitor query failed");
+                    client = None;
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
