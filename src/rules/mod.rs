@@ -6,6 +6,7 @@
 
 pub mod effect;
 pub mod hint;
+pub mod pyrepr;
 pub mod pystr;
 pub mod template;
 
@@ -302,16 +303,17 @@ fn render(
     for segment in &bound.template.segments {
         match segment {
             Segment::Literal(l) => out.push_str(l),
-            Segment::Column(_) => {
+            Segment::Column { repr, .. } => {
                 let position = positions.next().copied().flatten();
+                let oid = || {
+                    position
+                        .and_then(|p| type_oids.get(p))
+                        .copied()
+                        .unwrap_or(0)
+                };
                 match cell(change, side, position) {
-                    Cell::Text(t) if python => {
-                        let oid = position
-                            .and_then(|p| type_oids.get(p))
-                            .copied()
-                            .unwrap_or(0);
-                        out.push_str(&pystr::python_str(oid, &t));
-                    }
+                    Cell::Text(t) if *repr => out.push_str(&pyrepr::python_repr(oid(), &t)),
+                    Cell::Text(t) if python => out.push_str(&pystr::python_str(oid(), &t)),
                     Cell::Text(t) => out.push_str(&t),
                     Cell::Null if python => out.push_str(pystr::NONE),
                     Cell::Null => return Rendered::Absent,

@@ -3,13 +3,16 @@
 //! Parsed once from config, bound to a relation's column positions once per Relation message,
 //! rendered per row without allocating more than the output string.
 
-use std::fmt::Write as _;
-
 /// One piece of a template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Segment {
     Literal(String),
-    Column(String),
+    /// `{name}`, or `{name!r}` for Python's `repr()` of the value (how matroska-cache writes
+    /// the values of a composite primary key: `pk:Pair:(1, 'x')`).
+    Column {
+        name: String,
+        repr: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,14 +64,18 @@ impl Template {
                     if !closed {
                         return Err(TemplateError::Unclosed { at });
                     }
-                    let name = name.trim().to_string();
+                    let name = name.trim();
+                    let (name, repr) = match name.strip_suffix("!r") {
+                        Some(n) => (n.trim().to_string(), true),
+                        None => (name.to_string(), false),
+                    };
                     if name.is_empty() {
                         return Err(TemplateError::EmptyColumn { at });
                     }
                     if !literal.is_empty() {
                         segments.push(Segment::Literal(std::mem::take(&mut literal)));
                     }
-                    segments.push(Segment::Column(name));
+                    segments.push(Segment::Column { name, repr });
                 }
                 '}' => return Err(TemplateError::Stray { at }),
                 c => literal.push(c),
@@ -85,7 +92,7 @@ impl Template {
 
     pub fn columns(&self) -> impl Iterator<Item = &str> {
         self.segments.iter().filter_map(|s| match s {
-            Segment::Column(c) => Some(c.as_str()),
+            Segment::Column { name, .. } => Some(name.as_str()),
             Segment::Literal(_) => None,
         })
     }
@@ -97,20 +104,6 @@ impl Template {
             Some(Segment::Literal(l)) => l,
             _ => "",
         }
-    }
-
-    /// Renders with `value(column)`; `None` when any column's value cannot be known.
-    pub fn render<'v>(&self, mut value: impl FnMut(&str) -> Option<&'v str>) -> Option<String> {
-        let mut out = String::with_capacity(self.source.len() + 16);
-        for segment in &self.segments {
-            match segment {
-                Segment::Literal(l) => out.push_str(l),
-                Segment::Column(c) => {
-                    let _ = write!(out, "{}", value(c)?);
-                }
-            }
-        }
-        Some(out)
     }
 }
 
@@ -132,15 +125,21 @@ mod tests {
 
     #[test]
     fn parses_columns_literals_and_escaped_braces() {
-        let t = Template::parse("pk:Pair:({a}, '{ b }'){{x}}").unwrap();
+        let t = Template::parse("pk:Pair:({a}, { b !r}){{x}}").unwrap();
         assert_eq!(
             t.segments,
             vec![
                 Segment::Literal("pk:Pair:(".into()),
-                Segment::Column("a".into()),
-                Segment::Literal(", '".into()),
-                Segment::Column("b".into()),
-                Segment::Literal("'){x}".into()),
+                Segment::Column {
+                    name: "a".into(),
+                    repr: false
+                },
+                Segment::Literal(", ".into()),
+                Segment::Column {
+                    name: "b".into(),
+                    repr: true
+                },
+                Segment::Literal("){x}".into()),
             ]
         );
         assert_eq!(t.literal_prefix(), "pk:Pair:(");
@@ -159,18 +158,6 @@ mod tests {
             Err(TemplateError::EmptyColumn { at: 2 })
         );
         assert_eq!(Template::parse(""), Err(TemplateError::Empty));
-    }
-
-    #[test]
-    fn renders_or_reports_unknown() {
-        let t = Template::parse("article:{id}:{slug}").unwrap();
-        let row = |c: &str| match c {
-            "id" => Some("7"),
-            "slug" => Some("hello"),
-            _ => None,
-        };
-        assert_eq!(t.render(row).as_deref(), Some("article:7:hello"));
-        assert_eq!(t.render(|c| (c == "id").then_some("7")), None);
     }
 
     #[test]

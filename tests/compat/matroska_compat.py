@@ -83,6 +83,7 @@ def entries():
         ("list-z-true", article_scopes.condition(category="z", published=True)),
         ("pair-1-x", sa_dependencies(loaded(Pair(a=1, b="x")), {})),
         ("pair-2-y", sa_dependencies(loaded(Pair(a=2, b="y")), {})),
+        ("pair-3-quote", sa_dependencies(loaded(Pair(a=3, b="it's")), {})),
     ]
 
 

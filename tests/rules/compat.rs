@@ -18,7 +18,7 @@ CREATE TABLE articles (id int PRIMARY KEY, title text, category text, published 
 ALTER TABLE articles REPLICA IDENTITY FULL;
 INSERT INTO articles VALUES (1, 't1', 'y', false), (2, 't2', 'y', false), (3, 't3', 'x', true);
 CREATE TABLE pairs (a int, b text, v int, PRIMARY KEY (a, b));
-INSERT INTO pairs VALUES (1, 'x', 0), (2, 'y', 0);
+INSERT INTO pairs VALUES (1, 'x', 0), (2, 'y', 0), (3, 'it''s', 0);
 CREATE TABLE markers (id int PRIMARY KEY);
 CREATE PUBLICATION pub FOR TABLE articles, pairs, markers;
 ";
@@ -32,7 +32,7 @@ name = "Article"
 columns = ["category", "published"]
 [[table]]
 name = "public.pairs"
-deps = ["pk:Pair:({a}, '{b}')"]
+deps = ["pk:Pair:({a!r}, {b!r})"]
 [[table]]
 name = "public.markers"
 keys = ["marker:{id}"]
@@ -41,7 +41,14 @@ keys = ["marker:{id}"]
 /// Entries (cache keys, as `matroska_compat.py put` names them) the changes below invalidate:
 /// article 1's by `dep.Id` and `dep.PrimaryKey`, the scoped lists article 3 leaves (x, True)
 /// and enters (z, True), and Pair (1, 'x') by its composite primary key.
-const GONE: &[&str] = &["a1", "a1pk", "list-x-true", "list-z-true", "pair-1-x"];
+const GONE: &[&str] = &[
+    "a1",
+    "a1pk",
+    "list-x-true",
+    "list-z-true",
+    "pair-1-x",
+    "pair-3-quote",
+];
 
 /// Entries that must survive: article 2's, the (y, False) list (article 1 is in it, but its
 /// UPDATE changed no scope column), Pair (2, 'y').
@@ -141,6 +148,8 @@ async fn entries_written_by_matroska_cache_are_invalidated_exactly() {
     pg.psql("app", "UPDATE articles SET title = 't2' WHERE id = 1");
     pg.psql("app", "UPDATE articles SET category = 'z' WHERE id = 3");
     pg.psql("app", "UPDATE pairs SET v = v + 1 WHERE a = 1 AND b = 'x'");
+    // repr() switches to double quotes for a value with a single quote: pk:Pair:(3, "it's").
+    pg.psql("app", "UPDATE pairs SET v = v + 1 WHERE a = 3");
     // Barrier: once the marker's key is gone, every earlier commit has been applied.
     set_keys(&mut conn, &["marker:1"]).await;
     pg.psql("app", "INSERT INTO markers VALUES (1)");
