@@ -20,6 +20,8 @@ pub const DEFAULT_RECONNECT_MAX_MS: u64 = 30_000;
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_MATROSKA_PREFIX: &str = "cache";
+/// Longest `matroska.reinvalidate_after_ms` accepted (10 minutes).
+pub const MAX_REINVALIDATE_AFTER_MS: u64 = 600_000;
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
 /// Environment variable that replaces `redis.url`.
 pub const REDIS_URL_ENV: &str = "WALSWEEP_REDIS_URL";
@@ -100,6 +102,17 @@ pub struct MatroskaConfig {
     /// the invalidation (measured: fewer stale entries). The app's TTL expires the set.
     #[serde(default)]
     pub remove_dependency_sets: bool,
+    /// Apply each transaction's invalidations a second time this many ms after Redis confirmed
+    /// the first. Default: off. It closes matroska-cache's refill race: a reader that read the
+    /// old row before the commit and SETEXes it after walsweep's invalidation leaves a stale
+    /// entry; the second invalidation removes it, because the kept dependency set still names
+    /// the entry (so it needs `remove_dependency_sets = false`). Use a bit more than the app's
+    /// longest read-to-fill time, e.g. 500. Best effort and off the main path: it never delays
+    /// confirming the slot; failures are retried a few times, then counted and logged. Memory:
+    /// the effects of the last `reinvalidate_after_ms` wait, at most 100000 (beyond that the
+    /// oldest are applied early, never dropped silently).
+    #[serde(default)]
+    pub reinvalidate_after_ms: Option<u64>,
 }
 
 impl Default for MatroskaConfig {
@@ -107,6 +120,7 @@ impl Default for MatroskaConfig {
         MatroskaConfig {
             prefix: default_matroska_prefix(),
             remove_dependency_sets: false,
+            reinvalidate_after_ms: None,
         }
     }
 }
@@ -154,6 +168,21 @@ pub struct SourceConfig {
     /// Longest reconnect delay, in ms. Default 30000.
     #[serde(default = "default_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    /// What to do when the slot is lost (Postgres removed WAL it needed, past
+    /// `max_slot_wal_keep_size`) or dropped: `fail` (default) stops with instructions;
+    /// `recreate` creates a new slot and then clears every key and dependency set the rules
+    /// maintain, the only honest recovery for a cache that missed changes.
+    #[serde(default)]
+    pub on_slot_lost: SlotLostPolicy,
+}
+
+/// `source.on_slot_lost`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotLostPolicy {
+    #[default]
+    Fail,
+    Recreate,
 }
 
 /// `[[table]]`: one followed table and what its changes invalidate.
@@ -260,6 +289,7 @@ impl SourceConfig {
             batch_max_txns: DEFAULT_BATCH_MAX_TXNS,
             reconnect_min_ms: DEFAULT_RECONNECT_MIN_MS,
             reconnect_max_ms: DEFAULT_RECONNECT_MAX_MS,
+            on_slot_lost: SlotLostPolicy::Fail,
         }
     }
 
@@ -476,6 +506,17 @@ impl Config {
                 "must not be empty (matroska-cache's default is \"cache\")".into(),
             );
         }
+        if let Some(ms) = self.matroska.reinvalidate_after_ms {
+            if ms == 0 || ms > MAX_REINVALIDATE_AFTER_MS {
+                problem(
+                    "matroska.reinvalidate_after_ms",
+                    format!(
+                        "must be between 1 and {MAX_REINVALIDATE_AFTER_MS} (ms); a bit more than \
+                         the app's read-to-fill time, e.g. 500, or remove it to turn it off"
+                    ),
+                );
+            }
+        }
         for (i, table) in self.tables.iter().enumerate() {
             let parts: Vec<&str> = table.name.split('.').collect();
             if table.name.is_empty() || parts.len() > 2 || parts.iter().any(|p| p.is_empty()) {
@@ -549,6 +590,13 @@ impl Config {
         let mut out = Vec::new();
         if self.tables.is_empty() {
             out.push("no [[table]] is configured: walsweep will follow nothing".to_string());
+        }
+        if self.matroska.reinvalidate_after_ms.is_some() && self.matroska.remove_dependency_sets {
+            out.push(
+                "matroska.reinvalidate_after_ms with remove_dependency_sets = true: the first \
+                 invalidation deletes the sets, so the second cannot find racing entries"
+                    .to_string(),
+            );
         }
         for (i, t) in self.tables.iter().enumerate() {
             if t.keys.is_empty() && t.deps.is_empty() && t.scope.is_empty() {
@@ -693,6 +741,10 @@ mod tests {
             (
                 "[source]\nurl = \"postgres://u@h/db\"\n[metrics]\nlisten = \"nine\"\n",
                 "config:4: metrics.listen: \"nine\" is not address:port",
+            ),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\n[matroska]\nreinvalidate_after_ms = 0\n",
+                "config:4: matroska.reinvalidate_after_ms: must be between 1 and 600000",
             ),
             (
                 "[source]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"http://x\"\n",

@@ -36,7 +36,9 @@ pub fn install_recorder() -> PrometheusHandle {
                 .and_then(|b| b.install_recorder())
                 .unwrap_or_else(|_| {
                     // Another recorder is installed (embedding): serve an empty registry.
-                    metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle()
+                    metrics_exporter_prometheus::PrometheusBuilder::new()
+                        .build_recorder()
+                        .handle()
                 });
             crate::metrics::describe();
             handle

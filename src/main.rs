@@ -164,7 +164,7 @@ async fn run(path: &Path) -> ExitCode {
         tracing::warn!("{warning}");
     }
     let sink = match RedisSink::new(&config.redis, &config.matroska) {
-        Ok(s) => s,
+        Ok(s) => s.with_reset_plan(rules.reset_plan()),
         Err(e) => {
             eprintln!("walsweep: {}", display_chain(&e));
             return ExitCode::from(EXIT_CONFIG);

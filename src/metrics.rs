@@ -36,9 +36,10 @@ pub const LAG_SECONDS: &str = "walsweep_lag_seconds";
 pub const SLOT_WAL_STATUS: &str = "walsweep_slot_wal_status";
 pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "walsweep_slot_safe_wal_size_bytes";
 pub const RECEIVED_LSN: &str = "walsweep_received_lsn";
+pub const SLOTS_RECREATED_TOTAL: &str = "walsweep_slots_recreated_total";
 
 /// Every exported name, for the endpoint test and the docs.
-pub const ALL: [&str; 22] = [
+pub const ALL: [&str; 23] = [
     TRANSACTIONS_COMMITTED_TOTAL,
     CHANGES_DECODED_TOTAL,
     TRANSACTIONS_APPLIED_TOTAL,
@@ -61,6 +62,7 @@ pub const ALL: [&str; 22] = [
     SLOT_WAL_STATUS,
     SLOT_SAFE_WAL_SIZE_BYTES,
     RECEIVED_LSN,
+    SLOTS_RECREATED_TOTAL,
 ];
 
 /// Values of `pg_replication_slots.wal_status`, one `walsweep_slot_wal_status` series each.
@@ -165,6 +167,7 @@ pub fn describe() {
         FallbackCause::UnknownOldValue,
         FallbackCause::UnknownNewValue,
         FallbackCause::UnknownColumn,
+        FallbackCause::SlotRecreated,
     ] {
         counter!(FALLBACKS_TOTAL, LABEL_CAUSE => cause.as_str()).absolute(0);
     }
@@ -242,6 +245,10 @@ pub fn batch_applied<P: Plan>(batch: &[CommittedTxn<P>], elapsed: Duration) {
         let micros = (now_micros - newest.commit_time_unix_micros).max(0);
         gauge!(LAG_SECONDS).set(micros as f64 / 1e6);
     }
+}
+
+pub fn slot_recreated() {
+    counter!(SLOTS_RECREATED_TOTAL).increment(1);
 }
 
 pub fn set_received_lsn(lsn: Lsn) {

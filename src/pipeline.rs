@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::assembler::{AssembleError, Assembler, CommittedTxn};
 use crate::backoff::Backoff;
-use crate::config::SourceConfig;
+use crate::config::{SlotLostPolicy, SourceConfig};
 use crate::metrics as m;
 use crate::pg::catalog::{self, CatalogError};
 use crate::pg::replication::{
@@ -36,6 +36,19 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// How often a standby checks whether the slot's consumer went away.
+const STANDBY_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The server's answer to START_REPLICATION on a slot whose WAL is gone.
+fn is_slot_invalidated(e: &crate::pg::replication::ServerError) -> bool {
+    e.sqlstate == "55000"
+        && (e.message.contains("can no longer get changes")
+            || e.message.contains("invalidated")
+            || e.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("invalidated")))
 }
 
 /// Server versions from which pgoutput speaks protocol 2 (streaming of large transactions).
@@ -262,50 +275,104 @@ where
     stream_result.map(|()| summary)
 }
 
+/// What the stream task asks of the sink task, in stream order.
+pub enum SinkCommand<P> {
+    /// Apply a committed transaction.
+    Apply(CommittedTxn<P>),
+    /// The stream has a gap (the slot was lost and recreated): clear everything the sink
+    /// maintains before applying anything that follows.
+    Reset { reason: String },
+}
+
 /// Applies queued transactions in batches; confirms each batch only after the sink did.
 async fn sink_loop<P: crate::plan::Plan, S: Sink<P>>(
     mut sink: S,
-    mut queue: mpsc::Receiver<CommittedTxn<P>>,
+    mut queue: mpsc::Receiver<SinkCommand<P>>,
     confirmed: watch::Sender<Lsn>,
     batch_max: usize,
     mut backoff: Backoff,
 ) -> Result<(), SinkError> {
+    let mut commands = Vec::with_capacity(batch_max);
     let mut batch = Vec::with_capacity(batch_max);
-    while queue.recv_many(&mut batch, batch_max).await > 0 {
-        let started = std::time::Instant::now();
-        loop {
-            match sink.apply(&batch).await {
-                Ok(()) => {
-                    backoff.reset();
-                    break;
+    while queue.recv_many(&mut commands, batch_max).await > 0 {
+        for command in commands.drain(..) {
+            match command {
+                SinkCommand::Apply(txn) => batch.push(txn),
+                SinkCommand::Reset { reason } => {
+                    apply_batch(&mut sink, &mut batch, &confirmed, &mut backoff).await?;
+                    tracing::warn!(%reason, "clearing everything the sink maintains");
+                    retry(&mut sink, SinkOp::Reset, &mut backoff).await?;
                 }
-                Err(e) if e.is_retryable() => {
-                    let delay = backoff.next_delay();
-                    m::error(m::ERROR_SINK);
-                    tracing::warn!(
-                        error = %display_chain(&e),
-                        attempt = backoff.attempts(),
-                        retry_in_ms = delay.as_millis() as u64,
-                        "sink unavailable; holding the slot position and retrying"
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => return Err(e),
             }
         }
-        let last_end = batch.last().map(|t| t.end_lsn).unwrap_or_default();
-        m::batch_applied(&batch, started.elapsed());
-        confirmed.send_modify(|lsn| *lsn = (*lsn).max(last_end));
-        batch.clear();
+        apply_batch(&mut sink, &mut batch, &confirmed, &mut backoff).await?;
     }
     Ok(())
+}
+
+/// Applies `batch` (retrying retryable errors forever), then confirms its last commit.
+async fn apply_batch<P: crate::plan::Plan, S: Sink<P>>(
+    sink: &mut S,
+    batch: &mut Vec<CommittedTxn<P>>,
+    confirmed: &watch::Sender<Lsn>,
+    backoff: &mut Backoff,
+) -> Result<(), SinkError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    retry(sink, SinkOp::Apply(batch), backoff).await?;
+    let last_end = batch.last().map(|t| t.end_lsn).unwrap_or_default();
+    m::batch_applied(batch, started.elapsed());
+    confirmed.send_modify(|lsn| *lsn = (*lsn).max(last_end));
+    batch.clear();
+    Ok(())
+}
+
+/// One sink operation, retried as a whole.
+#[derive(Clone, Copy)]
+enum SinkOp<'a, P> {
+    Apply(&'a [CommittedTxn<P>]),
+    Reset,
+}
+
+/// Runs `op` until it succeeds or fails for good; nothing is ever skipped.
+async fn retry<P: crate::plan::Plan, S: Sink<P>>(
+    sink: &mut S,
+    op: SinkOp<'_, P>,
+    backoff: &mut Backoff,
+) -> Result<(), SinkError> {
+    loop {
+        let result = match op {
+            SinkOp::Apply(batch) => sink.apply(batch).await,
+            SinkOp::Reset => sink.reset().await,
+        };
+        match result {
+            Ok(()) => {
+                backoff.reset();
+                return Ok(());
+            }
+            Err(e) if e.is_retryable() => {
+                let delay = backoff.next_delay();
+                m::error(m::ERROR_SINK);
+                tracing::warn!(
+                    error = %display_chain(&e),
+                    attempt = backoff.attempts(),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "sink unavailable; holding the slot position and retrying"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 struct Streamer<'a, PL: Planner> {
     source: &'a SourceConfig,
     params: ConnectParams,
     assembler: Assembler<PL>,
-    queue: mpsc::Sender<CommittedTxn<PL::Plan>>,
+    queue: mpsc::Sender<SinkCommand<PL::Plan>>,
     confirmed: watch::Receiver<Lsn>,
     /// End of the last transaction handed to the sink queue. A reconnect resumes after it, so
     /// nothing reaches the sink twice or out of order while the sink task lives.
@@ -319,6 +386,8 @@ struct Streamer<'a, PL: Planner> {
 
 enum SessionEnd {
     Shutdown,
+    /// Start a new session at once (the slot was just recreated).
+    Restart,
 }
 
 impl<PL: Planner> Streamer<'_, PL> {
@@ -326,6 +395,7 @@ impl<PL: Planner> Streamer<'_, PL> {
         loop {
             match self.session().await {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
+                Ok(SessionEnd::Restart) => {}
                 Err(e) if e.is_retryable() && self.shutdown.requests() == 0 => {
                     self.reconnects += 1;
                     m::reconnected();
@@ -353,30 +423,36 @@ impl<PL: Planner> Streamer<'_, PL> {
     async fn session(&mut self) -> Result<SessionEnd, PipelineError> {
         let source = self.source;
         let client = catalog::connect(&self.params).await?;
-        let slot = catalog::slot_state(&client, &source.slot)
-            .await?
-            .ok_or_else(|| {
-                PipelineError::Setup(format!(
-                    "replication slot {:?} disappeared; it was dropped while walsweep ran. \
-                     Caches may have missed changes: restart walsweep to recreate it, and \
-                     clear the caches it maintains",
-                    source.slot
-                ))
-            })?;
-        if slot.active {
-            return Err(
-                ReplicationError::Server(crate::pg::replication::ServerError {
-                    severity: "ERROR".into(),
-                    sqlstate: "55006".into(),
-                    message: format!(
-                        "replication slot {:?} is active for PID {:?}",
-                        source.slot, slot.active_pid
-                    ),
-                    detail: None,
-                    hint: None,
-                })
-                .into(),
-            );
+        let mut standing_by = false;
+        let slot = loop {
+            match catalog::slot_state(&client, &source.slot).await? {
+                None => self.slot_lost("was dropped").await?,
+                Some(s) if s.wal_status.as_deref() == Some("lost") => {
+                    self.slot_lost("is lost (Postgres removed WAL it still needed)")
+                        .await?
+                }
+                Some(s) if s.active => {
+                    // Postgres allows one consumer per slot: another instance streams, this
+                    // one is the standby and takes over as soon as the slot is free.
+                    if !standing_by {
+                        standing_by = true;
+                        tracing::info!(
+                            slot = %source.slot,
+                            active_pid = ?s.active_pid,
+                            "slot in use by another consumer; standing by"
+                        );
+                    }
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(STANDBY_POLL_INTERVAL) => {}
+                        _ = shutdown.at_least(1) => return Ok(SessionEnd::Shutdown),
+                    }
+                }
+                Some(s) => break s,
+            }
+        };
+        if standing_by {
+            tracing::info!(slot = %source.slot, "slot is free; taking over");
         }
         let slot_confirmed = slot.confirmed_flush_lsn.unwrap_or_default();
         let wal_end = catalog::current_wal_lsn(&client).await.unwrap_or_default();
@@ -402,9 +478,17 @@ impl<PL: Planner> Streamer<'_, PL> {
         if version >= STREAMING_MIN_SERVER_VERSION {
             options.push(("streaming", "on".to_string()));
         }
-        let mut stream = conn
+        let mut stream = match conn
             .start_replication(&source.slot, start_lsn, &options)
-            .await?;
+            .await
+        {
+            Ok(stream) => stream,
+            Err(ReplicationError::Server(e)) if is_slot_invalidated(&e) => {
+                self.slot_lost("was invalidated").await?;
+                return Ok(SessionEnd::Restart);
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.assembler.reset();
         self.keepalive_lsn = Lsn::ZERO;
         self.backoff.reset();
@@ -475,6 +559,44 @@ impl<PL: Planner> Streamer<'_, PL> {
         }
     }
 
+    /// Applies `source.on_slot_lost`. `Ok` means a new slot exists and a sink reset is queued
+    /// ahead of everything the new slot will deliver.
+    async fn slot_lost(&mut self, what: &str) -> Result<(), PipelineError> {
+        let source = self.source;
+        m::error("slot_lost");
+        if source.on_slot_lost == SlotLostPolicy::Fail {
+            return Err(PipelineError::Setup(format!(
+                "replication slot {:?} {what}: changes made since walsweep last confirmed were \
+                 never seen, so caches may be stale. Either set source.on_slot_lost = \
+                 \"recreate\" (walsweep creates a new slot and clears every key and dependency \
+                 set its rules maintain), or drop the slot, clear the caches yourself and restart",
+                source.slot
+            )));
+        }
+        tracing::error!(slot = %source.slot, "replication slot {what}; recreating it and clearing the caches");
+        let client = catalog::connect(&self.params).await?;
+        if catalog::slot_state(&client, &source.slot).await?.is_some() {
+            catalog::drop_slot(&client, &source.slot).await?;
+        }
+        drop(client);
+        let mut conn = ReplicationConnection::connect(&self.params).await?;
+        let lsn = conn.create_slot(&source.slot).await?;
+        tracing::warn!(slot = %source.slot, consistent_point = %lsn, "recreated replication slot");
+        // The reset goes through the queue, so it runs after everything received before the
+        // gap and before anything the new slot delivers.
+        self.queue
+            .send(SinkCommand::Reset {
+                reason: format!(
+                    "replication slot {:?} {what} and was recreated",
+                    source.slot
+                ),
+            })
+            .await
+            .map_err(|_| PipelineError::Setup("sink stopped".into()))?;
+        m::slot_recreated();
+        Ok(())
+    }
+
     /// No half-received transaction and every queued one confirmed by the sink.
     fn nothing_pending(&self) -> bool {
         self.assembler.is_idle() && *self.confirmed.borrow() >= self.enqueued_lsn
@@ -510,7 +632,7 @@ impl<PL: Planner> Streamer<'_, PL> {
                 biased;
                 permit = self.queue.reserve() => {
                     match permit {
-                        Ok(permit) => permit.send(txn),
+                        Ok(permit) => permit.send(SinkCommand::Apply(txn)),
                         Err(_) => return Err(PipelineError::Setup("sink stopped".into())),
                     }
                     self.enqueued_lsn = end_lsn;

@@ -162,6 +162,14 @@ pub fn split_table_name(name: &str) -> (&str, &str) {
     name.split_once('.').unwrap_or(("public", name))
 }
 
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), CatalogError> {
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map_err(query_err("dropping the replication slot"))?;
+    Ok(())
+}
+
 /// Current WAL position of the server (for lag).
 pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, CatalogError> {
     let row = client

@@ -89,7 +89,7 @@ impl<'a> RowChange<'a> {
 }
 
 /// Effects of (part of) a transaction, deduplicated.
-pub trait Plan: Default + Send + 'static {
+pub trait Plan: Default + Send + Sync + 'static {
     /// Folds a later plan into this one (a later subtransaction segment, or a later transaction
     /// of the same sink batch). Order matters for planners whose effects are not idempotent
     /// sets: `later` wins.

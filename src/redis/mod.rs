@@ -37,6 +37,8 @@ pub struct RedisSink {
     connection: Option<ConnectionManager>,
     prefix: String,
     remove_sets: bool,
+    /// What `reset` clears: every prefix the rules can touch (`Rules::reset_plan`).
+    reset_plan: EffectPlan,
 }
 
 /// What applying a batch did (tests and metrics).
@@ -80,7 +82,14 @@ impl RedisSink {
             connection: None,
             prefix: matroska.prefix.clone(),
             remove_sets: matroska.remove_dependency_sets,
+            reset_plan: EffectPlan::default(),
         })
+    }
+
+    /// Sets what `reset` clears; without it a reset has nothing to clear and says so.
+    pub fn with_reset_plan(mut self, plan: EffectPlan) -> Self {
+        self.reset_plan = plan;
+        self
     }
 
     async fn connection(&mut self) -> Result<ConnectionManager, SinkError> {
@@ -276,6 +285,21 @@ fn count_replies(replies: &[Value], applied: &mut Applied) {
 }
 
 impl Sink<EffectPlan> for RedisSink {
+    async fn reset(&mut self) -> Result<(), SinkError> {
+        if self.reset_plan.is_empty() {
+            tracing::warn!("sink reset requested, but no rule prefixes are known to clear");
+            return Ok(());
+        }
+        let plan = self.reset_plan.clone();
+        let applied = self.apply_plans(std::iter::once(&plan)).await?;
+        tracing::warn!(
+            keys_unlinked = applied.keys_unlinked,
+            prefixes = crate::plan::Plan::effect_count(&plan),
+            "cleared every key and dependency set the rules maintain"
+        );
+        Ok(())
+    }
+
     async fn apply(&mut self, batch: &[CommittedTxn<EffectPlan>]) -> Result<(), SinkError> {
         let applied = self.apply_plans(batch.iter().map(|t| &t.plan)).await?;
         for txn in batch {

@@ -15,6 +15,8 @@ pub enum FallbackCause {
     UnknownNewValue,
     /// The template names a column the table does not have (fix the config; `check` says so).
     UnknownColumn,
+    /// The replication slot was lost and recreated: changes in between were never seen.
+    SlotRecreated,
 }
 
 impl FallbackCause {
@@ -24,6 +26,7 @@ impl FallbackCause {
             FallbackCause::UnknownOldValue => "unknown_old_value",
             FallbackCause::UnknownNewValue => "unknown_new_value",
             FallbackCause::UnknownColumn => "unknown_column",
+            FallbackCause::SlotRecreated => "slot_recreated",
         }
     }
 }

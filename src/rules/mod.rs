@@ -183,6 +183,36 @@ impl Rules {
     }
 }
 
+impl Rules {
+    /// Everything these rules can ever invalidate, as table-wide effects: what a cache that
+    /// missed changes must drop (after a lost slot was recreated).
+    pub fn reset_plan(&self) -> EffectPlan {
+        let cause = FallbackCause::SlotRecreated;
+        let mut plan = EffectPlan::default();
+        for table in &self.tables {
+            for key in &table.keys {
+                plan.add(Effect::UnlinkKeysWithPrefix {
+                    prefix: key.literal_prefix().to_string(),
+                    cause,
+                });
+            }
+            for dep in &table.deps {
+                plan.add(Effect::InvalidateDepsWithPrefix {
+                    prefix: dep.literal_prefix().to_string(),
+                    cause,
+                });
+            }
+            for scope in &table.scopes {
+                plan.add(Effect::InvalidateDepsWithPrefix {
+                    prefix: format!("condition:{}:", scope.name),
+                    cause,
+                });
+            }
+        }
+        plan
+    }
+}
+
 /// A template with its columns resolved to positions in one relation.
 #[derive(Debug, Clone)]
 struct BoundTemplate {

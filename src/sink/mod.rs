@@ -39,4 +39,9 @@ pub trait Sink<P: Plan>: Send + 'static {
         &mut self,
         batch: &[CommittedTxn<P>],
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// The stream had a gap (the slot was lost and recreated), so anything the destination
+    /// holds may be stale: remove all of it. Called in stream order, before any transaction
+    /// that follows the gap; retried like `apply`.
+    fn reset(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send;
 }

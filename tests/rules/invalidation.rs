@@ -320,3 +320,52 @@ async fn redis_outage_delays_but_never_drops_invalidations() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_reset_clears_everything_the_rules_maintain_and_nothing_else() {
+    use walsweep::sink::Sink;
+    support::init_tracing();
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let config = config(&pg, &redis, "postgres", "unused", RULES);
+    let rules = walsweep::rules::Rules::from_config(&config).unwrap();
+    let mut sink = walsweep::redis::RedisSink::new(&config.redis, &config.matroska)
+        .unwrap()
+        .with_reset_plan(rules.reset_plan());
+    set_keys(
+        &mut conn,
+        &[
+            "article:1",
+            "article:slug:x",
+            "marker:9",
+            "unrelated",
+            "articles-list",
+        ],
+    )
+    .await;
+    matroska_put(&mut conn, "one", &["id:article:1"]).await;
+    matroska_put(&mut conn, "list-x", &[SCOPE_X]).await;
+    matroska_put(&mut conn, "other", &["id:author:1"]).await;
+    sink.reset().await.unwrap();
+    let mut left = Vec::new();
+    for k in [
+        "article:1",
+        "article:slug:x",
+        "marker:9",
+        "unrelated",
+        "articles-list",
+        "cache::data::one",
+        "cache::data::list-x",
+        "cache::data::other",
+    ] {
+        if exists(&mut conn, k).await {
+            left.push(k);
+        }
+    }
+    // `articles-list` does not start with `article:`; `id:author:` is no rule's prefix.
+    assert_eq!(
+        left,
+        vec!["unrelated", "articles-list", "cache::data::other"]
+    );
+}

@@ -126,9 +126,15 @@ pub struct TestSink {
     applied: mpsc::UnboundedSender<CommittedTxn<Recorded>>,
     hold: watch::Receiver<bool>,
     failures_left: Arc<AtomicU32>,
+    resets: Arc<AtomicU32>,
 }
 
 impl Sink<Recorded> for TestSink {
+    async fn reset(&mut self) -> Result<(), SinkError> {
+        self.resets.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
     async fn apply(&mut self, batch: &[CommittedTxn<Recorded>]) -> Result<(), SinkError> {
         let _ = self.hold.wait_for(|held| !*held).await;
         if self
@@ -155,6 +161,8 @@ pub struct Running {
     pub applied: mpsc::UnboundedReceiver<CommittedTxn<Recorded>>,
     pub hold: watch::Sender<bool>,
     pub failures: Arc<AtomicU32>,
+    /// How many times the pipeline asked the sink to clear everything.
+    pub resets: Arc<AtomicU32>,
 }
 
 pub fn source(pg: &Postgres, db: &str, slot: &str) -> SourceConfig {
@@ -171,10 +179,12 @@ pub fn start(source: SourceConfig, tables: &[&str]) -> Running {
     let (applied_tx, applied) = mpsc::unbounded_channel();
     let (hold, hold_rx) = watch::channel(false);
     let failures = Arc::new(AtomicU32::new(0));
+    let resets = Arc::new(AtomicU32::new(0));
     let sink = TestSink {
         applied: applied_tx,
         hold: hold_rx,
         failures_left: failures.clone(),
+        resets: resets.clone(),
     };
     let (shutdown, signal) = pipeline::shutdown_channel();
     let tables: Vec<String> = tables.iter().map(|s| s.to_string()).collect();
@@ -187,6 +197,7 @@ pub fn start(source: SourceConfig, tables: &[&str]) -> Running {
         applied,
         hold,
         failures,
+        resets,
     }
 }
 

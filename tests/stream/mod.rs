@@ -5,3 +5,4 @@ mod decoding;
 pub mod harness;
 mod progress;
 mod resilience;
+mod takeover;
