@@ -236,12 +236,10 @@ async fn check_database(config: &Config, rules: &Rules, client: &Client, report:
 }
 
 async fn check_redis(config: &Config, report: &mut Report) {
-    let client = match ::redis::Client::open(config.redis.url.as_str()) {
+    let client = match crate::redis::redis_client(&config.redis) {
         Ok(c) => c,
-        Err(_) => {
-            report
-                .errors
-                .push("redis.url is not a valid Redis URL".into());
+        Err(e) => {
+            report.errors.push(e.to_string());
             return;
         }
     };

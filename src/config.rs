@@ -60,6 +60,18 @@ pub struct RedisConfig {
     /// Default 5000.
     #[serde(default = "default_redis_timeout_ms")]
     pub timeout_ms: u64,
+    /// With a `rediss://` URL: PEM file of the CA certificate(s) that signed the Redis server's
+    /// certificate, when it is not in the system trust store (the default). The server name in
+    /// the URL must match the certificate.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// With a `rediss://` URL: PEM client certificate, for servers that require one
+    /// (`tls-auth-clients yes`). Needs `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -67,6 +79,9 @@ impl Default for RedisConfig {
         RedisConfig {
             url: default_redis_url(),
             timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -129,8 +144,13 @@ impl Default for MatroskaConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct SourceConfig {
-    /// `postgres://user[:password]@host[:port]/database[?sslmode=disable]`. Overridden by the
-    /// `WALSWEEP_SOURCE_URL` environment variable. Never logged (only host, port and database).
+    /// `postgres://user[:password]@host[:port]/database[?sslmode=verify-full&sslrootcert=...]`
+    /// or a key=value string. Overridden by the `WALSWEEP_SOURCE_URL` environment variable.
+    /// Never logged (only host, port and database). TLS for both Postgres connections, as in
+    /// libpq: `sslmode` = `disable`, `prefer` (default), `require`, `verify-ca` or
+    /// `verify-full`; `sslrootcert` = CA PEM file (default `~/.postgresql/root.crt`, else the
+    /// system trust store; `system` for the system store); `sslcert` + `sslkey` for a client
+    /// certificate. See `pg::tls`.
     #[serde(default)]
     pub url: Option<String>,
     /// Logical replication slot (pgoutput). Default `walsweep`.
@@ -316,22 +336,38 @@ impl SourceConfig {
                 ),
             }],
         })?;
-        let config: tokio_postgres::Config = url.parse().map_err(|_| ConfigError::Invalid {
+        let invalid = |message: String| ConfigError::Invalid {
             path: None,
             problems: vec![Problem {
                 key: "source.url".into(),
                 line: None,
-                // The URL may hold a password: never echo it.
-                message: "source.url is not a valid Postgres connection string; expected \
-                          postgres://user:password@host:port/database"
-                    .into(),
+                message,
             }],
-        })?;
+        };
+        let (config, tls) = parse_source_url(url).map_err(invalid)?;
+        // Read the certificate files now, so a wrong path stops walsweep at start-up (and in
+        // `check`) rather than at the first connection. They are read again per connection.
+        tls.connector().map_err(|e| invalid(e.to_string()))?;
         Ok(ConnectParams {
             config,
             application_name: self.application_name.clone(),
+            tls,
         })
     }
+}
+
+/// Splits the TLS parameters off a source URL (see `pg::tls`) and parses the rest. Errors
+/// never echo the URL: it may hold a password.
+fn parse_source_url(
+    url: &str,
+) -> Result<(tokio_postgres::Config, crate::pg::tls::TlsSettings), String> {
+    let (tls, rest) = crate::pg::tls::split_conninfo(url).map_err(|e| e.to_string())?;
+    let config = rest.parse().map_err(|_| {
+        "source.url is not a valid Postgres connection string; expected \
+         postgres://user:password@host:port/database"
+            .to_string()
+    })?;
+    Ok((config, tls))
 }
 
 /// One problem found in a config file.
@@ -468,19 +504,43 @@ impl Config {
             );
         }
         if let Some(url) = &s.url {
-            if url.parse::<tokio_postgres::Config>().is_err() {
-                problem(
-                    "source.url",
-                    "not a valid Postgres connection string; expected \
-                     postgres://user:password@host:port/database"
-                        .into(),
-                );
+            if let Err(message) = parse_source_url(url) {
+                problem("source.url", message);
             }
         }
-        if ::redis::Client::open(self.redis.url.as_str()).is_err() {
-            problem(
+        match ::redis::Client::open(self.redis.url.as_str()) {
+            Err(_) => problem(
                 "redis.url",
-                "not a valid Redis URL; expected redis://[user:password@]host:port/db".into(),
+                "not a valid Redis URL; expected redis://[user:password@]host:port/db \
+                 (rediss:// for TLS)"
+                    .into(),
+            ),
+            Ok(client) => {
+                let tls = matches!(
+                    client.get_connection_info().addr(),
+                    ::redis::ConnectionAddr::TcpTls { .. }
+                );
+                for (key, set) in [
+                    ("redis.ca_file", self.redis.ca_file.is_some()),
+                    ("redis.cert_file", self.redis.cert_file.is_some()),
+                ] {
+                    if set && !tls {
+                        problem(
+                            key,
+                            "only applies to TLS; use a rediss:// URL in redis.url".into(),
+                        );
+                    }
+                }
+            }
+        }
+        if self.redis.cert_file.is_some() != self.redis.key_file.is_some() {
+            problem(
+                if self.redis.cert_file.is_some() {
+                    "redis.cert_file"
+                } else {
+                    "redis.key_file"
+                },
+                "redis.cert_file and redis.key_file go together; set both or neither".into(),
             );
         }
         if self.redis.timeout_ms == 0 {

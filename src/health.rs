@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::config::RedisConfig;
+
 static STREAMING: AtomicBool = AtomicBool::new(false);
 static REDIS_UP: AtomicBool = AtomicBool::new(false);
 
@@ -26,8 +28,10 @@ pub fn redis_up() -> bool {
 }
 
 /// Pings Redis every `interval` so readiness reflects an outage even while no change flows.
-pub async fn probe_redis(url: String, interval: Duration, timeout: Duration) {
-    let Ok(client) = ::redis::Client::open(url.as_str()) else {
+/// Uses the whole `[redis]` section (TLS files included) and its `timeout_ms`.
+pub async fn probe_redis(redis: RedisConfig, interval: Duration) {
+    let timeout = Duration::from_millis(redis.timeout_ms);
+    let Ok(client) = crate::redis::redis_client(&redis) else {
         return;
     };
     let mut connection = None;

@@ -3,11 +3,18 @@
 
 use tokio_postgres::{Client, NoTls};
 
-use super::replication::{quote_ident, ConnectParams};
+use super::replication::{open_transport, quote_ident, ConnectParams, ReplicationError};
 use super::Lsn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
+    /// Connecting or TLS negotiation failed (the same code as the replication connection's).
+    #[error("cannot open a SQL connection to {target}")]
+    Open {
+        target: String,
+        #[source]
+        source: Box<ReplicationError>,
+    },
     #[error("cannot open a SQL connection to {target}")]
     Connect {
         target: String,
@@ -27,6 +34,7 @@ impl CatalogError {
     /// (permissions, missing objects) does not.
     pub fn is_retryable(&self) -> bool {
         match self {
+            CatalogError::Open { source, .. } => source.is_retryable(),
             CatalogError::Connect { source, .. } => match source.as_db_error() {
                 Some(db) => super::replication::is_retryable_sqlstate(db.code().code()),
                 None => true,
@@ -36,18 +44,27 @@ impl CatalogError {
     }
 }
 
-/// Opens a plain SQL connection and drives it on a background task.
+/// Opens a SQL connection and drives it on a background task. The socket, and TLS as
+/// `params.tls` says, come from the replication connection's `open_transport`, so both
+/// connections reach the same host with the same TLS; tokio-postgres runs the protocol on top
+/// (hence `NoTls` and `sslmode=disable` here: the stream is already negotiated).
 pub async fn connect(params: &ConnectParams) -> Result<Client, CatalogError> {
     let mut config = params.config.clone();
     config.application_name(format!("{}-catalog", params.application_name));
-    let (client, connection) =
-        config
-            .connect(NoTls)
-            .await
-            .map_err(|source| CatalogError::Connect {
-                target: params.target(),
-                source,
-            })?;
+    config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let transport = open_transport(params)
+        .await
+        .map_err(|source| CatalogError::Open {
+            target: params.target(),
+            source: Box::new(source),
+        })?;
+    let (client, connection) = config
+        .connect_raw(transport, NoTls)
+        .await
+        .map_err(|source| CatalogError::Connect {
+            target: params.target(),
+            source,
+        })?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(error = %err, "catalog connection ended");

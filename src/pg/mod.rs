@@ -4,6 +4,7 @@ pub mod catalog;
 pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
+pub mod tls;
 pub mod wire;
 
 pub use lsn::Lsn;

@@ -18,8 +18,9 @@ use postgres_protocol::message::backend::{self, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::Host;
 
+use super::tls::{self, Negotiated, TlsError, TlsSettings};
 use super::wire::{self, StandbyStatusUpdate, WireMessage};
 use super::Lsn;
 
@@ -79,6 +80,8 @@ pub enum ReplicationError {
     Unsupported(String),
     #[error("malformed replication message")]
     Wire(#[from] wire::WireError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 impl ReplicationError {
@@ -91,6 +94,7 @@ impl ReplicationError {
             | ReplicationError::Closed
             | ReplicationError::UnexpectedMessage { .. } => true,
             ReplicationError::Server(e) => is_retryable_sqlstate(&e.sqlstate),
+            ReplicationError::Tls(e) => e.is_retryable(),
             ReplicationError::Auth { .. }
             | ReplicationError::Unsupported(_)
             | ReplicationError::Wire(_) => false,
@@ -115,6 +119,7 @@ impl ReplicationError {
             ReplicationError::Closed => "closed",
             ReplicationError::Unsupported(_) => "unsupported",
             ReplicationError::Wire(_) => "wire",
+            ReplicationError::Tls(_) => "tls",
         }
     }
 }
@@ -190,8 +195,11 @@ enum Incoming {
 /// Where and as whom to connect, taken from a `postgres://` URL or key=value string.
 #[derive(Clone)]
 pub struct ConnectParams {
+    /// Everything but the TLS parameters (tokio-postgres rejects most of those).
     pub config: tokio_postgres::Config,
     pub application_name: String,
+    /// `sslmode`, `sslrootcert`, `sslcert`, `sslkey`: used by both connections.
+    pub tls: TlsSettings,
 }
 
 impl ConnectParams {
@@ -241,11 +249,6 @@ pub type TextRow = Vec<Option<String>>;
 impl ReplicationConnection {
     /// Opens the socket and runs startup and authentication.
     pub async fn connect(params: &ConnectParams) -> Result<Self, ReplicationError> {
-        if matches!(params.config.get_ssl_mode(), SslMode::Require) {
-            return Err(ReplicationError::Unsupported(
-                "sslmode=require: TLS is not supported yet; use sslmode=disable or prefer".into(),
-            ));
-        }
         let transport = open_transport(params).await?;
         let mut conn = ReplicationConnection {
             transport,
@@ -291,6 +294,8 @@ impl ReplicationConnection {
             ("TimeZone", "UTC"),
             ("DateStyle", "ISO"),
             ("extra_float_digits", "3"),
+            ("IntervalStyle", "postgres"),
+            ("bytea_output", "hex"),
         ];
         frontend::startup_message(startup.iter().copied(), &mut self.write_buf)?;
         self.flush().await?;
@@ -586,7 +591,12 @@ fn unexpected(msg: &Incoming, during: &'static str) -> ReplicationError {
     }
 }
 
-async fn open_transport(params: &ConnectParams) -> Result<Box<dyn Transport>, ReplicationError> {
+/// Connects to the first host and negotiates TLS as `params.tls` says (TCP only: Unix sockets
+/// never use TLS, as with libpq). The SQL connection (`catalog::connect`) runs over this too,
+/// so both connections always agree on host and TLS.
+pub(crate) async fn open_transport(
+    params: &ConnectParams,
+) -> Result<Box<dyn Transport>, ReplicationError> {
     let host = params
         .config
         .get_hosts()
@@ -616,7 +626,24 @@ async fn open_transport(params: &ConnectParams) -> Result<Box<dyn Transport>, Re
                 .map_err(|_| connect_err(timed_out()))?
                 .map_err(connect_err)?;
             stream.set_nodelay(true).map_err(connect_err)?;
-            Ok(Box::new(stream))
+            let negotiation = params.config.get_ssl_negotiation();
+            let target = params.target();
+            // A server that accepts the connection but never answers must not hang us either.
+            let negotiated = tokio::time::timeout(
+                timeout,
+                tls::negotiate(stream, &params.tls, negotiation, &h, &target),
+            )
+            .await
+            .map_err(|_| {
+                connect_err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "TLS negotiation timed out",
+                ))
+            })??;
+            Ok(match negotiated {
+                Negotiated::Plain(stream) => Box::new(stream),
+                Negotiated::Tls(stream) => Box::new(stream),
+            })
         }
         #[cfg(unix)]
         Host::Unix(dir) => {

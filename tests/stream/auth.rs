@@ -6,6 +6,7 @@ fn params(url: &str) -> ConnectParams {
     ConnectParams {
         config: url.parse().expect("url"),
         application_name: "walsweep-test".into(),
+        tls: Default::default(),
     }
 }
 

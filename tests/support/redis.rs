@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -28,21 +28,45 @@ pub struct Redis {
     child: Option<Child>,
     /// Keep data across `stop`/`restart` (append-only file, fsync on every write).
     persistent: bool,
+    /// TLS-only server (`start_tls`): the port speaks TLS and there is no plain port.
+    tls: Option<TlsFiles>,
+}
+
+/// PEM files of a TLS-only server (see [`Redis::start_tls`]).
+#[derive(Debug, Clone)]
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
 }
 
 impl Redis {
     /// Boots a server and waits until it answers. Panics (with its log's tail) if it can't.
     pub fn start() -> Redis {
-        Redis::start_inner(false)
+        Redis::start_inner(false, None)
+    }
+
+    /// A TLS-only server (`--port 0 --tls-port PORT`) presenting `cert`/`key`; clients are not
+    /// asked for certificates (`ca` is only what redis-server insists on having). `url()` is
+    /// then `rediss://`; `connection()` does not work (it has no CA), use walsweep's client.
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> Redis {
+        Redis::start_inner(
+            false,
+            Some(TlsFiles {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+                ca: ca.to_path_buf(),
+            }),
+        )
     }
 
     /// Like `start`, but the data survives `stop` (SIGKILL) and `restart`: an outage test can
     /// then check that invalidations reach keys written before the outage.
     pub fn start_persistent() -> Redis {
-        Redis::start_inner(true)
+        Redis::start_inner(true, None)
     }
 
-    fn start_inner(persistent: bool) -> Redis {
+    fn start_inner(persistent: bool, tls: Option<TlsFiles>) -> Redis {
         // The free port can be taken by someone else before redis-server binds it; only that
         // case is worth another try.
         const ATTEMPTS: usize = 3;
@@ -52,6 +76,7 @@ impl Redis {
                 port: scratch::free_port(),
                 child: None,
                 persistent,
+                tls: tls.clone(),
             };
             match redis.spawn() {
                 Ok(()) => return redis,
@@ -75,9 +100,14 @@ impl Redis {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT/0`
+    /// `redis://127.0.0.1:PORT/0` (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://{HOST}:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://{HOST}:{}/0", self.port)
     }
 
     /// A new multiplexed connection. It does not reconnect: after [`Redis::stop`] its commands
@@ -127,9 +157,23 @@ impl Redis {
     fn spawn(&mut self) -> Result<(), String> {
         let bin = redis_server();
         let dir = self.dir.path();
-        let child = Command::new(bin)
-            .arg("--port")
-            .arg(self.port.to_string())
+        let mut command = Command::new(bin);
+        match &self.tls {
+            None => command.arg("--port").arg(self.port.to_string()),
+            Some(tls) => command
+                .args(["--port", "0", "--tls-port"])
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&tls.cert)
+                .arg("--tls-key-file")
+                .arg(&tls.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        // Only "ready" lines logged by this start count (restart appends to the same log).
+        let log_start = std::fs::metadata(self.log_path()).map_or(0, |m| m.len());
+        let child = command
             .args([
                 "--bind",
                 HOST,
@@ -157,12 +201,12 @@ impl Redis {
         let pid_file = dir.join("redis.pid");
         std::fs::write(&pid_file, format!("{pid}\n"))
             .map_err(|e| format!("writing {}: {e}", pid_file.display()))?;
-        self.wait_ready(pid)
+        self.wait_ready(pid, log_start)
     }
 
     /// Waits until *our* redis-server answers on the port: a server that answers with another
     /// process id means someone else holds the port (ours will then exit, which we report).
-    fn wait_ready(&mut self, pid: u32) -> Result<(), String> {
+    fn wait_ready(&mut self, pid: u32, log_start: u64) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let child = self.child.as_mut().expect("spawned");
@@ -178,7 +222,19 @@ impl Redis {
                 Ok(None) => {}
                 Err(e) => return Err(format!("checking on redis-server: {e}")),
             }
-            if server_pid(self.port) == Some(pid) {
+            // A TLS-only port does not answer the plain INFO below: there, our own log saying
+            // it listens is the signal (a port taken by someone else makes it exit instead).
+            let ready = if self.tls.is_some() {
+                std::fs::read(self.log_path()).is_ok_and(|log| {
+                    let start = usize::try_from(log_start)
+                        .unwrap_or(usize::MAX)
+                        .min(log.len());
+                    String::from_utf8_lossy(&log[start..]).contains("Ready to accept connections")
+                })
+            } else {
+                server_pid(self.port) == Some(pid)
+            };
+            if ready {
                 return Ok(());
             }
             if Instant::now() > deadline {
