@@ -6,6 +6,8 @@
 //! All effects are deletions, so their order within a batch does not matter and applying a
 //! batch twice is harmless: the sink contract's at-least-once delivery is safe here.
 
+pub mod reinvalidate;
+
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,7 @@ use ::redis::{ErrorKind, RedisError, Value};
 use crate::assembler::CommittedTxn;
 use crate::config::{MatroskaConfig, RedisConfig};
 use crate::metrics as m;
+use crate::plan::Plan;
 use crate::rules::template::glob_escape;
 use crate::rules::{EffectPlan, FallbackCause};
 use crate::sink::{Sink, SinkError};
@@ -31,12 +34,137 @@ pub fn dep_set_key(prefix: &str, dep: &str) -> String {
     format!("{prefix}::rdep::{dep}")
 }
 
+/// Why `[redis]` does not give a usable client. Never echoes the URL (it may hold a password).
+#[derive(Debug, thiserror::Error)]
+pub enum RedisClientError {
+    #[error(
+        "redis.url is not a valid Redis URL ({0:?}); expected redis://[user:password@]host:port/db, \
+         or rediss:// for TLS"
+    )]
+    Url(ErrorKind),
+    #[error("redis.{key} needs TLS: use a rediss:// URL in redis.url, or remove redis.{key}")]
+    NotTls { key: &'static str },
+    #[error("redis.cert_file and redis.key_file go together; set both or neither")]
+    ClientCertPair,
+    #[error(
+        "cannot read redis.{key} {}: {error}; fix the path in [redis] or make the file readable \
+         by walsweep", path.display()
+    )]
+    ReadFile {
+        key: &'static str,
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("redis.{key} {} is not usable: {detail}", path.display())]
+    BadFile {
+        key: &'static str,
+        path: std::path::PathBuf,
+        detail: String,
+    },
+    #[error("cannot set up TLS for Redis from redis.ca_file / cert_file / key_file: {0}")]
+    Tls(String),
+}
+
+/// The client for `[redis]`: `url`, plus `ca_file` / `cert_file` / `key_file` for a `rediss://`
+/// URL (otherwise the system trust store verifies the server). Used by the sink, the health
+/// probe and `check`, so all three connect the same way.
+pub fn redis_client(redis: &RedisConfig) -> Result<::redis::Client, RedisClientError> {
+    use ::redis::{ClientTlsConfig, ConnectionAddr, TlsCertificates};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let client =
+        ::redis::Client::open(redis.url.as_str()).map_err(|e| RedisClientError::Url(e.kind()))?;
+    let is_tls = matches!(
+        client.get_connection_info().addr(),
+        ConnectionAddr::TcpTls { .. }
+    );
+    if is_tls {
+        // The redis crate builds its rustls configuration with the process default provider.
+        crate::pg::tls::crypto_provider();
+    }
+    if redis.ca_file.is_none() && redis.cert_file.is_none() && redis.key_file.is_none() {
+        return Ok(client);
+    }
+    for (key, set) in [
+        ("ca_file", redis.ca_file.is_some()),
+        ("cert_file", redis.cert_file.is_some()),
+        ("key_file", redis.key_file.is_some()),
+    ] {
+        if set && !is_tls {
+            return Err(RedisClientError::NotTls { key });
+        }
+    }
+    let read = |key: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|error| RedisClientError::ReadFile {
+            key,
+            path: path.to_path_buf(),
+            error,
+        })
+    };
+    let bad =
+        |key: &'static str, path: &std::path::Path, detail: String| RedisClientError::BadFile {
+            key,
+            path: path.to_path_buf(),
+            detail,
+        };
+    // The redis crate would accept a file without certificates and then fail every handshake;
+    // check the PEM here so the message names the file.
+    let certs = |key: &'static str, path: &std::path::Path| {
+        let pem = read(key, path)?;
+        match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
+            Ok(certs) if certs.is_empty() => Err(bad(
+                key,
+                path,
+                "no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)".into(),
+            )),
+            Ok(_) => Ok(pem),
+            Err(e) => Err(bad(key, path, format!("invalid PEM: {e}"))),
+        }
+    };
+    let root_cert = match &redis.ca_file {
+        Some(path) => Some(certs("ca_file", path)?),
+        None => None,
+    };
+    let client_tls = match (&redis.cert_file, &redis.key_file) {
+        (Some(cert), Some(key)) => {
+            let client_cert = certs("cert_file", cert)?;
+            let client_key = read("key_file", key)?;
+            PrivateKeyDer::from_pem_slice(&client_key).map_err(|e| {
+                bad(
+                    "key_file",
+                    key,
+                    format!("no usable PEM private key in it ({e})"),
+                )
+            })?;
+            Some(ClientTlsConfig {
+                client_cert,
+                client_key,
+            })
+        }
+        (None, None) => None,
+        _ => return Err(RedisClientError::ClientCertPair),
+    };
+    ::redis::Client::build_with_tls(
+        redis.url.as_str(),
+        TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| RedisClientError::Tls(e.to_string()))
+}
+
 pub struct RedisSink {
     client: ::redis::Client,
     config: ConnectionManagerConfig,
     connection: Option<ConnectionManager>,
     prefix: String,
     remove_sets: bool,
+    /// `matroska.reinvalidate_after_ms`: queues confirmed batches for a second application.
+    reinvalidate: Option<reinvalidate::Scheduler>,
+    /// Whether outcomes set `walsweep_redis_up` (not for the reinvalidation worker's sink).
+    reports_health: bool,
     /// What `reset` clears: every prefix the rules can touch (`Rules::reset_plan`).
     reset_plan: EffectPlan,
 }
@@ -66,8 +194,8 @@ impl RedisSink {
     /// Validates the URL; connects lazily, so Redis being down at start is retried like any
     /// other outage instead of failing the daemon.
     pub fn new(redis: &RedisConfig, matroska: &MatroskaConfig) -> Result<Self, SinkError> {
-        let client = ::redis::Client::open(redis.url.as_str()).map_err(|e| SinkError {
-            operation: "parse redis.url",
+        let client = redis_client(redis).map_err(|e| SinkError {
+            operation: "set up the Redis client from [redis]",
             retryable: false,
             source: Box::new(e),
         })?;
@@ -76,14 +204,32 @@ impl RedisSink {
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1);
-        Ok(RedisSink {
+        let mut sink = RedisSink {
             client,
             config,
             connection: None,
             prefix: matroska.prefix.clone(),
             remove_sets: matroska.remove_dependency_sets,
             reset_plan: EffectPlan::default(),
-        })
+            reinvalidate: None,
+            reports_health: true,
+        };
+        if let Some(ms) = matroska.reinvalidate_after_ms {
+            // Its own sink: own connection, same layout, no second-level reinvalidation.
+            let mut worker = RedisSink::new(
+                redis,
+                &MatroskaConfig {
+                    reinvalidate_after_ms: None,
+                    ..matroska.clone()
+                },
+            )?;
+            worker.reports_health = false;
+            sink.reinvalidate = Some(reinvalidate::Scheduler::new(
+                Duration::from_millis(ms),
+                worker,
+            ));
+        }
+        Ok(sink)
     }
 
     /// Sets what `reset` clears; without it a reset has nothing to clear and says so.
@@ -128,7 +274,9 @@ impl RedisSink {
         let result = self
             .apply_sets(keys, deps, key_prefixes, dep_prefixes)
             .await;
-        crate::health::set_redis_up(result.is_ok());
+        if self.reports_health {
+            crate::health::set_redis_up(result.is_ok());
+        }
         if result.is_err() {
             // Start the next attempt on a fresh connection rather than a wedged one.
             self.connection = None;
@@ -302,6 +450,14 @@ impl Sink<EffectPlan> for RedisSink {
 
     async fn apply(&mut self, batch: &[CommittedTxn<EffectPlan>]) -> Result<(), SinkError> {
         let applied = self.apply_plans(batch.iter().map(|t| &t.plan)).await?;
+        if let Some(reinvalidate) = &mut self.reinvalidate {
+            // Confirmed: queue the same effects for their delayed second application.
+            let mut merged = EffectPlan::default();
+            for txn in batch {
+                merged.merge(txn.plan.clone());
+            }
+            reinvalidate.schedule(merged);
+        }
         for txn in batch {
             m::effects_applied(&txn.plan);
         }
