@@ -21,3 +21,5 @@ pub mod redis;
 pub mod rules;
 pub mod setup;
 pub mod sink;
+pub mod tail;
+pub mod value;

@@ -95,6 +95,29 @@ enum Command {
         #[arg(long, default_value = "walsweep")]
         role: String,
     },
+    /// Print committed transactions as they are decoded, with typed values (never touches
+    /// Redis). Reads through [source] publication; uses a temporary slot unless --slot.
+    Tail {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Read this existing pgoutput slot (never confirmed, so it does not move).
+        #[arg(long, conflicts_with = "temporary")]
+        slot: Option<String>,
+        /// Use a temporary slot, dropped when tail exits (the default).
+        #[arg(long)]
+        temporary: bool,
+        /// Only this table (`schema.table` or `table`); repeatable.
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        #[arg(long, value_enum, default_value_t = walsweep::tail::TailFormat::Json)]
+        format: walsweep::tail::TailFormat,
+        /// Skip transactions committing before this LSN (e.g. 0/16B3748).
+        #[arg(long)]
+        from_lsn: Option<walsweep::pg::Lsn>,
+        /// Exit after this many transactions.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+    },
 }
 
 fn init_tracing(format: LogFormat) {
@@ -143,6 +166,48 @@ fn main() -> ExitCode {
             print,
             role,
         } => runtime.block_on(setup(&config, print, &role)),
+        Command::Tail {
+            config,
+            slot,
+            temporary: _,
+            tables,
+            format,
+            from_lsn,
+            limit,
+        } => runtime.block_on(tail(&config, slot, tables, format, from_lsn, limit)),
+    }
+}
+
+async fn tail(
+    path: &Path,
+    slot: Option<String>,
+    tables: Vec<String>,
+    format: walsweep::tail::TailFormat,
+    from_lsn: Option<walsweep::pg::Lsn>,
+    limit: Option<u64>,
+) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return config_failure(&e),
+    };
+    let options = walsweep::tail::TailOptions {
+        source: config.source,
+        slot: slot.map_or(
+            walsweep::tail::TailSlot::Temporary,
+            walsweep::tail::TailSlot::Existing,
+        ),
+        tables,
+        format,
+        from_lsn,
+        limit,
+    };
+    match walsweep::tail::run_tail(options, std::io::stdout()).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(walsweep::tail::TailError::Config(e)) => config_failure(&e),
+        Err(e) => {
+            eprintln!("walsweep tail: {}", display_chain(&e));
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -181,9 +246,8 @@ async fn run(path: &Path) -> ExitCode {
         }
     }
     tokio::spawn(walsweep::health::probe_redis(
-        config.redis.url.clone(),
+        config.redis.clone(),
         std::time::Duration::from_secs(2),
-        std::time::Duration::from_millis(config.redis.timeout_ms),
     ));
     let (handle, shutdown) = pipeline::shutdown_channel();
     tokio::spawn(async move {

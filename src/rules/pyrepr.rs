@@ -20,7 +20,8 @@ pub fn python_repr(type_oid: u32, text: &str) -> String {
         BOOL_OID | INT2_OID | INT4_OID | INT8_OID | OID_OID | FLOAT4_OID | FLOAT8_OID => {
             pystr::python_str(type_oid, text).into_owned()
         }
-        NUMERIC_OID => format!("Decimal({})", repr_str(text)),
+        // Decimal's repr quotes its str(), which switches to exponent form below 1e-6.
+        NUMERIC_OID => format!("Decimal({})", repr_str(&pystr::python_str(type_oid, text))),
         UUID_OID => format!("UUID({})", repr_str(text)),
         DATE_OID => date_repr(text).unwrap_or_else(|| repr_str(text)),
         _ => repr_str(text),
@@ -89,6 +90,7 @@ mod tests {
         assert_eq!(python_repr(BOOL_OID, "t"), "True");
         assert_eq!(python_repr(FLOAT8_OID, "100"), "100.0");
         assert_eq!(python_repr(NUMERIC_OID, "1.50"), "Decimal('1.50')");
+        assert_eq!(python_repr(NUMERIC_OID, "0.0000001"), "Decimal('1E-7')");
         assert_eq!(
             python_repr(DATE_OID, "2020-01-02"),
             "datetime.date(2020, 1, 2)"

@@ -16,110 +16,11 @@ pub const TIMETZ_OID: u32 = 1266;
 /// Python's `str(None)`.
 pub const NONE: &str = "None";
 
-/// `text` is the value as pgoutput sent it (text format).
+/// `text` is the value as pgoutput sent it (text format). Rendered through the typed
+/// conversion in `value` (one conversion for JSON and Python forms); types it does not know
+/// (enums, domains: the rules planner keeps no type registry) render as their text.
 pub fn python_str(type_oid: u32, text: &str) -> Cow<'_, str> {
-    match type_oid {
-        BOOL_OID => Cow::Borrowed(match text {
-            "t" => "True",
-            "f" => "False",
-            other => other,
-        }),
-        FLOAT4_OID | FLOAT8_OID => Cow::Owned(python_float(text)),
-        TIMESTAMP_OID | TIME_OID => Cow::Owned(python_fraction(text)),
-        TIMESTAMPTZ_OID | TIMETZ_OID => Cow::Owned(python_offset(&python_fraction(text))),
-        // int, numeric (Decimal keeps the scale Postgres prints), text, date, uuid: same text.
-        _ => Cow::Borrowed(text),
-    }
-}
-
-/// Python prints `float` with the shortest round-trip digits, in fixed notation when the
-/// decimal exponent is in [-4, 16) (always with a fractional part) and in `1e+20` form
-/// otherwise; Postgres switches notation at different exponents and omits `.0`.
-fn python_float(text: &str) -> String {
-    let value: f64 = match text {
-        "NaN" => return "nan".into(),
-        "Infinity" => return "inf".into(),
-        "-Infinity" => return "-inf".into(),
-        t => match t.parse() {
-            Ok(v) => v,
-            Err(_) => return t.into(),
-        },
-    };
-    if value == 0.0 {
-        return if value.is_sign_negative() {
-            "-0.0"
-        } else {
-            "0.0"
-        }
-        .into();
-    }
-    // `{:e}` gives the shortest round-trip digits: "1.5e16", "-2e-5".
-    let sci = format!("{value:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let negative = mantissa.starts_with('-');
-    let digits: String = mantissa.chars().filter(|c| c.is_ascii_digit()).collect();
-    let sign = if negative { "-" } else { "" };
-    if (-4..16).contains(&exp) {
-        let point = exp + 1; // digits before the decimal point
-        let body = if point <= 0 {
-            format!("0.{}{}", "0".repeat((-point) as usize), digits)
-        } else if point as usize >= digits.len() {
-            format!("{}{}.0", digits, "0".repeat(point as usize - digits.len()))
-        } else {
-            let (int, frac) = digits.split_at(point as usize);
-            format!("{int}.{frac}")
-        };
-        format!("{sign}{body}")
-    } else {
-        let (first, rest) = digits.split_at(1);
-        let mantissa = if rest.is_empty() {
-            first.to_string()
-        } else {
-            format!("{first}.{rest}")
-        };
-        let exp_sign = if exp < 0 { '-' } else { '+' };
-        format!("{sign}{mantissa}e{exp_sign}{:02}", exp.abs())
-    }
-}
-
-/// Python prints a non-zero fraction of a second with exactly six digits; Postgres trims
-/// trailing zeros (`03:04:05.5` vs `03:04:05.500000`).
-fn python_fraction(text: &str) -> String {
-    // The fraction follows the seconds of the time part: find the '.' after the last ':'.
-    let Some(colon) = text.rfind(':') else {
-        return text.into();
-    };
-    let time_tail = &text[colon..];
-    let Some(dot_rel) = time_tail.find('.') else {
-        return text.into();
-    };
-    let dot = colon + dot_rel;
-    let after = &text[dot + 1..];
-    let frac_len = after.chars().take_while(|c| c.is_ascii_digit()).count();
-    let frac = &after[..frac_len];
-    let rest = &after[frac_len..];
-    let mut padded = frac.to_string();
-    while padded.len() < 6 {
-        padded.push('0');
-    }
-    format!("{}.{}{}", &text[..dot], padded, rest)
-}
-
-/// Postgres prints a whole-hour offset as `+00`; Python as `+00:00`.
-fn python_offset(text: &str) -> String {
-    let Some(pos) = text.rfind(['+', '-']) else {
-        return text.into();
-    };
-    // Only an offset after the time (not the date's '-') counts.
-    if !text[..pos].contains(':') {
-        return text.into();
-    }
-    let offset = &text[pos + 1..];
-    match offset.len() {
-        2 => format!("{}:00", text),
-        _ => text.into(),
-    }
+    crate::value::python_str(type_oid, text, &crate::value::TypeRegistry::new())
 }
 
 #[cfg(test)]

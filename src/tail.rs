@@ -1,0 +1,991 @@
+//! `walsweep tail`: prints committed transactions as walsweep decodes them, with every column
+//! value typed (see [`crate::value`] for the JSON forms). A debugging and verification tool: it
+//! never touches Redis.
+//!
+//! - **Slot.** By default a `TEMPORARY` pgoutput slot is created on tail's own replication
+//!   connection: it sees transactions that commit after it was created, Postgres drops it when
+//!   the connection ends (also on a crash), and tail confirms what it printed so the slot holds
+//!   no WAL while tail runs. The production slot is neither read nor moved. `--slot S` reads an
+//!   existing pgoutput slot instead (it must not be in use, e.g. by `walsweep run`) and never
+//!   confirms anything on it: the slot stays where it was, and its next reader gets the same
+//!   changes again.
+//! - **Publication.** Changes are read through the configured `[source] publication`, which must
+//!   exist (`walsweep setup` creates it); tables outside it are not seen. `--table` narrows the
+//!   output further (`schema.table`, or `table` for `public.table`).
+//! - **Start.** `--from-lsn L` skips transactions that commit before `L`. No slot goes back
+//!   before its confirmed position: a new temporary slot starts where it was created.
+//! - **Stop.** Ctrl-C or SIGTERM stop cleanly (the stream is ended politely and the temporary
+//!   slot is gone before tail returns); `--limit N` stops after N printed transactions; a closed
+//!   output (`| head`) stops too.
+//! - **Output.** `json`: one JSON object per transaction per line,
+//!   `{"xid", "commit_lsn", "end_lsn", "commit_time", "changes": [...], "messages": [...]}`; each
+//!   change has `table`, `op` (`insert`, `update`, `delete`, `truncate`), `identity` (the replica
+//!   identity: `default`, `index`, `full`, `nothing`), `old` (update/delete: the columns the
+//!   replica identity sends, as an object in column order), `new` (insert/update) and
+//!   `unchanged_toast` (columns of `new` Postgres did not send because they are stored out of
+//!   line and did not change; they are absent from `new`). `messages` are transactional
+//!   `pg_logical_emit_message` calls (`prefix`, `content` as text, or `\x` hex when not UTF-8).
+//!   Transactions with nothing to show (nothing published, or nothing matching `--table`) are
+//!   neither printed nor counted. `pretty` prints the same, one line per change.
+//!
+//! Unlike the daemon, tail keeps each transaction's rows in memory until its commit (a
+//! debugging tool; the daemon keeps only deduplicated effects): watching a transaction of
+//! millions of rows costs memory in proportion.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::future::Future;
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::assembler::{AssembleError, Assembler, CommittedTxn};
+use crate::config::{ConfigError, SourceConfig};
+use crate::pg::catalog::{self, CatalogError};
+use crate::pg::pgoutput::{ReplicaIdentity, TupleValue};
+use crate::pg::replication::{
+    quote_ident, ReplicationConnection, ReplicationError, ReplicationStream,
+};
+use crate::pg::wire::WireMessage;
+use crate::pg::Lsn;
+use crate::plan::{Op, Plan, Planner, RelationInfo, RowChange};
+use crate::progress::Progress;
+use crate::value::{decode_text, TypeInfo, TypeKind, TypeRegistry, Value, ValueError};
+
+/// Server versions from which pgoutput speaks protocol 2 (streaming of large transactions).
+const STREAMING_MIN_SERVER_VERSION: u32 = 140_000;
+/// How long tail waits for Postgres to drop its temporary slot after the connection ended.
+const SLOT_GONE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Settings of the replication session beyond the ones every walsweep connection pins at
+/// startup (TimeZone=UTC, DateStyle=ISO, extra_float_digits=3): the text forms
+/// `value::decode_text` reads.
+const SESSION_SETTINGS: &[&str] = &["SET IntervalStyle = 'postgres'", "SET bytea_output = 'hex'"];
+
+/// Which slot tail reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TailSlot {
+    /// A new temporary slot, dropped by Postgres when tail's connection ends (the default).
+    Temporary,
+    /// An existing pgoutput slot, read without confirming anything.
+    Existing(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TailFormat {
+    /// One JSON object per transaction per line.
+    Json,
+    /// Human-readable, one line per change.
+    Pretty,
+}
+
+#[derive(Debug, Clone)]
+pub struct TailOptions {
+    /// Connection, publication, application name and status interval.
+    pub source: SourceConfig,
+    pub slot: TailSlot,
+    /// Only changes of these tables (`schema.table` or `table` for `public.table`); empty: all.
+    pub tables: Vec<String>,
+    pub format: TailFormat,
+    /// Skip transactions committing before this position.
+    pub from_lsn: Option<Lsn>,
+    /// Stop after this many printed transactions.
+    pub limit: Option<u64>,
+}
+
+impl TailOptions {
+    /// A temporary slot, every table, JSON, no limit.
+    pub fn new(source: SourceConfig) -> Self {
+        TailOptions {
+            source,
+            slot: TailSlot::Temporary,
+            tables: Vec::new(),
+            format: TailFormat::Json,
+            from_lsn: None,
+            limit: None,
+        }
+    }
+}
+
+/// Why tail stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailStop {
+    Limit,
+    /// Ctrl-C, SIGTERM, or the caller's stop future.
+    Interrupted,
+    /// The output was closed (e.g. `walsweep tail | head`).
+    OutputClosed,
+}
+
+#[derive(Debug, Clone)]
+pub struct TailSummary {
+    pub slot: String,
+    pub temporary: bool,
+    /// Transactions printed.
+    pub transactions: u64,
+    /// Changes printed.
+    pub changes: u64,
+    /// End of the last printed transaction.
+    pub last_end_lsn: Lsn,
+    pub stop: TailStop,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// Something to fix before tail can run; the message says what.
+    #[error("{0}")]
+    Setup(String),
+    #[error("cannot decode the replication stream at {lsn}")]
+    Assemble {
+        lsn: Lsn,
+        #[source]
+        source: AssembleError,
+    },
+    #[error("column {column} of {table} (transaction {xid}, commit {commit_lsn})")]
+    Value {
+        table: String,
+        column: String,
+        xid: u32,
+        commit_lsn: Lsn,
+        #[source]
+        source: Box<ValueError>,
+    },
+    #[error("cannot write the output")]
+    Output(#[source] io::Error),
+}
+
+/// Runs until `--limit`, Ctrl-C/SIGTERM or a closed output.
+pub async fn run_tail(options: TailOptions, out: impl Write) -> Result<TailSummary, TailError> {
+    run_tail_until(options, out, interrupted()).await
+}
+
+/// Like [`run_tail`], but stops when `stop` resolves instead of on signals.
+pub async fn run_tail_until(
+    options: TailOptions,
+    out: impl Write,
+    stop: impl Future<Output = ()>,
+) -> Result<TailSummary, TailError> {
+    if options.limit == Some(0) {
+        return Err(TailError::Setup("--limit must be at least 1".into()));
+    }
+    let params = options.source.connect_params()?;
+    let client = catalog::connect(&params).await?;
+    preflight(&client, &options).await?;
+
+    let mut conn = ReplicationConnection::connect(&params).await?;
+    for setting in SESSION_SETTINGS {
+        conn.simple_query(setting).await?;
+    }
+    let (slot, temporary) = match &options.slot {
+        TailSlot::Temporary => {
+            let name = temporary_slot_name();
+            // The slot lives as long as this connection: Postgres drops it when it ends.
+            conn.simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+                quote_ident(&name)
+            ))
+            .await?;
+            (name, true)
+        }
+        TailSlot::Existing(name) => (name.clone(), false),
+    };
+    let version = conn.server_version_num().unwrap_or(0);
+    let streaming = version >= STREAMING_MIN_SERVER_VERSION;
+    let mut replication_options = vec![
+        (
+            "proto_version",
+            if streaming { "2" } else { "1" }.to_string(),
+        ),
+        (
+            "publication_names",
+            quote_ident(&options.source.publication),
+        ),
+        ("messages", "true".to_string()),
+    ];
+    if streaming {
+        replication_options.push(("streaming", "on".to_string()));
+    }
+    let start = options.from_lsn.unwrap_or(Lsn::ZERO);
+    let result = match conn
+        .start_replication(&slot, start, &replication_options)
+        .await
+    {
+        Ok(mut stream) => {
+            tracing::info!(%slot, temporary, publication = %options.source.publication, %start, "tailing");
+            let mut session = Session::new(&options, &client, out, temporary);
+            let result = session.stream(&mut stream, stop).await;
+            if result.is_ok() {
+                // Best effort: the stream ends either way.
+                let _ = send_status(&mut stream, &session.progress, session.confirm).await;
+                stream.close().await;
+            } else {
+                drop(stream);
+            }
+            result.map(|stop| TailSummary {
+                slot: slot.clone(),
+                temporary,
+                transactions: session.printed,
+                changes: session.changes,
+                last_end_lsn: session.last_end_lsn,
+                stop,
+            })
+        }
+        Err(e) => Err(e.into()),
+    };
+    if temporary {
+        wait_slot_gone(&client, &slot).await;
+    }
+    result
+}
+
+/// Resolves on Ctrl-C or SIGTERM; never when the handlers cannot be installed.
+pub async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => if r.is_err() { std::future::pending::<()>().await },
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn temporary_slot_name() -> String {
+    format!(
+        "walsweep_tail_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// `table` means `public.table`.
+pub fn qualify_table(name: &str) -> String {
+    if name.contains('.') {
+        name.to_string()
+    } else {
+        format!("public.{name}")
+    }
+}
+
+/// What only a human can fix, said before any slot exists.
+async fn preflight(client: &Client, options: &TailOptions) -> Result<(), TailError> {
+    let wal_level = catalog::wal_level(client).await?;
+    if wal_level != "logical" {
+        return Err(TailError::Setup(format!(
+            "wal_level is {wal_level:?}; logical decoding needs \
+             ALTER SYSTEM SET wal_level = logical and a server restart"
+        )));
+    }
+    let publication = &options.source.publication;
+    if !catalog::publication_exists(client, publication).await? {
+        return Err(TailError::Setup(format!(
+            "publication {publication:?} (source.publication) does not exist; tail reads \
+             changes through it: create it with `walsweep setup` or point source.publication \
+             at an existing one"
+        )));
+    }
+    if let TailSlot::Existing(slot) = &options.slot {
+        match catalog::slot_state(client, slot).await? {
+            None => {
+                return Err(TailError::Setup(format!(
+                    "replication slot {slot:?} does not exist; without --slot tail uses a \
+                     temporary slot of its own"
+                )))
+            }
+            Some(state) if state.plugin.as_deref() != Some("pgoutput") => {
+                return Err(TailError::Setup(format!(
+                    "replication slot {slot:?} uses plugin {:?}, not pgoutput",
+                    state.plugin.unwrap_or_default()
+                )))
+            }
+            Some(state) if state.active => {
+                return Err(TailError::Setup(format!(
+                    "replication slot {slot:?} is in use by process {} (walsweep run?); stop \
+                     its reader or tail without --slot (a temporary slot)",
+                    state
+                        .active_pid
+                        .map_or_else(|| "?".to_string(), |p| p.to_string())
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    if !options.tables.is_empty() {
+        let rows = client
+            .query(
+                "SELECT schemaname || '.' || tablename FROM pg_publication_tables \
+                 WHERE pubname = $1",
+                &[publication],
+            )
+            .await
+            .map_err(|source| CatalogError::Query {
+                what: "reading pg_publication_tables",
+                source,
+            })?;
+        let published: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        for table in &options.tables {
+            let table = qualify_table(table);
+            if !published.contains(&table) {
+                tracing::warn!(%table, %publication, "--table is not in the publication; its changes will not show");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Polls until Postgres dropped the temporary slot (it does when the walsender exits).
+async fn wait_slot_gone(client: &Client, slot: &str) {
+    let started = Instant::now();
+    while started.elapsed() < SLOT_GONE_TIMEOUT {
+        match catalog::slot_state(client, slot).await {
+            Ok(None) => return,
+            Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot check for the temporary slot");
+                return;
+            }
+        }
+    }
+    tracing::warn!(%slot, "the temporary slot is still there; Postgres drops it when the walsender exits");
+}
+
+/// Looks up `oids` (and the bases and elements they refer to) in `pg_type` and registers what
+/// they are; built-in types need no lookup.
+pub async fn resolve_types(
+    client: &Client,
+    registry: &mut TypeRegistry,
+    oids: impl IntoIterator<Item = u32>,
+) -> Result<(), TailError> {
+    let mut pending = registry.unresolved(oids);
+    // Domains over arrays of domains... each round resolves one level.
+    for _ in 0..16 {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let rows = client
+            .query(
+                "SELECT t.oid, n.nspname::text, t.typname::text, t.typtype::text, \
+                        t.typbasetype, t.typelem, t.typcategory::text, t.typdelim::text \
+                 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
+                 WHERE t.oid = ANY($1)",
+                &[&pending],
+            )
+            .await
+            .map_err(|source| CatalogError::Query {
+                what: "reading pg_type",
+                source,
+            })?;
+        let mut referenced = Vec::new();
+        for row in &rows {
+            let type_oid: u32 = row.get(0);
+            let namespace: String = row.get(1);
+            let name: String = row.get(2);
+            let typtype: String = row.get(3);
+            let base: u32 = row.get(4);
+            let element: u32 = row.get(5);
+            let category: String = row.get(6);
+            let delimiter: String = row.get(7);
+            let kind = match typtype.as_str() {
+                "e" => TypeKind::Enum,
+                "d" if base != 0 => {
+                    referenced.push(base);
+                    TypeKind::Domain { base }
+                }
+                _ if category == "A" && element != 0 => {
+                    referenced.push(element);
+                    TypeKind::Array {
+                        element,
+                        delimiter: delimiter.bytes().next().unwrap_or(b','),
+                    }
+                }
+                _ => TypeKind::Other,
+            };
+            registry.insert(
+                type_oid,
+                TypeInfo {
+                    name: format!("{namespace}.{name}"),
+                    kind,
+                },
+            );
+        }
+        for type_oid in &pending {
+            if registry.get(*type_oid).is_none() {
+                // Dropped since: read as text, and do not ask again.
+                registry.insert(
+                    *type_oid,
+                    TypeInfo {
+                        name: format!("type oid {type_oid}"),
+                        kind: TypeKind::Other,
+                    },
+                );
+            }
+        }
+        pending = registry.unresolved(referenced);
+    }
+    Ok(())
+}
+
+/// A column value as the planner saw it, owned until the commit.
+#[derive(Debug, Clone)]
+enum Cell {
+    Null,
+    UnchangedToast,
+    Text(Vec<u8>),
+    /// Binary send format: never requested, so never expected.
+    Binary,
+}
+
+impl Cell {
+    fn from_tuple(v: &TupleValue<'_>) -> Cell {
+        match v {
+            TupleValue::Null => Cell::Null,
+            TupleValue::UnchangedToast => Cell::UnchangedToast,
+            TupleValue::Text(t) => Cell::Text(t.to_vec()),
+            TupleValue::Binary(_) => Cell::Binary,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RecordedChange {
+    relation: Arc<RelationInfo>,
+    op: Op,
+    /// Per column: what is known of the old value (`None`: not sent).
+    old: Option<Vec<Option<Cell>>>,
+    new: Option<Vec<Cell>>,
+}
+
+#[derive(Debug)]
+struct RecordedMessage {
+    prefix: String,
+    content: Vec<u8>,
+}
+
+/// Every change and message of a transaction, in order (tail shows rows, so it keeps them).
+#[derive(Debug, Default)]
+pub struct TailPlan {
+    changes: Vec<RecordedChange>,
+    messages: Vec<RecordedMessage>,
+}
+
+impl Plan for TailPlan {
+    fn merge(&mut self, later: Self) {
+        self.changes.extend(later.changes);
+        self.messages.extend(later.messages);
+    }
+
+    fn effect_count(&self) -> usize {
+        self.changes.len() + self.messages.len()
+    }
+}
+
+/// Records the changes of the tables asked for.
+pub struct TailPlanner {
+    /// Qualified names; `None`: every table.
+    tables: Option<HashSet<String>>,
+    relations: HashMap<u32, Arc<RelationInfo>>,
+}
+
+impl TailPlanner {
+    pub fn new(tables: &[String]) -> Self {
+        TailPlanner {
+            tables: (!tables.is_empty()).then(|| tables.iter().map(|t| qualify_table(t)).collect()),
+            relations: HashMap::new(),
+        }
+    }
+
+    fn wants(&self, relation: &RelationInfo) -> bool {
+        self.tables
+            .as_ref()
+            .is_none_or(|t| t.contains(&relation.qualified_name))
+    }
+
+    fn shared(&mut self, relation: &RelationInfo) -> Arc<RelationInfo> {
+        match self.relations.get(&relation.oid) {
+            Some(r) if **r == *relation => r.clone(),
+            _ => {
+                let shared = Arc::new(relation.clone());
+                self.relations.insert(relation.oid, shared.clone());
+                shared
+            }
+        }
+    }
+}
+
+impl Planner for TailPlanner {
+    type Plan = TailPlan;
+
+    fn plan_change(&mut self, change: &RowChange<'_>, plan: &mut TailPlan) {
+        if !self.wants(change.relation) {
+            return;
+        }
+        let relation = self.shared(change.relation);
+        let columns = relation.columns.len();
+        let old = (change.op != Op::Insert).then(|| {
+            (0..columns)
+                .map(|i| change.old_value(i).map(Cell::from_tuple))
+                .collect()
+        });
+        let new = change
+            .new
+            .map(|row| row.iter().map(Cell::from_tuple).collect());
+        plan.changes.push(RecordedChange {
+            relation,
+            op: change.op,
+            old,
+            new,
+        });
+    }
+
+    fn plan_truncate(&mut self, relations: &[&RelationInfo], plan: &mut TailPlan) {
+        for relation in relations {
+            if self.wants(relation) {
+                let relation = self.shared(relation);
+                plan.changes.push(RecordedChange {
+                    relation,
+                    op: Op::Truncate,
+                    old: None,
+                    new: None,
+                });
+            }
+        }
+    }
+
+    fn plan_message(&mut self, prefix: &str, content: &[u8], plan: &mut TailPlan) {
+        plan.messages.push(RecordedMessage {
+            prefix: prefix.to_string(),
+            content: content.to_vec(),
+        });
+    }
+
+    fn relation_changed(&mut self, relation: &RelationInfo) {
+        self.relations
+            .insert(relation.oid, Arc::new(relation.clone()));
+    }
+}
+
+/// A change with typed values, ready to print.
+struct TypedChange<'a> {
+    relation: &'a RelationInfo,
+    op: Op,
+    old: Option<Vec<(&'a str, Value)>>,
+    new: Option<Vec<(&'a str, Value)>>,
+    unchanged_toast: Vec<&'a str>,
+}
+
+fn identity_name(identity: ReplicaIdentity) -> &'static str {
+    match identity {
+        ReplicaIdentity::Default => "default",
+        ReplicaIdentity::Nothing => "nothing",
+        ReplicaIdentity::Full => "full",
+        ReplicaIdentity::Index => "index",
+    }
+}
+
+struct Session<'a, W: Write> {
+    out: W,
+    format: TailFormat,
+    limit: Option<u64>,
+    status_interval: Duration,
+    client: &'a Client,
+    registry: TypeRegistry,
+    assembler: Assembler<TailPlanner>,
+    progress: Progress,
+    /// Confirm printed positions (temporary slots only).
+    confirm: bool,
+    filtered: bool,
+    printed: u64,
+    changes: u64,
+    last_end_lsn: Lsn,
+}
+
+impl<'a, W: Write> Session<'a, W> {
+    fn new(options: &TailOptions, client: &'a Client, out: W, confirm: bool) -> Self {
+        Session {
+            out,
+            format: options.format,
+            limit: options.limit,
+            status_interval: options.source.status_interval(),
+            client,
+            registry: TypeRegistry::new(),
+            assembler: Assembler::new(TailPlanner::new(&options.tables)),
+            progress: Progress::new(Lsn::ZERO),
+            confirm,
+            filtered: !options.tables.is_empty(),
+            printed: 0,
+            changes: 0,
+            last_end_lsn: Lsn::ZERO,
+        }
+    }
+
+    async fn stream(
+        &mut self,
+        stream: &mut ReplicationStream,
+        stop: impl Future<Output = ()>,
+    ) -> Result<TailStop, TailError> {
+        tokio::pin!(stop);
+        let mut ticker = tokio::time::interval(self.status_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut stop => return Ok(TailStop::Interrupted),
+                _ = ticker.tick() => send_status(stream, &self.progress, self.confirm).await?,
+                message = stream.next() => match message? {
+                    None => return Err(ReplicationError::Closed.into()),
+                    Some(WireMessage::XLogData(x)) => {
+                        self.progress.receive(x.wal_start_lsn);
+                        let committed = self.assembler.feed(&x.data).map_err(|source| {
+                            TailError::Assemble { lsn: x.wal_start_lsn, source }
+                        })?;
+                        if let Some(txn) = committed {
+                            let end = txn.end_lsn;
+                            match self.emit(txn).await {
+                                Ok(()) => {}
+                                Err(TailError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+                                    return Ok(TailStop::OutputClosed);
+                                }
+                                Err(e) => return Err(e),
+                            }
+                            if self.confirm {
+                                self.progress.confirm(end);
+                            }
+                            if self.limit.is_some_and(|limit| self.printed >= limit) {
+                                return Ok(TailStop::Limit);
+                            }
+                        }
+                    }
+                    Some(WireMessage::PrimaryKeepalive(k)) => {
+                        self.progress.receive(k.wal_end_lsn);
+                        if self.confirm && self.assembler.is_idle() {
+                            // Every commit before it was received, and printed, already.
+                            self.progress.confirm(k.wal_end_lsn);
+                        }
+                        if k.reply_requested {
+                            send_status(stream, &self.progress, self.confirm).await?;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Types the transaction's values and prints it, unless it has nothing to show.
+    async fn emit(&mut self, txn: CommittedTxn<TailPlan>) -> Result<(), TailError> {
+        let plan = &txn.plan;
+        let nothing_to_show =
+            plan.changes.is_empty() && (self.filtered || plan.messages.is_empty());
+        if nothing_to_show {
+            return Ok(());
+        }
+        let oids: Vec<u32> = plan
+            .changes
+            .iter()
+            .flat_map(|c| c.relation.columns.iter().map(|col| col.type_oid))
+            .collect();
+        resolve_types(self.client, &mut self.registry, oids).await?;
+        let changes = plan
+            .changes
+            .iter()
+            .map(|c| self.type_change(c, &txn))
+            .collect::<Result<Vec<_>, _>>()?;
+        let text = match self.format {
+            TailFormat::Json => json_txn(&txn, &changes),
+            TailFormat::Pretty => pretty_txn(&txn, &changes),
+        };
+        self.out
+            .write_all(text.as_bytes())
+            .and_then(|()| self.out.flush())
+            .map_err(TailError::Output)?;
+        self.printed += 1;
+        self.changes += changes.len() as u64;
+        self.last_end_lsn = txn.end_lsn;
+        Ok(())
+    }
+
+    fn type_change<'c>(
+        &self,
+        change: &'c RecordedChange,
+        txn: &CommittedTxn<TailPlan>,
+    ) -> Result<TypedChange<'c>, TailError> {
+        let relation = &*change.relation;
+        let value = |i: usize, cell: &Cell| -> Result<Value, TailError> {
+            let column = &relation.columns[i];
+            let fail = |source: ValueError| TailError::Value {
+                table: relation.qualified_name.clone(),
+                column: column.name.clone(),
+                xid: txn.xid,
+                commit_lsn: txn.commit_lsn,
+                source: Box::new(source),
+            };
+            match cell {
+                Cell::Null => Ok(Value::Null),
+                Cell::Text(text) => {
+                    decode_text(column.type_oid, text, &self.registry).map_err(fail)
+                }
+                Cell::Binary => Err(fail(ValueError {
+                    type_name: self.registry.type_name(column.type_oid),
+                    text: "(binary)".into(),
+                    reason: "binary-format values are not read (tail asks for text)".into(),
+                })),
+                // Callers filter these out.
+                Cell::UnchangedToast => Ok(Value::Null),
+            }
+        };
+        let mut unchanged_toast = Vec::new();
+        let old = match &change.old {
+            None => None,
+            Some(cells) => {
+                let mut row = Vec::new();
+                for (i, cell) in cells.iter().enumerate() {
+                    match cell {
+                        None | Some(Cell::UnchangedToast) => {}
+                        Some(cell) => {
+                            row.push((relation.columns[i].name.as_str(), value(i, cell)?))
+                        }
+                    }
+                }
+                Some(row)
+            }
+        };
+        let new = match &change.new {
+            None => None,
+            Some(cells) => {
+                let mut row = Vec::with_capacity(cells.len());
+                for (i, cell) in cells.iter().enumerate() {
+                    let name = relation.columns[i].name.as_str();
+                    match cell {
+                        Cell::UnchangedToast => unchanged_toast.push(name),
+                        cell => row.push((name, value(i, cell)?)),
+                    }
+                }
+                Some(row)
+            }
+        };
+        Ok(TypedChange {
+            relation,
+            op: change.op,
+            old,
+            new,
+            unchanged_toast,
+        })
+    }
+}
+
+async fn send_status(
+    stream: &mut ReplicationStream,
+    progress: &Progress,
+    confirm: bool,
+) -> Result<(), ReplicationError> {
+    let mut update = progress.status_update();
+    if !confirm {
+        // An invalid (zero) flush position moves nothing: the slot stays where it was.
+        update.flush_lsn = Lsn::ZERO;
+        update.apply_lsn = Lsn::ZERO;
+    }
+    stream.send_status(&update).await
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+fn message_content(content: &[u8]) -> String {
+    match std::str::from_utf8(content) {
+        Ok(s) => s.to_string(),
+        Err(_) => {
+            let mut hex = String::from("\\x");
+            for b in content {
+                let _ = write!(hex, "{b:02x}");
+            }
+            hex
+        }
+    }
+}
+
+/// `{"a":1,"b":"x"}` in column order (a JSON map would sort the keys).
+fn json_row(out: &mut String, row: &[(&str, Value)]) {
+    out.push('{');
+    for (i, (name, value)) in row.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{}:{}", json_string(name), value.to_json());
+    }
+    out.push('}');
+}
+
+fn json_txn(txn: &CommittedTxn<TailPlan>, changes: &[TypedChange<'_>]) -> String {
+    let mut out = String::with_capacity(256);
+    let _ = write!(
+        out,
+        "{{\"xid\":{},\"commit_lsn\":\"{}\",\"end_lsn\":\"{}\",\"commit_time\":\"{}\",\"changes\":[",
+        txn.xid,
+        txn.commit_lsn,
+        txn.end_lsn,
+        iso_utc(txn.commit_time_unix_micros)
+    );
+    for (i, change) in changes.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(
+            out,
+            "{{\"table\":{},\"op\":\"{}\",\"identity\":\"{}\"",
+            json_string(&change.relation.qualified_name),
+            change.op.as_str(),
+            identity_name(change.relation.replica_identity)
+        );
+        if let Some(old) = &change.old {
+            out.push_str(",\"old\":");
+            json_row(&mut out, old);
+        }
+        if let Some(new) = &change.new {
+            out.push_str(",\"new\":");
+            json_row(&mut out, new);
+            out.push_str(",\"unchanged_toast\":[");
+            for (j, name) in change.unchanged_toast.iter().enumerate() {
+                if j > 0 {
+                    out.push(',');
+                }
+                out.push_str(&json_string(name));
+            }
+            out.push(']');
+        }
+        out.push('}');
+    }
+    out.push_str("],\"messages\":[");
+    for (i, message) in txn.plan.messages.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(
+            out,
+            "{{\"prefix\":{},\"content\":{}}}",
+            json_string(&message.prefix),
+            json_string(&message_content(&message.content))
+        );
+    }
+    out.push_str("]}\n");
+    out
+}
+
+fn pretty_row(out: &mut String, label: &str, row: &[(&str, Value)], unchanged: &[&str]) {
+    let _ = write!(out, "    {label}:");
+    for (name, value) in row {
+        let _ = write!(out, " {name}={}", value.to_json());
+    }
+    for name in unchanged {
+        let _ = write!(out, " {name}=<unchanged TOAST>");
+    }
+    out.push('\n');
+}
+
+fn pretty_txn(txn: &CommittedTxn<TailPlan>, changes: &[TypedChange<'_>]) -> String {
+    let mut out = String::with_capacity(256);
+    let _ = writeln!(
+        out,
+        "xid {} committed {} at {} (end {}), {} change{}",
+        txn.xid,
+        iso_utc(txn.commit_time_unix_micros),
+        txn.commit_lsn,
+        txn.end_lsn,
+        changes.len(),
+        if changes.len() == 1 { "" } else { "s" }
+    );
+    for change in changes {
+        let _ = writeln!(
+            out,
+            "  {} {} (replica identity {})",
+            change.op.as_str(),
+            change.relation.qualified_name,
+            identity_name(change.relation.replica_identity)
+        );
+        if let Some(old) = &change.old {
+            pretty_row(&mut out, "old", old, &[]);
+        }
+        if let Some(new) = &change.new {
+            pretty_row(&mut out, "new", new, &change.unchanged_toast);
+        }
+    }
+    for message in &txn.plan.messages {
+        let _ = writeln!(
+            out,
+            "  message {}: {}",
+            message.prefix,
+            message_content(&message.content)
+        );
+    }
+    out.push('\n');
+    out
+}
+
+/// Unix microseconds as `2024-01-02T03:04:05.123456Z`.
+pub fn iso_utc(unix_micros: i64) -> String {
+    let days = unix_micros.div_euclid(86_400_000_000);
+    let micros_of_day = unix_micros.rem_euclid(86_400_000_000);
+    let (year, month, day) = civil_from_days(days);
+    let secs = micros_of_day / 1_000_000;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        micros_of_day % 1_000_000
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_times_print_as_iso_utc() {
+        assert_eq!(iso_utc(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(iso_utc(-1), "1969-12-31T23:59:59.999999Z");
+        assert_eq!(
+            iso_utc(1_709_210_096_123_456),
+            "2024-02-29T12:34:56.123456Z"
+        );
+        assert_eq!(iso_utc(951_782_400_000_000), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn table_names_default_to_public() {
+        assert_eq!(qualify_table("items"), "public.items");
+        assert_eq!(qualify_table("app.items"), "app.items");
+    }
+
+    #[test]
+    fn message_content_is_text_or_hex() {
+        assert_eq!(message_content(b"{\"keys\":[]}"), "{\"keys\":[]}");
+        assert_eq!(message_content(&[0xff, 0x00]), "\\xff00");
+    }
+}
