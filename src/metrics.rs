@@ -36,10 +36,12 @@ pub const LAG_SECONDS: &str = "walsweep_lag_seconds";
 pub const SLOT_WAL_STATUS: &str = "walsweep_slot_wal_status";
 pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "walsweep_slot_safe_wal_size_bytes";
 pub const RECEIVED_LSN: &str = "walsweep_received_lsn";
+pub const REINVALIDATIONS_TOTAL: &str = "walsweep_reinvalidations_total";
+pub const REINVALIDATION_ERRORS_TOTAL: &str = "walsweep_reinvalidation_errors_total";
 pub const SLOTS_RECREATED_TOTAL: &str = "walsweep_slots_recreated_total";
 
 /// Every exported name, for the endpoint test and the docs.
-pub const ALL: [&str; 23] = [
+pub const ALL: [&str; 25] = [
     TRANSACTIONS_COMMITTED_TOTAL,
     CHANGES_DECODED_TOTAL,
     TRANSACTIONS_APPLIED_TOTAL,
@@ -63,6 +65,8 @@ pub const ALL: [&str; 23] = [
     SLOT_SAFE_WAL_SIZE_BYTES,
     RECEIVED_LSN,
     SLOTS_RECREATED_TOTAL,
+    REINVALIDATIONS_TOTAL,
+    REINVALIDATION_ERRORS_TOTAL,
 ];
 
 /// Values of `pg_replication_slots.wal_status`, one `walsweep_slot_wal_status` series each.
@@ -74,6 +78,26 @@ pub const LABEL_CAUSE: &str = "cause";
 pub const LABEL_STATUS: &str = "status";
 
 pub const ERROR_SINK: &str = "sink";
+/// Every `kind` label `walsweep_errors_total` can carry (`ReplicationError::kind`,
+/// `PipelineError::kind` and the sink's own).
+pub const ERROR_KINDS: [&str; 16] = [
+    "connect",
+    "io",
+    "server",
+    "auth",
+    "protocol",
+    "closed",
+    "unsupported",
+    "wire",
+    "tls",
+    "config",
+    "catalog",
+    "decode",
+    "setup",
+    "slot_lost",
+    ERROR_SINK,
+    ERROR_WRONG_TYPE,
+];
 pub const ERROR_WRONG_TYPE: &str = "redis_wrong_type";
 
 /// Histogram buckets for latencies: 100 µs to 30 s.
@@ -146,6 +170,15 @@ pub fn describe() {
     describe_counter!(RECONNECTS_TOTAL, "Reconnects of the replication stream.");
     describe_counter!(ERRORS_TOTAL, "Errors, by kind.");
     describe_counter!(
+        REINVALIDATIONS_TOTAL,
+        "Effects applied a second time by matroska.reinvalidate_after_ms (distinct per batch)."
+    );
+    describe_counter!(
+        REINVALIDATION_ERRORS_TOTAL,
+        "Failed attempts of a delayed second invalidation (retried, then given up) and batches \
+         of it dropped from a full queue."
+    );
+    describe_counter!(
         STATUS_UPDATES_TOTAL,
         "Standby status updates sent to Postgres, by reason."
     );
@@ -156,6 +189,8 @@ pub fn describe() {
         KEYS_UNLINKED_TOTAL,
         HINTS_MALFORMED_TOTAL,
         RECONNECTS_TOTAL,
+        REINVALIDATIONS_TOTAL,
+        REINVALIDATION_ERRORS_TOTAL,
     ] {
         counter!(name).absolute(0);
     }
@@ -171,7 +206,10 @@ pub fn describe() {
     ] {
         counter!(FALLBACKS_TOTAL, LABEL_CAUSE => cause.as_str()).absolute(0);
     }
-    counter!(ERRORS_TOTAL, LABEL_KIND => ERROR_SINK).absolute(0);
+    // Every error kind exists from the start, so `increase()` sees the first error of each.
+    for kind in ERROR_KINDS {
+        counter!(ERRORS_TOTAL, LABEL_KIND => kind).absolute(0);
+    }
     for reason in [
         StatusReason::KeepaliveReply,
         StatusReason::Interval,
@@ -209,6 +247,11 @@ pub fn describe() {
     gauge!(LAG_SECONDS).set(0.0);
     gauge!(SLOT_SAFE_WAL_SIZE_BYTES).set(-1.0);
     gauge!(RECEIVED_LSN).set(0.0);
+    describe_counter!(
+        SLOTS_RECREATED_TOTAL,
+        "Lost or dropped slots recreated (on_slot_lost = recreate); each cleared the caches."
+    );
+    counter!(SLOTS_RECREATED_TOTAL).absolute(0);
     gauge!(REDIS_UP).set(0.0);
     gauge!(STREAMING).set(0.0);
     gauge!(FLUSHED_LSN).set(0.0);
@@ -277,6 +320,16 @@ pub fn effects_applied(plan: &EffectPlan) {
             counter!(EFFECTS_APPLIED_TOTAL, LABEL_KIND => kind).increment(n as u64);
         }
     }
+}
+
+/// Effects a delayed second invalidation applied.
+pub fn reinvalidated(effects: u64) {
+    counter!(REINVALIDATIONS_TOTAL).increment(effects);
+}
+
+/// A delayed second invalidation failed (one attempt, or a dropped batch).
+pub fn reinvalidation_error() {
+    counter!(REINVALIDATION_ERRORS_TOTAL).increment(1);
 }
 
 pub fn keys_unlinked(n: u64) {
