@@ -144,7 +144,7 @@ columns = ["category", "published"]
         tokio::time::sleep(Duration::from_secs(2)).await;
         listener.abort();
 
-        let mut deleted = deleted.lock().unwrap();
+        let mut deleted = std::mem::take(&mut *deleted.lock().unwrap());
         let mut from_ack = Vec::with_capacity(committed.len());
         let mut from_sent = Vec::with_capacity(committed.len());
         let mut missing = 0usize;

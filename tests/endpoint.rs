@@ -66,9 +66,8 @@ async fn metrics_are_exported_and_readiness_follows_redis() {
     let handle = walsweep::http::install_recorder();
     let addr = walsweep::http::serve("127.0.0.1:0", handle).await.unwrap();
     tokio::spawn(walsweep::health::probe_redis(
-        config.redis.url.clone(),
+        config.redis.clone(),
         Duration::from_millis(100),
-        Duration::from_millis(500),
     ));
     let (status, _) = get(addr, "/healthz").await;
     assert_eq!(status, 200);
@@ -101,7 +100,11 @@ async fn metrics_are_exported_and_readiness_follows_redis() {
             .await
             .unwrap();
         let (_, body) = get(addr, "/metrics").await;
-        if !exists && body.contains("walsweep_fallbacks_total{cause=\"truncate\"} 1") {
+        // Both transactions applied (the TRUNCATE's table-wide effect included) before checking.
+        if !exists
+            && body.contains("walsweep_transactions_applied_total 2")
+            && body.contains("walsweep_fallbacks_total{cause=\"truncate\"} 1")
+        {
             for name in walsweep::metrics::ALL {
                 assert!(
                     body.contains(&format!("# TYPE {name}")),

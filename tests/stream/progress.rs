@@ -123,6 +123,10 @@ async fn shutdown_drains_committed_work_and_confirms_it() {
         .expect("the in-flight transaction was applied");
     assert!(txn.end_lsn <= commit_end);
     assert_eq!(summary.confirmed_lsn, txn.end_lsn);
-    // The final status update moved the slot to the drained commit.
-    assert!(harness::slot_confirmed_flush(&client, "drain").await >= txn.end_lsn);
+    // The final status update moves the slot to the drained commit (the walsender applies it
+    // asynchronously, so give it a moment).
+    harness::wait_for(10, || async {
+        harness::slot_confirmed_flush(&client, "drain").await >= txn.end_lsn
+    })
+    .await;
 }

@@ -1,0 +1,230 @@
+//! Shared by the benches that drive the real pipeline against a private Postgres: a sink that
+//! only counts, a timed drain until a known number of row changes was applied, and env knobs.
+//!
+//! Each bench includes this with `#[path = "common/mod.rs"] mod common;`; not every bench uses
+//! every helper.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use walsweep::assembler::CommittedTxn;
+use walsweep::config::SourceConfig;
+use walsweep::pg::Lsn;
+use walsweep::pipeline::{self, RunSummary};
+use walsweep::plan::touched::TouchedRowsPlanner;
+use walsweep::plan::Plan;
+use walsweep::sink::{Sink, SinkError};
+
+/// A `usize` from the environment (underscores allowed: `200_000`), else `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .replace('_', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number")),
+        _ => default,
+    }
+}
+
+/// What the null sink saw, shared with the bench.
+#[derive(Default)]
+pub struct Seen {
+    /// Sum of `change_count` over applied transactions.
+    pub changes: AtomicU64,
+    pub txns: AtomicU64,
+    /// Calls of `apply` (sink batches).
+    pub batches: AtomicU64,
+    /// `end_lsn` of the last applied transaction.
+    pub last_end: AtomicU64,
+    /// Largest `effect_count` of one applied transaction's plan.
+    pub max_effects: AtomicUsize,
+}
+
+/// Applies nothing: counts, remembers the last `end_lsn`, and publishes the running change
+/// count so the bench can stop its clock the moment the last expected change is applied.
+pub struct NullSink {
+    seen: Arc<Seen>,
+    changes_tx: watch::Sender<u64>,
+}
+
+impl NullSink {
+    pub fn new() -> (NullSink, Arc<Seen>, watch::Receiver<u64>) {
+        let seen = Arc::new(Seen::default());
+        let (changes_tx, changes_rx) = watch::channel(0);
+        (
+            NullSink {
+                seen: seen.clone(),
+                changes_tx,
+            },
+            seen,
+            changes_rx,
+        )
+    }
+}
+
+impl<P: Plan + Sync> Sink<P> for NullSink {
+    async fn apply(&mut self, batch: &[CommittedTxn<P>]) -> Result<(), SinkError> {
+        let mut changes = 0;
+        let mut max_effects = 0;
+        for txn in batch {
+            changes += txn.change_count;
+            max_effects = max_effects.max(txn.plan.effect_count());
+        }
+        let s = &self.seen;
+        s.txns.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        s.batches.fetch_add(1, Ordering::Relaxed);
+        s.max_effects.fetch_max(max_effects, Ordering::Relaxed);
+        if let Some(last) = batch.last() {
+            s.last_end
+                .fetch_max(last.end_lsn.as_u64(), Ordering::Relaxed);
+        }
+        let total = s.changes.fetch_add(changes, Ordering::Relaxed) + changes;
+        self.changes_tx.send_replace(total);
+        Ok(())
+    }
+
+    async fn reset(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// The runtime walsweep's `main` builds (multi-threaded, one worker per core), or a
+/// current-thread one when `WALSWEEP_BENCH_RUNTIME=current_thread` (for comparison only).
+pub fn runtime() -> tokio::runtime::Runtime {
+    let kind = std::env::var("WALSWEEP_BENCH_RUNTIME").unwrap_or_default();
+    let mut builder = match kind.as_str() {
+        "" | "multi_thread" => tokio::runtime::Builder::new_multi_thread(),
+        "current_thread" => tokio::runtime::Builder::new_current_thread(),
+        other => panic!("WALSWEEP_BENCH_RUNTIME={other:?}: use multi_thread or current_thread"),
+    };
+    builder.enable_all().build().expect("tokio runtime")
+}
+
+/// A source with walsweep's production defaults, on `slot` and `publication`.
+pub fn source(url: &str, slot: &str, publication: &str) -> SourceConfig {
+    let mut s = SourceConfig::new(url);
+    s.slot = slot.into();
+    s.publication = publication.into();
+    // The slots and publication exist already: never create anything while timed.
+    s.create_slot = false;
+    s.create_publication = false;
+    s
+}
+
+/// One timed drain by walsweep.
+#[derive(Debug, Clone, Copy)]
+pub struct Drained {
+    /// From calling `pipeline::run` (before it connects) to the sink applying the
+    /// transaction that brought the change count to the expected total.
+    pub elapsed: Duration,
+    pub changes: u64,
+    pub txns: u64,
+    pub batches: u64,
+    pub last_end: Lsn,
+    pub max_effects: usize,
+    /// What the pipeline confirmed by the time it stopped after the measurement.
+    pub summary: RunSummary,
+}
+
+/// Runs the real pipeline (`TouchedRowsPlanner` plan, null sink) on `source` until the sink has
+/// applied `expected_changes` row changes, then asks it to stop and waits for it. Only the part
+/// up to the last apply is timed. Panics after `timeout` or if the pipeline fails.
+pub async fn drain_with_walsweep(
+    source: SourceConfig,
+    expected_changes: u64,
+    timeout: Duration,
+) -> Drained {
+    let (sink, seen, mut changes) = NullSink::new();
+    let (shutdown, signal) = pipeline::shutdown_channel();
+    let started = Instant::now();
+    let mut task = tokio::spawn(async move {
+        pipeline::run(&source, &[], TouchedRowsPlanner::default(), sink, signal).await
+    });
+    tokio::select! {
+        reached = tokio::time::timeout(timeout, changes.wait_for(|n| *n >= expected_changes)) => {
+            match reached {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => panic!("the null sink was dropped: the pipeline stopped"),
+                Err(_) => panic!(
+                    "walsweep applied {} of {expected_changes} changes within {timeout:?}",
+                    seen.changes.load(Ordering::Relaxed)
+                ),
+            }
+        }
+        ended = &mut task => panic!("the pipeline stopped before draining: {ended:?}"),
+    }
+    let elapsed = started.elapsed();
+    shutdown.request();
+    let summary = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the pipeline did not stop within 60s of the shutdown request")
+        .expect("the pipeline task panicked")
+        .unwrap_or_else(|e| panic!("the pipeline failed: {}", pipeline::display_chain(&e)));
+    Drained {
+        elapsed,
+        changes: seen.changes.load(Ordering::Relaxed),
+        txns: seen.txns.load(Ordering::Relaxed),
+        batches: seen.batches.load(Ordering::Relaxed),
+        last_end: Lsn(seen.last_end.load(Ordering::Relaxed)),
+        max_effects: seen.max_effects.load(Ordering::Relaxed),
+        summary,
+    }
+}
+
+/// Median of a non-empty list (the lower middle for an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[(v.len() - 1) / 2]
+}
+
+/// Polls `pg_current_wal_flush_lsn()` until it reaches `target`: walsenders only decode
+/// flushed WAL, so a backlog written with `synchronous_commit = off` is only complete then.
+pub fn wait_for_flush(psql: impl Fn(&str) -> String, target: Lsn) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let flushed: Lsn = psql("SELECT pg_current_wal_flush_lsn()")
+            .parse()
+            .expect("an LSN");
+        if flushed >= target {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "WAL flushed only up to {flushed}, not {target}, after 30s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// CPU time (user + system) used so far by this process (all threads) and by its waited-for
+/// children, from /proc/self/stat, at clock-tick resolution (usually 10ms).
+pub fn cpu_time() -> (Duration, Duration) {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the parenthesised command name start at field 3 (state).
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // utime, stime, cutime, cstime are fields 14..=17.
+    let tick = |i: usize| fields.get(i - 4).copied().unwrap_or(0);
+    let hz = 100.0; // USER_HZ; 100 on every Linux build this runs on.
+    let secs = |ticks: u64| Duration::from_secs_f64(ticks as f64 / hz);
+    (secs(tick(14) + tick(15)), secs(tick(16) + tick(17)))
+}
+
+/// The 1/5/15-minute load averages, printed so a noisy run can be recognised as one.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}

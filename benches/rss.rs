@@ -1,0 +1,388 @@
+//! Peak memory of walsweep while it drains one large transaction: flat in the transaction's
+//! size, growing only with the transaction's distinct effects.
+//!
+//! The bench boots a private Postgres, commits ONE transaction of N row changes behind a fresh
+//! pgoutput slot, then re-executes itself as a child process that runs the real pipeline
+//! (touched-keys plan, null sink) on that slot until the sink applied all N changes and prints
+//! its own peak RSS (`VmHWM` from /proc/self/status). So each figure is one fresh walsweep
+//! process draining exactly one transaction, nothing of the bench or of Postgres.
+//!
+//! Workloads (each at N/10 and N rows, default N = 1 000 000):
+//! - `distinct`: INSERT of N rows with distinct primary keys. The touched-keys plan holds every
+//!   distinct key, so memory grows with N: that is the design ("memory proportional to the
+//!   distinct effects of in-flight transactions"), not a leak.
+//! - `100keys`: INSERT of N rows into a table without a primary key whose rows take 100
+//!   distinct values. Without a key the replica identity is the whole row, so the plan
+//!   deduplicates the N changes to 100 effects: this shows memory flat in transaction size.
+//! - `update1000`: the same 1000 rows of a keyed table updated over and over (N/1000 UPDATE
+//!   statements of 1000 rows each) in one transaction: 1000 effects, through UPDATE messages.
+//!   (Not 100 rows x N/100 statements: every statement of a transaction re-reads all row
+//!   versions the transaction made so far, so that costs Postgres O(N^2/100) and took over ten
+//!   minutes at N = 1M; with 1000 rows it is 10x less.)
+//!
+//! And in two ways of delivery: `streamed` (logical_decoding_work_mem = 64kB, so Postgres
+//! streams the transaction while it is in progress and walsweep holds it in flight) and
+//! `at-commit` (logical_decoding_work_mem = 4GB, the whole transaction arrives after its
+//! commit).
+//!
+//! Run: `cargo bench --bench rss`
+//! Knobs: `WALSWEEP_BENCH_RSS_ROWS` (N, default 1000000), `WALSWEEP_BENCH_RSS_WORKLOADS`
+//! (comma-separated subset of `distinct,100keys,update1000`, default all).
+
+#[allow(unused_imports)]
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use walsweep::pg::Lsn;
+
+use common::{drain_with_walsweep, env_usize, source, wait_for_flush};
+use support::{Postgres, PostgresOptions};
+
+const DB: &str = "bench";
+const SLOT: &str = "rss";
+const PUBLICATION: &str = "pub";
+
+/// Set in the child's environment: run the pipeline and report memory instead of benching.
+const CHILD_ENV: &str = "WALSWEEP_BENCH_RSS_CHILD";
+const CHILD_URL_ENV: &str = "WALSWEEP_BENCH_RSS_URL";
+const CHILD_EXPECT_ENV: &str = "WALSWEEP_BENCH_RSS_EXPECT";
+
+const SCHEMA: &str = "
+CREATE TABLE items (id int PRIMARY KEY, name text, n int);
+-- No key: the replica identity (and so the touched-rows key) is the whole row.
+CREATE TABLE hits (page int, name text, n int);
+CREATE PUBLICATION pub FOR TABLE items, hits;
+";
+
+#[derive(Clone, Copy, PartialEq)]
+enum Workload {
+    Distinct,
+    HundredKeys,
+    Update1000,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Distinct => "distinct",
+            Workload::HundredKeys => "100keys",
+            Workload::Update1000 => "update1000",
+        }
+    }
+
+    /// Untimed set-up before the slot is created.
+    fn prepare(self, pg: &Postgres) {
+        pg.psql(DB, "TRUNCATE items, hits");
+        if self == Workload::Update1000 {
+            pg.psql(
+                DB,
+                "INSERT INTO items SELECT g, 'item-' || g, 0 FROM generate_series(1, 1000) g; \
+                 VACUUM ANALYZE items",
+            );
+        }
+    }
+
+    /// The one transaction of `rows` row changes.
+    fn sql(self, rows: usize) -> String {
+        match self {
+            Workload::Distinct => format!(
+                "INSERT INTO items SELECT g, 'item-' || g, g FROM generate_series(1, {rows}) g"
+            ),
+            Workload::HundredKeys => format!(
+                "INSERT INTO hits SELECT g % 100, 'page-' || (g % 100), 0 \
+                 FROM generate_series(1, {rows}) g"
+            ),
+            // One DO block is one transaction.
+            Workload::Update1000 => format!(
+                "DO $$ BEGIN FOR i IN 1..{} LOOP \
+                   UPDATE items SET n = n + 1 WHERE id <= 1000; \
+                 END LOOP; END $$",
+                (rows / 1000).max(1)
+            ),
+        }
+    }
+}
+
+struct Delivery {
+    name: &'static str,
+    work_mem: &'static str,
+}
+
+const DELIVERIES: [Delivery; 2] = [
+    Delivery {
+        name: "streamed",
+        work_mem: "64kB",
+    },
+    Delivery {
+        name: "at-commit",
+        work_mem: "4GB",
+    },
+];
+
+/// What a child reported.
+struct Measured {
+    peak_kib: u64,
+    startup_kib: u64,
+    secs: f64,
+    effects: usize,
+    /// From pg_stat_replication_slots: how Postgres delivered the transaction.
+    delivery: String,
+    /// How long Postgres took to run the transaction (untimed set-up, for orientation).
+    written_secs: f64,
+}
+
+fn main() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        child();
+        return;
+    }
+    let big = env_usize("WALSWEEP_BENCH_RSS_ROWS", 1_000_000).max(100);
+    let all = [
+        Workload::Distinct,
+        Workload::HundredKeys,
+        Workload::Update1000,
+    ];
+    let workloads: Vec<Workload> = match std::env::var("WALSWEEP_BENCH_RSS_WORKLOADS") {
+        Ok(list) if !list.trim().is_empty() => list
+            .split(',')
+            .map(|name| {
+                *all.iter()
+                    .find(|w| w.name() == name.trim())
+                    .unwrap_or_else(|| panic!("WALSWEEP_BENCH_RSS_WORKLOADS: unknown {name:?}"))
+            })
+            .collect(),
+        _ => all.to_vec(),
+    };
+    let small = (big / 10).max(1);
+
+    let pg = Postgres::start_with(PostgresOptions {
+        extra_settings: vec![
+            ("wal_sender_timeout".into(), "60s".into()),
+            ("autovacuum".into(), "off".into()),
+            ("max_wal_size".into(), "4GB".into()),
+        ],
+        ..Default::default()
+    });
+    pg.create_database(DB);
+    pg.psql(DB, SCHEMA);
+    let version = pg.psql(DB, "SHOW server_version");
+    println!(
+        "rss: Postgres {version} (private, port {}); each figure is the peak RSS (VmHWM) of a \
+         fresh walsweep child process that drained ONE transaction of txn_rows row changes \
+         (touched-keys plan, null sink)",
+        pg.port()
+    );
+
+    let mut results = Vec::new();
+    // The floor: a process that drained a 1-row transaction.
+    let floor = measure(&pg, &DELIVERIES[0], Workload::Distinct, 1);
+    report(&DELIVERIES[0], Workload::Distinct, 1, &floor);
+    for delivery in &DELIVERIES {
+        pg.psql(
+            DB,
+            &format!(
+                "ALTER SYSTEM SET logical_decoding_work_mem = '{}'; SELECT pg_reload_conf()",
+                delivery.work_mem
+            ),
+        );
+        for &workload in &workloads {
+            let mut pair = Vec::new();
+            for rows in [small, big] {
+                let m = measure(&pg, delivery, workload, rows);
+                report(delivery, workload, rows, &m);
+                pair.push(m.peak_kib);
+            }
+            results.push((delivery.name, workload, pair[0], pair[1]));
+        }
+    }
+
+    println!();
+    println!(
+        "rss results: peak RSS of one walsweep process per transaction; process floor (1-row \
+         transaction) = {:.1} MiB",
+        mib(floor.peak_kib)
+    );
+    for (delivery, workload, s, b) in results {
+        println!(
+            "rss {delivery:<9} {:<10} txn_rows={small:<8} peak={:>6.1} MiB   txn_rows={big:<8} \
+             peak={:>6.1} MiB   ratio={:.2}  (above floor: {:.1} -> {:.1} MiB)",
+            workload.name(),
+            mib(s),
+            mib(b),
+            b as f64 / s as f64,
+            mib(s.saturating_sub(floor.peak_kib)),
+            mib(b.saturating_sub(floor.peak_kib)),
+        );
+    }
+    for workload in &workloads {
+        match workload {
+            Workload::Distinct => println!(
+                "  distinct  : every row has its own key; the plan keeps every distinct key, so \
+                 memory grows with distinct effects (allowed by design)."
+            ),
+            Workload::HundredKeys => println!(
+                "  100keys   : INSERTs with only 100 distinct identities (no primary key: the \
+                 whole row is the identity); ratio ~1 = flat in transaction size."
+            ),
+            Workload::Update1000 => println!(
+                "  update1000: the same 1000 keyed rows UPDATEd txn_rows/1000 times in one \
+                 transaction (1000 effects); ratio ~1 = flat in transaction size."
+            ),
+        }
+    }
+    println!(
+        "  streamed  : Postgres streams the open transaction (protocol 2); at-commit: it \
+         arrives whole after its commit."
+    );
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn report(delivery: &Delivery, workload: Workload, rows: usize, m: &Measured) {
+    println!(
+        "  {:<9} {:<10} txn_rows={rows:<8} peak={:.1} MiB (at start-up {:.1} MiB)  \
+         drained in {:.2}s  plan effects={}  [{}; written in {:.1}s]",
+        delivery.name,
+        workload.name(),
+        mib(m.peak_kib),
+        mib(m.startup_kib),
+        m.secs,
+        m.effects,
+        m.delivery,
+        m.written_secs
+    );
+}
+
+/// Commits the workload's transaction behind a fresh slot and has a child drain it.
+fn measure(pg: &Postgres, delivery: &Delivery, workload: Workload, rows: usize) -> Measured {
+    workload.prepare(pg);
+    pg.psql(
+        DB,
+        &format!("SELECT pg_create_logical_replication_slot('{SLOT}', 'pgoutput')"),
+    );
+    let writing = Instant::now();
+    pg.psql(
+        DB,
+        &format!("SET synchronous_commit = off; {}", workload.sql(rows)),
+    );
+    let written_secs = writing.elapsed().as_secs_f64();
+    pg.psql(DB, "CHECKPOINT");
+    let target: Lsn = pg
+        .psql(DB, "SELECT pg_current_wal_lsn()")
+        .parse()
+        .expect("lsn");
+    wait_for_flush(|sql| pg.psql(DB, sql), target);
+
+    let exe = std::env::current_exe().expect("current_exe");
+    let out = Command::new(&exe)
+        .env(CHILD_ENV, "1")
+        .env(CHILD_URL_ENV, pg.url(DB))
+        .env(CHILD_EXPECT_ENV, rows.to_string())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rss child failed for {} {} rows={rows} ({}):\n{stdout}",
+        delivery.name,
+        workload.name(),
+        out.status
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("rss-child "))
+        .unwrap_or_else(|| panic!("no report from the rss child:\n{stdout}"));
+    let field = |name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+    };
+    let measured = Measured {
+        peak_kib: field("peak_kib") as u64,
+        startup_kib: field("startup_kib") as u64,
+        secs: field("secs"),
+        effects: field("effects") as usize,
+        delivery: String::new(),
+        written_secs,
+    };
+    let measured = Measured {
+        delivery: drop_slot(pg),
+        ..measured
+    };
+    pg.psql(DB, "CHECKPOINT");
+    measured
+}
+
+/// Drops the slot once its walsender is gone, returning the slot's streaming/spill counters.
+fn drop_slot(pg: &Postgres) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pg.psql(
+        DB,
+        &format!("SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name = '{SLOT}'"),
+    ) != "0"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "slot {SLOT} still active after 30s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The walsender flushes its slot statistics when it exits, just before the slot shows
+    // inactive; they can lag a moment behind.
+    let stats_sql = format!(
+        "SELECT 'stream_txns=' || stream_txns || ' spill_txns=' || spill_txns \
+         FROM pg_stat_replication_slots WHERE slot_name = '{SLOT}'"
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut stats = pg.psql(DB, &stats_sql);
+    while stats.starts_with("stream_txns=0 spill_txns=0") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        stats = pg.psql(DB, &stats_sql);
+    }
+    pg.psql(DB, &format!("SELECT pg_drop_replication_slot('{SLOT}')"));
+    stats
+}
+
+/// `VmHWM` (peak resident set) or another `Vm*` field of /proc/self/status, in KiB.
+fn proc_status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
+
+/// The child: walsweep's pipeline, as `walsweep run` would start it, on the prepared slot.
+fn child() {
+    let url = std::env::var(CHILD_URL_ENV).expect("child URL");
+    let expect: u64 = std::env::var(CHILD_EXPECT_ENV)
+        .expect("child expected changes")
+        .parse()
+        .expect("a number");
+    let runtime = common::runtime();
+    let startup_kib = proc_status_kib("VmHWM");
+    let drained = runtime.block_on(drain_with_walsweep(
+        source(&url, SLOT, PUBLICATION),
+        expect,
+        Duration::from_secs(600),
+    ));
+    assert_eq!(drained.txns, 1, "expected exactly one transaction");
+    let peak_kib = proc_status_kib("VmHWM");
+    println!(
+        "rss-child peak_kib={peak_kib} startup_kib={startup_kib} secs={:.3} effects={}",
+        drained.elapsed.as_secs_f64(),
+        drained.max_effects
+    );
+}
