@@ -73,6 +73,9 @@ impl<P: Plan> StreamedTxn<P> {
 pub struct Assembler<PL: Planner> {
     planner: PL,
     decoder: Decoder,
+    /// `walsweep_changes_decoded_total{table, op}` handles, made once per relation and op so
+    /// counting a row is one atomic add.
+    decoded: HashMap<(u32, Op), metrics::Counter>,
     relations: HashMap<u32, RelationInfo>,
     current: Option<OpenTxn<PL::Plan>>,
     /// Top-level xid of the stream block we are in (between StreamStart and StreamStop).
@@ -92,6 +95,7 @@ impl<PL: Planner> Assembler<PL> {
         Assembler {
             planner,
             decoder: Decoder::new(),
+            decoded: HashMap::new(),
             relations: HashMap::new(),
             current: None,
             stream_xid: None,
@@ -165,6 +169,8 @@ impl<PL: Planner> Assembler<PL> {
             PgOutput::Origin(_) | PgOutput::Type(_) => Ok(None),
             PgOutput::Relation(rel) => {
                 let info = RelationInfo::from_message(&rel);
+                // A renamed table gets fresh counter labels.
+                self.decoded.retain(|(oid, _), _| *oid != info.oid);
                 self.planner.relation_changed(&info);
                 self.relations.insert(info.oid, info);
                 Ok(None)
@@ -209,12 +215,20 @@ impl<PL: Planner> Assembler<PL> {
                 let target = self.target("Truncate", truncate.xid)?;
                 let mut relations = Vec::with_capacity(truncate.relation_oids.len());
                 for oid in &truncate.relation_oids {
-                    relations.push(self.relations.get(oid).ok_or(
-                        AssembleError::UnknownRelation {
-                            message: "Truncate",
-                            oid: *oid,
-                        },
-                    )?);
+                    let relation =
+                        self.relations
+                            .get(oid)
+                            .ok_or(AssembleError::UnknownRelation {
+                                message: "Truncate",
+                                oid: *oid,
+                            })?;
+                    self.decoded
+                        .entry((*oid, Op::Truncate))
+                        .or_insert_with(|| {
+                            crate::metrics::changes_decoded(&relation.qualified_name, Op::Truncate)
+                        })
+                        .increment(1);
+                    relations.push(relation);
                 }
                 let (plan, count) =
                     plan_slot(&mut self.current, &mut self.streamed, target, "Truncate")?;
@@ -364,6 +378,10 @@ impl<PL: Planner> Assembler<PL> {
             .relations
             .get(&oid)
             .ok_or(AssembleError::UnknownRelation { message, oid })?;
+        self.decoded
+            .entry((oid, op))
+            .or_insert_with(|| crate::metrics::changes_decoded(&relation.qualified_name, op))
+            .increment(1);
         let expected = relation.columns.len();
         for tuple in [key, old, new].into_iter().flatten() {
             if tuple.columns.len() != expected {

@@ -73,6 +73,8 @@ pub const ALL: [&str; 25] = [
 pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
 pub const LABEL_KIND: &str = "kind";
+pub const LABEL_TABLE: &str = "table";
+pub const LABEL_OP: &str = "op";
 pub const LABEL_REASON: &str = "reason";
 pub const LABEL_CAUSE: &str = "cause";
 pub const LABEL_STATUS: &str = "status";
@@ -266,9 +268,13 @@ pub fn describe() {
     }
 }
 
-pub fn txn_committed<P: Plan>(txn: &CommittedTxn<P>) {
+pub fn txn_committed<P: Plan>(_txn: &CommittedTxn<P>) {
     counter!(TRANSACTIONS_COMMITTED_TOTAL).increment(1);
-    counter!(CHANGES_DECODED_TOTAL).increment(txn.change_count);
+}
+
+/// The counter of decoded row changes for one table and operation (kept by the caller).
+pub fn changes_decoded(table: &str, op: crate::plan::Op) -> metrics::Counter {
+    counter!(CHANGES_DECODED_TOTAL, LABEL_TABLE => table.to_string(), LABEL_OP => op.as_str())
 }
 
 pub fn batch_applied<P: Plan>(batch: &[CommittedTxn<P>], elapsed: Duration) {
