@@ -54,6 +54,28 @@ struct OpenTxn<P> {
     change_count: u64,
 }
 
+impl<P: Plan> OpenTxn<P> {
+    fn begin(xid: u32) -> Self {
+        OpenTxn {
+            xid,
+            plan: P::default(),
+            change_count: 0,
+        }
+    }
+
+    /// The committed transaction; Commit, StreamCommit and CommitPrepared all end here.
+    fn commit(self, commit_lsn: Lsn, end_lsn: Lsn, commit_time: i64) -> CommittedTxn<P> {
+        CommittedTxn {
+            xid: self.xid,
+            commit_lsn,
+            end_lsn,
+            commit_time_unix_micros: pgoutput::pg_time_to_unix_micros(commit_time),
+            change_count: self.change_count,
+            plan: self.plan,
+        }
+    }
+}
+
 /// A streamed transaction: plan segments in arrival order, each owned by one (sub)xid.
 struct StreamedTxn<P> {
     segments: Vec<(u32, P)>,
@@ -61,12 +83,17 @@ struct StreamedTxn<P> {
 }
 
 impl<P: Plan> StreamedTxn<P> {
-    fn into_plan(self) -> P {
+    /// Its segments merged in order, as one transaction.
+    fn into_open(self, xid: u32) -> OpenTxn<P> {
         let mut plan = P::default();
         for (_, segment) in self.segments {
             plan.merge(segment);
         }
-        plan
+        OpenTxn {
+            xid,
+            plan,
+            change_count: self.change_count,
+        }
     }
 }
 
@@ -145,11 +172,7 @@ impl<PL: Planner> Assembler<PL> {
         let message = self.decoder.decode(data)?;
         match message {
             PgOutput::Begin(begin) => {
-                self.current = Some(OpenTxn {
-                    xid: begin.xid,
-                    plan: PL::Plan::default(),
-                    change_count: 0,
-                });
+                self.current = Some(OpenTxn::begin(begin.xid));
                 Ok(None)
             }
             PgOutput::Commit(commit) => {
@@ -157,14 +180,11 @@ impl<PL: Planner> Assembler<PL> {
                     .current
                     .take()
                     .ok_or(AssembleError::OutsideTransaction { message: "Commit" })?;
-                Ok(Some(CommittedTxn {
-                    xid: txn.xid,
-                    commit_lsn: commit.commit_lsn,
-                    end_lsn: commit.end_lsn,
-                    commit_time_unix_micros: pgoutput::pg_time_to_unix_micros(commit.commit_time),
-                    change_count: txn.change_count,
-                    plan: txn.plan,
-                }))
+                Ok(Some(txn.commit(
+                    commit.commit_lsn,
+                    commit.end_lsn,
+                    commit.commit_time,
+                )))
             }
             PgOutput::Origin(_) | PgOutput::Type(_) => Ok(None),
             PgOutput::Relation(rel) => {
@@ -275,15 +295,12 @@ impl<PL: Planner> Assembler<PL> {
                             message: "StreamCommit",
                             xid: commit.xid,
                         })?;
-                let change_count = txn.change_count;
-                Ok(Some(CommittedTxn {
-                    xid: commit.xid,
-                    commit_lsn: commit.commit_lsn,
-                    end_lsn: commit.end_lsn,
-                    commit_time_unix_micros: pgoutput::pg_time_to_unix_micros(commit.commit_time),
-                    change_count,
-                    plan: txn.into_plan(),
-                }))
+                let txn = txn.into_open(commit.xid);
+                Ok(Some(txn.commit(
+                    commit.commit_lsn,
+                    commit.end_lsn,
+                    commit.commit_time,
+                )))
             }
             PgOutput::StreamAbort(abort) => {
                 if abort.xid == abort.subxid {
@@ -294,11 +311,7 @@ impl<PL: Planner> Assembler<PL> {
                 Ok(None)
             }
             PgOutput::BeginPrepare(begin) => {
-                self.current = Some(OpenTxn {
-                    xid: begin.xid,
-                    plan: PL::Plan::default(),
-                    change_count: 0,
-                });
+                self.current = Some(OpenTxn::begin(begin.xid));
                 Ok(None)
             }
             PgOutput::Prepare(prepare) => {
@@ -317,15 +330,8 @@ impl<PL: Planner> Assembler<PL> {
                             message: "StreamPrepare",
                             xid: prepare.xid,
                         })?;
-                let change_count = txn.change_count;
-                self.prepared.insert(
-                    prepare.gid.to_string(),
-                    OpenTxn {
-                        xid: prepare.xid,
-                        plan: txn.into_plan(),
-                        change_count,
-                    },
-                );
+                self.prepared
+                    .insert(prepare.gid.to_string(), txn.into_open(prepare.xid));
                 Ok(None)
             }
             PgOutput::CommitPrepared(commit) => {
@@ -335,14 +341,11 @@ impl<PL: Planner> Assembler<PL> {
                         gid: commit.gid.to_string(),
                     }
                 })?;
-                Ok(Some(CommittedTxn {
-                    xid: commit.xid,
-                    commit_lsn: commit.commit_lsn,
-                    end_lsn: commit.end_lsn,
-                    commit_time_unix_micros: pgoutput::pg_time_to_unix_micros(commit.commit_time),
-                    change_count: txn.change_count,
-                    plan: txn.plan,
-                }))
+                Ok(Some(txn.commit(
+                    commit.commit_lsn,
+                    commit.end_lsn,
+                    commit.commit_time,
+                )))
             }
             PgOutput::RollbackPrepared(rollback) => {
                 self.prepared.remove(rollback.gid);
