@@ -2,6 +2,7 @@
 //! environment overrides for secrets, and validation that reports every problem at once with the
 //! file, line and a fix.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 1_024;
 pub const DEFAULT_BATCH_MAX_TXNS: usize = 512;
 pub const DEFAULT_RECONNECT_MIN_MS: u64 = 100;
 pub const DEFAULT_RECONNECT_MAX_MS: u64 = 30_000;
+pub const DEFAULT_RELEASE_SLOT_AFTER_SINK_OUTAGE_MS: u64 = 10_000;
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_MATROSKA_PREFIX: &str = "cache";
@@ -194,6 +196,11 @@ pub struct SourceConfig {
     /// maintain, the only honest recovery for a cache that missed changes.
     #[serde(default)]
     pub on_slot_lost: SlotLostPolicy,
+    /// When the sink (Redis) has been failing this long, in ms, walsweep closes the replication
+    /// connection until it recovers: Postgres keeps the WAL either way, but a connected
+    /// walsender waiting for confirmations would also hold up a Postgres shutdown. Default 10000.
+    #[serde(default = "default_release_slot_after_sink_outage_ms")]
+    pub release_slot_after_sink_outage_ms: u64,
 }
 
 /// `source.on_slot_lost`.
@@ -254,6 +261,9 @@ pub enum OpName {
     Truncate,
 }
 
+fn default_release_slot_after_sink_outage_ms() -> u64 {
+    DEFAULT_RELEASE_SLOT_AFTER_SINK_OUTAGE_MS
+}
 fn default_redis_url() -> String {
     DEFAULT_REDIS_URL.into()
 }
@@ -310,6 +320,7 @@ impl SourceConfig {
             reconnect_min_ms: DEFAULT_RECONNECT_MIN_MS,
             reconnect_max_ms: DEFAULT_RECONNECT_MAX_MS,
             on_slot_lost: SlotLostPolicy::Fail,
+            release_slot_after_sink_outage_ms: DEFAULT_RELEASE_SLOT_AFTER_SINK_OUTAGE_MS,
         }
     }
 
@@ -458,11 +469,12 @@ impl Config {
 
     /// Every problem the file has, each with its line when it can be found.
     fn validate(&self, text: &str) -> Vec<Problem> {
+        let locator = Locator::new(text);
         let mut problems = Vec::new();
         let mut problem = |key: &str, message: String| {
             problems.push(Problem {
                 key: key.to_string(),
-                line: locate(text, key),
+                line: locator.locate(key),
                 message,
             })
         };
@@ -496,6 +508,12 @@ impl Config {
         }
         if s.batch_max_txns == 0 {
             problem("source.batch_max_txns", "must be at least 1".into());
+        }
+        if s.release_slot_after_sink_outage_ms == 0 {
+            problem(
+                "source.release_slot_after_sink_outage_ms",
+                "must be at least 1 (ms); 10000 is a good value".into(),
+            );
         }
         if s.reconnect_min_ms == 0 || s.reconnect_min_ms > s.reconnect_max_ms {
             problem(
@@ -688,60 +706,87 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// The line of a dotted config path such as `source.slot`, `table[2].keys[0]` or
+/// Finds the line of a dotted config path such as `source.slot`, `table[2].keys[0]` or
 /// `table[0].scope[1].columns`: the n-th `[[table]]` header, then the n-th `[[table.scope]]`
-/// under it, then the line assigning the last field. Falls back to the closest header found.
-fn locate(text: &str, path: &str) -> Option<usize> {
-    let lines: Vec<&str> = text.lines().collect();
-    let mut start = 0usize;
-    let mut end = lines.len();
-    let mut found = None;
-    let segments: Vec<&str> = path.split('.').collect();
-    let (field, sections) = segments.split_last()?;
-    let mut header_path = String::new();
-    for section in sections {
-        let (name, nth) = match section.split_once('[') {
-            Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
-            None => (*section, None),
-        };
-        if !header_path.is_empty() {
-            header_path.push('.');
+/// under it, then the line assigning the last field; falls back to the closest header found.
+/// Built once per file, so reporting many problems stays linear in the file's size.
+struct Locator<'t> {
+    lines: Vec<&'t str>,
+    /// Line indexes of each header (`[source]`, `[[table]]`, ...), in order.
+    headers: HashMap<&'t str, Vec<usize>>,
+    /// Line indexes of every header line.
+    header_lines: Vec<usize>,
+}
+
+impl<'t> Locator<'t> {
+    fn new(text: &'t str) -> Self {
+        let lines: Vec<&str> = text.lines().collect();
+        let mut headers: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut header_lines = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            let t = line.trim();
+            if t.starts_with('[') {
+                headers.entry(t).or_default().push(i);
+                header_lines.push(i);
+            }
         }
-        header_path.push_str(name);
-        let header = match nth {
-            Some(_) => format!("[[{header_path}]]"),
-            None => format!("[{header_path}]"),
-        };
-        let hit = lines[start..end]
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.trim() == header)
-            .nth(nth.unwrap_or(0))
-            .map(|(k, _)| start + k)?;
-        found = Some(hit + 1);
-        start = hit + 1;
-        // The section ends at the next header of the same or an outer level.
-        end = lines[start..end]
+        Locator {
+            lines,
+            headers,
+            header_lines,
+        }
+    }
+
+    fn locate(&self, path: &str) -> Option<usize> {
+        let mut start = 0usize;
+        let mut end = self.lines.len();
+        let mut found = None;
+        let segments: Vec<&str> = path.split('.').collect();
+        let (field, sections) = segments.split_last()?;
+        let mut header_path = String::new();
+        for section in sections {
+            let (name, nth) = match section.split_once('[') {
+                Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+                None => (*section, None),
+            };
+            if !header_path.is_empty() {
+                header_path.push('.');
+            }
+            header_path.push_str(name);
+            let header = match nth {
+                Some(_) => format!("[[{header_path}]]"),
+                None => format!("[{header_path}]"),
+            };
+            let positions = self.headers.get(header.as_str())?;
+            let first = positions.partition_point(|&p| p < start);
+            let hit = *positions.get(first + nth.unwrap_or(0))?;
+            if hit >= end {
+                return found;
+            }
+            found = Some(hit + 1);
+            start = hit + 1;
+            // The section ends at the next header of the same or an outer level.
+            let child_prefix = format!("[[{header_path}.");
+            let next = self.header_lines[self.header_lines.partition_point(|&p| p < start)..]
+                .iter()
+                .copied()
+                .find(|&p| {
+                    let t = self.lines[p].trim();
+                    nth.is_none() || t == header || !t.starts_with(&child_prefix)
+                });
+            end = next.map_or(end, |p| p.min(end));
+        }
+        let field = field.split('[').next().unwrap_or(field);
+        self.lines[start..end]
             .iter()
             .position(|l| {
-                let t = l.trim();
-                t.starts_with('[')
-                    && (nth.is_none()
-                        || t == header
-                        || !t.starts_with(&format!("[[{header_path}.")))
+                l.trim_start()
+                    .strip_prefix(field)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
             })
-            .map_or(end, |k| start + k);
+            .map(|k| start + k + 1)
+            .or(found)
     }
-    let field = field.split('[').next().unwrap_or(field);
-    lines[start..end]
-        .iter()
-        .position(|l| {
-            l.trim_start()
-                .strip_prefix(field)
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
-        })
-        .map(|k| start + k + 1)
-        .or(found)
 }
 
 #[cfg(test)]

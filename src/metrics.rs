@@ -205,6 +205,7 @@ pub fn describe() {
         FallbackCause::UnknownNewValue,
         FallbackCause::UnknownColumn,
         FallbackCause::SlotRecreated,
+        FallbackCause::NonUtf8Value,
     ] {
         counter!(FALLBACKS_TOTAL, LABEL_CAUSE => cause.as_str()).absolute(0);
     }

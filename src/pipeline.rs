@@ -10,6 +10,8 @@
 //! Only that watch channel moves the flush position, except when nothing at all is pending:
 //! then a keepalive's WAL end is confirmed, so an idle slot never holds WAL.
 
+use std::time::{Duration, Instant};
+
 use tokio::sync::{mpsc, watch};
 
 use crate::assembler::{AssembleError, Assembler, CommittedTxn};
@@ -236,13 +238,17 @@ where
     let _monitor = AbortOnDrop(monitor);
     let (txn_tx, txn_rx) = mpsc::channel(source.queue_capacity);
     let (confirmed_tx, confirmed_rx) = watch::channel(Lsn::ZERO);
-    let sink_backoff = Backoff::new(source.reconnect_min(), source.reconnect_max());
+    let (failing_tx, failing_rx) = watch::channel(None);
+    let sink_retry = SinkRetry {
+        backoff: Backoff::new(source.reconnect_min(), source.reconnect_max()),
+        failing_since: failing_tx,
+    };
     let mut sink_task = tokio::spawn(sink_loop(
         sink,
         txn_rx,
         confirmed_tx,
         source.batch_max_txns,
-        sink_backoff,
+        sink_retry,
     ));
     let mut streamer = Streamer {
         source,
@@ -250,6 +256,7 @@ where
         assembler: Assembler::new(planner),
         queue: txn_tx,
         confirmed: confirmed_rx,
+        sink_failing_since: failing_rx,
         enqueued_lsn: Lsn::ZERO,
         keepalive_lsn: Lsn::ZERO,
         shutdown,
@@ -290,7 +297,7 @@ async fn sink_loop<P: crate::plan::Plan, S: Sink<P>>(
     mut queue: mpsc::Receiver<SinkCommand<P>>,
     confirmed: watch::Sender<Lsn>,
     batch_max: usize,
-    mut backoff: Backoff,
+    mut backoff: SinkRetry,
 ) -> Result<(), SinkError> {
     let mut commands = Vec::with_capacity(batch_max);
     let mut batch = Vec::with_capacity(batch_max);
@@ -315,7 +322,7 @@ async fn apply_batch<P: crate::plan::Plan, S: Sink<P>>(
     sink: &mut S,
     batch: &mut Vec<CommittedTxn<P>>,
     confirmed: &watch::Sender<Lsn>,
-    backoff: &mut Backoff,
+    backoff: &mut SinkRetry,
 ) -> Result<(), SinkError> {
     if batch.is_empty() {
         return Ok(());
@@ -336,12 +343,20 @@ enum SinkOp<'a, P> {
     Reset,
 }
 
+/// Retry state of the sink task, and since when the sink has been failing (the stream task
+/// releases the slot when an outage lasts).
+struct SinkRetry {
+    backoff: Backoff,
+    failing_since: watch::Sender<Option<Instant>>,
+}
+
 /// Runs `op` until it succeeds or fails for good; nothing is ever skipped.
 async fn retry<P: crate::plan::Plan, S: Sink<P>>(
     sink: &mut S,
     op: SinkOp<'_, P>,
-    backoff: &mut Backoff,
+    state: &mut SinkRetry,
 ) -> Result<(), SinkError> {
+    let backoff = &mut state.backoff;
     loop {
         let result = match op {
             SinkOp::Apply(batch) => sink.apply(batch).await,
@@ -350,9 +365,17 @@ async fn retry<P: crate::plan::Plan, S: Sink<P>>(
         match result {
             Ok(()) => {
                 backoff.reset();
+                state
+                    .failing_since
+                    .send_if_modified(|since| since.take().is_some());
                 return Ok(());
             }
             Err(e) if e.is_retryable() => {
+                state.failing_since.send_if_modified(|since| {
+                    let first = since.is_none();
+                    since.get_or_insert_with(Instant::now);
+                    first
+                });
                 let delay = backoff.next_delay();
                 m::error(m::ERROR_SINK);
                 tracing::warn!(
@@ -374,6 +397,8 @@ struct Streamer<'a, PL: Planner> {
     assembler: Assembler<PL>,
     queue: mpsc::Sender<SinkCommand<PL::Plan>>,
     confirmed: watch::Receiver<Lsn>,
+    /// Since when the sink has been failing, if it is.
+    sink_failing_since: watch::Receiver<Option<Instant>>,
     /// End of the last transaction handed to the sink queue. A reconnect resumes after it, so
     /// nothing reaches the sink twice or out of order while the sink task lives.
     enqueued_lsn: Lsn,
@@ -388,12 +413,17 @@ enum SessionEnd {
     Shutdown,
     /// Start a new session at once (the slot was just recreated).
     Restart,
+    /// The sink has been down for `release_slot_after_sink_outage_ms`: let go of the slot
+    /// until it recovers.
+    SinkDown,
 }
 
 impl<PL: Planner> Streamer<'_, PL> {
     async fn run(&mut self) -> Result<(), PipelineError> {
         loop {
             match self.session().await {
+                // session() waits for the sink to recover before it returns this.
+                Ok(SessionEnd::SinkDown) => {}
                 Ok(SessionEnd::Shutdown) => return Ok(()),
                 Ok(SessionEnd::Restart) => {}
                 Err(e) if e.is_retryable() && self.shutdown.requests() == 0 => {
@@ -504,12 +534,36 @@ impl<PL: Planner> Streamer<'_, PL> {
         crate::health::set_streaming(true);
         let result = self.stream(&mut stream, &mut progress).await;
         crate::health::set_streaming(false);
-        if let Ok(SessionEnd::Shutdown) = &result {
-            send_status(&mut stream, &progress, StatusReason::Shutdown).await?;
-            stream.close().await;
-            tracing::info!(flushed_lsn = %progress.flushed_lsn(), "stopped after draining committed work");
+        match result {
+            Ok(SessionEnd::Shutdown) => {
+                send_status(&mut stream, &progress, StatusReason::Shutdown).await?;
+                stream.close().await;
+                tracing::info!(flushed_lsn = %progress.flushed_lsn(), "stopped after draining committed work");
+                Ok(SessionEnd::Shutdown)
+            }
+            Ok(SessionEnd::SinkDown) => {
+                send_status(&mut stream, &progress, StatusReason::Interval).await?;
+                stream.close().await;
+                tracing::warn!(
+                    after_ms = self.source.release_slot_after_sink_outage_ms,
+                    "sink still down; releasing the replication slot until it recovers \
+                     (Postgres keeps the WAL; a held walsender would also block its shutdown)"
+                );
+                let mut shutdown = self.shutdown.clone();
+                tokio::select! {
+                    _ = self.sink_failing_since.wait_for(Option::is_none) => {
+                        tracing::info!("sink recovered; resuming replication");
+                        Ok(SessionEnd::Restart)
+                    }
+                    _ = shutdown.at_least(1) => Ok(SessionEnd::Shutdown),
+                }
+            }
+            other => other,
         }
-        result
+    }
+
+    fn sink_outage_exceeded(&self) -> bool {
+        outage_exceeded(&self.sink_failing_since, self.source)
     }
 
     async fn stream(
@@ -532,6 +586,9 @@ impl<PL: Planner> Streamer<'_, PL> {
                 }
                 _ = ticker.tick() => {
                     send_status(stream, progress, StatusReason::Interval).await?;
+                    if self.sink_outage_exceeded() {
+                        return Ok(SessionEnd::SinkDown);
+                    }
                 }
                 message = stream.next() => {
                     match message? {
@@ -542,7 +599,9 @@ impl<PL: Planner> Streamer<'_, PL> {
                                 PipelineError::Assemble { lsn: x.wal_start_lsn, source }
                             })?;
                             if let Some(txn) = committed {
-                                self.enqueue(txn, stream, progress, &mut ticker).await?;
+                                if !self.enqueue(txn, stream, progress, &mut ticker).await? {
+                                    return Ok(SessionEnd::SinkDown);
+                                }
                             }
                         }
                         Some(WireMessage::PrimaryKeepalive(k)) => {
@@ -624,19 +683,21 @@ impl<PL: Planner> Streamer<'_, PL> {
         stream: &mut ReplicationStream,
         progress: &mut Progress,
         ticker: &mut tokio::time::Interval,
-    ) -> Result<(), PipelineError> {
+    ) -> Result<bool, PipelineError> {
         let end_lsn = txn.end_lsn;
-        m::txn_committed(&txn);
         loop {
             tokio::select! {
                 biased;
                 permit = self.queue.reserve() => {
                     match permit {
-                        Ok(permit) => permit.send(SinkCommand::Apply(txn)),
+                        Ok(permit) => {
+                            m::txn_committed(&txn);
+                            permit.send(SinkCommand::Apply(txn));
+                        }
                         Err(_) => return Err(PipelineError::Setup("sink stopped".into())),
                     }
                     self.enqueued_lsn = end_lsn;
-                    return Ok(());
+                    return Ok(true);
                 }
                 Ok(()) = self.confirmed.changed() => {
                     progress.confirm(*self.confirmed.borrow_and_update());
@@ -644,6 +705,10 @@ impl<PL: Planner> Streamer<'_, PL> {
                 }
                 _ = ticker.tick() => {
                     send_status(stream, progress, StatusReason::Interval).await?;
+                    // Not enqueued, so not lost: the slot delivers it again after resuming.
+                    if outage_exceeded(&self.sink_failing_since, self.source) {
+                        return Ok(false);
+                    }
                 }
             }
         }
@@ -678,6 +743,17 @@ impl<PL: Planner> Streamer<'_, PL> {
         progress.confirm(*self.confirmed.borrow());
         Ok(())
     }
+}
+
+/// The sink has been failing for longer than `release_slot_after_sink_outage_ms`.
+fn outage_exceeded(
+    failing_since: &watch::Receiver<Option<Instant>>,
+    source: &SourceConfig,
+) -> bool {
+    let limit = Duration::from_millis(source.release_slot_after_sink_outage_ms);
+    failing_since
+        .borrow()
+        .is_some_and(|since| since.elapsed() >= limit)
 }
 
 async fn send_status(

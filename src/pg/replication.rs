@@ -129,7 +129,10 @@ pub(crate) fn is_retryable_sqlstate(sqlstate: &str) -> bool {
     // 42501 (insufficient privilege) need a human; 55006 (slot in use by another consumer),
     // 57P01..57P03 (admin shutdown, crash shutdown, cannot connect now), class 08 (connection)
     // and 53 (insufficient resources, e.g. too many walsenders) pass by themselves.
+    // Class 22 (data exception, e.g. a value the client encoding cannot hold) repeats on every
+    // attempt at the same position.
     !(sqlstate.starts_with("28")
+        || sqlstate.starts_with("22")
         || sqlstate == "3D000"
         || sqlstate == "42704"
         || sqlstate == "42501"
@@ -257,6 +260,11 @@ impl ReplicationConnection {
             parameters: HashMap::new(),
         };
         conn.startup(params).await?;
+        // A SQL_ASCII database may hold any bytes; converting them to UTF8 fails the walsender
+        // on every attempt. Take the bytes as they are (rules treat invalid UTF-8 explicitly).
+        if conn.parameter("server_encoding") == Some("SQL_ASCII") {
+            conn.simple_query("SET client_encoding = 'SQL_ASCII'").await?;
+        }
         Ok(conn)
     }
 
@@ -681,7 +689,10 @@ impl ReplicationStream {
                     let data: Bytes = body.into_bytes();
                     return Ok(Some(wire::parse_wire_message(data)?));
                 }
-                Incoming::Message(Message::CopyDone) => return Ok(None),
+                // The server ends the stream with CopyDone, or (shutting down) goes straight
+                // to CommandComplete.
+                Incoming::Message(Message::CopyDone)
+                | Incoming::Message(Message::CommandComplete(_)) => return Ok(None),
                 Incoming::Message(Message::NoticeResponse(_))
                 | Incoming::Message(Message::ParameterStatus(_)) => {}
                 other => return Err(unexpected(&other, "streaming")),

@@ -17,6 +17,9 @@ pub enum FallbackCause {
     UnknownColumn,
     /// The replication slot was lost and recreated: changes in between were never seen.
     SlotRecreated,
+    /// A value is not valid UTF-8 (SQL_ASCII databases): its exact key bytes cannot be rendered
+    /// into a key string, so every key the template could produce goes.
+    NonUtf8Value,
 }
 
 impl FallbackCause {
@@ -27,6 +30,7 @@ impl FallbackCause {
             FallbackCause::UnknownNewValue => "unknown_new_value",
             FallbackCause::UnknownColumn => "unknown_column",
             FallbackCause::SlotRecreated => "slot_recreated",
+            FallbackCause::NonUtf8Value => "non_utf8_value",
         }
     }
 }

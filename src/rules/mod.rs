@@ -303,9 +303,11 @@ fn cell<'a>(change: &RowChange<'a>, side: Side, position: Option<usize>) -> Cell
         _ => (change.new_value(i), FallbackCause::UnknownNewValue),
     };
     match value {
-        Some(TupleValue::Text(b)) | Some(TupleValue::Binary(b)) => {
-            Cell::Text(String::from_utf8_lossy(b))
-        }
+        Some(TupleValue::Text(b)) | Some(TupleValue::Binary(b)) => match std::str::from_utf8(b) {
+            Ok(text) => Cell::Text(std::borrow::Cow::Borrowed(text)),
+            // A lossy rendering would name a key no app wrote: invalidate table-wide instead.
+            Err(_) => Cell::Unknown(FallbackCause::NonUtf8Value),
+        },
         Some(TupleValue::Null) => Cell::Null,
         Some(TupleValue::UnchangedToast) | None => Cell::Unknown(unknown),
     }

@@ -172,6 +172,7 @@ pub fn source(pg: &Postgres, db: &str, slot: &str) -> SourceConfig {
     s.status_interval_ms = 200;
     s.reconnect_min_ms = 50;
     s.reconnect_max_ms = 500;
+    s.release_slot_after_sink_outage_ms = 1_000;
     s
 }
 

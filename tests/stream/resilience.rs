@@ -190,3 +190,46 @@ async fn wal_level_replica_is_reported_with_the_fix() {
         "{msg}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_sink_outage_releases_the_slot_so_postgres_can_shut_down() {
+    support::init_tracing();
+    let mut pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    let mut run = harness::start(harness::source(&pg, "app", "outage"), &[]);
+    let client = pg.client("app").await;
+    harness::wait_streaming(&client, "outage").await;
+
+    // The sink fails from now on (retryable): nothing is confirmed, and after the configured
+    // outage (1 s here) walsweep lets go of the slot.
+    run.failures
+        .store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
+    pg.psql("app", "INSERT INTO items VALUES (1, 'during the outage')");
+    harness::wait_for(20, || async {
+        client
+            .query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'outage'",
+                &[],
+            )
+            .await
+            .map(|r| !r.get::<_, bool>(0))
+            .unwrap_or(false)
+    })
+    .await;
+    // With no walsender waiting for confirmations, a fast shutdown goes through.
+    drop(client);
+    pg.stop(support::ShutdownMode::Fast);
+    pg.restart();
+    let client = pg.client("app").await;
+    pg.psql("app", "INSERT INTO items VALUES (2, 'after the restart')");
+
+    // The sink recovers: walsweep resumes and applies both commits, nothing lost.
+    run.failures.store(0, std::sync::atomic::Ordering::SeqCst);
+    let mut seen = BTreeSet::new();
+    while !(seen.contains(&1) && seen.contains(&2)) {
+        seen.extend(inserted_ids(&[run.next_txn(30).await]));
+    }
+    harness::wait_streaming(&client, "outage").await;
+    run.stop().await;
+}
