@@ -14,11 +14,11 @@
 //! - `100keys`: INSERT of N rows into a table without a primary key whose rows take 100
 //!   distinct values. Without a key the replica identity is the whole row, so the plan
 //!   deduplicates the N changes to 100 effects: this shows memory flat in transaction size.
-//! - `update1000`: the same 1000 rows of a keyed table updated over and over (N/1000 UPDATE
-//!   statements of 1000 rows each) in one transaction: 1000 effects, through UPDATE messages.
-//!   (Not 100 rows x N/100 statements: every statement of a transaction re-reads all row
-//!   versions the transaction made so far, so that costs Postgres O(N^2/100) and took over ten
-//!   minutes at N = 1M; with 1000 rows it is 10x less.)
+//! - `update10k`: the same 10 000 rows of a keyed table updated over and over (N/10 000 UPDATE
+//!   statements of 10 000 rows each) in one transaction: 10 000 effects, through UPDATE
+//!   messages. (Not 100 rows x N/100 statements: every statement of a transaction re-reads
+//!   every row version the transaction made so far, which costs Postgres O(N^2 / rows per
+//!   statement): over ten minutes at N = 1M with 100 rows, almost three with 1000.)
 //!
 //! And in two ways of delivery: `streamed` (logical_decoding_work_mem = 64kB, so Postgres
 //! streams the transaction while it is in progress and walsweep holds it in flight) and
@@ -27,7 +27,7 @@
 //!
 //! Run: `cargo bench --bench rss`
 //! Knobs: `WALSWEEP_BENCH_RSS_ROWS` (N, default 1000000), `WALSWEEP_BENCH_RSS_WORKLOADS`
-//! (comma-separated subset of `distinct,100keys,update1000`, default all).
+//! (comma-separated subset of `distinct,100keys,update10k`, default all).
 
 #[allow(unused_imports)]
 #[path = "../tests/support/mod.rs"]
@@ -60,11 +60,14 @@ CREATE TABLE hits (page int, name text, n int);
 CREATE PUBLICATION pub FOR TABLE items, hits;
 ";
 
+/// Rows the `update10k` workload updates over and over.
+const UPDATE_KEYS: usize = 10_000;
+
 #[derive(Clone, Copy, PartialEq)]
 enum Workload {
     Distinct,
     HundredKeys,
-    Update1000,
+    Update10k,
 }
 
 impl Workload {
@@ -72,18 +75,38 @@ impl Workload {
         match self {
             Workload::Distinct => "distinct",
             Workload::HundredKeys => "100keys",
-            Workload::Update1000 => "update1000",
+            Workload::Update10k => "update10k",
+        }
+    }
+
+    /// For `update10k`: (rows updated per statement, statements) making up about `rows`.
+    fn update_shape(rows: usize) -> (usize, usize) {
+        let keys = UPDATE_KEYS.min(rows).max(1);
+        (keys, (rows / keys).max(1))
+    }
+
+    /// Row changes the transaction of about `rows` rows really makes.
+    fn changes(self, rows: usize) -> usize {
+        match self {
+            Workload::Update10k => {
+                let (keys, statements) = Self::update_shape(rows);
+                keys * statements
+            }
+            _ => rows,
         }
     }
 
     /// Untimed set-up before the slot is created.
-    fn prepare(self, pg: &Postgres) {
+    fn prepare(self, pg: &Postgres, rows: usize) {
         pg.psql(DB, "TRUNCATE items, hits");
-        if self == Workload::Update1000 {
+        if self == Workload::Update10k {
+            let (keys, _) = Self::update_shape(rows);
             pg.psql(
                 DB,
-                "INSERT INTO items SELECT g, 'item-' || g, 0 FROM generate_series(1, 1000) g; \
-                 VACUUM ANALYZE items",
+                &format!(
+                    "INSERT INTO items SELECT g, 'item-' || g, 0 \
+                     FROM generate_series(1, {keys}) g; VACUUM ANALYZE items"
+                ),
             );
         }
     }
@@ -99,12 +122,14 @@ impl Workload {
                  FROM generate_series(1, {rows}) g"
             ),
             // One DO block is one transaction.
-            Workload::Update1000 => format!(
-                "DO $$ BEGIN FOR i IN 1..{} LOOP \
-                   UPDATE items SET n = n + 1 WHERE id <= 1000; \
-                 END LOOP; END $$",
-                (rows / 1000).max(1)
-            ),
+            Workload::Update10k => {
+                let (keys, statements) = Self::update_shape(rows);
+                format!(
+                    "DO $$ BEGIN FOR i IN 1..{statements} LOOP \
+                       UPDATE items SET n = n + 1 WHERE id <= {keys}; \
+                     END LOOP; END $$"
+                )
+            }
         }
     }
 }
@@ -146,7 +171,7 @@ fn main() {
     let all = [
         Workload::Distinct,
         Workload::HundredKeys,
-        Workload::Update1000,
+        Workload::Update10k,
     ];
     let workloads: Vec<Workload> = match std::env::var("WALSWEEP_BENCH_RSS_WORKLOADS") {
         Ok(list) if !list.trim().is_empty() => list
@@ -230,9 +255,9 @@ fn main() {
                 "  100keys   : INSERTs with only 100 distinct identities (no primary key: the \
                  whole row is the identity); ratio ~1 = flat in transaction size."
             ),
-            Workload::Update1000 => println!(
-                "  update1000: the same 1000 keyed rows UPDATEd txn_rows/1000 times in one \
-                 transaction (1000 effects); ratio ~1 = flat in transaction size."
+            Workload::Update10k => println!(
+                "  update10k : the same 10000 keyed rows UPDATEd txn_rows/10000 times in one \
+                 transaction (10000 effects); ratio ~1 = flat in transaction size."
             ),
         }
     }
@@ -263,7 +288,7 @@ fn report(delivery: &Delivery, workload: Workload, rows: usize, m: &Measured) {
 
 /// Commits the workload's transaction behind a fresh slot and has a child drain it.
 fn measure(pg: &Postgres, delivery: &Delivery, workload: Workload, rows: usize) -> Measured {
-    workload.prepare(pg);
+    workload.prepare(pg, rows);
     pg.psql(
         DB,
         &format!("SELECT pg_create_logical_replication_slot('{SLOT}', 'pgoutput')"),
@@ -285,7 +310,7 @@ fn measure(pg: &Postgres, delivery: &Delivery, workload: Workload, rows: usize) 
     let out = Command::new(&exe)
         .env(CHILD_ENV, "1")
         .env(CHILD_URL_ENV, pg.url(DB))
-        .env(CHILD_EXPECT_ENV, rows.to_string())
+        .env(CHILD_EXPECT_ENV, workload.changes(rows).to_string())
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()

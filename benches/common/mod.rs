@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 use walsweep::assembler::CommittedTxn;
 use walsweep::config::SourceConfig;
@@ -45,30 +45,57 @@ pub struct Seen {
     pub max_effects: AtomicUsize,
 }
 
-/// Applies nothing: counts, remembers the last `end_lsn`, and publishes the running change
-/// count so the bench can stop its clock the moment the last expected change is applied.
-pub struct NullSink {
+/// Applies nothing: counts, remembers the last `end_lsn`, and reports the moment the change
+/// count reaches `target`, once. (Signalling every batch instead would wake the bench's own
+/// thread per transaction and bill that to walsweep.)
+/// `inner` applies first (a real sink, or `Discard`); counting happens after it confirmed.
+pub struct NullSink<S = Discard> {
+    inner: S,
     seen: Arc<Seen>,
-    changes_tx: watch::Sender<u64>,
+    target: u64,
+    reached: Option<oneshot::Sender<Instant>>,
+}
+
+/// A sink that applies nothing.
+pub struct Discard;
+
+impl<P: Plan> Sink<P> for Discard {
+    async fn apply(&mut self, _batch: &[CommittedTxn<P>]) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    async fn reset(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 impl NullSink {
-    pub fn new() -> (NullSink, Arc<Seen>, watch::Receiver<u64>) {
+    pub fn new(target: u64) -> (NullSink, Arc<Seen>, oneshot::Receiver<Instant>) {
+        NullSink::wrapping(Discard, target)
+    }
+}
+
+impl<S> NullSink<S> {
+    /// Counts what `inner` applied.
+    pub fn wrapping(inner: S, target: u64) -> (NullSink<S>, Arc<Seen>, oneshot::Receiver<Instant>) {
         let seen = Arc::new(Seen::default());
-        let (changes_tx, changes_rx) = watch::channel(0);
+        let (reached_tx, reached_rx) = oneshot::channel();
         (
             NullSink {
+                inner,
                 seen: seen.clone(),
-                changes_tx,
+                target,
+                reached: Some(reached_tx),
             },
             seen,
-            changes_rx,
+            reached_rx,
         )
     }
 }
 
-impl<P: Plan + Sync> Sink<P> for NullSink {
+impl<P: Plan + Sync, S: Sink<P>> Sink<P> for NullSink<S> {
     async fn apply(&mut self, batch: &[CommittedTxn<P>]) -> Result<(), SinkError> {
+        self.inner.apply(batch).await?;
         let mut changes = 0;
         let mut max_effects = 0;
         for txn in batch {
@@ -84,12 +111,16 @@ impl<P: Plan + Sync> Sink<P> for NullSink {
                 .fetch_max(last.end_lsn.as_u64(), Ordering::Relaxed);
         }
         let total = s.changes.fetch_add(changes, Ordering::Relaxed) + changes;
-        self.changes_tx.send_replace(total);
+        if total >= self.target {
+            if let Some(reached) = self.reached.take() {
+                let _ = reached.send(Instant::now());
+            }
+        }
         Ok(())
     }
 
     async fn reset(&mut self) -> Result<(), SinkError> {
-        Ok(())
+        self.inner.reset().await
     }
 }
 
@@ -139,26 +170,46 @@ pub async fn drain_with_walsweep(
     expected_changes: u64,
     timeout: Duration,
 ) -> Drained {
-    let (sink, seen, mut changes) = NullSink::new();
+    drain_with(
+        source,
+        TouchedRowsPlanner::default(),
+        Discard,
+        expected_changes,
+        timeout,
+    )
+    .await
+}
+
+/// `drain_with_walsweep` with any planner and a real sink (e.g. rules into Redis).
+pub async fn drain_with<PL, S>(
+    source: SourceConfig,
+    planner: PL,
+    inner: S,
+    expected_changes: u64,
+    timeout: Duration,
+) -> Drained
+where
+    PL: walsweep::plan::Planner,
+    PL::Plan: Sync,
+    S: Sink<PL::Plan>,
+{
+    let (sink, seen, reached) = NullSink::wrapping(inner, expected_changes);
     let (shutdown, signal) = pipeline::shutdown_channel();
     let started = Instant::now();
-    let mut task = tokio::spawn(async move {
-        pipeline::run(&source, &[], TouchedRowsPlanner::default(), sink, signal).await
-    });
-    tokio::select! {
-        reached = tokio::time::timeout(timeout, changes.wait_for(|n| *n >= expected_changes)) => {
-            match reached {
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) => panic!("the null sink was dropped: the pipeline stopped"),
-                Err(_) => panic!(
-                    "walsweep applied {} of {expected_changes} changes within {timeout:?}",
-                    seen.changes.load(Ordering::Relaxed)
-                ),
-            }
-        }
+    let mut task =
+        tokio::spawn(async move { pipeline::run(&source, &[], planner, sink, signal).await });
+    let reached_at = tokio::select! {
+        reached = tokio::time::timeout(timeout, reached) => match reached {
+            Ok(Ok(at)) => at,
+            Ok(Err(_)) => panic!("the null sink was dropped: the pipeline stopped"),
+            Err(_) => panic!(
+                "walsweep applied {} of {expected_changes} changes within {timeout:?}",
+                seen.changes.load(Ordering::Relaxed)
+            ),
+        },
         ended = &mut task => panic!("the pipeline stopped before draining: {ended:?}"),
-    }
-    let elapsed = started.elapsed();
+    };
+    let elapsed = reached_at.duration_since(started);
     shutdown.request();
     let summary = tokio::time::timeout(Duration::from_secs(60), task)
         .await
