@@ -418,7 +418,11 @@ fn many_invalid_tables_are_all_reported_with_their_lines() {
     let err = Config::parse(&text).expect_err("empty names").to_string();
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 20_000);
-    assert!(lines[0].starts_with("config:4: table[0].name: "), "{}", lines[0]);
+    assert!(
+        lines[0].starts_with("config:4: table[0].name: "),
+        "{}",
+        lines[0]
+    );
     assert!(
         lines[19_999].starts_with("config:40002: table[19999].name: "),
         "{}",

@@ -945,7 +945,11 @@ fn keys_from_non_utf8_values_fall_back_to_their_prefix() {
         rules("[[table]]\nname = \"public.notes\"\nkeys = [\"note:{note}\"]\n"),
         &[&begin(10), &rel, &ins, &commit()],
     );
-    assert!(txn.plan.keys.is_empty(), "rendered lossily: {:?}", txn.plan.keys);
+    assert!(
+        txn.plan.keys.is_empty(),
+        "rendered lossily: {:?}",
+        txn.plan.keys
+    );
     assert_eq!(
         txn.plan.key_prefixes.get("note:"),
         Some(&walsweep::rules::FallbackCause::NonUtf8Value),

@@ -263,7 +263,8 @@ impl ReplicationConnection {
         // A SQL_ASCII database may hold any bytes; converting them to UTF8 fails the walsender
         // on every attempt. Take the bytes as they are (rules treat invalid UTF-8 explicitly).
         if conn.parameter("server_encoding") == Some("SQL_ASCII") {
-            conn.simple_query("SET client_encoding = 'SQL_ASCII'").await?;
+            conn.simple_query("SET client_encoding = 'SQL_ASCII'")
+                .await?;
         }
         Ok(conn)
     }
