@@ -369,3 +369,34 @@ async fn sink_reset_clears_everything_the_rules_maintain_and_nothing_else() {
         vec!["unrelated", "articles-list", "cache::data::other"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependency_key_of_another_type_is_reported_and_left_alone() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let config = config(&pg, &redis, "postgres", "unused", RULES);
+    let mut sink = walsweep::redis::RedisSink::new(&config.redis, &config.matroska).unwrap();
+    set_keys(&mut conn, &["cache::rdep::tag:not-a-set"]).await;
+    matroska_put(&mut conn, "one", &["id:article:1"]).await;
+    let mut plan = walsweep::rules::EffectPlan::default();
+    plan.add(walsweep::rules::Effect::InvalidateDep(
+        "tag:not-a-set".into(),
+    ));
+    plan.add(walsweep::rules::Effect::InvalidateDep(
+        "id:article:1".into(),
+    ));
+    plan.add(walsweep::rules::Effect::InvalidateDep(
+        "id:article:404".into(),
+    ));
+    let applied = sink.apply_plans(std::iter::once(&plan)).await.unwrap();
+    assert_eq!(applied.wrong_type_sets, 1);
+    assert_eq!(applied.keys_unlinked, 1);
+    assert!(!exists(&mut conn, "cache::data::one").await);
+    assert!(exists(&mut conn, "cache::rdep::tag:not-a-set").await);
+    assert!(
+        exists(&mut conn, "cache::rdep::id:article:1").await,
+        "sets are kept"
+    );
+}
