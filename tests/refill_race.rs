@@ -27,13 +27,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
-use tokio::task::JoinHandle;
 
-use walsweep::config::Config;
-use walsweep::pipeline::{self, PipelineError, RunSummary, ShutdownHandle};
-use walsweep::redis::RedisSink;
-use walsweep::rules::{Rules, RulesPlanner};
-
+use support::daemon::{self, exists, wait_gone, wait_streaming, Daemon};
 use support::{Postgres, Redis};
 
 /// The delay the "on" run uses: well above the readers' read-to-fill time (0-5 ms plus
@@ -94,50 +89,19 @@ fn dep_set(id: i32) -> String {
     format!("cache::rdep::id:item:{id}")
 }
 
-struct Daemon {
-    shutdown: ShutdownHandle,
-    task: JoinHandle<Result<RunSummary, PipelineError>>,
-}
-
 fn start_walsweep(pg: &Postgres, redis: &Redis, db: &str, reinvalidate_ms: Option<u64>) -> Daemon {
     let matroska = match reinvalidate_ms {
         Some(ms) => format!("[matroska]\nreinvalidate_after_ms = {ms}\n"),
         None => String::new(),
     };
-    let text = format!(
-        "[source]\nurl = \"{}\"\nslot = \"{db}\"\npublication = \"pub\"\nstatus_interval_ms = 200\n\
-         reconnect_min_ms = 50\nreconnect_max_ms = 500\n[redis]\nurl = \"{}\"\ntimeout_ms = 2000\n\
-         {matroska}{RULES}",
-        pg.url(db),
-        redis.url()
-    );
-    let config = Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
-    let rules = Rules::from_config(&config).expect("rules compile");
-    let sink = RedisSink::new(&config.redis, &config.matroska).expect("sink");
-    let (shutdown, signal) = pipeline::shutdown_channel();
-    let task = tokio::spawn(async move {
-        let tables = config.qualified_tables();
-        pipeline::run(
-            &config.source,
-            &tables,
-            RulesPlanner::new(rules),
-            sink,
-            signal,
-        )
-        .await
-    });
-    Daemon { shutdown, task }
-}
-
-impl Daemon {
-    async fn stop(self) {
-        self.shutdown.request();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("walsweep stops within 30s")
-            .expect("no panic")
-            .expect("no error");
-    }
+    // The slot is named after the database: slots are cluster-wide.
+    daemon::start(daemon::config(
+        pg,
+        redis,
+        db,
+        db,
+        &format!("{matroska}{RULES}"),
+    ))
 }
 
 fn init_logs() {
@@ -166,56 +130,6 @@ async fn prepare(pg: &Postgres, db: &str, rows: i32) -> tokio_postgres::Client {
     pg.client(db).await
 }
 
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Waits until walsweep streams from `slot` (named after the database: slots are cluster-wide).
-async fn wait_streaming(client: &tokio_postgres::Client, slot: &str) {
-    wait_until("walsweep streaming", Duration::from_secs(30), || async {
-        client
-            .query_opt(
-                "SELECT 1 FROM pg_stat_replication r JOIN pg_replication_slots s \
-                 ON s.active_pid = r.pid WHERE s.slot_name = $1 AND r.state = 'streaming'",
-                &[&slot],
-            )
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-    })
-    .await;
-}
-
-async fn exists(conn: &mut MultiplexedConnection, key: &str) -> bool {
-    conn.exists(key).await.expect("EXISTS")
-}
-
-async fn wait_gone(conn: &mut MultiplexedConnection, key: &str, timeout: Duration) -> Instant {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if !exists(conn, key).await {
-            return Instant::now();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{key} still present after {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// One reader: pick a hot row; on a cache miss fill it like matroska-cache's `put` after
-/// computing the value (SADD the dependency, SELECT, a small random delay as a real app would
-/// have, SETEX). Returns (fills, hits).
 async fn reader(
     pg_url: String,
     redis_url: String,
@@ -362,7 +276,7 @@ async fn race(pg: &Postgres, db: &str, w: Workload, reinvalidate_ms: Option<u64>
             .execute("INSERT INTO markers VALUES ($1)", &[&(round as i32)])
             .await
             .expect("INSERT marker");
-        let first_gone = wait_gone(&mut conn, &marker, Duration::from_secs(30)).await;
+        let first_gone = wait_gone(&mut conn, &marker, 30).await;
         // Refill the marker like a racing reader would: only a second application removes it.
         let _: () = conn.set(&marker, "x").await.expect("SET");
         let refilled_in = first_gone.elapsed();
@@ -370,7 +284,7 @@ async fn race(pg: &Postgres, db: &str, w: Workload, reinvalidate_ms: Option<u64>
         if reinvalidate_ms.is_some() && refilled_in < delay / 2 {
             // Second applications run in due order, so the marker's (the last batch) being
             // done means every write's is done.
-            let gone = wait_gone(&mut conn, &marker, delay + Duration::from_secs(10)).await;
+            let gone = wait_gone(&mut conn, &marker, delay.as_secs() + 11).await;
             assert!(
                 gone.duration_since(first_gone) + Duration::from_millis(50) >= delay,
                 "second application came {:?} after the first, before the {delay:?} delay",
@@ -504,7 +418,7 @@ async fn reinvalidation_removes_an_entry_filled_after_the_first_invalidation() {
         .execute("UPDATE items SET v = v + 1 WHERE id = 1", &[])
         .await
         .expect("UPDATE");
-    let first = wait_gone(&mut conn, &data_key(1), Duration::from_secs(20)).await;
+    let first = wait_gone(&mut conn, &data_key(1), 20).await;
     // A reader that read v = 0 before the commit fills after the invalidation (its SADD came
     // before the commit, so no new SADD).
     let _: () = conn
@@ -517,7 +431,7 @@ async fn reinvalidation_removes_an_entry_filled_after_the_first_invalidation() {
             "the refill vanished at once: the second application must wait for the delay"
         );
     }
-    let second = wait_gone(&mut conn, &data_key(1), DELAY + Duration::from_secs(10)).await;
+    let second = wait_gone(&mut conn, &data_key(1), DELAY.as_secs() + 11).await;
     // The first application happened at most one poll (5 ms) before `first` was seen.
     assert!(
         second.duration_since(first) + Duration::from_millis(50) >= DELAY,

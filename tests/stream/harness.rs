@@ -16,6 +16,7 @@ use walsweep::pipeline::{self, PipelineError, RunSummary, ShutdownHandle};
 use walsweep::plan::{Op, Plan, Planner, RelationInfo, RowChange};
 use walsweep::sink::{Sink, SinkError};
 
+pub use crate::support::daemon::{wait_for, wait_streaming};
 use crate::support::Postgres;
 
 /// A column value as the test sees it.
@@ -266,37 +267,4 @@ pub async fn current_wal_lsn(client: &tokio_postgres::Client) -> Lsn {
         .await
         .expect("wal lsn");
     row.get::<_, String>(0).parse().expect("lsn")
-}
-
-/// Waits until a walsender streams from `slot` (so later writes are seen by this run).
-pub async fn wait_streaming(client: &tokio_postgres::Client, slot: &str) {
-    wait_for(30, || async {
-        client
-            .query_opt(
-                "SELECT 1 FROM pg_stat_replication r JOIN pg_replication_slots s \
-                 ON s.active_pid = r.pid WHERE s.slot_name = $1 AND r.state = 'streaming'",
-                &[&slot],
-            )
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-    })
-    .await;
-}
-
-/// Polls `cond` every 50 ms until true, panicking after `secs`.
-pub async fn wait_for<F, Fut>(secs: u64, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond().await {
-        assert!(
-            Instant::now() < deadline,
-            "condition not met within {secs}s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod binaries;
+pub mod daemon;
 pub mod postgres;
 pub mod redis;
 pub mod scratch;
