@@ -34,12 +34,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use support::daemon::Daemon;
 use walsweep::assembler::{Assembler, CommittedTxn};
 use walsweep::config::{Config, SourceConfig};
 use walsweep::pg::pgoutput::{parse_message, DecodeError, PgOutput, TupleValue};
 use walsweep::pipeline::{self, display_chain, PipelineError, RunSummary, ShutdownHandle};
 use walsweep::plan::{Op, Plan, Planner, RelationInfo, RowChange};
-use walsweep::redis::RedisSink;
 use walsweep::rules::{EffectPlan, Rules, RulesPlanner};
 use walsweep::sink::{Sink, SinkError};
 
@@ -518,46 +518,8 @@ impl Recording {
 }
 
 /// walsweep with rules and the Redis sink, in this process.
-struct Daemon {
-    shutdown: ShutdownHandle,
-    task: JoinHandle<Result<RunSummary, PipelineError>>,
-}
-
 fn daemon(pg: &Postgres, redis: &Redis, db: &str, slot: &str, table_rules: &str) -> Daemon {
-    let text = format!(
-        "[source]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"pub\"\nstatus_interval_ms = 200\n\
-         reconnect_min_ms = 50\nreconnect_max_ms = 500\n[redis]\nurl = \"{}\"\ntimeout_ms = 2000\n\
-         {table_rules}",
-        pg.url(db),
-        redis.url()
-    );
-    let config = Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
-    let rules = Rules::from_config(&config).expect("rules compile");
-    let sink = RedisSink::new(&config.redis, &config.matroska).expect("sink");
-    let (shutdown, signal) = pipeline::shutdown_channel();
-    let task = tokio::spawn(async move {
-        let tables = config.qualified_tables();
-        pipeline::run(
-            &config.source,
-            &tables,
-            RulesPlanner::new(rules),
-            sink,
-            signal,
-        )
-        .await
-    });
-    Daemon { shutdown, task }
-}
-
-impl Daemon {
-    async fn stop(self) {
-        self.shutdown.request();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("walsweep stops within 30s")
-            .expect("no panic")
-            .expect("no error");
-    }
+    support::daemon::start(support::daemon::config(pg, redis, db, slot, table_rules))
 }
 
 async fn wait_streaming(pg: &Postgres, db: &str, slot: &str) {
