@@ -137,17 +137,6 @@ impl<PL: Planner> Assembler<PL> {
         self.current.is_none() && self.streamed.is_empty() && self.prepared.is_empty()
     }
 
-    /// Distinct effects held for transactions not yet committed.
-    pub fn pending_effects(&self) -> usize {
-        let current = self.current.as_ref().map_or(0, |t| t.plan.effect_count());
-        let streamed: usize = self
-            .streamed
-            .values()
-            .flat_map(|t| t.segments.iter().map(|(_, p)| p.effect_count()))
-            .sum();
-        current + streamed
-    }
-
     /// Forgets everything half-received; after a reconnect the server sends it again
     /// (including Relation messages).
     pub fn reset(&mut self) {
@@ -157,14 +146,6 @@ impl<PL: Planner> Assembler<PL> {
         self.stream_xid = None;
         self.streamed.clear();
         self.prepared.clear();
-    }
-
-    pub fn planner(&self) -> &PL {
-        &self.planner
-    }
-
-    pub fn relation(&self, oid: u32) -> Option<&RelationInfo> {
-        self.relations.get(&oid)
     }
 
     /// Feeds one pgoutput message (the payload of one XLogData).

@@ -94,14 +94,6 @@ pub struct SlotState {
     pub safe_wal_size: Option<i64>,
 }
 
-pub async fn server_version_num(client: &Client) -> Result<u32, CatalogError> {
-    let row = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .map_err(query_err("reading server_version_num"))?;
-    Ok(row.get::<_, i32>(0) as u32)
-}
-
 pub async fn wal_level(client: &Client) -> Result<String, CatalogError> {
     let row = client
         .query_one("SELECT current_setting('wal_level')", &[])

@@ -101,13 +101,6 @@ impl ReplicationError {
         }
     }
 
-    pub fn sqlstate(&self) -> Option<&str> {
-        match self {
-            ReplicationError::Server(e) => Some(&e.sqlstate),
-            _ => None,
-        }
-    }
-
     /// A short low-cardinality label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
