@@ -6,12 +6,15 @@
 
 pub mod assembler;
 pub mod backoff;
+pub mod broadcast;
 pub mod check;
 pub mod config;
+pub mod daemon;
 pub mod explain;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod mirror;
 pub mod monitor;
 pub mod pg;
 pub mod pipeline;
@@ -21,5 +24,7 @@ pub mod redis;
 pub mod rules;
 pub mod setup;
 pub mod sink;
+pub mod snapshot;
 pub mod tail;
+pub mod txn_plan;
 pub mod value;

@@ -10,8 +10,7 @@ use walsweep::check::{self, Report};
 use walsweep::config::{Config, ConfigError};
 use walsweep::pipeline::{self, display_chain, PipelineError};
 use walsweep::plan::Op;
-use walsweep::redis::RedisSink;
-use walsweep::rules::{Rules, RulesPlanner};
+use walsweep::rules::Rules;
 
 /// sysexits' EX_CONFIG: the configuration is wrong, retrying will not help.
 const EXIT_CONFIG: u8 = 78;
@@ -78,6 +77,12 @@ enum Command {
         /// New row as a JSON object.
         #[arg(long)]
         new: Option<String>,
+    },
+    /// Load every [[table.mirror]] into Redis from a consistent snapshot (creating the slot
+    /// when missing, so streaming continues exactly where the load ends). Stop walsweep first.
+    Snapshot {
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Print the slot's state and lag, then exit.
     Status {
@@ -161,6 +166,7 @@ fn main() -> ExitCode {
             new,
         } => explain(&config, &table, op, old.as_deref(), new.as_deref()),
         Command::Status { config } => runtime.block_on(status(&config)),
+        Command::Snapshot { config } => runtime.block_on(snapshot(&config)),
         Command::Setup {
             config,
             print,
@@ -221,20 +227,18 @@ fn load(path: &Path) -> Result<(Config, Rules), ExitCode> {
 }
 
 async fn run(path: &Path) -> ExitCode {
-    let (config, rules) = match load(path) {
+    let (config, _) = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
-    let sink = match RedisSink::new(&config.redis, &config.matroska) {
-        Ok(s) => s.with_reset_plan(rules.reset_plan()),
-        Err(e) => {
-            eprintln!("walsweep: {}", display_chain(&e));
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
+    // Build once up front so a broken rule or Redis URL fails before anything listens.
+    if let Err(e) = walsweep::daemon::build(&config) {
+        eprintln!("walsweep: {}", display_chain(&e));
+        return ExitCode::from(EXIT_CONFIG);
+    }
     if !config.metrics.listen.is_empty() {
         let recorder = walsweep::http::install_recorder();
         match walsweep::http::serve(&config.metrics.listen, recorder).await {
@@ -265,15 +269,7 @@ async fn run(path: &Path) -> ExitCode {
             handle.request();
         }
     });
-    let tables = config.qualified_tables();
-    let result = pipeline::run(
-        &config.source,
-        &tables,
-        RulesPlanner::new(rules),
-        sink,
-        shutdown,
-    )
-    .await;
+    let result = walsweep::daemon::run(&config, shutdown).await;
     match result {
         Ok(summary) => {
             tracing::info!(confirmed_lsn = %summary.confirmed_lsn, "walsweep stopped");
@@ -297,6 +293,26 @@ fn print_report(report: &Report) {
     }
     for error in &report.errors {
         println!("error: {error}");
+    }
+}
+
+async fn snapshot(path: &Path) -> ExitCode {
+    let (config, _) = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match walsweep::snapshot::run_command(&config).await {
+        Ok(summary) => {
+            for (table, rows) in &summary.tables {
+                println!("{table}: {rows} rows loaded");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(PipelineError::Config(e)) => config_failure(&e),
+        Err(e) => {
+            eprintln!("walsweep snapshot: {}", display_chain(&e));
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -39,9 +39,13 @@ pub const RECEIVED_LSN: &str = "walsweep_received_lsn";
 pub const REINVALIDATIONS_TOTAL: &str = "walsweep_reinvalidations_total";
 pub const REINVALIDATION_ERRORS_TOTAL: &str = "walsweep_reinvalidation_errors_total";
 pub const SLOTS_RECREATED_TOTAL: &str = "walsweep_slots_recreated_total";
+pub const MIRROR_ROWS_TOTAL: &str = "walsweep_mirror_rows_total";
+pub const MIRROR_KEYS_CLEARED_TOTAL: &str = "walsweep_mirror_keys_cleared_total";
+pub const BROADCASTS_TOTAL: &str = "walsweep_broadcasts_total";
+pub const SNAPSHOT_ROWS_TOTAL: &str = "walsweep_snapshot_rows_total";
 
 /// Every exported name, for the endpoint test and the docs.
-pub const ALL: [&str; 25] = [
+pub const ALL: [&str; 29] = [
     TRANSACTIONS_COMMITTED_TOTAL,
     CHANGES_DECODED_TOTAL,
     TRANSACTIONS_APPLIED_TOTAL,
@@ -67,7 +71,17 @@ pub const ALL: [&str; 25] = [
     SLOTS_RECREATED_TOTAL,
     REINVALIDATIONS_TOTAL,
     REINVALIDATION_ERRORS_TOTAL,
+    MIRROR_ROWS_TOTAL,
+    MIRROR_KEYS_CLEARED_TOTAL,
+    BROADCASTS_TOTAL,
+    SNAPSHOT_ROWS_TOTAL,
 ];
+
+/// `result` labels of `walsweep_mirror_rows_total`.
+pub const MIRROR_RESULTS: [&str; 4] = ["written", "deleted", "skipped_absent", "incomplete"];
+/// `result` labels of `walsweep_broadcasts_total`.
+pub const BROADCAST_RESULTS: [&str; 2] = ["published", "duplicate"];
+pub const LABEL_RESULT: &str = "result";
 
 /// Values of `pg_replication_slots.wal_status`, one `walsweep_slot_wal_status` series each.
 pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
@@ -82,7 +96,7 @@ pub const LABEL_STATUS: &str = "status";
 pub const ERROR_SINK: &str = "sink";
 /// Every `kind` label `walsweep_errors_total` can carry (`ReplicationError::kind`,
 /// `PipelineError::kind` and the sink's own).
-pub const ERROR_KINDS: [&str; 16] = [
+pub const ERROR_KINDS: [&str; 18] = [
     "connect",
     "io",
     "server",
@@ -99,8 +113,14 @@ pub const ERROR_KINDS: [&str; 16] = [
     "slot_lost",
     ERROR_SINK,
     ERROR_WRONG_TYPE,
+    ERROR_MIRROR_SCORE,
+    ERROR_MIRROR_VALUE,
 ];
 pub const ERROR_WRONG_TYPE: &str = "redis_wrong_type";
+/// A row's index score could not be computed (NULL, out of the declared range): left out.
+pub const ERROR_MIRROR_SCORE: &str = "mirror_score";
+/// A column's text did not parse as its type: mirrored as a string.
+pub const ERROR_MIRROR_VALUE: &str = "mirror_value";
 
 /// Histogram buckets for latencies: 100 µs to 30 s.
 pub const SECONDS_BUCKETS: [f64; 16] = [
@@ -255,6 +275,31 @@ pub fn describe() {
         "Lost or dropped slots recreated (on_slot_lost = recreate); each cleared the caches."
     );
     counter!(SLOTS_RECREATED_TOTAL).absolute(0);
+    describe_counter!(
+        MIRROR_ROWS_TOTAL,
+        "Mirrored rows, by result: written, deleted, skipped_absent (only_if_present and not \
+         cached), incomplete (unchanged TOAST and no stored entry: removed instead)."
+    );
+    describe_counter!(
+        MIRROR_KEYS_CLEARED_TOTAL,
+        "Mirror and index keys removed table-wide (TRUNCATE, fallbacks, resets)."
+    );
+    describe_counter!(
+        BROADCASTS_TOTAL,
+        "Broadcast messages, by result: published, or duplicate (a redelivered transaction)."
+    );
+    describe_counter!(
+        SNAPSHOT_ROWS_TOTAL,
+        "Rows loaded into mirrors by a warm-up snapshot."
+    );
+    for result in MIRROR_RESULTS {
+        counter!(MIRROR_ROWS_TOTAL, LABEL_RESULT => result).absolute(0);
+    }
+    for result in BROADCAST_RESULTS {
+        counter!(BROADCASTS_TOTAL, LABEL_RESULT => result).absolute(0);
+    }
+    counter!(MIRROR_KEYS_CLEARED_TOTAL).absolute(0);
+    counter!(SNAPSHOT_ROWS_TOTAL).absolute(0);
     gauge!(REDIS_UP).set(0.0);
     gauge!(STREAMING).set(0.0);
     gauge!(FLUSHED_LSN).set(0.0);
@@ -345,6 +390,31 @@ pub fn keys_unlinked(n: u64) {
 
 pub fn fallback(cause: FallbackCause) {
     counter!(FALLBACKS_TOTAL, LABEL_CAUSE => cause.as_str()).increment(1);
+}
+
+pub fn mirror_applied(applied: &crate::redis::mirror::MirrorApplied) {
+    for (result, n) in MIRROR_RESULTS.iter().zip([
+        applied.written,
+        applied.deleted,
+        applied.skipped,
+        applied.incomplete,
+    ]) {
+        if n > 0 {
+            counter!(MIRROR_ROWS_TOTAL, LABEL_RESULT => *result).increment(n);
+        }
+    }
+    if applied.cleared_keys > 0 {
+        counter!(MIRROR_KEYS_CLEARED_TOTAL).increment(applied.cleared_keys);
+    }
+}
+
+pub fn broadcasts(published: u64, duplicates: u64) {
+    counter!(BROADCASTS_TOTAL, LABEL_RESULT => BROADCAST_RESULTS[0]).increment(published);
+    counter!(BROADCASTS_TOTAL, LABEL_RESULT => BROADCAST_RESULTS[1]).increment(duplicates);
+}
+
+pub fn snapshot_rows(n: u64) {
+    counter!(SNAPSHOT_ROWS_TOTAL).increment(n);
 }
 
 pub fn hint_malformed() {

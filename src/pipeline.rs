@@ -72,6 +72,8 @@ pub enum PipelineError {
     },
     #[error("the sink failed and cannot be retried")]
     Sink(#[from] SinkError),
+    #[error("warm-up failed (the new slot was dropped again, so the next start retries it)")]
+    WarmUp(#[from] crate::snapshot::SnapshotError),
     /// Something only a human can fix; the message says what to do.
     #[error("{0}")]
     Setup(String),
@@ -82,6 +84,7 @@ impl PipelineError {
         match self {
             PipelineError::Replication(e) => e.is_retryable(),
             PipelineError::Catalog(e) => e.is_retryable(),
+            PipelineError::WarmUp(e) => e.is_retryable(),
             _ => false,
         }
     }
@@ -94,6 +97,7 @@ impl PipelineError {
             PipelineError::Assemble { .. } => "decode",
             PipelineError::Sink(_) => "sink",
             PipelineError::Setup(_) => "setup",
+            PipelineError::WarmUp(_) => "setup",
         }
     }
 }
@@ -138,11 +142,16 @@ impl Shutdown {
 }
 
 /// Checks what only a human can fix and creates the publication and slot when allowed to.
+///
+/// With `warm_up`, a slot created here exports its snapshot and the mirrors are loaded from it
+/// before anything streams; if loading fails the slot is dropped again, so the next attempt
+/// creates it and loads anew instead of streaming into half-loaded mirrors.
 pub async fn prepare_source(
     source: &SourceConfig,
     params: &ConnectParams,
     tables: &[String],
-) -> Result<(), PipelineError> {
+    warm_up: Option<&crate::snapshot::WarmUp>,
+) -> Result<Option<crate::snapshot::WarmUpSummary>, PipelineError> {
     let client = catalog::connect(params).await?;
     let wal_level = catalog::wal_level(&client).await?;
     if wal_level != "logical" {
@@ -182,8 +191,29 @@ pub async fn prepare_source(
         Some(_) => {}
         None if source.create_slot => {
             let mut conn = ReplicationConnection::connect(params).await?;
-            let lsn = conn.create_slot(&source.slot).await?;
-            tracing::info!(slot = %source.slot, consistent_point = %lsn, "created replication slot");
+            match warm_up {
+                None => {
+                    let lsn = conn.create_slot(&source.slot).await?;
+                    tracing::info!(slot = %source.slot, consistent_point = %lsn, "created replication slot");
+                }
+                Some(warm_up) => {
+                    let (lsn, snapshot) = conn.create_slot_exporting_snapshot(&source.slot).await?;
+                    tracing::info!(slot = %source.slot, consistent_point = %lsn, %snapshot, "created replication slot; warming up the mirrors from its snapshot");
+                    let loaded = warm_up.load(params, Some(&snapshot)).await;
+                    // The exported snapshot lives as long as this connection stays idle.
+                    drop(conn);
+                    match loaded {
+                        Ok(summary) => return Ok(Some(summary)),
+                        Err(e) => {
+                            if let Err(drop_error) = catalog::drop_slot(&client, &source.slot).await
+                            {
+                                tracing::error!(error = %display_chain(&drop_error), slot = %source.slot, "cannot drop the slot after a failed warm-up; drop it by hand before the next start");
+                            }
+                            return Err(e.into());
+                        }
+                    }
+                }
+            }
         }
         None => {
             return Err(PipelineError::Setup(format!(
@@ -193,7 +223,7 @@ pub async fn prepare_source(
             )));
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// What a finished run did (for tests and the final log line).
@@ -215,12 +245,28 @@ where
     PL: Planner,
     S: Sink<PL::Plan>,
 {
+    run_warming_up(source, tables, planner, sink, shutdown, None).await
+}
+
+/// `run`, loading the mirrors first when this run creates the slot (`source.warm_up`).
+pub async fn run_warming_up<PL, S>(
+    source: &SourceConfig,
+    tables: &[String],
+    planner: PL,
+    sink: S,
+    shutdown: Shutdown,
+    warm_up: Option<crate::snapshot::WarmUp>,
+) -> Result<RunSummary, PipelineError>
+where
+    PL: Planner,
+    S: Sink<PL::Plan>,
+{
     let params = source.connect_params()?;
     let mut backoff = Backoff::new(source.reconnect_min(), source.reconnect_max());
     // Setup is retried like streaming: the database may simply not be up yet.
     loop {
-        match prepare_source(source, &params, tables).await {
-            Ok(()) => break,
+        match prepare_source(source, &params, tables, warm_up.as_ref()).await {
+            Ok(_) => break,
             Err(e) if e.is_retryable() && shutdown.requests() == 0 => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %display_chain(&e), retry_in_ms = delay.as_millis() as u64, "source not reachable");

@@ -494,18 +494,44 @@ impl ReplicationConnection {
 
     /// Creates a pgoutput slot; returns its consistent point.
     pub async fn create_slot(&mut self, slot: &str) -> Result<Lsn, ReplicationError> {
+        Ok(self.create_slot_with(slot, "NOEXPORT_SNAPSHOT").await?.0)
+    }
+
+    /// Creates the slot and exports the snapshot it starts from: a transaction on another
+    /// connection that runs `SET TRANSACTION SNAPSHOT '<name>'` sees exactly the data the
+    /// slot's stream continues from. The snapshot lives until this connection runs its next
+    /// command or closes, so keep it idle until the importer has started.
+    pub async fn create_slot_exporting_snapshot(
+        &mut self,
+        slot: &str,
+    ) -> Result<(Lsn, String), ReplicationError> {
+        let (lsn, snapshot) = self.create_slot_with(slot, "EXPORT_SNAPSHOT").await?;
+        let snapshot = snapshot.ok_or(ReplicationError::UnexpectedMessage {
+            got: "no snapshot_name",
+            during: "CREATE_REPLICATION_SLOT ... EXPORT_SNAPSHOT",
+        })?;
+        Ok((lsn, snapshot))
+    }
+
+    async fn create_slot_with(
+        &mut self,
+        slot: &str,
+        snapshot_action: &str,
+    ) -> Result<(Lsn, Option<String>), ReplicationError> {
         let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snapshot_action}",
             quote_ident(slot)
         );
         let rows = self.simple_query(&sql).await?;
-        rows.first()
+        let row = rows.first();
+        let lsn = row
             .and_then(|r| r.get(1).cloned().flatten())
             .and_then(|t| t.parse::<Lsn>().ok())
             .ok_or(ReplicationError::UnexpectedMessage {
                 got: "malformed consistent_point",
                 during: "CREATE_REPLICATION_SLOT",
-            })
+            })?;
+        Ok((lsn, row.and_then(|r| r.get(2).cloned().flatten())))
     }
 
     /// `START_REPLICATION SLOT ... LOGICAL start (options)`; hands the socket to the stream.

@@ -6,6 +6,8 @@
 //! All effects are deletions, so their order within a batch does not matter and applying a
 //! batch twice is harmless: the sink contract's at-least-once delivery is safe here.
 
+pub mod broadcast;
+pub mod mirror;
 pub mod reinvalidate;
 
 use std::collections::{BTreeMap, HashSet};
@@ -15,12 +17,13 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{ErrorKind, RedisError, Value};
 
 use crate::assembler::CommittedTxn;
-use crate::config::{MatroskaConfig, RedisConfig};
+use crate::config::{BroadcastConfig, MatroskaConfig, RedisConfig};
 use crate::metrics as m;
 use crate::plan::Plan;
 use crate::rules::template::glob_escape;
 use crate::rules::{EffectPlan, FallbackCause};
 use crate::sink::{Sink, SinkError};
+use crate::txn_plan::TxnPlan;
 
 const INVALIDATE_DEPS_LUA: &str = include_str!("scripts/invalidate_deps.lua");
 /// Keys per UNLINK and sets per script call: large enough to amortise, small enough that one
@@ -167,6 +170,8 @@ pub struct RedisSink {
     reports_health: bool,
     /// What `reset` clears: every prefix the rules can touch (`Rules::reset_plan`).
     reset_plan: EffectPlan,
+    /// `[broadcast]`, when on.
+    broadcast: Option<BroadcastConfig>,
 }
 
 /// What applying a batch did (tests and metrics).
@@ -176,7 +181,7 @@ pub struct Applied {
     pub wrong_type_sets: u64,
 }
 
-fn sink_error(operation: &'static str, err: RedisError) -> SinkError {
+pub(crate) fn sink_error(operation: &'static str, err: RedisError) -> SinkError {
     // Everything but a configuration mistake is retried: Redis down, loading, read-only
     // replica, out of memory and timeouts all pass, and dropping effects is never an option.
     let retryable = !matches!(
@@ -213,6 +218,7 @@ impl RedisSink {
             reset_plan: EffectPlan::default(),
             reinvalidate: None,
             reports_health: true,
+            broadcast: None,
         };
         if let Some(ms) = matroska.reinvalidate_after_ms {
             // Its own sink: own connection, same layout, no second-level reinvalidation.
@@ -235,6 +241,12 @@ impl RedisSink {
     /// Sets what `reset` clears; without it a reset has nothing to clear and says so.
     pub fn with_reset_plan(mut self, plan: EffectPlan) -> Self {
         self.reset_plan = plan;
+        self
+    }
+
+    /// Publishes a message per transaction as `[broadcast]` says.
+    pub fn with_broadcast(mut self, broadcast: Option<BroadcastConfig>) -> Self {
+        self.broadcast = broadcast;
         self
     }
 
@@ -429,6 +441,64 @@ fn count_replies(replies: &[Value], applied: &mut Applied) {
             }
             _ => {}
         }
+    }
+}
+
+impl Sink<TxnPlan> for RedisSink {
+    async fn reset(&mut self) -> Result<(), SinkError> {
+        <Self as Sink<EffectPlan>>::reset(self).await?;
+        self.publish_reset("the replication slot was recreated; changes may have been missed")
+            .await
+    }
+
+    async fn apply(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<(), SinkError> {
+        let result = self.apply_txn_plans(batch).await;
+        if self.reports_health {
+            crate::health::set_redis_up(result.is_ok());
+        }
+        if result.is_err() {
+            self.connection = None;
+        }
+        result
+    }
+}
+
+impl RedisSink {
+    /// Invalidations, then mirror writes, then broadcasts: a subscriber that hears of a
+    /// transaction finds its effects already in Redis.
+    async fn apply_txn_plans(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<(), SinkError> {
+        let applied = self
+            .apply_plans(batch.iter().map(|t| &t.plan.invalidate))
+            .await?;
+        if let Some(reinvalidate) = &mut self.reinvalidate {
+            let mut merged = EffectPlan::default();
+            for txn in batch {
+                merged.merge(txn.plan.invalidate.clone());
+            }
+            reinvalidate.schedule(merged);
+        }
+        // Each transaction's ops are already folded per key; across transactions they are
+        // applied as they come, which keeps commit order without copying them.
+        let ops: Vec<&crate::mirror::MirrorOp> =
+            batch.iter().flat_map(|t| t.plan.mirror.ops()).collect();
+        if !ops.is_empty() {
+            let newest_commit_secs = batch
+                .iter()
+                .map(|t| t.commit_time_unix_micros.div_euclid(1_000_000))
+                .max()
+                .unwrap_or(0);
+            self.apply_mirror_ops(ops, newest_commit_secs).await?;
+        }
+        self.publish(batch).await?;
+        for txn in batch {
+            m::effects_applied(&txn.plan.invalidate);
+        }
+        tracing::debug!(
+            transactions = batch.len(),
+            keys_unlinked = applied.keys_unlinked,
+            "batch applied"
+        );
+        Ok(())
     }
 }
 

@@ -215,9 +215,9 @@ impl Rules {
 
 /// A template with its columns resolved to positions in one relation.
 #[derive(Debug, Clone)]
-struct BoundTemplate {
-    index: usize,
-    template: Template,
+pub(crate) struct BoundTemplate {
+    pub(crate) index: usize,
+    pub(crate) template: Template,
     /// Position of each column segment, in order; `None` when the table lacks the column.
     positions: Vec<Option<usize>>,
 }
@@ -241,7 +241,11 @@ struct BoundTable {
     type_oids: Vec<u32>,
 }
 
-fn bind_template(index: usize, template: &Template, relation: &RelationInfo) -> BoundTemplate {
+pub(crate) fn bind_template(
+    index: usize,
+    template: &Template,
+    relation: &RelationInfo,
+) -> BoundTemplate {
     BoundTemplate {
         index,
         template: template.clone(),
@@ -314,7 +318,7 @@ fn cell<'a>(change: &RowChange<'a>, side: Side, position: Option<usize>) -> Cell
 }
 
 /// How a rendered template turned out.
-enum Rendered {
+pub(crate) enum Rendered {
     Value(String),
     /// A NULL in a key template: no such key exists.
     Absent,
@@ -323,7 +327,7 @@ enum Rendered {
 
 /// `python` renders values with Python's `str()` (dependencies, scopes); otherwise the text
 /// Postgres prints (keys).
-fn render(
+pub(crate) fn render(
     bound: &BoundTemplate,
     change: &RowChange<'_>,
     side: Side,

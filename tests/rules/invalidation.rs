@@ -347,7 +347,9 @@ async fn sink_reset_clears_everything_the_rules_maintain_and_nothing_else() {
     matroska_put(&mut conn, "one", &["id:article:1"]).await;
     matroska_put(&mut conn, "list-x", &[SCOPE_X]).await;
     matroska_put(&mut conn, "other", &["id:author:1"]).await;
-    sink.reset().await.unwrap();
+    Sink::<walsweep::rules::EffectPlan>::reset(&mut sink)
+        .await
+        .unwrap();
     let mut left = Vec::new();
     for k in [
         "article:1",

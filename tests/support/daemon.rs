@@ -8,8 +8,6 @@ use tokio::task::JoinHandle;
 
 use walsweep::config::Config;
 use walsweep::pipeline::{self, PipelineError, RunSummary, ShutdownHandle};
-use walsweep::redis::RedisSink;
-use walsweep::rules::{Rules, RulesPlanner};
 
 use super::{Postgres, Redis};
 
@@ -30,22 +28,10 @@ pub fn config(pg: &Postgres, redis: &Redis, db: &str, slot: &str, rest: &str) ->
     Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
 }
 
-/// Runs the pipeline with the config's rules and a Redis sink, as `walsweep run` does.
+/// Runs walsweep with the config, exactly as `walsweep run` does (`walsweep::daemon::run`).
 pub fn start(config: Config) -> Daemon {
-    let rules = Rules::from_config(&config).expect("rules compile");
-    let sink = RedisSink::new(&config.redis, &config.matroska).expect("sink");
     let (shutdown, signal) = pipeline::shutdown_channel();
-    let task = tokio::spawn(async move {
-        let tables = config.qualified_tables();
-        pipeline::run(
-            &config.source,
-            &tables,
-            RulesPlanner::new(rules),
-            sink,
-            signal,
-        )
-        .await
-    });
+    let task = tokio::spawn(async move { walsweep::daemon::run(&config, signal).await });
     Daemon { shutdown, task }
 }
 

@@ -10,6 +10,9 @@ use serde::Deserialize;
 
 use crate::pg::replication::ConnectParams;
 
+mod mirror;
+pub use mirror::{BroadcastConfig, IndexConfig, MirrorConfig, MirrorFormat};
+
 pub const DEFAULT_SLOT: &str = "walsweep";
 pub const DEFAULT_PUBLICATION: &str = "walsweep";
 pub const DEFAULT_APPLICATION_NAME: &str = "walsweep";
@@ -48,6 +51,10 @@ pub struct Config {
     /// Tables whose changes walsweep follows, with their rules. Each must be in the publication.
     #[serde(default, rename = "table")]
     pub tables: Vec<TableConfig>,
+    /// One message per committed transaction on a Redis channel and/or stream, for in-process
+    /// caches. Default: off.
+    #[serde(default)]
+    pub broadcast: Option<BroadcastConfig>,
 }
 
 /// `[redis]`: the cache to keep honest (a single node; cluster is not supported).
@@ -201,6 +208,11 @@ pub struct SourceConfig {
     /// walsender waiting for confirmations would also hold up a Postgres shutdown. Default 10000.
     #[serde(default = "default_release_slot_after_sink_outage_ms")]
     pub release_slot_after_sink_outage_ms: u64,
+    /// When walsweep creates the slot, first load every `[[table.mirror]]` from the snapshot
+    /// Postgres exports with it, so the mirrors start complete and consistent with the stream
+    /// that follows (`walsweep snapshot` does the same on demand). Default false.
+    #[serde(default)]
+    pub warm_up: bool,
 }
 
 /// `source.on_slot_lost`.
@@ -239,6 +251,9 @@ pub struct TableConfig {
     /// matroska-cache `Scopes`, see `ScopeConfig`.
     #[serde(default)]
     pub scope: Vec<ScopeConfig>,
+    /// Rows kept current in Redis instead of invalidated, see `MirrorConfig`.
+    #[serde(default)]
+    pub mirror: Vec<MirrorConfig>,
 }
 
 /// `[[table.scope]]`: a matroska-cache `Scopes(name)` described by `columns`.
@@ -321,6 +336,7 @@ impl SourceConfig {
             reconnect_max_ms: DEFAULT_RECONNECT_MAX_MS,
             on_slot_lost: SlotLostPolicy::Fail,
             release_slot_after_sink_outage_ms: DEFAULT_RELEASE_SLOT_AFTER_SINK_OUTAGE_MS,
+            warm_up: false,
         }
     }
 
@@ -645,6 +661,9 @@ impl Config {
                     );
                 }
             }
+            for (j, m) in table.mirror.iter().enumerate() {
+                mirror::validate_mirror(&format!("table[{i}].mirror[{j}]"), m, &mut problem);
+            }
             for (j, scope) in table.scope.iter().enumerate() {
                 if scope.name.is_empty() {
                     problem(
@@ -659,6 +678,9 @@ impl Config {
                     );
                 }
             }
+        }
+        if let Some(b) = &self.broadcast {
+            mirror::validate_broadcast(b, &self.qualified_tables(), &mut problem);
         }
         problems
     }
@@ -677,9 +699,9 @@ impl Config {
             );
         }
         for (i, t) in self.tables.iter().enumerate() {
-            if t.keys.is_empty() && t.deps.is_empty() && t.scope.is_empty() {
+            if t.keys.is_empty() && t.deps.is_empty() && t.scope.is_empty() && t.mirror.is_empty() {
                 out.push(format!(
-                    "table[{i}] ({}) has no keys, deps or scope: its changes invalidate nothing",
+                    "table[{i}] ({}) has no keys, deps, scope or mirror: its changes do nothing",
                     t.name
                 ));
             }

@@ -1,0 +1,275 @@
+//! Broadcasts: one JSON message per committed transaction, for caches inside app processes.
+//!
+//! # Message (one line of JSON; field order as shown)
+//! ```json
+//! {"prev_lsn":"0/1A2B3C0","lsn":"0/1A2B4D8","commit_time":"2026-11-22T10:00:00.123456Z",
+//!  "xid":1234,"changes":[{"table":"public.articles","op":"update","pk":{"id":7},
+//!  "keys":["article:7"],"deps":["id:article:7"]}]}
+//! ```
+//! - `lsn`: the transaction's commit LSN; `prev_lsn`: the `lsn` of the previous message walsweep
+//!   published (`null` for the first). A client that did not see `prev_lsn` as its last `lsn`
+//!   missed messages (Pub/Sub drops them while it is disconnected) and must drop its cache.
+//! - `pk`: the replica identity columns (typed as in JSON mirrors); `keys` and `deps`: what the
+//!   `[[table]]` rules invalidated for that change. TRUNCATE has `"op":"truncate"` and no `pk`.
+//! - A transaction with more than `max_changes_per_message` changes lists none: `"changes":[]`,
+//!   `"truncated":true` and `"counts":{"public.articles":5000}`: drop those tables.
+//! - After a gap in the stream (slot lost and recreated) walsweep sends `{"reset":true,...}`:
+//!   drop everything.
+//!
+//! Redis side (`redis::broadcast`): each message is published by one Lua call that also records
+//! the LSN, so a redelivered transaction (at-least-once delivery) is not published twice.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+
+use crate::config::BroadcastConfig;
+use crate::pg::pgoutput::TupleValue;
+use crate::pg::Lsn;
+use crate::plan::{Op, RelationInfo, RowChange};
+use crate::value::{decode_text, TypeRegistry, Value};
+
+/// The broadcast part of one transaction's plan.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct BroadcastPlan {
+    /// Each change as a JSON object, in commit order (empty once `truncated`).
+    changes: Vec<String>,
+    /// Changes per table, always counted.
+    counts: BTreeMap<String, u64>,
+    truncated: bool,
+    limit: usize,
+}
+
+impl BroadcastPlan {
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    fn push(&mut self, table: &str, change: String) {
+        *self.counts.entry(table.to_string()).or_default() += 1;
+        if self.truncated {
+            return;
+        }
+        if self.changes.len() >= self.limit.max(1) {
+            // Memory stays bounded for huge transactions; the counts say what to drop.
+            self.truncated = true;
+            self.changes = Vec::new();
+            return;
+        }
+        self.changes.push(change);
+    }
+
+    pub fn merge(&mut self, later: BroadcastPlan) {
+        if self.limit == 0 {
+            self.limit = later.limit;
+        }
+        if later.truncated {
+            self.truncated = true;
+            self.changes = Vec::new();
+        }
+        for (table, n) in later.counts {
+            *self.counts.entry(table).or_default() += n;
+        }
+        if !self.truncated {
+            if self.changes.len() + later.changes.len() > self.limit.max(1) {
+                self.truncated = true;
+                self.changes = Vec::new();
+            } else {
+                self.changes.extend(later.changes);
+            }
+        }
+    }
+
+    /// The message without `prev_lsn` (the Lua script prepends it): `{"lsn":...}`.
+    pub fn message_body(&self, commit_lsn: Lsn, commit_time_unix_micros: i64, xid: u32) -> String {
+        let mut out =
+            String::with_capacity(64 + self.changes.iter().map(|c| c.len() + 1).sum::<usize>());
+        let _ = write!(
+            out,
+            "{{\"lsn\":\"{commit_lsn}\",\"commit_time\":{},\"xid\":{xid},\"changes\":[",
+            serde_json::Value::String(unix_micros_iso(commit_time_unix_micros))
+        );
+        for (i, change) in self.changes.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(change);
+        }
+        out.push(']');
+        if self.truncated {
+            let counts = serde_json::to_string(&self.counts).unwrap_or_else(|_| "{}".into());
+            let _ = write!(out, ",\"truncated\":true,\"counts\":{counts}");
+        }
+        out.push('}');
+        out
+    }
+}
+
+/// The body of the message sent after a gap in the stream.
+pub fn reset_body(reason: &str) -> String {
+    serde_json::json!({ "lsn": null, "reset": true, "reason": reason }).to_string()
+}
+
+/// `2026-11-22T10:00:00.123456Z`.
+pub fn unix_micros_iso(micros: i64) -> String {
+    let secs = micros.div_euclid(1_000_000);
+    let frac = micros.rem_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Decides which changes are broadcast and renders each.
+pub struct BroadcastPlanner {
+    tables: Option<HashSet<String>>,
+    limit: usize,
+    types: TypeRegistry,
+}
+
+impl BroadcastPlanner {
+    pub fn new(config: &BroadcastConfig) -> Self {
+        BroadcastPlanner {
+            tables: config.tables.as_ref().map(|t| {
+                t.iter()
+                    .map(|n| {
+                        if n.contains('.') {
+                            n.clone()
+                        } else {
+                            format!("public.{n}")
+                        }
+                    })
+                    .collect()
+            }),
+            limit: config.max_changes_per_message,
+            types: TypeRegistry::new(),
+        }
+    }
+
+    pub fn follows(&self, relation: &RelationInfo) -> bool {
+        self.tables
+            .as_ref()
+            .is_none_or(|t| t.contains(&relation.qualified_name))
+    }
+
+    pub fn add_change(
+        &self,
+        change: &RowChange<'_>,
+        keys: &[String],
+        deps: &[String],
+        plan: &mut BroadcastPlan,
+    ) {
+        plan.limit = self.limit;
+        let table = &change.relation.qualified_name;
+        if plan.truncated || plan.changes.len() >= self.limit {
+            plan.push(table, String::new());
+            return;
+        }
+        let mut pk = serde_json::Map::new();
+        for i in change.relation.key_indexes() {
+            let value = match change.op {
+                Op::Delete => change.old_value(i),
+                _ => change.new_value(i),
+            };
+            let column = &change.relation.columns[i];
+            let json = match value {
+                Some(TupleValue::Text(b)) | Some(TupleValue::Binary(b)) => {
+                    match decode_text(column.type_oid, b, &self.types) {
+                        Ok(v) => v.to_json(),
+                        Err(_) => Value::Text(String::from_utf8_lossy(b).into_owned()).to_json(),
+                    }
+                }
+                _ => serde_json::Value::Null,
+            };
+            pk.insert(column.name.clone(), json);
+        }
+        let entry = serde_json::json!({
+            "table": table,
+            "op": change.op.as_str(),
+            "pk": pk,
+            "keys": keys,
+            "deps": deps,
+        });
+        plan.push(table, entry.to_string());
+    }
+
+    pub fn add_truncate(&self, relation: &RelationInfo, plan: &mut BroadcastPlan) {
+        plan.limit = self.limit;
+        let entry = serde_json::json!({
+            "table": relation.qualified_name,
+            "op": Op::Truncate.as_str(),
+        });
+        plan.push(&relation.qualified_name, entry.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_times() {
+        assert_eq!(unix_micros_iso(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            unix_micros_iso(1_704_164_645_123_456),
+            "2024-01-02T03:04:05.123456Z"
+        );
+        assert_eq!(unix_micros_iso(-1), "1969-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn large_transactions_list_counts_only() {
+        let mut plan = BroadcastPlan {
+            limit: 2,
+            ..Default::default()
+        };
+        for _ in 0..3 {
+            plan.push("public.a", "{}".into());
+        }
+        let body = plan.message_body(Lsn::from(0x10), 0, 7);
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["truncated"], true);
+        assert_eq!(json["counts"]["public.a"], 3);
+        assert_eq!(json["changes"].as_array().unwrap().len(), 0);
+        assert_eq!(json["lsn"], "0/10");
+    }
+
+    #[test]
+    fn segments_merge_in_order() {
+        let mut a = BroadcastPlan {
+            limit: 10,
+            ..Default::default()
+        };
+        a.push("t", "1".into());
+        let mut b = BroadcastPlan {
+            limit: 10,
+            ..Default::default()
+        };
+        b.push("t", "2".into());
+        a.merge(b);
+        assert_eq!(a.changes, vec!["1".to_string(), "2".to_string()]);
+        assert_eq!(a.counts["t"], 2);
+    }
+}

@@ -1,0 +1,247 @@
+//! `[[table.mirror]]`, `[[table.mirror.index]]` and `[broadcast]`: the parts of the config that
+//! keep Redis current instead of emptying it.
+
+use serde::Deserialize;
+
+use crate::mirror::score::ScoreExpr;
+use crate::rules::template::Template;
+
+/// Longest accepted `ttl_seconds` / `retention_seconds` (one year): longer is a typo for "none".
+pub const MAX_WINDOW_SECONDS: u64 = 366 * 24 * 3600;
+pub const DEFAULT_STREAM_MAX_LEN: u64 = 10_000;
+pub const DEFAULT_MAX_CHANGES_PER_MESSAGE: usize = 1_000;
+
+/// How a mirrored row is stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MirrorFormat {
+    /// One string: a JSON object, column name to typed value (see `value::Value::to_json`).
+    #[default]
+    Json,
+    /// A hash, one field per column: numbers and booleans as their JSON text, strings as they
+    /// are, JSON/array columns as JSON text; a NULL column has no field.
+    Hash,
+}
+
+impl MirrorFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MirrorFormat::Json => "json",
+            MirrorFormat::Hash => "hash",
+        }
+    }
+}
+
+/// `[[table.mirror]]`: a copy of each row in Redis, written on INSERT and UPDATE, removed on
+/// DELETE and TRUNCATE, moved when its key changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct MirrorConfig {
+    /// Key template, e.g. `reading:{device_id}:{seq}`; must start with literal text that no
+    /// other data in Redis starts with (TRUNCATE removes every key with that prefix).
+    pub key: String,
+    /// `json` (default) or `hash`.
+    #[serde(default)]
+    pub format: MirrorFormat,
+    /// Columns stored; default every column.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Expire each written entry after this many seconds (refreshed by every write). Default:
+    /// never.
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+    /// Only refresh entries that already exist (the app filled them); never create one. Indexes
+    /// follow the same rule. Default false. `walsweep snapshot` skips such mirrors.
+    #[serde(default)]
+    pub only_if_present: bool,
+    /// Sorted-set indexes over the mirrored rows.
+    #[serde(default)]
+    pub index: Vec<IndexConfig>,
+}
+
+/// `[[table.mirror.index]]`: a sorted set whose members are rows, scored by a column expression.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct IndexConfig {
+    /// Sorted-set key template, e.g. `readings:by_time` or `readings:{device_id}`.
+    pub key: String,
+    /// Member template, e.g. `{device_id}:{seq}` (usually the row's mirror key suffix).
+    pub member: String,
+    /// Score expression (see `mirror::score`): a column, `epoch(ts)`, `epoch_ms(ts)`,
+    /// `bits(col, N)`, integers, `<<`, `|`, `+`, `*`, e.g. `(device_id << 32) | epoch(ts)`.
+    /// Must be exact in a 64-bit float (|score| <= 2^53); `check` proves it from column types.
+    pub score: String,
+    /// Drop members whose time part is older than this many seconds before the commit that
+    /// writes to their segment. Needs a score with one `epoch()`/`epoch_ms()` term (`epoch(ts)`
+    /// or `X | epoch(ts)`). Default: keep everything.
+    #[serde(default)]
+    pub retention_seconds: Option<u64>,
+}
+
+/// `[broadcast]`: publish one JSON message per committed transaction that changed a followed
+/// table. See the README section "Broadcasts" for the message format and a client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct BroadcastConfig {
+    /// Pub/Sub channel to PUBLISH on, e.g. `walsweep:changes`.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// Stream to XADD to (capped at `stream_max_len`, approximately), e.g. `walsweep:stream`.
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// Approximate most entries the stream keeps. Default 10000.
+    #[serde(default = "default_stream_max_len")]
+    pub stream_max_len: u64,
+    /// Tables whose changes are broadcast (`schema.table`); default every `[[table]]`.
+    #[serde(default)]
+    pub tables: Option<Vec<String>>,
+    /// Most changes listed in one message; a larger transaction's message lists none and says
+    /// `"truncated": true` with per-table counts, so clients drop those tables. Default 1000.
+    #[serde(default = "default_max_changes_per_message")]
+    pub max_changes_per_message: usize,
+}
+
+fn default_stream_max_len() -> u64 {
+    DEFAULT_STREAM_MAX_LEN
+}
+fn default_max_changes_per_message() -> usize {
+    DEFAULT_MAX_CHANGES_PER_MESSAGE
+}
+
+/// A key template: parses, starts with literal text, names a column.
+fn validate_key_template(key: &str, source: &str, problem: &mut dyn FnMut(&str, String)) {
+    match Template::parse(source) {
+        Err(e) => problem(key, format!("template {source:?}: {e}")),
+        Ok(t) if t.literal_prefix().is_empty() => problem(
+            key,
+            format!(
+                "template {source:?} must start with literal text (e.g. \"reading:{{id}}\"): \
+                 TRUNCATE removes everything starting with that text"
+            ),
+        ),
+        Ok(_) => {}
+    }
+}
+
+pub(super) fn validate_mirror(at: &str, m: &MirrorConfig, problem: &mut dyn FnMut(&str, String)) {
+    validate_key_template(&format!("{at}.key"), &m.key, problem);
+    if let Ok(t) = Template::parse(&m.key) {
+        if t.columns().next().is_none() {
+            problem(
+                &format!("{at}.key"),
+                format!(
+                    "template {:?} names no column, so every row would share one key; write \
+                     e.g. \"reading:{{id}}\"",
+                    m.key
+                ),
+            );
+        }
+    }
+    if m.columns.as_ref().is_some_and(|c| c.is_empty()) {
+        problem(
+            &format!("{at}.columns"),
+            "is empty; remove it to store every column".into(),
+        );
+    }
+    if let Some(ttl) = m.ttl_seconds {
+        if ttl == 0 || ttl > MAX_WINDOW_SECONDS {
+            problem(
+                &format!("{at}.ttl_seconds"),
+                format!("must be between 1 and {MAX_WINDOW_SECONDS}; remove it to never expire"),
+            );
+        }
+    }
+    for (k, index) in m.index.iter().enumerate() {
+        let at = format!("{at}.index[{k}]");
+        validate_key_template(&format!("{at}.key"), &index.key, problem);
+        if let Err(e) = Template::parse(&index.member) {
+            problem(
+                &format!("{at}.member"),
+                format!("template {:?}: {e}", index.member),
+            );
+        } else if index.member.is_empty() {
+            problem(
+                &format!("{at}.member"),
+                "is empty; write e.g. \"{id}\"".into(),
+            );
+        }
+        match ScoreExpr::parse(&index.score) {
+            Err(e) => problem(
+                &format!("{at}.score"),
+                format!("score {:?}: {e}", index.score),
+            ),
+            Ok(expr) => {
+                if let Some(window) = index.retention_seconds {
+                    if window == 0 || window > MAX_WINDOW_SECONDS {
+                        problem(
+                            &format!("{at}.retention_seconds"),
+                            format!(
+                                "must be between 1 and {MAX_WINDOW_SECONDS}; remove it to keep \
+                                 every member"
+                            ),
+                        );
+                    } else if !expr.supports_retention() {
+                        problem(
+                            &format!("{at}.retention_seconds"),
+                            format!(
+                                "needs a score with one time term, epoch(col) or \
+                                 X | epoch(col), to know a member's age; {:?} has none",
+                                index.score
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn validate_broadcast(
+    b: &BroadcastConfig,
+    tables: &[String],
+    problem: &mut dyn FnMut(&str, String),
+) {
+    let blank = |s: &Option<String>| s.as_ref().is_some_and(|s| s.is_empty());
+    if b.channel.is_none() && b.stream.is_none() {
+        problem(
+            "broadcast.channel",
+            "[broadcast] needs a channel (Pub/Sub), a stream, or both; e.g. channel = \
+             \"walsweep:changes\""
+                .into(),
+        );
+    }
+    if blank(&b.channel) {
+        problem("broadcast.channel", "is empty; name a channel".into());
+    }
+    if blank(&b.stream) {
+        problem("broadcast.stream", "is empty; name a stream key".into());
+    }
+    if b.stream_max_len == 0 {
+        problem(
+            "broadcast.stream_max_len",
+            "must be at least 1; 10000 is a good value".into(),
+        );
+    }
+    if b.max_changes_per_message == 0 {
+        problem(
+            "broadcast.max_changes_per_message",
+            "must be at least 1; 1000 is a good value".into(),
+        );
+    }
+    for name in b.tables.iter().flatten() {
+        let qualified = if name.contains('.') {
+            name.clone()
+        } else {
+            format!("public.{name}")
+        };
+        if !tables.contains(&qualified) {
+            problem(
+                "broadcast.tables",
+                format!(
+                    "{name:?} is not a [[table]]; only followed tables can be broadcast \
+                     (add a [[table]] with name = {qualified:?})"
+                ),
+            );
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! walsweep as `walsweep run` assembles it from a config: the planner for every rule kind, the
+//! Redis sink with its reset plan and broadcasts, and the warm-up. Shared by the binary and the
+//! integration tests, so tests run exactly what users run.
+
+use crate::config::Config;
+use crate::pipeline::{self, PipelineError, RunSummary, Shutdown};
+use crate::redis::RedisSink;
+use crate::rules::{Effect, EffectPlan, FallbackCause, Rules};
+use crate::snapshot::WarmUp;
+use crate::txn_plan::TxnPlanner;
+
+/// Everything a sink reset clears: every prefix the rules invalidate and every mirror prefix.
+pub fn reset_plan(config: &Config, rules: &Rules) -> Result<EffectPlan, PipelineError> {
+    let mut plan = rules.reset_plan();
+    for mirror in crate::mirror::compile_all(&config.tables).map_err(setup)? {
+        for prefix in mirror.prefixes() {
+            plan.add(Effect::UnlinkKeysWithPrefix {
+                prefix,
+                cause: FallbackCause::SlotRecreated,
+            });
+        }
+    }
+    Ok(plan)
+}
+
+fn setup(e: impl std::fmt::Display) -> PipelineError {
+    PipelineError::Setup(format!("cannot compile the rules: {e}"))
+}
+
+/// The planner and sink for `config`.
+pub fn build(config: &Config) -> Result<(TxnPlanner, RedisSink), PipelineError> {
+    let rules = Rules::from_config(config).map_err(setup)?;
+    let sink = RedisSink::new(&config.redis, &config.matroska)?
+        .with_reset_plan(reset_plan(config, &rules)?)
+        .with_broadcast(config.broadcast.clone());
+    let planner = TxnPlanner::from_config(config, rules).map_err(setup)?;
+    Ok((planner, sink))
+}
+
+/// Runs until `shutdown` (or an error no retry fixes).
+pub async fn run(config: &Config, shutdown: Shutdown) -> Result<RunSummary, PipelineError> {
+    let (planner, sink) = build(config)?;
+    let warm_up = if config.source.warm_up {
+        WarmUp::from_config(config).map_err(setup)?
+    } else {
+        None
+    };
+    let tables = config.qualified_tables();
+    pipeline::run_warming_up(&config.source, &tables, planner, sink, shutdown, warm_up).await
+}

@@ -1,0 +1,177 @@
+//! Mirrors: rows kept current in Redis (adjust mode) instead of invalidated.
+//!
+//! `[[table.mirror]]` config is compiled here (`MirrorRule`); `planner` turns row changes into
+//! ordered `plan::MirrorOp`s; `redis::mirror` writes them, one atomic Lua call per group of
+//! rows, with each row's sorted-set index moves in the same call.
+//!
+//! # Layout (owned by walsweep, documented in the README)
+//! - `format = "json"`: the key holds one JSON object, column name to typed value
+//!   (`value::Value::to_json`).
+//! - `format = "hash"`: one field per column; strings as they are, other values as their JSON
+//!   text; a NULL column has no field.
+//! - `[[table.mirror.index]]`: a sorted set per rendered index key; member = rendered member
+//!   template, score = the score expression (`score`).
+
+pub mod plan;
+pub mod planner;
+pub mod score;
+
+use std::sync::Arc;
+
+use crate::config::{MirrorConfig, MirrorFormat, TableConfig};
+use crate::rules::template::{Template, TemplateError};
+use score::{ScoreExpr, ScoreParseError};
+
+pub use plan::{IndexAdd, IndexRemove, MirrorOp, MirrorPlan, RowWrite};
+pub use planner::MirrorPlanner;
+
+/// How the sink writes one mirror's rows (carried with each op, so the sink needs no config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteMode {
+    pub format: MirrorFormat,
+    pub only_if_present: bool,
+    /// 0 = no expiry.
+    pub ttl_seconds: u64,
+}
+
+/// A compiled `[[table.mirror.index]]`.
+#[derive(Debug, Clone)]
+pub struct IndexRule {
+    pub index: usize,
+    pub key: Template,
+    pub member: Template,
+    pub score: ScoreExpr,
+    pub retention_seconds: Option<u64>,
+}
+
+/// A compiled `[[table.mirror]]`.
+#[derive(Debug, Clone)]
+pub struct MirrorRule {
+    /// Index of the `[[table]]` entry and of the mirror within it.
+    pub table: usize,
+    pub index: usize,
+    /// `schema.table`.
+    pub table_name: String,
+    pub key: Template,
+    pub columns: Option<Vec<String>>,
+    pub mode: WriteMode,
+    pub indexes: Vec<IndexRule>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorRuleError {
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error(transparent)]
+    Score(#[from] ScoreParseError),
+}
+
+impl MirrorRule {
+    pub fn compile(
+        table: usize,
+        index: usize,
+        table_name: &str,
+        config: &MirrorConfig,
+    ) -> Result<MirrorRule, MirrorRuleError> {
+        Ok(MirrorRule {
+            table,
+            index,
+            table_name: table_name.to_string(),
+            key: Template::parse(&config.key)?,
+            columns: config.columns.clone(),
+            mode: WriteMode {
+                format: config.format,
+                only_if_present: config.only_if_present,
+                ttl_seconds: config.ttl_seconds.unwrap_or(0),
+            },
+            indexes: config
+                .index
+                .iter()
+                .enumerate()
+                .map(|(k, i)| {
+                    Ok(IndexRule {
+                        index: k,
+                        key: Template::parse(&i.key)?,
+                        member: Template::parse(&i.member)?,
+                        score: ScoreExpr::parse(&i.score)?,
+                        retention_seconds: i.retention_seconds,
+                    })
+                })
+                .collect::<Result<_, MirrorRuleError>>()?,
+        })
+    }
+
+    /// Every key prefix this mirror writes under: what TRUNCATE and a reset clear.
+    pub fn prefixes(&self) -> Vec<String> {
+        let mut out = vec![self.key.literal_prefix().to_string()];
+        out.extend(
+            self.indexes
+                .iter()
+                .map(|i| i.key.literal_prefix().to_string()),
+        );
+        out
+    }
+
+    /// Every column this mirror reads, with what needs it (for `check`).
+    pub fn referenced_columns(&self) -> Vec<(String, String)> {
+        let at = format!("mirror[{}]", self.index);
+        let mut out: Vec<(String, String)> = self
+            .key
+            .columns()
+            .map(|c| (c.to_string(), format!("{at}.key {:?}", self.key.source)))
+            .collect();
+        for c in self.columns.iter().flatten() {
+            out.push((c.clone(), format!("{at}.columns")));
+        }
+        for i in &self.indexes {
+            let at = format!("{at}.index[{}]", i.index);
+            for c in i.key.columns() {
+                out.push((c.to_string(), format!("{at}.key {:?}", i.key.source)));
+            }
+            for c in i.member.columns() {
+                out.push((c.to_string(), format!("{at}.member {:?}", i.member.source)));
+            }
+            for c in i.score.columns() {
+                out.push((c.clone(), format!("{at}.score {:?}", i.score.source())));
+            }
+        }
+        out
+    }
+
+    /// Columns whose old value must be known to find a row's previous key or index entry on
+    /// UPDATE and DELETE: key, index key and member columns (scores are overwritten in place).
+    pub fn identity_columns(&self) -> Vec<(String, String)> {
+        let at = format!("mirror[{}]", self.index);
+        let mut out: Vec<(String, String)> = self
+            .key
+            .columns()
+            .map(|c| (c.to_string(), format!("{at}.key {:?}", self.key.source)))
+            .collect();
+        for i in &self.indexes {
+            let at = format!("{at}.index[{}]", i.index);
+            for c in i.key.columns() {
+                out.push((c.to_string(), format!("{at}.key {:?}", i.key.source)));
+            }
+            for c in i.member.columns() {
+                out.push((c.to_string(), format!("{at}.member {:?}", i.member.source)));
+            }
+        }
+        out
+    }
+}
+
+/// Every mirror of the config, in `[[table]]` order.
+pub fn compile_all(tables: &[TableConfig]) -> Result<Vec<Arc<MirrorRule>>, MirrorRuleError> {
+    let mut out = Vec::new();
+    for (t, table) in tables.iter().enumerate() {
+        let name = if table.name.contains('.') {
+            table.name.clone()
+        } else {
+            format!("public.{}", table.name)
+        };
+        for (m, config) in table.mirror.iter().enumerate() {
+            out.push(Arc::new(MirrorRule::compile(t, m, &name, config)?));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,108 @@
+//! Publishing broadcast messages (`crate::broadcast`): one `scripts/broadcast.lua` call per
+//! transaction, pipelined after the batch's invalidations and mirror writes, so a subscriber
+//! that reacts to a message already sees the transaction's effects in Redis.
+
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use ::redis::{Script, Value};
+
+use super::{sink_error, RedisSink};
+use crate::assembler::CommittedTxn;
+use crate::config::BroadcastConfig;
+use crate::metrics as m;
+use crate::sink::SinkError;
+use crate::txn_plan::TxnPlan;
+
+static BROADCAST: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/broadcast.lua")));
+
+/// Where the last published LSN is kept: next to the stream, else the channel's name.
+pub fn state_key(config: &BroadcastConfig) -> String {
+    let base = config
+        .stream
+        .as_deref()
+        .or(config.channel.as_deref())
+        .unwrap_or("walsweep");
+    format!("{base}:last_lsn")
+}
+
+impl RedisSink {
+    pub(super) async fn publish(
+        &mut self,
+        batch: &[CommittedTxn<TxnPlan>],
+    ) -> Result<(u64, u64), SinkError> {
+        let Some(config) = self.broadcast.clone() else {
+            return Ok((0, 0));
+        };
+        let messages: Vec<(String, String, String)> = batch
+            .iter()
+            .filter(|t| !t.plan.broadcast.is_empty())
+            .map(|t| {
+                (
+                    format!("{:016X}", t.commit_lsn.as_u64()),
+                    t.commit_lsn.to_string(),
+                    t.plan
+                        .broadcast
+                        .message_body(t.commit_lsn, t.commit_time_unix_micros, t.xid),
+                )
+            })
+            .collect();
+        self.run_broadcast(&config, &messages).await
+    }
+
+    /// Tells subscribers to drop everything (the stream had a gap).
+    pub(super) async fn publish_reset(&mut self, reason: &str) -> Result<(), SinkError> {
+        let Some(config) = self.broadcast.clone() else {
+            return Ok(());
+        };
+        let body = crate::broadcast::reset_body(reason);
+        self.run_broadcast(&config, &[(String::new(), String::new(), body)])
+            .await?;
+        Ok(())
+    }
+
+    /// Returns (published, duplicates skipped).
+    async fn run_broadcast(
+        &mut self,
+        config: &BroadcastConfig,
+        messages: &[(String, String, String)],
+    ) -> Result<(u64, u64), SinkError> {
+        if messages.is_empty() {
+            return Ok((0, 0));
+        }
+        let mut conn = self.connection().await?;
+        let state = state_key(config);
+        let mut keys = vec![state.as_str()];
+        keys.extend(config.stream.as_deref());
+        let mut pipe = ::redis::pipe();
+        pipe.cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(include_str!("scripts/broadcast.lua"))
+            .ignore();
+        for (hex, text, body) in messages {
+            pipe.cmd("EVALSHA")
+                .arg(BROADCAST.get_hash())
+                .arg(keys.len())
+                .arg(&keys)
+                .arg(hex)
+                .arg(text)
+                .arg(body)
+                .arg(config.channel.as_deref().unwrap_or(""))
+                .arg(config.stream_max_len);
+        }
+        let started = Instant::now();
+        let replies: Vec<Value> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| sink_error("publish broadcast messages", e))?;
+        m::redis_round_trip(started.elapsed());
+        let published = replies
+            .iter()
+            .filter(|r| matches!(r, Value::Int(1)))
+            .count() as u64;
+        let duplicates = replies.len() as u64 - published;
+        m::broadcasts(published, duplicates);
+        Ok((published, duplicates))
+    }
+}

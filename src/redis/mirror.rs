@@ -1,0 +1,263 @@
+//! Applying mirror ops: rows and their index moves through `scripts/mirror_rows.lua`, in plan
+//! order, many rows per atomic call, many calls per pipelined round trip. A `Clear` (TRUNCATE
+//! or a table-wide fallback) ends the round trip, so it lands after every op before it and
+//! before every op after it.
+
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use ::redis::aio::ConnectionManager;
+use ::redis::{Script, Value};
+
+use super::{sink_error, RedisSink, KEYS_PER_COMMAND};
+use crate::config::MirrorFormat;
+use crate::metrics as m;
+use crate::mirror::plan::{Field, IndexAdd};
+use crate::mirror::{MirrorOp, RowWrite};
+use crate::rules::template::glob_escape;
+use crate::sink::SinkError;
+
+static MIRROR_ROWS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/mirror_rows.lua")));
+
+/// Rows per script call: long enough to amortise the call, short enough not to stall Redis.
+const ROWS_PER_CALL: usize = 100;
+/// Script calls per round trip.
+const CALLS_PER_ROUND_TRIP: usize = 64;
+
+/// What applying mirror ops did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MirrorApplied {
+    pub written: u64,
+    pub deleted: u64,
+    /// `only_if_present` rows that were not cached.
+    pub skipped: u64,
+    /// Rows with an unchanged TOAST value and no stored entry to take it from: removed.
+    pub incomplete: u64,
+    pub cleared_keys: u64,
+}
+
+/// One script call being built.
+#[derive(Default)]
+struct Call {
+    keys: Vec<String>,
+    args: Vec<String>,
+    rows: usize,
+}
+
+fn score_arg(score: f64) -> String {
+    // Rust prints every finite f64 without an exponent and infinities as inf / -inf, both of
+    // which Redis parses exactly.
+    format!("{score}")
+}
+
+fn retention_args(add: &IndexAdd, cutoff_unix_secs: i64) -> (String, String) {
+    match add.retention {
+        None => (String::new(), String::new()),
+        Some(r) => {
+            let cutoff = cutoff_unix_secs - r.window_seconds as i64;
+            let base = if r.base.is_finite() { r.base } else { 0.0 };
+            let max = base + cutoff as f64 * r.units_per_second;
+            (score_arg(r.base), score_arg(max))
+        }
+    }
+}
+
+impl Call {
+    fn push_header(&mut self, op: &str, write: Option<&RowWrite>, counts: [usize; 5]) {
+        let (fmt, only_if_present, ttl) = match write {
+            Some(w) => (
+                match w.mode.format {
+                    MirrorFormat::Json => "j",
+                    MirrorFormat::Hash => "h",
+                },
+                if w.mode.only_if_present { "1" } else { "0" },
+                w.mode.ttl_seconds,
+            ),
+            None => ("j", "0", 0),
+        };
+        self.args.push(op.into());
+        self.args.push(fmt.into());
+        self.args.push(only_if_present.into());
+        self.args.push(ttl.to_string());
+        self.args.extend(counts.iter().map(|c| c.to_string()));
+    }
+
+    fn push_row(&mut self, op: &MirrorOp, cutoff_unix_secs: i64) {
+        self.rows += 1;
+        match op {
+            MirrorOp::Delete { key, index_removes } => {
+                self.push_header("d", None, [index_removes.len(), 0, 0, 0, 0]);
+                self.keys.push(key.clone());
+                self.keys.push(key.clone());
+                for r in index_removes {
+                    self.keys.push(r.key.clone());
+                    self.args.push(r.member.clone());
+                }
+            }
+            MirrorOp::Write(w) => {
+                let json = w.mode.format == MirrorFormat::Json;
+                let nulls: Vec<&str> = w
+                    .fields
+                    .iter()
+                    .filter(|(_, f)| *f == Field::Null)
+                    .map(|(n, _)| &**n)
+                    .collect();
+                let keeps: Vec<&str> = w
+                    .fields
+                    .iter()
+                    .filter(|(_, f)| *f == Field::Keep)
+                    .map(|(n, _)| &**n)
+                    .collect();
+                let written: Vec<(&str, &Field)> = w
+                    .fields
+                    .iter()
+                    .filter(|(_, f)| json || matches!(f, Field::Value(_)))
+                    .map(|(n, f)| (&**n, f))
+                    .collect();
+                let (nulls, hash_keeps) = if json {
+                    (Vec::new(), Vec::new())
+                } else {
+                    (nulls, keeps.clone())
+                };
+                self.push_header(
+                    "w",
+                    Some(w),
+                    [
+                        w.index_removes.len(),
+                        w.index_adds.len(),
+                        written.len(),
+                        nulls.len(),
+                        if json { keeps.len() } else { hash_keeps.len() },
+                    ],
+                );
+                self.keys.push(w.key.clone());
+                self.keys.push(w.source.clone());
+                for r in &w.index_removes {
+                    self.keys.push(r.key.clone());
+                    self.args.push(r.member.clone());
+                }
+                for add in &w.index_adds {
+                    self.keys.push(add.key.clone());
+                    let (min, max) = retention_args(add, cutoff_unix_secs);
+                    self.args.push(add.member.clone());
+                    self.args.push(score_arg(add.score));
+                    self.args.push(min);
+                    self.args.push(max);
+                }
+                for (name, field) in written {
+                    if json {
+                        self.args
+                            .push(serde_json::Value::String(name.to_string()).to_string());
+                        self.args.push(match field {
+                            Field::Value(v) => v.clone(),
+                            Field::Null => "null".into(),
+                            Field::Keep => String::new(),
+                        });
+                    } else if let Field::Value(v) = field {
+                        self.args.push(name.to_string());
+                        self.args.push(v.clone());
+                    }
+                }
+                for name in nulls
+                    .into_iter()
+                    .chain(if json { Vec::new() } else { hash_keeps })
+                {
+                    self.args.push(name.to_string());
+                }
+            }
+            MirrorOp::Clear { .. } => {}
+        }
+    }
+}
+
+impl RedisSink {
+    /// Applies mirror ops in order. `cutoff_unix_secs` is the commit time retention windows
+    /// count back from.
+    pub async fn apply_mirror_ops<'a>(
+        &mut self,
+        ops: impl IntoIterator<Item = &'a MirrorOp>,
+        cutoff_unix_secs: i64,
+    ) -> Result<MirrorApplied, SinkError> {
+        let mut conn = self.connection().await?;
+        let mut applied = MirrorApplied::default();
+        let mut calls: Vec<Call> = Vec::new();
+        for op in ops {
+            if let MirrorOp::Clear { prefixes, cause } = op {
+                self.run_calls(&mut conn, std::mem::take(&mut calls), &mut applied)
+                    .await?;
+                for prefix in prefixes {
+                    let pattern = format!("{}*", glob_escape(prefix));
+                    let found = self.scan(&mut conn, &pattern).await?;
+                    for chunk in found.chunks(KEYS_PER_COMMAND) {
+                        let n: u64 = ::redis::cmd("UNLINK")
+                            .arg(chunk)
+                            .query_async(&mut conn)
+                            .await
+                            .map_err(|e| sink_error("clear mirror keys", e))?;
+                        applied.cleared_keys += n;
+                    }
+                    tracing::debug!(target: super::EFFECTS_LOG_TARGET, cause = cause.as_str(), "clear mirror {prefix}*");
+                }
+                continue;
+            }
+            if calls.last().is_none_or(|c| c.rows >= ROWS_PER_CALL) {
+                if calls.len() >= CALLS_PER_ROUND_TRIP {
+                    self.run_calls(&mut conn, std::mem::take(&mut calls), &mut applied)
+                        .await?;
+                }
+                calls.push(Call::default());
+            }
+            if let Some(call) = calls.last_mut() {
+                call.push_row(op, cutoff_unix_secs);
+            }
+        }
+        self.run_calls(&mut conn, calls, &mut applied).await?;
+        m::mirror_applied(&applied);
+        Ok(applied)
+    }
+
+    async fn run_calls(
+        &self,
+        conn: &mut ConnectionManager,
+        calls: Vec<Call>,
+        applied: &mut MirrorApplied,
+    ) -> Result<(), SinkError> {
+        if calls.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = ::redis::pipe();
+        // Loading first makes every EVALSHA below valid even right after a Redis restart, and
+        // costs one short command per round trip instead of the script text per call.
+        pipe.cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(include_str!("scripts/mirror_rows.lua"))
+            .ignore();
+        for call in &calls {
+            pipe.cmd("EVALSHA")
+                .arg(MIRROR_ROWS.get_hash())
+                .arg(call.keys.len())
+                .arg(&call.keys)
+                .arg(&call.args);
+        }
+        let started = Instant::now();
+        let replies: Vec<Value> = pipe
+            .query_async(conn)
+            .await
+            .map_err(|e| sink_error("write mirrored rows", e))?;
+        m::redis_round_trip(started.elapsed());
+        for reply in replies {
+            if let Value::Array(items) = reply {
+                let n = |i: usize| match items.get(i) {
+                    Some(Value::Int(n)) => *n as u64,
+                    _ => 0,
+                };
+                applied.written += n(0);
+                applied.deleted += n(1);
+                applied.skipped += n(2);
+                applied.incomplete += n(3);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,186 @@
+-- Writes mirrored rows and moves their sorted-set index members: one call covers a group of
+-- rows and is atomic, so a reader never sees a row without its index entry or the reverse.
+-- Rows are encoded back to back (see redis/mirror.rs, `push_row`):
+--   ARGV: op ('w' write | 'd' delete), format ('j' | 'h'), only_if_present ('1' | '0'),
+--         ttl seconds ('0' = none), #removes, #adds, #fields, #nulls, #keeps,
+--         then removes' members, adds' (member, score, retention min, retention max or ''),
+--         fields' (name, value) pairs (json: name is a JSON string literal and value a JSON
+--         text, '' meaning "keep the stored value"), null field names and kept field names
+--         (hash only).
+--   KEYS: target key, source key (differs when the row's key changed), removes' index keys,
+--         adds' index keys.
+-- Returns {written, deleted, skipped (only_if_present and absent), incomplete (a kept field
+-- had no stored value, so the row was removed instead of half-written)}.
+
+local function skip_string(s, i)
+  local j = i + 1
+  while true do
+    local q = s:find('["\\]', j)
+    if not q then return nil end
+    if s:byte(q) == 92 then j = q + 2 else return q + 1 end
+  end
+end
+
+local function skip_value(s, i)
+  local c = s:byte(i)
+  if c == 34 then return skip_string(s, i) end
+  if c == 123 or c == 91 then
+    local depth, j = 0, i
+    while true do
+      local p = s:find('[{}%[%]"]', j)
+      if not p then return nil end
+      local b = s:byte(p)
+      if b == 34 then
+        j = skip_string(s, p)
+        if not j then return nil end
+      else
+        if b == 123 or b == 91 then depth = depth + 1 else depth = depth - 1 end
+        j = p + 1
+        if depth == 0 then return j end
+      end
+    end
+  end
+  return s:find('[,}%]]', i)
+end
+
+-- Top-level fields of a compact JSON object walsweep wrote: name literal -> raw value text.
+-- Raw text, never decoded: re-encoding would round numbers.
+local function fields_of(doc)
+  if type(doc) ~= 'string' or doc:byte(1) ~= 123 then return nil end
+  local out = {}
+  if doc:byte(2) == 125 then return out end
+  local i = 2
+  while true do
+    if doc:byte(i) ~= 34 then return nil end
+    local kend = skip_string(doc, i)
+    if not kend or doc:byte(kend) ~= 58 then return nil end
+    local vend = skip_value(doc, kend + 1)
+    if not vend then return nil end
+    out[doc:sub(i, kend - 1)] = doc:sub(kend + 1, vend - 1)
+    local c = doc:byte(vend)
+    if c == 125 then return out end
+    if c ~= 44 then return nil end
+    i = vend + 1
+  end
+end
+
+local k, a = 1, 1
+local written, deleted, skipped, incomplete = 0, 0, 0, 0
+while a <= #ARGV do
+  local op, fmt, only_present, ttl = ARGV[a], ARGV[a + 1], ARGV[a + 2] == '1', tonumber(ARGV[a + 3])
+  local nrem, nadd = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  local nfields, nnull, nkeep = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8])
+  a = a + 9
+  local target, source = KEYS[k], KEYS[k + 1]
+  k = k + 2
+  for _ = 1, nrem do
+    redis.call('ZREM', KEYS[k], ARGV[a])
+    k, a = k + 1, a + 1
+  end
+  local add_keys, add_args = k, a
+  k, a = k + nadd, a + 4 * nadd
+  local fields_at = a
+  a = a + 2 * nfields
+  local nulls_at = a
+  a = a + nnull
+  local keeps_at = a
+  a = a + nkeep
+
+  local index_it = op == 'w'
+  if op == 'd' then
+    if target ~= '' then deleted = deleted + redis.call('UNLINK', target) end
+  else
+    local moved = source ~= target
+    local from = source
+    local present = true
+    if only_present or nkeep > 0 then
+      if redis.call('EXISTS', source) == 1 then
+        from = source
+      elseif moved and redis.call('EXISTS', target) == 1 then
+        -- A redelivered move: the row already sits at its new key.
+        from = target
+      else
+        present = false
+      end
+    end
+    if only_present and not present then
+      skipped = skipped + 1
+      index_it = false
+    elseif nkeep > 0 and not present then
+      incomplete = incomplete + 1
+      redis.call('UNLINK', target)
+      if moved then redis.call('UNLINK', source) end
+    elseif fmt == 'j' then
+      local kept = {}
+      if nkeep > 0 then
+        local ok, doc = pcall(redis.call, 'GET', from)
+        kept = ok and fields_of(doc) or nil
+      end
+      if kept == nil then
+        incomplete = incomplete + 1
+        redis.call('UNLINK', target)
+        if moved then redis.call('UNLINK', source) end
+      else
+        local parts, complete = {}, true
+        for i = 0, nfields - 1 do
+          local name, value = ARGV[fields_at + 2 * i], ARGV[fields_at + 2 * i + 1]
+          if value == '' then value = kept[name] end
+          if value == nil then
+            complete = false
+            break
+          end
+          parts[#parts + 1] = name .. ':' .. value
+        end
+        if moved then redis.call('UNLINK', source) end
+        if not complete then
+          incomplete = incomplete + 1
+          redis.call('UNLINK', target)
+        elseif ttl > 0 then
+          redis.call('SET', target, '{' .. table.concat(parts, ',') .. '}', 'EX', ttl)
+          written = written + 1
+        else
+          redis.call('SET', target, '{' .. table.concat(parts, ',') .. '}')
+          written = written + 1
+        end
+      end
+    else
+      local pairs_ = {}
+      for i = 0, 2 * nfields - 1 do pairs_[#pairs_ + 1] = ARGV[fields_at + i] end
+      if nkeep > 0 and from ~= target then
+        local keep_names = {}
+        for i = 0, nkeep - 1 do keep_names[#keep_names + 1] = ARGV[keeps_at + i] end
+        local ok, values = pcall(redis.call, 'HMGET', from, unpack(keep_names))
+        if ok then
+          for i, v in ipairs(values) do
+            if v then
+              pairs_[#pairs_ + 1] = keep_names[i]
+              pairs_[#pairs_ + 1] = v
+            end
+          end
+        end
+      end
+      if nkeep == 0 or from ~= target then
+        redis.call('UNLINK', target)
+      elseif nnull > 0 then
+        local names = {}
+        for i = 0, nnull - 1 do names[#names + 1] = ARGV[nulls_at + i] end
+        redis.call('HDEL', target, unpack(names))
+      end
+      if moved then redis.call('UNLINK', source) end
+      if #pairs_ > 0 then redis.call('HSET', target, unpack(pairs_)) end
+      if ttl > 0 then redis.call('EXPIRE', target, ttl) end
+      written = written + 1
+    end
+  end
+  if index_it then
+    for i = 0, nadd - 1 do
+      local key = KEYS[add_keys + i]
+      local at = add_args + 4 * i
+      redis.call('ZADD', key, ARGV[at + 1], ARGV[at])
+      if ARGV[at + 2] ~= '' then
+        redis.call('ZREMRANGEBYSCORE', key, ARGV[at + 2], '(' .. ARGV[at + 3])
+      end
+    end
+  end
+end
+return {written, deleted, skipped, incomplete}

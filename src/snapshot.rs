@@ -1,0 +1,353 @@
+//! Warm-up: load every mirrored table into Redis from one consistent snapshot.
+//!
+//! When walsweep creates the slot it can export the snapshot the slot starts from; loading the
+//! mirrors inside that snapshot and then streaming from the slot misses nothing and applies
+//! nothing twice (`source.warm_up = true`, or `walsweep snapshot` before the first start).
+//!
+//! With a slot that already exists there is no matching snapshot. `walsweep snapshot` then
+//! loads a fresh one and the stream replays from the slot's confirmed position, which is older:
+//! rows briefly go back to earlier versions while the daemon catches up, and end exact once it
+//! passes the snapshot (every later change is replayed in order). That is why the command
+//! refuses to run while a daemon streams from the slot: its writes would race the load.
+//!
+//! Rows are read in Postgres' text form under the replication session's settings and planned
+//! by the same `MirrorPlanner` as streamed INSERTs, so a loaded row is byte-for-byte what
+//! streaming would have written.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::{Config, MatroskaConfig, RedisConfig};
+use crate::mirror::{MirrorOp, MirrorPlan, MirrorPlanner, MirrorRule};
+use crate::pg::catalog::{self, CatalogError};
+use crate::pg::pgoutput::{ReplicaIdentity, TupleValue};
+use crate::pg::replication::{quote_ident, ConnectParams};
+use crate::plan::{ColumnInfo, OldRow, Op, RelationInfo, RowChange};
+use crate::redis::RedisSink;
+use crate::rules::FallbackCause;
+use crate::sink::SinkError;
+
+/// Rows fetched and written per round.
+const ROWS_PER_FETCH: usize = 5_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("warm-up query failed: {what}")]
+    Query {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("warm-up could not write to Redis")]
+    Sink(#[from] SinkError),
+    #[error("table {table} (mirrored by [[table]] {index}) does not exist in the source database; fix the name or create the table")]
+    NoTable { table: String, index: usize },
+}
+
+impl SnapshotError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SnapshotError::Catalog(e) => e.is_retryable(),
+            SnapshotError::Query { source, .. } => source.is_closed(),
+            SnapshotError::Sink(e) => e.is_retryable(),
+            SnapshotError::NoTable { .. } => false,
+        }
+    }
+}
+
+/// What a warm-up loaded.
+#[derive(Debug, Default, Clone)]
+pub struct WarmUpSummary {
+    /// (table, rows) in load order.
+    pub tables: Vec<(String, u64)>,
+}
+
+/// The mirrors a warm-up loads and where to.
+pub struct WarmUp {
+    mirrors: Vec<Arc<MirrorRule>>,
+    redis: RedisConfig,
+    matroska: MatroskaConfig,
+}
+
+impl WarmUp {
+    /// `None` when no mirror can be loaded (none configured, or all `only_if_present`, which
+    /// never creates entries).
+    pub fn from_config(config: &Config) -> Result<Option<WarmUp>, crate::mirror::MirrorRuleError> {
+        let mirrors: Vec<_> = crate::mirror::compile_all(&config.tables)?
+            .into_iter()
+            .filter(|m| !m.mode.only_if_present)
+            .collect();
+        Ok((!mirrors.is_empty()).then(|| WarmUp {
+            mirrors,
+            redis: config.redis.clone(),
+            matroska: config.matroska.clone(),
+        }))
+    }
+
+    /// Clears and loads every mirror, inside `snapshot` when given (exported by the slot's
+    /// creation), else inside a fresh repeatable-read snapshot.
+    pub async fn load(
+        &self,
+        params: &ConnectParams,
+        snapshot: Option<&str>,
+    ) -> Result<WarmUpSummary, SnapshotError> {
+        let started = Instant::now();
+        let mut sink = RedisSink::new(&self.redis, &self.matroska)?;
+        let client = catalog::connect(params).await?;
+        let query = |what: &str| {
+            let what = what.to_string();
+            move |source| SnapshotError::Query { what, source }
+        };
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await
+            .map_err(query("BEGIN"))?;
+        if let Some(name) = snapshot {
+            // First statement of the transaction, as Postgres requires.
+            client
+                .batch_execute(&format!(
+                    "SET TRANSACTION SNAPSHOT {}",
+                    crate::pg::replication::quote_literal(name)
+                ))
+                .await
+                .map_err(query(
+                    "SET TRANSACTION SNAPSHOT (the exported snapshot is gone?)",
+                ))?;
+        }
+        // The text forms the decoder expects, as in the replication session.
+        client
+            .batch_execute(
+                "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'; \
+                 SET LOCAL IntervalStyle = 'postgres'; SET LOCAL extra_float_digits = 3; \
+                 SET LOCAL bytea_output = 'hex'",
+            )
+            .await
+            .map_err(query("session settings"))?;
+
+        let mut tables: Vec<(usize, String)> = Vec::new();
+        for m in &self.mirrors {
+            if !tables.iter().any(|(_, t)| *t == m.table_name) {
+                tables.push((m.table, m.table_name.clone()));
+            }
+        }
+        // Stale entries from before (rows deleted while nobody watched) must not survive.
+        let prefixes: Vec<String> = self.mirrors.iter().flat_map(|m| m.prefixes()).collect();
+        let cleared = sink
+            .apply_mirror_ops(
+                [&MirrorOp::Clear {
+                    prefixes,
+                    cause: FallbackCause::SlotRecreated,
+                }],
+                0,
+            )
+            .await?;
+        tracing::info!(keys = cleared.cleared_keys, "warm-up: cleared mirror keys");
+
+        let mut summary = WarmUpSummary::default();
+        for (index, table) in tables {
+            let rows = self.load_table(&client, &mut sink, index, &table).await?;
+            summary.tables.push((table, rows));
+        }
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(query("COMMIT"))?;
+        tracing::info!(
+            tables = summary.tables.len(),
+            rows = summary.tables.iter().map(|(_, n)| n).sum::<u64>(),
+            seconds = started.elapsed().as_secs_f64(),
+            "warm-up finished"
+        );
+        Ok(summary)
+    }
+
+    async fn load_table(
+        &self,
+        client: &tokio_postgres::Client,
+        sink: &mut RedisSink,
+        index: usize,
+        table: &str,
+    ) -> Result<u64, SnapshotError> {
+        let relation = relation_info(client, index, table).await?;
+        let mut planner = MirrorPlanner::new(
+            self.mirrors
+                .iter()
+                .filter(|m| m.table_name == table)
+                .cloned()
+                .collect(),
+        );
+        planner.relation_changed(&relation);
+        let qualified = format!(
+            "{}.{}",
+            quote_ident(&relation.namespace),
+            quote_ident(&relation.name)
+        );
+        let total: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {qualified}"), &[])
+            .await
+            .map_err(|source| SnapshotError::Query {
+                what: format!("count rows of {table}"),
+                source,
+            })?
+            .get(0);
+        tracing::info!(%table, rows = total, "warm-up: loading");
+        let cursor = "walsweep_warm_up";
+        let fail = |what: String| move |source| SnapshotError::Query { what, source };
+        client
+            .batch_execute(&format!(
+                "DECLARE {cursor} NO SCROLL CURSOR FOR SELECT * FROM {qualified}"
+            ))
+            .await
+            .map_err(fail(format!("read {table}")))?;
+        let now_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let mut loaded: u64 = 0;
+        let mut last_report = Instant::now();
+        loop {
+            // simple_query: rows in text form, exactly what pgoutput sends.
+            let messages = client
+                .simple_query(&format!("FETCH {ROWS_PER_FETCH} FROM {cursor}"))
+                .await
+                .map_err(fail(format!("read {table}")))?;
+            let mut plan = MirrorPlan::default();
+            let mut fetched = 0u64;
+            for message in &messages {
+                let tokio_postgres::SimpleQueryMessage::Row(row) = message else {
+                    continue;
+                };
+                fetched += 1;
+                let values: Vec<TupleValue<'_>> = (0..row.len())
+                    .map(|i| match row.get(i) {
+                        Some(text) => TupleValue::Text(text.as_bytes()),
+                        None => TupleValue::Null,
+                    })
+                    .collect();
+                planner.plan_change(
+                    &RowChange {
+                        relation: &relation,
+                        op: Op::Insert,
+                        old: OldRow::Absent,
+                        new: Some(&values),
+                    },
+                    &mut plan,
+                );
+            }
+            if fetched == 0 {
+                break;
+            }
+            sink.apply_mirror_ops(plan.ops(), now_secs).await?;
+            loaded += fetched;
+            crate::metrics::snapshot_rows(fetched);
+            if last_report.elapsed().as_secs() >= 2 {
+                last_report = Instant::now();
+                tracing::info!(%table, loaded, of = total, "warm-up: loading");
+            }
+        }
+        client
+            .batch_execute(&format!("CLOSE {cursor}"))
+            .await
+            .map_err(fail(format!("read {table}")))?;
+        tracing::info!(%table, rows = loaded, "warm-up: loaded");
+        Ok(loaded)
+    }
+}
+
+/// The table's shape as a Relation message would give it (identity flags are not needed: a
+/// loaded row is an INSERT).
+async fn relation_info(
+    client: &tokio_postgres::Client,
+    index: usize,
+    table: &str,
+) -> Result<RelationInfo, SnapshotError> {
+    let rows = client
+        .query(
+            "SELECT c.oid, n.nspname::text, c.relname::text, a.attname::text, a.atttypid, \
+                    a.atttypmod \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+             WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum",
+            &[
+                &table.split_once('.').map_or("public", |(s, _)| s),
+                &table.split_once('.').map_or(table, |(_, t)| t),
+            ],
+        )
+        .await
+        .map_err(|source| SnapshotError::Query {
+            what: format!("describe {table}"),
+            source,
+        })?;
+    let Some(first) = rows.first() else {
+        return Err(SnapshotError::NoTable {
+            table: table.to_string(),
+            index,
+        });
+    };
+    let oid: u32 = first.get(0);
+    let namespace: String = first.get(1);
+    let name: String = first.get(2);
+    Ok(RelationInfo {
+        oid,
+        qualified_name: format!("{namespace}.{name}"),
+        namespace,
+        name,
+        replica_identity: ReplicaIdentity::Default,
+        columns: rows
+            .iter()
+            .map(|r| ColumnInfo {
+                name: r.get(3),
+                type_oid: r.get(4),
+                type_modifier: r.get(5),
+                is_key: false,
+            })
+            .collect(),
+    })
+}
+
+/// `walsweep snapshot`: load the mirrors now. Creates the publication and slot when the config
+/// allows and they are missing (then the load uses the slot's exported snapshot); refuses while
+/// a daemon streams from the slot.
+pub async fn run_command(config: &Config) -> Result<WarmUpSummary, crate::pipeline::PipelineError> {
+    use crate::pipeline::PipelineError;
+    let warm_up = WarmUp::from_config(config)
+        .map_err(|e| PipelineError::Setup(format!("cannot compile the mirrors: {e}")))?
+        .ok_or_else(|| {
+            PipelineError::Setup(
+                "no [[table.mirror]] to load (only_if_present mirrors are never warmed up)".into(),
+            )
+        })?;
+    let params = config.source.connect_params()?;
+    let client = catalog::connect(&params).await?;
+    match catalog::slot_state(&client, &config.source.slot).await? {
+        Some(slot) if slot.active => Err(PipelineError::Setup(format!(
+            "replication slot {:?} is in use (a walsweep is streaming from it); stop it first: \
+             its writes would race the load",
+            config.source.slot
+        ))),
+        Some(_) => {
+            tracing::warn!(
+                slot = %config.source.slot,
+                "the slot exists, so there is no snapshot matching it: loading a fresh one; \
+                 rows may show older versions until walsweep catches up past this moment"
+            );
+            Ok(warm_up.load(&params, None).await?)
+        }
+        None => {
+            drop(client);
+            let tables = config.qualified_tables();
+            let loaded =
+                crate::pipeline::prepare_source(&config.source, &params, &tables, Some(&warm_up))
+                    .await?;
+            loaded.ok_or_else(|| {
+                PipelineError::Setup(format!(
+                    "replication slot {:?} does not exist and source.create_slot is false; \
+                     create it, or let walsweep create it",
+                    config.source.slot
+                ))
+            })
+        }
+    }
+}

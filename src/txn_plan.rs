@@ -1,0 +1,104 @@
+//! Everything one transaction asks of Redis: invalidations (`rules`), mirror writes (`mirror`)
+//! and its broadcast message (`broadcast`), planned together from each row change so that a
+//! broadcast lists exactly the keys and dependencies the rules invalidated.
+
+use crate::broadcast::{BroadcastPlan, BroadcastPlanner};
+use crate::config::Config;
+use crate::mirror::{MirrorPlan, MirrorPlanner};
+use crate::plan::{Plan, Planner, RelationInfo, RowChange};
+use crate::rules::{Effect, EffectPlan, Rules, RulesPlanner};
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TxnPlan {
+    pub invalidate: EffectPlan,
+    pub mirror: MirrorPlan,
+    pub broadcast: BroadcastPlan,
+}
+
+impl Plan for TxnPlan {
+    fn merge(&mut self, later: Self) {
+        self.invalidate.merge(later.invalidate);
+        self.mirror.merge(later.mirror);
+        self.broadcast.merge(later.broadcast);
+    }
+
+    fn effect_count(&self) -> usize {
+        self.invalidate.effect_count() + self.mirror.len() + self.broadcast.len()
+    }
+}
+
+pub struct TxnPlanner {
+    pub rules: RulesPlanner,
+    pub mirrors: MirrorPlanner,
+    pub broadcast: Option<BroadcastPlanner>,
+}
+
+impl TxnPlanner {
+    pub fn from_config(
+        config: &Config,
+        rules: Rules,
+    ) -> Result<TxnPlanner, crate::mirror::MirrorRuleError> {
+        Ok(TxnPlanner {
+            rules: RulesPlanner::new(rules),
+            mirrors: MirrorPlanner::new(crate::mirror::compile_all(&config.tables)?),
+            broadcast: config.broadcast.as_ref().map(BroadcastPlanner::new),
+        })
+    }
+}
+
+impl Planner for TxnPlanner {
+    type Plan = TxnPlan;
+
+    fn plan_change(&mut self, change: &RowChange<'_>, plan: &mut TxnPlan) {
+        match self
+            .broadcast
+            .as_ref()
+            .filter(|b| b.follows(change.relation))
+        {
+            None => self
+                .rules
+                .effects(change, &mut |effect, _| plan.invalidate.add(effect)),
+            Some(broadcast) => {
+                let (mut keys, mut deps) = (Vec::new(), Vec::new());
+                self.rules.effects(change, &mut |effect, _| {
+                    match &effect {
+                        Effect::UnlinkKey(k) => keys.push(k.clone()),
+                        Effect::InvalidateDep(d) => deps.push(d.clone()),
+                        // Table-wide fallbacks are named by the prefix a client can match.
+                        Effect::UnlinkKeysWithPrefix { prefix, .. } => {
+                            keys.push(format!("{prefix}*"))
+                        }
+                        Effect::InvalidateDepsWithPrefix { prefix, .. } => {
+                            deps.push(format!("{prefix}*"))
+                        }
+                    }
+                    plan.invalidate.add(effect);
+                });
+                broadcast.add_change(change, &keys, &deps, &mut plan.broadcast);
+            }
+        }
+        if !self.mirrors.is_empty() {
+            self.mirrors.plan_change(change, &mut plan.mirror);
+        }
+    }
+
+    fn plan_truncate(&mut self, relations: &[&RelationInfo], plan: &mut TxnPlan) {
+        self.rules.plan_truncate(relations, &mut plan.invalidate);
+        for relation in relations {
+            self.mirrors.plan_truncate(relation, &mut plan.mirror);
+            if let Some(b) = self.broadcast.as_ref().filter(|b| b.follows(relation)) {
+                b.add_truncate(relation, &mut plan.broadcast);
+            }
+        }
+    }
+
+    fn plan_message(&mut self, prefix: &str, content: &[u8], plan: &mut TxnPlan) {
+        self.rules
+            .plan_message(prefix, content, &mut plan.invalidate);
+    }
+
+    fn relation_changed(&mut self, relation: &RelationInfo) {
+        self.rules.relation_changed(relation);
+        self.mirrors.relation_changed(relation);
+    }
+}
