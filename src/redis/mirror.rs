@@ -115,11 +115,9 @@ impl Call {
                     .filter(|(_, f)| json || matches!(f, Field::Value(_)))
                     .map(|(n, f)| (&**n, f))
                     .collect();
-                let (nulls, hash_keeps) = if json {
-                    (Vec::new(), Vec::new())
-                } else {
-                    (nulls, keeps.clone())
-                };
+                // JSON marks NULL and kept fields inline; both formats list kept names after the
+                // values (a hash also lists its NULL fields, to HDEL them).
+                let nulls = if json { Vec::new() } else { nulls };
                 self.push_header(
                     "w",
                     Some(w),
@@ -128,7 +126,7 @@ impl Call {
                         w.index_adds.len(),
                         written.len(),
                         nulls.len(),
-                        if json { keeps.len() } else { hash_keeps.len() },
+                        keeps.len(),
                     ],
                 );
                 self.keys.push(w.key.clone());
@@ -159,10 +157,7 @@ impl Call {
                         self.args.push(v.clone());
                     }
                 }
-                for name in nulls
-                    .into_iter()
-                    .chain(if json { Vec::new() } else { hash_keeps })
-                {
+                for name in nulls.into_iter().chain(keeps) {
                     self.args.push(name.to_string());
                 }
             }

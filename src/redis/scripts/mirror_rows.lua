@@ -6,7 +6,7 @@
 --         then removes' members, adds' (member, score, retention min, retention max or ''),
 --         fields' (name, value) pairs (json: name is a JSON string literal and value a JSON
 --         text, '' meaning "keep the stored value"), null field names and kept field names
---         (hash only).
+--         (kept names are listed for both formats; json also marks them inline).
 --   KEYS: target key, source key (differs when the row's key changed), removes' index keys,
 --         adds' index keys.
 -- Returns {written, deleted, skipped (only_if_present and absent), incomplete (a kept field

@@ -1,0 +1,340 @@
+//! Mirrors end to end: after any workload, each mirror equals `SELECT` of its table, typed,
+//! row by row; `only_if_present` refreshes only cached rows.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use redis::AsyncCommands;
+use serde_json::Value as Json;
+
+use support::daemon::{config, start, wait_for, wait_streaming};
+use support::{Postgres, Redis};
+
+const SCHEMA: &str = "
+CREATE TABLE items (
+    id int PRIMARY KEY, grp smallint, name text, price numeric(10,2), qty int, active bool,
+    seen timestamptz, tags text[], body text, meta jsonb);
+CREATE TABLE markers (id int PRIMARY KEY);
+CREATE PUBLICATION pub FOR TABLE items, markers;
+";
+
+const MIRRORS: &str = r#"
+[[table]]
+name = "public.items"
+[[table.mirror]]
+key = "item:{id}"
+[[table.mirror]]
+key = "itemh:{id}"
+format = "hash"
+columns = ["id", "name", "price", "active", "seen", "tags", "body", "meta"]
+[[table]]
+name = "public.markers"
+[[table.mirror]]
+key = "marker:{id}"
+"#;
+
+/// Every row as the JSON mirror must hold it: `to_json` of each column in a UTC session,
+/// except numeric, which walsweep keeps as an exact string.
+const EXPECTED_ROWS: &str = "
+SELECT id, json_build_object('id', id, 'grp', grp, 'name', name, 'price', price::text,
+    'qty', qty, 'active', active, 'seen', seen, 'tags', tags, 'body', body, 'meta', meta)::text
+FROM items";
+
+/// A small deterministic generator, so a failing workload can be replayed.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 33
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One random statement against `items`; `ids` tracks which ids exist.
+fn statement(rng: &mut Lcg, ids: &mut BTreeSet<i32>, next_id: &mut i32) -> String {
+    let pick = |rng: &mut Lcg, ids: &BTreeSet<i32>| -> Option<i32> {
+        if ids.is_empty() {
+            None
+        } else {
+            ids.iter()
+                .nth(rng.below(ids.len() as u64) as usize)
+                .copied()
+        }
+    };
+    let roll = rng.below(100);
+    let value = rng.below(1_000);
+    match (roll, pick(rng, ids)) {
+        (0..=44, _) | (_, None) => {
+            *next_id += 1;
+            let id = *next_id;
+            ids.insert(id);
+            // Every fifth row gets a body large and random enough to be TOASTed out of line.
+            let body = if id % 5 == 0 {
+                "(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 300))"
+                    .to_string()
+            } else {
+                format!("'short body {value} with \"quotes\" and \\\\ backslash'")
+            };
+            format!(
+                "INSERT INTO items VALUES ({id}, {grp}, {name}, {value}.5, {value}, {active}, \
+                 '2024-01-02 03:04:05.{value}+00'::timestamptz + interval '{value} minutes', \
+                 ARRAY['a{value}', NULL, 'c'], {body}, '{{\"n\": {value}, \"big\": 12345678901234567890, \"f\": 0.1}}')",
+                grp = value % 7,
+                name = if value % 9 == 0 { "NULL".to_string() } else { format!("'name {value}'") },
+                active = value % 2 == 0,
+            )
+        }
+        // Updates that leave `body` alone: TOASTed bodies arrive as "unchanged".
+        (45..=69, Some(id)) => format!(
+            "UPDATE items SET qty = qty + 1, price = {value}.25, active = NOT active, \
+             name = 'renamed {value}', seen = now() WHERE id = {id}"
+        ),
+        (70..=77, Some(id)) => {
+            // The key changes: the mirror must move, body included.
+            *next_id += 1;
+            let new = *next_id;
+            ids.remove(&id);
+            ids.insert(new);
+            format!("UPDATE items SET id = {new}, qty = {value} WHERE id = {id}")
+        }
+        (78..=81, Some(id)) => {
+            format!("UPDATE items SET body = 'rewritten {value}', meta = NULL WHERE id = {id}")
+        }
+        (82..=98, Some(id)) => {
+            ids.remove(&id);
+            format!("DELETE FROM items WHERE id = {id}")
+        }
+        _ => {
+            ids.clear();
+            "TRUNCATE items".to_string()
+        }
+    }
+}
+
+async fn keys(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> BTreeSet<String> {
+    let mut iter: redis::AsyncIter<String> = conn.scan_match(pattern).await.expect("SCAN");
+    let mut out = BTreeSet::new();
+    while let Some(k) = iter.next_item().await {
+        out.insert(k.expect("SCAN item"));
+    }
+    out
+}
+
+/// Waits until walsweep applied everything committed so far (a marker row is mirrored).
+async fn caught_up(
+    pg: &tokio_postgres::Client,
+    conn: &mut redis::aio::MultiplexedConnection,
+    marker: i32,
+) {
+    pg.execute("INSERT INTO markers VALUES ($1)", &[&marker])
+        .await
+        .expect("marker");
+    let key = format!("marker:{marker}");
+    wait_for(60, || {
+        let key = key.clone();
+        let mut c = conn.clone();
+        async move { c.exists::<_, bool>(&key).await.expect("EXISTS") }
+    })
+    .await;
+}
+
+/// What a hash mirror field holds for a JSON value: strings as they are, other values as JSON
+/// text, NULL as no field.
+fn hash_form(value: &Json) -> Option<String> {
+    match value {
+        Json::Null => None,
+        Json::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// Returns how many rows were compared.
+async fn assert_mirrors_equal_table(
+    pg: &tokio_postgres::Client,
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> usize {
+    let rows = pg.query(EXPECTED_ROWS, &[]).await.expect("select rows");
+    let mut expected: BTreeMap<i32, Json> = BTreeMap::new();
+    for row in rows {
+        let text: String = row.get(1);
+        expected.insert(row.get(0), serde_json::from_str(&text).expect("row json"));
+    }
+    let want_keys: BTreeSet<String> = expected.keys().map(|id| format!("item:{id}")).collect();
+    assert_eq!(keys(conn, "item:*").await, want_keys, "JSON mirror keys");
+    let want_hash_keys: BTreeSet<String> =
+        expected.keys().map(|id| format!("itemh:{id}")).collect();
+    assert_eq!(
+        keys(conn, "itemh:*").await,
+        want_hash_keys,
+        "hash mirror keys"
+    );
+    for (id, want) in &expected {
+        let stored: String = conn.get(format!("item:{id}")).await.expect("GET");
+        let got: Json = serde_json::from_str(&stored).expect("mirror holds JSON");
+        assert_eq!(&got, want, "JSON mirror of row {id}");
+        let hash: BTreeMap<String, String> =
+            conn.hgetall(format!("itemh:{id}")).await.expect("HGETALL");
+        let mut want_hash = BTreeMap::new();
+        for column in [
+            "id", "name", "price", "active", "seen", "tags", "body", "meta",
+        ] {
+            if let Some(v) = hash_form(&want[column]) {
+                want_hash.insert(column.to_string(), v);
+            }
+        }
+        // The big integer in meta goes through the same JSON text on both sides.
+        let normalise = |m: &BTreeMap<String, String>| -> BTreeMap<String, Json> {
+            m.iter()
+                .map(|(k, v)| {
+                    let parsed = if k == "meta" || k == "tags" {
+                        serde_json::from_str(v).unwrap_or(Json::String(v.clone()))
+                    } else {
+                        Json::String(v.clone())
+                    };
+                    (k.clone(), parsed)
+                })
+                .collect()
+        };
+        assert_eq!(
+            normalise(&hash),
+            normalise(&want_hash),
+            "hash mirror of row {id}"
+        );
+    }
+    expected.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_equal_the_table_after_a_random_workload() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let daemon = start(config(&pg, &redis, "app", "mirror_random", MIRRORS));
+    let client = pg.client("app").await;
+    client
+        .batch_execute("SET TimeZone = 'UTC'")
+        .await
+        .expect("UTC");
+    wait_streaming(&client, "mirror_random").await;
+
+    let mut rng = Lcg(0x5eed_1234);
+    let mut ids = BTreeSet::new();
+    let mut next_id = 0;
+    let (mut compared, mut toasted, mut truncates) = (0, 0, 0);
+    for round in 0..8 {
+        for _ in 0..30 {
+            let statements = 1 + rng.below(6);
+            let mut txn = String::from("BEGIN;");
+            for _ in 0..statements {
+                let sql = statement(&mut rng, &mut ids, &mut next_id);
+                truncates += usize::from(sql.starts_with("TRUNCATE"));
+                txn.push_str(&sql);
+                txn.push(';');
+            }
+            txn.push_str("COMMIT;");
+            client
+                .batch_execute(&txn)
+                .await
+                .unwrap_or_else(|e| panic!("workload: {e}\n{txn}"));
+        }
+        let toasted_now: i64 = client
+            .query_one(
+                "SELECT count(*) FROM items WHERE pg_column_size(body) > 2000",
+                &[],
+            )
+            .await
+            .expect("count toasted")
+            .get(0);
+        toasted += toasted_now;
+        caught_up(&client, &mut conn, round).await;
+        compared += assert_mirrors_equal_table(&client, &mut conn).await;
+    }
+    // Guards against a workload that would compare nothing.
+    assert!(compared > 100, "only {compared} rows compared");
+    assert!(toasted > 0, "no TOASTed body was compared");
+    assert!(truncates > 0, "the workload never truncated");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_if_present_refreshes_cached_rows_and_never_creates_one() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql(
+        "app",
+        "CREATE TABLE items (id int PRIMARY KEY, name text, qty int);
+         CREATE TABLE markers (id int PRIMARY KEY);
+         INSERT INTO items VALUES (1, 'one', 1), (2, 'two', 2);
+         CREATE PUBLICATION pub FOR TABLE items, markers;",
+    );
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let rules = r#"
+[[table]]
+name = "public.items"
+[[table.mirror]]
+key = "item:{id}"
+only_if_present = true
+[[table.mirror.index]]
+key = "items:by_qty"
+member = "{id}"
+score = "qty"
+[[table]]
+name = "public.markers"
+[[table.mirror]]
+key = "marker:{id}"
+"#;
+    let daemon = start(config(&pg, &redis, "app", "mirror_present", rules));
+    let client = pg.client("app").await;
+    wait_streaming(&client, "mirror_present").await;
+    // The app cached row 1 (in its own form); row 2 is not cached.
+    let _: () = conn.set("item:1", "{\"stale\":true}").await.expect("SET");
+    client
+        .batch_execute(
+            "UPDATE items SET name = 'uno', qty = 10 WHERE id = 1;
+             UPDATE items SET name = 'dos', qty = 20 WHERE id = 2;
+             INSERT INTO items VALUES (3, 'three', 3);",
+        )
+        .await
+        .expect("updates");
+    caught_up(&client, &mut conn, 1).await;
+    let one: String = conn.get("item:1").await.expect("GET");
+    assert_eq!(
+        serde_json::from_str::<Json>(&one).expect("json"),
+        serde_json::json!({"id": 1, "name": "uno", "qty": 10})
+    );
+    assert!(!conn.exists::<_, bool>("item:2").await.expect("EXISTS"));
+    assert!(!conn.exists::<_, bool>("item:3").await.expect("EXISTS"));
+    let members: Vec<(String, f64)> = conn
+        .zrange_withscores("items:by_qty", 0, -1)
+        .await
+        .expect("ZRANGE");
+    assert_eq!(
+        members,
+        vec![("1".to_string(), 10.0)],
+        "only the cached row is indexed"
+    );
+    client
+        .batch_execute("DELETE FROM items WHERE id = 1")
+        .await
+        .expect("delete");
+    caught_up(&client, &mut conn, 2).await;
+    assert!(!conn.exists::<_, bool>("item:1").await.expect("EXISTS"));
+    assert!(!conn
+        .exists::<_, bool>("items:by_qty")
+        .await
+        .expect("EXISTS"));
+    daemon.stop().await;
+}
