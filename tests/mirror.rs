@@ -338,3 +338,272 @@ key = "marker:{id}"
         .expect("EXISTS"));
     daemon.stop().await;
 }
+
+const READINGS: &str = "
+CREATE TABLE readings (device_id smallint, seq int, ts timestamptz NOT NULL, value float8,
+    PRIMARY KEY (device_id, seq));
+CREATE TABLE markers (id int PRIMARY KEY);
+CREATE PUBLICATION pub FOR TABLE readings, markers;
+";
+
+/// tablecache's segmented index: one sorted set, each device's readings in their own score
+/// segment `(device_id << 32) | epoch(ts)`.
+const SEGMENTED: &str = r#"
+[[table]]
+name = "public.readings"
+[[table.mirror]]
+key = "reading:{device_id}:{seq}"
+[[table.mirror.index]]
+key = "readings:by_device_time"
+member = "{device_id}:{seq}"
+score = "(device_id << 32) | epoch(ts)"
+[[table.mirror.index]]
+key = "readings:recent:{device_id}"
+member = "{seq}"
+score = "epoch(ts)"
+retention_seconds = 3600
+[[table]]
+name = "public.markers"
+[[table.mirror]]
+key = "marker:{id}"
+"#;
+
+/// 2024-01-01T00:00:00Z: readings fall within a day after it.
+const DAY_START: i64 = 1_704_067_200;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segmented_index_ranges_equal_sql_ranges() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", READINGS);
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let daemon = start(config(&pg, &redis, "app", "segmented", SEGMENTED));
+    let client = pg.client("app").await;
+    wait_streaming(&client, "segmented").await;
+
+    let mut rng = Lcg(42);
+    let mut rows: BTreeSet<(i16, i32)> = BTreeSet::new();
+    let mut seq = 0;
+    for _ in 0..60 {
+        let mut txn = String::from("BEGIN;");
+        for _ in 0..5 {
+            let roll = rng.below(10);
+            let existing = if rows.is_empty() {
+                None
+            } else {
+                rows.iter()
+                    .nth(rng.below(rows.len() as u64) as usize)
+                    .copied()
+            };
+            let at = DAY_START + rng.below(86_400) as i64;
+            match (roll, existing) {
+                (0..=5, _) | (_, None) => {
+                    seq += 1;
+                    let device = rng.below(4) as i16;
+                    rows.insert((device, seq));
+                    txn.push_str(&format!(
+                        "INSERT INTO readings VALUES ({device}, {seq}, to_timestamp({at}.{frac}), {v});",
+                        frac = rng.below(1000),
+                        v = rng.below(100)
+                    ));
+                }
+                // The time moves: the member moves between scores.
+                (6, Some((d, s))) => txn.push_str(&format!(
+                    "UPDATE readings SET ts = to_timestamp({at}) WHERE device_id = {d} AND seq = {s};"
+                )),
+                // The device changes: key, member and segment move.
+                (7, Some((d, s))) => {
+                    let to = (d + 1) % 4;
+                    if !rows.contains(&(to, s)) {
+                        rows.remove(&(d, s));
+                        rows.insert((to, s));
+                        txn.push_str(&format!(
+                            "UPDATE readings SET device_id = {to} WHERE device_id = {d} AND seq = {s};"
+                        ));
+                    }
+                }
+                (_, Some((d, s))) => {
+                    rows.remove(&(d, s));
+                    txn.push_str(&format!(
+                        "DELETE FROM readings WHERE device_id = {d} AND seq = {s};"
+                    ));
+                }
+            }
+        }
+        txn.push_str("COMMIT;");
+        client.batch_execute(&txn).await.expect("workload");
+    }
+    caught_up(&client, &mut conn, 1).await;
+
+    let mut checked_members = 0;
+    for _ in 0..40 {
+        let device = rng.below(4) as i64;
+        let a = DAY_START + rng.below(86_400) as i64;
+        let b = DAY_START + rng.below(86_400) as i64;
+        let (from, to) = (a.min(b), a.max(b));
+        let min = (device << 32) | from;
+        let max = (device << 32) | to;
+        let got: Vec<String> = conn
+            .zrangebyscore("readings:by_device_time", min, max)
+            .await
+            .expect("ZRANGEBYSCORE");
+        let want: Vec<String> = client
+            .query(
+                "SELECT device_id || ':' || seq FROM readings \
+                 WHERE device_id = $1 AND floor(extract(epoch FROM ts))::bigint BETWEEN $2 AND $3 \
+                 ORDER BY floor(extract(epoch FROM ts)), device_id || ':' || seq",
+                &[&(device as i16), &from, &to],
+            )
+            .await
+            .expect("SQL range")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // Equal scores order by member in Redis: compare as sets, and the order of scores.
+        let sorted = |v: &[String]| v.iter().cloned().collect::<BTreeSet<_>>();
+        assert_eq!(
+            sorted(&got),
+            sorted(&want),
+            "device {device}, epoch {from}..={to}"
+        );
+        checked_members += got.len();
+    }
+    assert!(
+        checked_members > 20,
+        "ranges were too empty ({checked_members})"
+    );
+    let total: usize = conn.zcard("readings:by_device_time").await.expect("ZCARD");
+    assert_eq!(total, rows.len(), "one member per row");
+    // Retention: every reading is older than an hour before the commits, so the per-device
+    // "recent" indexes trim everything they are given.
+    for device in 0..4 {
+        let n: usize = conn
+            .zcard(format!("readings:recent:{device}"))
+            .await
+            .expect("ZCARD");
+        assert_eq!(n, 0, "old readings of device {device} were kept");
+    }
+    client
+        .batch_execute(
+            "INSERT INTO readings VALUES (1, 100000, now(), 1), (1, 100001, now() - interval '2 hours', 1)",
+        )
+        .await
+        .expect("recent readings");
+    caught_up(&client, &mut conn, 2).await;
+    let recent: Vec<String> = conn
+        .zrange("readings:recent:1", 0, -1)
+        .await
+        .expect("ZRANGE");
+    assert_eq!(recent, vec!["100000".to_string()]);
+    daemon.stop().await;
+}
+
+/// Rows already in the table before walsweep first starts, some with TOASTed bodies.
+const PREFILL: &str = "
+INSERT INTO items
+SELECT i, (i % 7)::smallint, 'pre ' || i, (i || '.75')::numeric, i, i % 2 = 0,
+       '2024-01-02 03:04:05+00'::timestamptz + i * interval '1 second', ARRAY['p' || i],
+       CASE WHEN i % 500 = 0
+            THEN (SELECT string_agg(md5(i::text || g::text), '') FROM generate_series(1, 300) g)
+            ELSE 'pre body ' || i END,
+       jsonb_build_object('i', i)
+FROM generate_series(1, 20000) i;
+";
+
+/// Runs random transactions until told to stop; returns how many committed.
+fn spawn_writer(
+    client: tokio_postgres::Client,
+    first_id: i32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(tokio_postgres::Client, Vec<std::time::Instant>)> {
+    tokio::spawn(async move {
+        let mut rng = Lcg(7);
+        // The writer only touches rows it knows: the prefilled ones and its own.
+        let mut ids: BTreeSet<i32> = (1..=first_id).collect();
+        let mut next_id = first_id;
+        let mut committed = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut txn = String::from("BEGIN;");
+            for _ in 0..3 {
+                let sql = statement(&mut rng, &mut ids, &mut next_id);
+                if sql.starts_with("TRUNCATE") {
+                    continue;
+                }
+                txn.push_str(&sql);
+                txn.push(';');
+            }
+            txn.push_str("COMMIT;");
+            client
+                .batch_execute(&txn)
+                .await
+                .unwrap_or_else(|e| panic!("writer: {e}\n{txn}"));
+            committed.push(std::time::Instant::now());
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        (client, committed)
+    })
+}
+
+async fn warm_up_then_stream_loses_nothing(slot: &str, via_command: bool) {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    pg.psql("app", PREFILL);
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    // Leftovers of rows deleted while nobody watched must not survive a warm-up.
+    let _: () = conn.set("item:999999", "{\"stale\":1}").await.expect("SET");
+    let mut cfg = config(&pg, &redis, "app", slot, MIRRORS);
+    cfg.source.warm_up = !via_command;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = spawn_writer(pg.client("app").await, 20_000, stop.clone());
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let load_started = std::time::Instant::now();
+    if via_command {
+        let summary = walsweep::snapshot::run_command(&cfg)
+            .await
+            .expect("walsweep snapshot");
+        let items = summary.tables.iter().find(|(t, _)| t == "public.items");
+        assert!(
+            items.is_some_and(|(_, rows)| *rows >= 20_000),
+            "{summary:?}"
+        );
+    }
+    let daemon = start(cfg);
+    let client = pg.client("app").await;
+    wait_streaming(&client, slot).await;
+    let streaming_since = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (_writer_client, committed) = writer.await.expect("writer");
+    let during_load = committed
+        .iter()
+        .filter(|t| **t > load_started && **t < streaming_since)
+        .count();
+    assert!(
+        during_load > 0,
+        "no transaction committed while the mirrors were loading; the test proves nothing"
+    );
+    client
+        .batch_execute("SET TimeZone = 'UTC'")
+        .await
+        .expect("UTC");
+    caught_up(&client, &mut conn, 1).await;
+    let compared = assert_mirrors_equal_table(&client, &mut conn).await;
+    assert!(compared >= 19_000, "only {compared} rows compared");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_up_on_slot_creation_loses_no_change_made_during_it() {
+    warm_up_then_stream_loses_nothing("warm_up_daemon", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_command_then_streaming_loses_no_change_made_during_it() {
+    warm_up_then_stream_loses_nothing("warm_up_command", true).await;
+}
