@@ -25,7 +25,9 @@
 //! `WALSWEEP_BENCH_RUNTIME` (`multi_thread`, the default and what `walsweep run` uses, or
 //! `current_thread` for comparison), `WALSWEEP_BENCH_PLAN` (`touched`, the default: the
 //! touched-keys plan into a null sink; or `rules`: a realistic rule set, 2 key templates, 1
-//! dependency and 1 scope on 2 columns, applied to a private Redis; target 1.25x).
+//! dependency and 1 scope on 2 columns, applied to a private Redis; target 1.25x; or `mirror`:
+//! one JSON mirror of every row and one sorted-set index on it, written to a private Redis;
+//! target 1.5x).
 
 // Not every re-export of the support code is used here.
 #[allow(unused_imports)]
@@ -56,10 +58,27 @@ name = "Item"
 columns = ["name", "n"]
 "#;
 
+/// The mirror set of `WALSWEEP_BENCH_PLAN=mirror`: every row as JSON plus one index.
+const MIRROR: &str = r#"
+[[table]]
+name = "public.items"
+[[table.mirror]]
+key = "item:{id}"
+[[table.mirror.index]]
+key = "items:by_n"
+member = "{id}"
+score = "n"
+"#;
+
 /// Walsweep's side of a round: the plan and sink being measured.
 enum Plan {
     Touched,
-    Rules { redis_url: String },
+    /// The config's rules (`RULES` or `MIRROR`) through the daemon's planner into Redis.
+    Redis {
+        redis_url: String,
+        rules: &'static str,
+        target: &'static str,
+    },
 }
 
 const DB: &str = "bench";
@@ -130,10 +149,20 @@ fn main() {
     let recvlogical = pg_tool("pg_recvlogical");
 
     let runtime = common::runtime();
-    let redis = (std::env::var("WALSWEEP_BENCH_PLAN").as_deref() == Ok("rules")).then(Redis::start);
-    let plan = match &redis {
-        Some(r) => Plan::Rules { redis_url: r.url() },
-        None => Plan::Touched,
+    let which = std::env::var("WALSWEEP_BENCH_PLAN").unwrap_or_default();
+    let redis = matches!(which.as_str(), "rules" | "mirror").then(Redis::start);
+    let plan = match (&redis, which.as_str()) {
+        (Some(r), "mirror") => Plan::Redis {
+            redis_url: r.url(),
+            rules: MIRROR,
+            target: "1.50 (JSON mirror + index into Redis)",
+        },
+        (Some(r), _) => Plan::Redis {
+            redis_url: r.url(),
+            rules: RULES,
+            target: "1.25 (rules into Redis)",
+        },
+        _ => Plan::Touched,
     };
 
     println!(
@@ -201,10 +230,9 @@ fn main() {
     }
     println!(
         "  ratio = walsweep / pg_recvlogical wall time; target <= {}",
-        if redis.is_some() {
-            "1.25 (rules into Redis)"
-        } else {
-            "1.10 (touched-keys plan, null sink)"
+        match &plan {
+            Plan::Redis { target, .. } => target,
+            Plan::Touched => "1.10 (touched-keys plan, null sink)",
         }
     );
     println!(
@@ -279,18 +307,19 @@ fn run_round(
             changes as u64,
             Duration::from_secs(600),
         )),
-        Plan::Rules { redis_url } => {
+        Plan::Redis {
+            redis_url, rules, ..
+        } => {
             let config = walsweep::config::Config::parse(&format!(
-                "[source]\nurl = \"{}\"\n[redis]\nurl = \"{redis_url}\"\n{RULES}",
+                "[source]\nurl = \"{}\"\n[redis]\nurl = \"{redis_url}\"\n{rules}",
                 pg.url(DB)
             ))
             .expect("bench rules");
-            let rules = walsweep::rules::Rules::from_config(&config).expect("rules");
-            let sink = walsweep::redis::RedisSink::new(&config.redis, &config.matroska)
-                .expect("redis sink");
+            // Exactly the planner and sink `walsweep run` builds from this config.
+            let (planner, sink) = walsweep::daemon::build(&config).expect("planner and sink");
             runtime.block_on(drain_with(
                 ws_source,
-                walsweep::rules::RulesPlanner::new(rules),
+                planner,
                 sink,
                 changes as u64,
                 Duration::from_secs(600),
@@ -304,6 +333,29 @@ fn run_round(
         drained.changes, changes as u64,
         "walsweep saw other changes"
     );
+
+    if let Plan::Redis {
+        redis_url,
+        rules: MIRROR,
+        ..
+    } = plan
+    {
+        // The clock measured real work: every row is mirrored and indexed.
+        let mut conn = ::redis::Client::open(redis_url.as_str())
+            .and_then(|c| c.get_connection())
+            .expect("bench redis connection");
+        let indexed: usize = ::redis::cmd("ZCARD")
+            .arg("items:by_n")
+            .query(&mut conn)
+            .expect("ZCARD");
+        let row: Option<String> = ::redis::cmd("GET")
+            .arg(format!("item:{changes}"))
+            .query(&mut conn)
+            .expect("GET");
+        assert_eq!(indexed, changes, "every row indexed");
+        assert!(row.is_some(), "the last row is mirrored");
+        let _: () = ::redis::cmd("FLUSHALL").query(&mut conn).expect("FLUSHALL");
+    }
 
     // pg_recvlogical must have read as far: its slot is confirmed up to where it stopped.
     let rl_confirmed: Lsn = pg

@@ -63,18 +63,75 @@ fn retention_args(add: &IndexAdd, cutoff_unix_secs: i64) -> (String, String) {
     }
 }
 
+/// `"name"` as a JSON string literal.
+fn push_json_name(out: &mut String, name: &str) {
+    if name
+        .bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
+    {
+        out.push('"');
+        out.push_str(name);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::Value::String(name.to_string()).to_string());
+    }
+}
+
+/// The stored JSON object of a row without kept fields.
+fn json_document(fields: &[(std::sync::Arc<str>, Field)]) -> String {
+    let mut out = String::with_capacity(
+        2 + fields
+            .iter()
+            .map(|(n, f)| {
+                n.len()
+                    + 4
+                    + match f {
+                        Field::Value(v) => v.len(),
+                        _ => 4,
+                    }
+            })
+            .sum::<usize>(),
+    );
+    out.push('{');
+    for (i, (name, field)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_name(&mut out, name);
+        out.push(':');
+        match field {
+            Field::Value(v) => out.push_str(v),
+            Field::Null | Field::Keep => out.push_str("null"),
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// (name literal, value) pairs for the script to merge, `''` for a kept value.
+fn json_fields(fields: &[(std::sync::Arc<str>, Field)]) -> Vec<String> {
+    let mut out = Vec::with_capacity(2 * fields.len());
+    for (name, field) in fields {
+        let mut literal = String::with_capacity(name.len() + 2);
+        push_json_name(&mut literal, name);
+        out.push(literal);
+        out.push(match field {
+            Field::Value(v) => v.clone(),
+            Field::Null => "null".into(),
+            Field::Keep => String::new(),
+        });
+    }
+    out
+}
+
 impl Call {
-    fn push_header(&mut self, op: &str, write: Option<&RowWrite>, counts: [usize; 5]) {
-        let (fmt, only_if_present, ttl) = match write {
+    fn push_header(&mut self, op: &str, fmt: &str, write: Option<&RowWrite>, counts: [usize; 5]) {
+        let (only_if_present, ttl) = match write {
             Some(w) => (
-                match w.mode.format {
-                    MirrorFormat::Json => "j",
-                    MirrorFormat::Hash => "h",
-                },
                 if w.mode.only_if_present { "1" } else { "0" },
                 w.mode.ttl_seconds,
             ),
-            None => ("j", "0", 0),
+            None => ("0", 0),
         };
         self.args.push(op.into());
         self.args.push(fmt.into());
@@ -87,7 +144,7 @@ impl Call {
         self.rows += 1;
         match op {
             MirrorOp::Delete { key, index_removes } => {
-                self.push_header("d", None, [index_removes.len(), 0, 0, 0, 0]);
+                self.push_header("d", "j", None, [index_removes.len(), 0, 0, 0, 0]);
                 self.keys.push(key.clone());
                 self.keys.push(key.clone());
                 for r in index_removes {
@@ -96,35 +153,43 @@ impl Call {
                 }
             }
             MirrorOp::Write(w) => {
-                let json = w.mode.format == MirrorFormat::Json;
-                let nulls: Vec<&str> = w
-                    .fields
-                    .iter()
-                    .filter(|(_, f)| *f == Field::Null)
-                    .map(|(n, _)| &**n)
-                    .collect();
                 let keeps: Vec<&str> = w
                     .fields
                     .iter()
                     .filter(|(_, f)| *f == Field::Keep)
                     .map(|(n, _)| &**n)
                     .collect();
-                let written: Vec<(&str, &Field)> = w
-                    .fields
-                    .iter()
-                    .filter(|(_, f)| json || matches!(f, Field::Value(_)))
-                    .map(|(n, f)| (&**n, f))
-                    .collect();
-                // JSON marks NULL and kept fields inline; both formats list kept names after the
-                // values (a hash also lists its NULL fields, to HDEL them).
-                let nulls = if json { Vec::new() } else { nulls };
+                let (fmt, fields, nulls): (&str, Vec<String>, Vec<&str>) =
+                    match w.mode.format {
+                        // The common case: the whole document, so Redis only stores it.
+                        MirrorFormat::Json if keeps.is_empty() => {
+                            ("J", vec![String::new(), json_document(&w.fields)], Vec::new())
+                        }
+                        MirrorFormat::Json => ("j", json_fields(&w.fields), Vec::new()),
+                        MirrorFormat::Hash => {
+                            let mut fields = Vec::with_capacity(2 * w.fields.len());
+                            let mut nulls = Vec::new();
+                            for (name, field) in &w.fields {
+                                match field {
+                                    Field::Value(v) => {
+                                        fields.push(name.to_string());
+                                        fields.push(v.clone());
+                                    }
+                                    Field::Null => nulls.push(&**name),
+                                    Field::Keep => {}
+                                }
+                            }
+                            ("h", fields, nulls)
+                        }
+                    };
                 self.push_header(
                     "w",
+                    fmt,
                     Some(w),
                     [
                         w.index_removes.len(),
                         w.index_adds.len(),
-                        written.len(),
+                        fields.len() / 2,
                         nulls.len(),
                         keeps.len(),
                     ],
@@ -143,20 +208,7 @@ impl Call {
                     self.args.push(min);
                     self.args.push(max);
                 }
-                for (name, field) in written {
-                    if json {
-                        self.args
-                            .push(serde_json::Value::String(name.to_string()).to_string());
-                        self.args.push(match field {
-                            Field::Value(v) => v.clone(),
-                            Field::Null => "null".into(),
-                            Field::Keep => String::new(),
-                        });
-                    } else if let Field::Value(v) = field {
-                        self.args.push(name.to_string());
-                        self.args.push(v.clone());
-                    }
-                }
+                self.args.extend(fields);
                 for name in nulls.into_iter().chain(keeps) {
                     self.args.push(name.to_string());
                 }

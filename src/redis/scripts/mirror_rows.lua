@@ -1,12 +1,13 @@
 -- Writes mirrored rows and moves their sorted-set index members: one call covers a group of
 -- rows and is atomic, so a reader never sees a row without its index entry or the reverse.
 -- Rows are encoded back to back (see redis/mirror.rs, `push_row`):
---   ARGV: op ('w' write | 'd' delete), format ('j' | 'h'), only_if_present ('1' | '0'),
+--   ARGV: op ('w' write | 'd' delete), format ('J' whole JSON document | 'j' JSON fields to
+--         merge with the stored document | 'h' hash), only_if_present ('1' | '0'),
 --         ttl seconds ('0' = none), #removes, #adds, #fields, #nulls, #keeps,
 --         then removes' members, adds' (member, score, retention min, retention max or ''),
---         fields' (name, value) pairs (json: name is a JSON string literal and value a JSON
---         text, '' meaning "keep the stored value"), null field names and kept field names
---         (kept names are listed for both formats; json also marks them inline).
+--         fields' (name, value) pairs ('J': one pair, ('', the document); 'j': name is a JSON
+--         string literal and value a JSON text, '' meaning "keep the stored value"), null
+--         field names and kept field names (hash: to HDEL / keep; 'j' lists kept names too).
 --   KEYS: target key, source key (differs when the row's key changed), removes' index keys,
 --         adds' index keys.
 -- Returns {written, deleted, skipped (only_if_present and absent), incomplete (a kept field
@@ -110,6 +111,15 @@ while a <= #ARGV do
       incomplete = incomplete + 1
       redis.call('UNLINK', target)
       if moved then redis.call('UNLINK', source) end
+    elseif fmt == 'J' then
+      -- The whole document, built by walsweep: nothing to merge.
+      if moved then redis.call('UNLINK', source) end
+      if ttl > 0 then
+        redis.call('SET', target, ARGV[fields_at + 1], 'EX', ttl)
+      else
+        redis.call('SET', target, ARGV[fields_at + 1])
+      end
+      written = written + 1
     elseif fmt == 'j' then
       local kept = {}
       if nkeep > 0 then
