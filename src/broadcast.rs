@@ -142,6 +142,13 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
+/// `items` without repeats, first occurrence kept: an UPDATE that keeps the key renders the
+/// same key for the old and the new row.
+fn distinct(items: &[String]) -> Vec<&String> {
+    let mut seen = HashSet::new();
+    items.iter().filter(|i| seen.insert(i.as_str())).collect()
+}
+
 /// Decides which changes are broadcast and renders each.
 pub struct BroadcastPlanner {
     tables: Option<HashSet<String>>,
@@ -166,6 +173,15 @@ impl BroadcastPlanner {
             limit: config.max_changes_per_message,
             types: TypeRegistry::new(),
         }
+    }
+
+    /// Without `[broadcast] tables`, broadcasts cover the `[[table]]`s (`followed`), never
+    /// other tables the publication may hold: their rows are not the config's to publish.
+    pub fn defaulting_to(mut self, followed: &[String]) -> Self {
+        if self.tables.is_none() {
+            self.tables = Some(followed.iter().cloned().collect());
+        }
+        self
     }
 
     pub fn follows(&self, relation: &RelationInfo) -> bool {
@@ -205,23 +221,26 @@ impl BroadcastPlanner {
             };
             pk.insert(column.name.clone(), json);
         }
-        let entry = serde_json::json!({
-            "table": table,
-            "op": change.op.as_str(),
-            "pk": pk,
-            "keys": keys,
-            "deps": deps,
-        });
-        plan.push(table, entry.to_string());
+        // Written by hand to keep the documented field order.
+        let entry = format!(
+            "{{\"table\":{},\"op\":\"{}\",\"pk\":{},\"keys\":{},\"deps\":{}}}",
+            serde_json::Value::String(table.clone()),
+            change.op.as_str(),
+            serde_json::Value::Object(pk),
+            serde_json::json!(distinct(keys)),
+            serde_json::json!(distinct(deps)),
+        );
+        plan.push(table, entry);
     }
 
     pub fn add_truncate(&self, relation: &RelationInfo, plan: &mut BroadcastPlan) {
         plan.limit = self.limit;
-        let entry = serde_json::json!({
-            "table": relation.qualified_name,
-            "op": Op::Truncate.as_str(),
-        });
-        plan.push(&relation.qualified_name, entry.to_string());
+        let entry = format!(
+            "{{\"table\":{},\"op\":\"{}\"}}",
+            serde_json::Value::String(relation.qualified_name.clone()),
+            Op::Truncate.as_str()
+        );
+        plan.push(&relation.qualified_name, entry);
     }
 }
 

@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 use tokio_postgres::Client;
 
 use crate::config::Config;
+use crate::mirror::MirrorRule;
 use crate::pg::catalog::{self, qualified_ident, split_table_name};
 use crate::pipeline::display_chain;
 use crate::plan::Op;
+use crate::rules::template::Template;
 use crate::rules::{Rules, TableRule};
 
 #[derive(Debug, Default, Clone)]
@@ -27,6 +29,11 @@ pub struct Report {
 pub struct CatalogColumn {
     pub name: String,
     pub in_identity: bool,
+    /// `pg_attribute.atttypid` (a domain's own OID, not its base type's: pgoutput sends it so).
+    pub type_oid: u32,
+    /// Storage other than `plain`: the value may be TOASTed, and then an UPDATE that leaves it
+    /// unchanged does not send it.
+    pub toastable: bool,
 }
 
 /// Columns and replica identity of a table; `None` when the table does not exist.
@@ -44,7 +51,8 @@ pub async fn table_shape(
                                      WHERE i.indrelid = c.oid AND i.indisprimary), '{}'))
                       WHEN 'i' THEN a.attnum = ANY(coalesce((SELECT i.indkey::int2[] FROM pg_index i
                                      WHERE i.indrelid = c.oid AND i.indisreplident), '{}'))
-                      ELSE false END
+                      ELSE false END,
+                    a.atttypid, a.attstorage::text <> 'p'
              FROM pg_class c
              JOIN pg_namespace n ON n.oid = c.relnamespace
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -63,28 +71,317 @@ pub async fn table_shape(
             .map(|r| CatalogColumn {
                 name: r.get(0),
                 in_identity: r.get(2),
+                type_oid: r.get(3),
+                toastable: r.get(4),
             })
             .collect(),
     )))
 }
 
 /// Columns a rule must read from the OLD row (UPDATE/DELETE), with what needs each.
-fn old_row_columns(rule: &TableRule) -> BTreeMap<String, Vec<String>> {
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+fn old_row_columns(rule: &TableRule) -> Vec<(String, String)> {
     if !(rule.ops.contains(&Op::Update) || rule.ops.contains(&Op::Delete)) {
-        return out;
+        return Vec::new();
     }
-    for (column, used_by) in rule.referenced_columns() {
-        if used_by == "columns" {
-            continue; // only decides whether an UPDATE counts; unknown old = changed
+    rule.referenced_columns()
+        .into_iter()
+        // `columns` only decides whether an UPDATE counts; an unknown old value counts as changed.
+        .filter(|(_, used_by)| used_by != "columns")
+        .collect()
+}
+
+/// Of the columns whose old value is `needed` (column, what needs it), those the replica
+/// identity does not send on UPDATE/DELETE, each with what needs it. Columns the table lacks are
+/// left out: the missing-column error already names them.
+fn unsent_old_values(
+    columns: &[CatalogColumn],
+    needed: impl IntoIterator<Item = (String, String)>,
+) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (column, used_by) in needed {
+        if columns.iter().any(|c| c.name == column && !c.in_identity) {
+            let users = out.entry(column).or_default();
+            if !users.contains(&used_by) {
+                users.push(used_by);
+            }
         }
-        out.entry(column).or_default().push(used_by);
     }
     out
 }
 
+fn identity_name(identity: char) -> &'static str {
+    match identity {
+        'n' => "NOTHING",
+        'i' => "USING INDEX",
+        'f' => "FULL",
+        _ => "DEFAULT",
+    }
+}
+
+/// One error per reference (`used_by`) to a column the table does not have.
+fn check_columns_exist(
+    label: &str,
+    referenced: &[(String, String)],
+    columns: &[CatalogColumn],
+    report: &mut Report,
+) {
+    for (column, used_by) in referenced {
+        if !columns.iter().any(|c| &c.name == column) {
+            report.errors.push(format!(
+                "{label}: {used_by} names column {column:?}, which the table does not have \
+                 (columns: {}); correct the name in the config or add the column",
+                columns
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+}
+
+fn push_once(list: &mut Vec<String>, item: &str) {
+    if !list.iter().any(|i| i == item) {
+        list.push(item.to_string());
+    }
+}
+
+/// Warnings about the file alone (no database): mirror key prefixes that overlap other keys
+/// walsweep clears, and a warm-up with nothing to load. Already-present warnings are not
+/// repeated, so calling this both before and inside `check_environment` is harmless.
+pub fn check_config(config: &Config, report: &mut Report) {
+    for warning in config_warnings(config) {
+        push_once(&mut report.warnings, &warning);
+    }
+}
+
+/// A key prefix walsweep may clear wholesale, and whose it is.
+struct PrefixOwner {
+    prefix: String,
+    /// `table[0] (public.items) mirror[0].index[1].key "readings:{device_id}"`.
+    label: String,
+    /// (table, mirror) for mirror keys and indexes; `None` for `[[table]] keys`.
+    mirror: Option<(usize, usize)>,
+    table_name: String,
+}
+
+fn config_warnings(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if config.source.warm_up
+        && !config
+            .tables
+            .iter()
+            .any(|t| t.mirror.iter().any(|m| !m.only_if_present))
+    {
+        out.push(
+            "source.warm_up = true, but every [[table.mirror]] is only_if_present (or there is \
+             none), and warm-up skips those, so it loads nothing; remove warm_up or add a mirror \
+             without only_if_present"
+                .to_string(),
+        );
+    }
+    // Templates were validated with the config; one that fails here has its own error already.
+    let Ok(mirrors) = crate::mirror::compile_all(&config.tables) else {
+        return out;
+    };
+    let names = config.qualified_tables();
+    let table_name = |t: usize| names.get(t).cloned().unwrap_or_default();
+    let mut owners: Vec<PrefixOwner> = Vec::new();
+    for m in &mirrors {
+        let at = format!("table[{}] ({}) mirror[{}]", m.table, m.table_name, m.index);
+        owners.push(PrefixOwner {
+            prefix: m.key.literal_prefix().to_string(),
+            label: format!("{at}.key {:?}", m.key.source),
+            mirror: Some((m.table, m.index)),
+            table_name: m.table_name.clone(),
+        });
+        for i in &m.indexes {
+            owners.push(PrefixOwner {
+                prefix: i.key.literal_prefix().to_string(),
+                label: format!("{at}.index[{}].key {:?}", i.index, i.key.source),
+                mirror: Some((m.table, m.index)),
+                table_name: m.table_name.clone(),
+            });
+        }
+    }
+    for (t, table) in config.tables.iter().enumerate() {
+        for (k, key) in table.keys.iter().enumerate() {
+            if let Ok(template) = Template::parse(key) {
+                owners.push(PrefixOwner {
+                    prefix: template.literal_prefix().to_string(),
+                    label: format!("table[{t}] ({}) keys[{k}] {key:?}", table_name(t)),
+                    mirror: None,
+                    table_name: table_name(t),
+                });
+            }
+        }
+    }
+    let fix = "give each literal text that does not start the other's (e.g. \"reading:{id}\" \
+               and \"readings_by_device:{device_id}\")";
+    let relation = |a: &str, b: &str| {
+        if a == b {
+            format!("both start with {a:?}")
+        } else {
+            format!("prefix {a:?} starts {b:?}")
+        }
+    };
+    for (i, a) in owners.iter().enumerate() {
+        let Some(a_mirror) = a.mirror else { continue };
+        for (j, b) in owners.iter().enumerate() {
+            // One mirror's own key and indexes are cleared together anyway.
+            if i == j || b.mirror == Some(a_mirror) {
+                continue;
+            }
+            let a_covers_b = b.prefix.starts_with(&a.prefix);
+            match b.mirror {
+                // Equal prefixes between two mirrors: one warning, not two.
+                Some(_) if a_covers_b && (a.prefix != b.prefix || i < j) => out.push(format!(
+                    "{} and {}: {}, so clearing the first mirror's keys (on TRUNCATE of {}, or a \
+                     table-wide fallback) also removes the second's; {fix}",
+                    a.label,
+                    b.label,
+                    relation(&a.prefix, &b.prefix),
+                    a.table_name
+                )),
+                Some(_) => {}
+                None if a_covers_b => out.push(format!(
+                    "{} and {}: {}, so clearing the mirror's keys (on TRUNCATE of {}, or a \
+                     table-wide fallback) also removes the cache entries the app keeps under the \
+                     rule's keys, and the rule's UNLINKs remove mirror entries; {fix}",
+                    a.label,
+                    b.label,
+                    relation(&a.prefix, &b.prefix),
+                    a.table_name
+                )),
+                None if a.prefix.starts_with(&b.prefix) => out.push(format!(
+                    "{} and {}: {}, so a table-wide invalidation of {} (UNLINK of every key \
+                     matching {}*) also removes the mirror's entries; {fix}",
+                    b.label,
+                    a.label,
+                    relation(&b.prefix, &a.prefix),
+                    b.table_name,
+                    b.prefix
+                )),
+                None => {}
+            }
+        }
+    }
+    out
+}
+
+/// Mirrors of one table against its catalog shape: named columns exist, scores fit a 64-bit
+/// float exactly for the column types, and the replica identity sends what finding a row's old
+/// entry needs.
+fn check_mirrors(
+    label: &str,
+    table: &str,
+    mirrors: &[&MirrorRule],
+    identity: char,
+    columns: &[CatalogColumn],
+    report: &mut Report,
+) {
+    let mut needs_full = false;
+    for mirror in mirrors {
+        let at = format!("mirror[{}]", mirror.index);
+        check_columns_exist(label, &mirror.referenced_columns(), columns, report);
+        for index in &mirror.indexes {
+            let score = &index.score;
+            // A missing column already has its error above; check_types would repeat it.
+            if !score
+                .columns()
+                .iter()
+                .all(|c| columns.iter().any(|col| &col.name == c))
+            {
+                continue;
+            }
+            let type_of = |name: &str| columns.iter().find(|c| c.name == name).map(|c| c.type_oid);
+            if let Err(problem) = score.check_types(&type_of) {
+                report
+                    .errors
+                    .push(format!("{label}: {at}.index[{}]: {problem}", index.index));
+            }
+        }
+        let unsent = unsent_old_values(columns, mirror.identity_columns());
+        // Grouped by template, in config order: the error names the template to change.
+        let mut by_template: Vec<(String, Vec<&str>)> = Vec::new();
+        for (column, used_by) in mirror.identity_columns() {
+            let Some((column, _)) = unsent.get_key_value(&column) else {
+                continue;
+            };
+            match by_template.iter_mut().find(|(u, _)| *u == used_by) {
+                Some((_, cols)) if cols.contains(&column.as_str()) => {}
+                Some((_, cols)) => cols.push(column),
+                None => by_template.push((used_by, vec![column])),
+            }
+        }
+        let identity_columns: Vec<&str> = columns
+            .iter()
+            .filter(|c| c.in_identity)
+            .map(|c| c.name.as_str())
+            .collect();
+        let other_fix = if identity == 'n' {
+            "or use REPLICA IDENTITY DEFAULT with a primary key and build the template from its \
+             columns"
+                .to_string()
+        } else if identity_columns.is_empty() {
+            "or give the table a primary key and build the template from its columns".to_string()
+        } else {
+            format!(
+                "or build the template from replica identity columns only ({})",
+                identity_columns.join(", ")
+            )
+        };
+        for (used_by, cols) in &by_template {
+            needs_full = true;
+            // What the planner's fallback clears when the old entry cannot be found.
+            let cleared = if used_by.contains(".index[") {
+                "the index"
+            } else {
+                "the mirror and its indexes"
+            };
+            report.errors.push(format!(
+                "{label}: {used_by} uses {}, which replica identity {} does not send on \
+                 UPDATE/DELETE, so walsweep could not find the old entry (it would clear \
+                 {cleared} table-wide instead); run: ALTER TABLE {} REPLICA IDENTITY FULL; \
+                 {other_fix}",
+                cols.join(", "),
+                identity_name(identity),
+                qualified_ident(table)
+            ));
+        }
+        if identity != 'f' {
+            let toastable: Vec<&str> = columns
+                .iter()
+                .filter(|c| {
+                    c.toastable
+                        && mirror
+                            .columns
+                            .as_ref()
+                            .is_none_or(|stored| stored.contains(&c.name))
+                })
+                .map(|c| c.name.as_str())
+                .collect();
+            if !toastable.is_empty() {
+                report.notes.push(format!(
+                    "{label}: {at} stores {}, which Postgres may TOAST, and replica identity {} \
+                     does not send an unchanged TOASTed value on UPDATE: walsweep then keeps the \
+                     value from the stored entry, and an entry missing from Redis is removed \
+                     instead of half-written (walsweep_mirror_rows_total{{result=\"incomplete\"}}); \
+                     REPLICA IDENTITY FULL sends every value",
+                    toastable.join(", "),
+                    identity_name(identity)
+                ));
+            }
+        }
+    }
+    if needs_full {
+        push_once(&mut report.needs_full_identity, table);
+    }
+}
+
 /// Checks against the live database and Redis.
 pub async fn check_environment(config: &Config, rules: &Rules, report: &mut Report) {
+    check_config(config, report);
     let params = match config.source.connect_params() {
         Ok(p) => p,
         Err(e) => {
@@ -104,6 +401,13 @@ pub async fn check_environment(config: &Config, rules: &Rules, report: &mut Repo
 
 async fn check_database(config: &Config, rules: &Rules, client: &Client, report: &mut Report) {
     let source = &config.source;
+    let mirrors = match crate::mirror::compile_all(&config.tables) {
+        Ok(m) => m,
+        Err(e) => {
+            report.errors.push(format!("[[table.mirror]]: {e}"));
+            Vec::new()
+        }
+    };
     match catalog::wal_level(client).await {
         Ok(level) if level == "logical" => {}
         Ok(level) => report.errors.push(format!(
@@ -175,40 +479,35 @@ async fn check_database(config: &Config, rules: &Rules, client: &Client, report:
             }
         };
         let (identity, columns) = shape;
-        for (column, used_by) in rule.referenced_columns() {
-            if !columns.iter().any(|c| c.name == column) {
-                report.errors.push(format!(
-                    "{label}: {used_by} names column {column:?}, which the table does not have \
-                     (columns: {})",
-                    columns
-                        .iter()
-                        .map(|c| c.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
-            }
-        }
-        let weak: Vec<String> = old_row_columns(rule)
+        check_columns_exist(&label, &rule.referenced_columns(), &columns, report);
+        let weak: Vec<String> = unsent_old_values(&columns, old_row_columns(rule))
             .into_iter()
-            .filter(|(column, _)| columns.iter().any(|c| &c.name == column && !c.in_identity))
             .map(|(column, used_by)| format!("{column} (used by {})", used_by.join(", ")))
             .collect();
         if !weak.is_empty() {
-            let identity_name = match identity {
-                'n' => "NOTHING",
-                'i' => "USING INDEX",
-                'f' => "FULL",
-                _ => "DEFAULT",
-            };
             report.errors.push(format!(
-                "{label}: replica identity {identity_name} does not send the old value of {} on \
+                "{label}: replica identity {} does not send the old value of {} on \
                  UPDATE/DELETE, so those changes would fall back to table-wide invalidation; \
                  run: ALTER TABLE {} REPLICA IDENTITY FULL;",
+                identity_name(identity),
                 weak.join("; "),
                 qualified_ident(&rule.name)
             ));
-            report.needs_full_identity.push(rule.name.clone());
+            push_once(&mut report.needs_full_identity, &rule.name);
         }
+        let table_mirrors: Vec<&MirrorRule> = mirrors
+            .iter()
+            .filter(|m| m.table == rule.index)
+            .map(|m| m.as_ref())
+            .collect();
+        check_mirrors(
+            &label,
+            &rule.name,
+            &table_mirrors,
+            identity,
+            &columns,
+            report,
+        );
         if publication_exists {
             let (schema, name) = split_table_name(&rule.name);
             let member = client
@@ -257,5 +556,221 @@ async fn check_redis(config: &Config, report: &mut Report) {
             "Redis did not answer PING within {} ms; check redis.url (or WALSWEEP_REDIS_URL)",
             config.redis.timeout_ms
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::value::oid;
+
+    fn column(name: &str, type_oid: u32, in_identity: bool, toastable: bool) -> CatalogColumn {
+        CatalogColumn {
+            name: name.into(),
+            in_identity,
+            type_oid,
+            toastable,
+        }
+    }
+
+    fn readings(device_id: u32, identity: char) -> Vec<CatalogColumn> {
+        let full = identity == 'f';
+        vec![
+            column("id", oid::INT8, true, false),
+            column("device_id", device_id, full, false),
+            column("seq", oid::INT4, full, false),
+            column("ts", oid::TIMESTAMPTZ, full, false),
+        ]
+    }
+
+    fn mirrors(toml_tables: &str) -> (Config, Vec<Arc<MirrorRule>>) {
+        let config = Config::parse(&format!(
+            "[source]\nurl = \"postgres://u@h/db\"\n{toml_tables}"
+        ))
+        .unwrap();
+        let mirrors = crate::mirror::compile_all(&config.tables).unwrap();
+        (config, mirrors)
+    }
+
+    fn run(toml_tables: &str, identity: char, columns: &[CatalogColumn]) -> Report {
+        let (_, mirrors) = mirrors(toml_tables);
+        let refs: Vec<&MirrorRule> = mirrors.iter().map(|m| m.as_ref()).collect();
+        let mut report = Report::default();
+        check_mirrors(
+            "table[0] (public.readings)",
+            "public.readings",
+            &refs,
+            identity,
+            columns,
+            &mut report,
+        );
+        report
+    }
+
+    const READINGS: &str = r#"
+[[table]]
+name = "public.readings"
+[[table.mirror]]
+key = "reading:{id}"
+[[table.mirror.index]]
+key = "readings:all"
+member = "{id}"
+score = "(device_id << 32) | epoch(ts)"
+"#;
+
+    #[test]
+    fn score_must_be_exact_for_the_column_types() {
+        let report = run(READINGS, 'd', &readings(oid::INT4, 'd'));
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        let error = &report.errors[0];
+        assert!(
+            error.starts_with(
+                "table[0] (public.readings): mirror[0].index[0]: score \"(device_id << 32) | \
+                 epoch(ts)\" can reach 2^64"
+            ),
+            "{error}"
+        );
+        assert!(
+            error.contains("2^53") && error.contains("bits(device_id, 21)"),
+            "{error}"
+        );
+        let report = run(READINGS, 'd', &readings(oid::INT2, 'd'));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+    }
+
+    #[test]
+    fn unknown_column_is_one_error_naming_rule_and_fix() {
+        let config = READINGS.replace("epoch(ts)", "epoch(taken_at)");
+        let report = run(&config, 'd', &readings(oid::INT2, 'd'));
+        assert_eq!(
+            report.errors,
+            vec![
+                "table[0] (public.readings): mirror[0].index[0].score \"(device_id << 32) | \
+                 epoch(taken_at)\" names column \"taken_at\", which the table does not have \
+                 (columns: id, device_id, seq, ts); correct the name in the config or add the \
+                 column"
+                    .to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn old_entry_must_be_findable_from_the_replica_identity() {
+        let config = READINGS
+            .replace("readings:all", "readings:{device_id}")
+            .replace("member = \"{id}\"", "member = \"{id}:{seq}\"")
+            .replace("<< 32", "<< 16");
+        let report = run(&config, 'd', &readings(oid::INT2, 'd'));
+        assert_eq!(
+            report.errors,
+            vec![
+                "table[0] (public.readings): mirror[0].index[0].key \"readings:{device_id}\" uses \
+                 device_id, which replica identity DEFAULT does not send on UPDATE/DELETE, so \
+                 walsweep could not find the old entry (it would clear the index table-wide \
+                 instead); run: ALTER TABLE \"public\".\"readings\" REPLICA IDENTITY FULL; or \
+                 build the template from replica identity columns only (id)"
+                    .to_string(),
+                "table[0] (public.readings): mirror[0].index[0].member \"{id}:{seq}\" uses seq, \
+                 which replica identity DEFAULT does not send on UPDATE/DELETE, so walsweep \
+                 could not find the old entry (it would clear the index table-wide instead); \
+                 run: ALTER TABLE \"public\".\"readings\" REPLICA IDENTITY FULL; or build the \
+                 template from replica identity columns only (id)"
+                    .to_string(),
+            ]
+        );
+        assert_eq!(report.needs_full_identity, vec!["public.readings"]);
+        let report = run(&config, 'f', &readings(oid::INT2, 'f'));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(report.needs_full_identity.is_empty());
+    }
+
+    #[test]
+    fn toastable_stored_columns_get_a_note_unless_identity_is_full() {
+        let config = "[[table]]\nname = \"public.readings\"\n[[table.mirror]]\nkey = \"r:{id}\"\n";
+        let mut columns = readings(oid::INT4, 'd');
+        columns.push(column("body", oid::TEXT, false, true));
+        let report = run(config, 'd', &columns);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
+        assert!(
+            report.notes[0].starts_with("table[0] (public.readings): mirror[0] stores body,"),
+            "{}",
+            report.notes[0]
+        );
+        assert!(
+            report.notes[0].contains("walsweep_mirror_rows_total{result=\"incomplete\"}"),
+            "{}",
+            report.notes[0]
+        );
+        let stored_elsewhere = format!("{config}columns = [\"id\"]\n");
+        assert!(run(&stored_elsewhere, 'd', &columns).notes.is_empty());
+        for c in &mut columns {
+            c.in_identity = true;
+        }
+        assert!(run(config, 'f', &columns).notes.is_empty());
+    }
+
+    #[test]
+    fn warm_up_without_a_loadable_mirror_warns() {
+        let (mut config, _) = mirrors(
+            "[[table]]\nname = \"t\"\n[[table.mirror]]\nkey = \"t:{id}\"\nonly_if_present = true\n",
+        );
+        config.source.warm_up = true;
+        let warnings = config_warnings(&config);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("source.warm_up = true"),
+            "{warnings:?}"
+        );
+        config.tables[0].mirror[0].only_if_present = false;
+        assert!(config_warnings(&config).is_empty());
+    }
+
+    #[test]
+    fn overlapping_prefixes_warn_once_per_pair() {
+        let (config, _) = mirrors(
+            r#"
+[[table]]
+name = "a"
+keys = ["page:{id}"]
+[[table.mirror]]
+key = "item:{id}"
+[[table.mirror.index]]
+key = "item:{id}:idx"
+member = "{id}"
+score = "id"
+[[table]]
+name = "b"
+keys = ["it{id}"]
+[[table.mirror]]
+key = "item:b:{id}"
+[[table.mirror]]
+key = "item:{id}"
+"#,
+        );
+        let mut report = Report::default();
+        check_config(&config, &mut report);
+        check_config(&config, &mut report);
+        let w = &report.warnings;
+        // a's key and index ("item:") each cover b.mirror[0] and b.mirror[1] (equal: once), but
+        // not each other; b.mirror[1] covers b.mirror[0]; b.keys[0] ("it") covers all four.
+        assert_eq!(w.len(), 9, "{w:#?}");
+        assert!(w.iter().any(|w| w.starts_with(
+            "table[0] (public.a) mirror[0].key \"item:{id}\" and table[1] (public.b) \
+             mirror[0].key \"item:b:{id}\": prefix \"item:\" starts \"item:b:\", so clearing \
+             the first mirror's keys (on TRUNCATE of public.a"
+        )));
+        assert!(w.iter().any(|w| w.starts_with(
+            "table[1] (public.b) keys[0] \"it{id}\" and table[0] (public.a) mirror[0].key \
+             \"item:{id}\": prefix \"it\" starts \"item:\", so a table-wide invalidation of \
+             public.b (UNLINK of every key matching it*) also removes the mirror's entries"
+        )));
+        assert!(w.iter().any(|w| w.contains(
+            "table[0] (public.a) mirror[0].key \"item:{id}\" and table[1] (public.b) \
+             mirror[1].key \"item:{id}\": both start with \"item:\""
+        )));
+        assert!(!w.iter().any(|w| w.contains("page:")), "{w:#?}");
     }
 }

@@ -325,7 +325,9 @@ async fn check(path: &Path, no_environment: bool, deny_warnings: bool) -> ExitCo
         warnings: config.warnings(),
         ..Default::default()
     };
-    if !no_environment {
+    if no_environment {
+        check::check_config(&config, &mut report);
+    } else {
         check::check_environment(&config, &rules, &mut report).await;
     }
     print_report(&report);

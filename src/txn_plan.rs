@@ -41,7 +41,10 @@ impl TxnPlanner {
         Ok(TxnPlanner {
             rules: RulesPlanner::new(rules),
             mirrors: MirrorPlanner::new(crate::mirror::compile_all(&config.tables)?),
-            broadcast: config.broadcast.as_ref().map(BroadcastPlanner::new),
+            broadcast: config
+                .broadcast
+                .as_ref()
+                .map(|b| BroadcastPlanner::new(b).defaulting_to(&config.qualified_tables())),
         })
     }
 }

@@ -88,8 +88,8 @@ fn statement(rng: &mut Lcg, ids: &mut BTreeSet<i32>, next_id: &mut i32) -> Strin
                  '2024-01-02 03:04:05.{value}+00'::timestamptz + interval '{value} minutes', \
                  ARRAY['a{value}', NULL, 'c'], {body}, '{{\"n\": {value}, \"big\": 12345678901234567890, \"f\": 0.1}}')",
                 grp = value % 7,
-                name = if value % 9 == 0 { "NULL".to_string() } else { format!("'name {value}'") },
-                active = value % 2 == 0,
+                name = if value.is_multiple_of(9) { "NULL".to_string() } else { format!("'name {value}'") },
+                active = value.is_multiple_of(2),
             )
         }
         // Updates that leave `body` alone: TOASTed bodies arrive as "unchanged".

@@ -159,29 +159,30 @@ impl Call {
                     .filter(|(_, f)| *f == Field::Keep)
                     .map(|(n, _)| &**n)
                     .collect();
-                let (fmt, fields, nulls): (&str, Vec<String>, Vec<&str>) =
-                    match w.mode.format {
-                        // The common case: the whole document, so Redis only stores it.
-                        MirrorFormat::Json if keeps.is_empty() => {
-                            ("J", vec![String::new(), json_document(&w.fields)], Vec::new())
-                        }
-                        MirrorFormat::Json => ("j", json_fields(&w.fields), Vec::new()),
-                        MirrorFormat::Hash => {
-                            let mut fields = Vec::with_capacity(2 * w.fields.len());
-                            let mut nulls = Vec::new();
-                            for (name, field) in &w.fields {
-                                match field {
-                                    Field::Value(v) => {
-                                        fields.push(name.to_string());
-                                        fields.push(v.clone());
-                                    }
-                                    Field::Null => nulls.push(&**name),
-                                    Field::Keep => {}
+                let (fmt, fields, nulls): (&str, Vec<String>, Vec<&str>) = match w.mode.format {
+                    // The common case: the whole document, so Redis only stores it.
+                    MirrorFormat::Json if keeps.is_empty() => (
+                        "J",
+                        vec![String::new(), json_document(&w.fields)],
+                        Vec::new(),
+                    ),
+                    MirrorFormat::Json => ("j", json_fields(&w.fields), Vec::new()),
+                    MirrorFormat::Hash => {
+                        let mut fields = Vec::with_capacity(2 * w.fields.len());
+                        let mut nulls = Vec::new();
+                        for (name, field) in &w.fields {
+                            match field {
+                                Field::Value(v) => {
+                                    fields.push(name.to_string());
+                                    fields.push(v.clone());
                                 }
+                                Field::Null => nulls.push(&**name),
+                                Field::Keep => {}
                             }
-                            ("h", fields, nulls)
                         }
-                    };
+                        ("h", fields, nulls)
+                    }
+                };
                 self.push_header(
                     "w",
                     fmt,
