@@ -308,6 +308,7 @@ where
         shutdown,
         backoff,
         reconnects: 0,
+        warm_up,
     };
     let stream_result = tokio::select! {
         result = streamer.run() => result,
@@ -333,8 +334,11 @@ pub enum SinkCommand<P> {
     /// Apply a committed transaction.
     Apply(CommittedTxn<P>),
     /// The stream has a gap (the slot was lost and recreated): clear everything the sink
-    /// maintains before applying anything that follows.
-    Reset { reason: String },
+    /// maintains before applying anything that follows. `applied` hears when it is done.
+    Reset {
+        reason: String,
+        applied: Option<tokio::sync::oneshot::Sender<()>>,
+    },
 }
 
 /// Applies queued transactions in batches; confirms each batch only after the sink did.
@@ -351,10 +355,13 @@ async fn sink_loop<P: crate::plan::Plan, S: Sink<P>>(
         for command in commands.drain(..) {
             match command {
                 SinkCommand::Apply(txn) => batch.push(txn),
-                SinkCommand::Reset { reason } => {
+                SinkCommand::Reset { reason, applied } => {
                     apply_batch(&mut sink, &mut batch, &confirmed, &mut backoff).await?;
                     tracing::warn!(%reason, "clearing everything the sink maintains");
                     retry(&mut sink, SinkOp::Reset, &mut backoff).await?;
+                    if let Some(applied) = applied {
+                        let _ = applied.send(());
+                    }
                 }
             }
         }
@@ -453,6 +460,8 @@ struct Streamer<'a, PL: Planner> {
     shutdown: Shutdown,
     backoff: Backoff,
     reconnects: u64,
+    /// `source.warm_up`: a recreated slot's mirrors are loaded again from its snapshot.
+    warm_up: Option<crate::snapshot::WarmUp>,
 }
 
 enum SessionEnd {
@@ -684,20 +693,49 @@ impl<PL: Planner> Streamer<'_, PL> {
             catalog::drop_slot(&client, &source.slot).await?;
         }
         drop(client);
-        let mut conn = ReplicationConnection::connect(&self.params).await?;
-        let lsn = conn.create_slot(&source.slot).await?;
-        tracing::warn!(slot = %source.slot, consistent_point = %lsn, "recreated replication slot");
-        // The reset goes through the queue, so it runs after everything received before the
-        // gap and before anything the new slot delivers.
+        let reason = format!(
+            "replication slot {:?} {what} and was recreated",
+            source.slot
+        );
+        let sink_stopped = || PipelineError::Setup("sink stopped".into());
+        let Some(warm_up) = &self.warm_up else {
+            let mut conn = ReplicationConnection::connect(&self.params).await?;
+            let lsn = conn.create_slot(&source.slot).await?;
+            tracing::warn!(slot = %source.slot, consistent_point = %lsn, "recreated replication slot");
+            // The reset goes through the queue, so it runs after everything received before the
+            // gap and before anything the new slot delivers.
+            self.queue
+                .send(SinkCommand::Reset {
+                    reason,
+                    applied: None,
+                })
+                .await
+                .map_err(|_| sink_stopped())?;
+            m::slot_recreated();
+            return Ok(());
+        };
+        // With warm-up: clear first, then create the slot and load the mirrors from its snapshot.
+        // Changes made in between are in the snapshot; everything after it comes from the slot.
+        let (applied, reset_done) = tokio::sync::oneshot::channel();
         self.queue
             .send(SinkCommand::Reset {
-                reason: format!(
-                    "replication slot {:?} {what} and was recreated",
-                    source.slot
-                ),
+                reason,
+                applied: Some(applied),
             })
             .await
-            .map_err(|_| PipelineError::Setup("sink stopped".into()))?;
+            .map_err(|_| sink_stopped())?;
+        reset_done.await.map_err(|_| sink_stopped())?;
+        let mut conn = ReplicationConnection::connect(&self.params).await?;
+        let (lsn, snapshot) = conn.create_slot_exporting_snapshot(&source.slot).await?;
+        tracing::warn!(slot = %source.slot, consistent_point = %lsn, "recreated replication slot; warming up the mirrors from its snapshot");
+        let loaded = warm_up.load(&self.params, Some(&snapshot)).await;
+        drop(conn);
+        if let Err(e) = loaded {
+            // Next session finds no slot and comes back here: clear, create, load again.
+            let client = catalog::connect(&self.params).await?;
+            catalog::drop_slot(&client, &source.slot).await?;
+            return Err(e.into());
+        }
         m::slot_recreated();
         Ok(())
     }

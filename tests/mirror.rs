@@ -607,3 +607,62 @@ async fn warm_up_on_slot_creation_loses_no_change_made_during_it() {
 async fn snapshot_command_then_streaming_loses_no_change_made_during_it() {
     warm_up_then_stream_loses_nothing("warm_up_command", true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_slot_reloads_the_mirrors_with_the_changes_of_the_gap() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    pg.psql("app", &PREFILL.replace("20000", "2000"));
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let slot = "recreated";
+    let mut cfg = config(&pg, &redis, "app", slot, MIRRORS);
+    cfg.source.warm_up = true;
+    cfg.source.on_slot_lost = walsweep::config::SlotLostPolicy::Recreate;
+    let daemon = start(cfg);
+    let client = pg.client("app").await;
+    client
+        .batch_execute("SET TimeZone = 'UTC'")
+        .await
+        .expect("UTC");
+    wait_streaming(&client, slot).await;
+    assert_eq!(assert_mirrors_equal_table(&client, &mut conn).await, 2000);
+
+    // Someone drops the slot under the running daemon (it reconnects within ~50 ms, so retry).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let dropped = client
+            .batch_execute(&format!(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                 WHERE slot_name = '{slot}' AND active_pid IS NOT NULL; \
+                 SELECT pg_drop_replication_slot('{slot}');"
+            ))
+            .await;
+        if dropped.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "could not drop the slot"
+        );
+    }
+    // Changes nobody streams: only the reload can bring them.
+    client
+        .batch_execute(
+            "UPDATE items SET name = 'changed in the gap' WHERE id <= 100; \
+             DELETE FROM items WHERE id BETWEEN 101 AND 200; \
+             INSERT INTO items (id, name) VALUES (30001, 'inserted in the gap');",
+        )
+        .await
+        .expect("gap changes");
+    wait_streaming(&client, slot).await;
+    client
+        .batch_execute("UPDATE items SET qty = -1 WHERE id = 300")
+        .await
+        .expect("after the gap");
+    caught_up(&client, &mut conn, 1).await;
+    assert_eq!(assert_mirrors_equal_table(&client, &mut conn).await, 1901);
+    daemon.stop().await;
+}

@@ -208,9 +208,10 @@ pub struct SourceConfig {
     /// walsender waiting for confirmations would also hold up a Postgres shutdown. Default 10000.
     #[serde(default = "default_release_slot_after_sink_outage_ms")]
     pub release_slot_after_sink_outage_ms: u64,
-    /// When walsweep creates the slot, first load every `[[table.mirror]]` from the snapshot
-    /// Postgres exports with it, so the mirrors start complete and consistent with the stream
-    /// that follows (`walsweep snapshot` does the same on demand). Default false.
+    /// When walsweep creates the slot (first start, or `on_slot_lost = "recreate"`), first load
+    /// every `[[table.mirror]]` from the snapshot Postgres exports with it, so the mirrors start
+    /// complete and consistent with the stream that follows (`walsweep snapshot` does the same
+    /// on demand). Default false.
     #[serde(default)]
     pub warm_up: bool,
 }

@@ -35,6 +35,8 @@ pub struct MirrorApplied {
     /// Rows with an unchanged TOAST value and no stored entry to take it from: removed.
     pub incomplete: u64,
     pub cleared_keys: u64,
+    /// Index keys holding another type (someone else's data): left alone.
+    pub wrong_type: u64,
 }
 
 /// One script call being built.
@@ -262,6 +264,14 @@ impl RedisSink {
         }
         self.run_calls(&mut conn, calls, &mut applied).await?;
         m::mirror_applied(&applied);
+        if applied.wrong_type > 0 {
+            m::error(m::ERROR_WRONG_TYPE);
+            tracing::warn!(
+                keys = applied.wrong_type,
+                "some mirror index keys are not sorted sets; left alone (another app may use the \
+                 same names: give the index a prefix of its own)"
+            );
+        }
         Ok(applied)
     }
 
@@ -304,6 +314,7 @@ impl RedisSink {
                 applied.deleted += n(1);
                 applied.skipped += n(2);
                 applied.incomplete += n(3);
+                applied.wrong_type += n(4);
             }
         }
         Ok(())

@@ -11,7 +11,8 @@
 --   KEYS: target key, source key (differs when the row's key changed), removes' index keys,
 --         adds' index keys.
 -- Returns {written, deleted, skipped (only_if_present and absent), incomplete (a kept field
--- had no stored value, so the row was removed instead of half-written)}.
+-- had no stored value, so the row was removed instead of half-written), index keys of another
+-- type (left alone)}.
 
 local function skip_string(s, i)
   local j = i + 1
@@ -66,7 +67,23 @@ local function fields_of(doc)
 end
 
 local k, a = 1, 1
-local written, deleted, skipped, incomplete = 0, 0, 0, 0
+local written, deleted, skipped, incomplete, wrong_type = 0, 0, 0, 0, 0
+
+-- Index keys of another type (another app's data under the same name) are reported, never
+-- fatal: an error would fail the whole batch on every retry.
+-- A key of another type (e.g. after switching format) counts as no stored row.
+local function holds_row(key, want_type)
+  return redis.call('TYPE', key).ok == want_type
+end
+
+local function zcall(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then
+    wrong_type = wrong_type + 1
+    return false
+  end
+  return true
+end
 while a <= #ARGV do
   local op, fmt, only_present, ttl = ARGV[a], ARGV[a + 1], ARGV[a + 2] == '1', tonumber(ARGV[a + 3])
   local nrem, nadd = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
@@ -75,7 +92,7 @@ while a <= #ARGV do
   local target, source = KEYS[k], KEYS[k + 1]
   k = k + 2
   for _ = 1, nrem do
-    redis.call('ZREM', KEYS[k], ARGV[a])
+    zcall('ZREM', KEYS[k], ARGV[a])
     k, a = k + 1, a + 1
   end
   local add_keys, add_args = k, a
@@ -92,12 +109,13 @@ while a <= #ARGV do
     if target ~= '' then deleted = deleted + redis.call('UNLINK', target) end
   else
     local moved = source ~= target
+    local want_type = fmt == 'h' and 'hash' or 'string'
     local from = source
     local present = true
     if only_present or nkeep > 0 then
-      if redis.call('EXISTS', source) == 1 then
+      if holds_row(source, want_type) then
         from = source
-      elseif moved and redis.call('EXISTS', target) == 1 then
+      elseif moved and holds_row(target, want_type) then
         -- A redelivered move: the row already sits at its new key.
         from = target
       else
@@ -186,11 +204,10 @@ while a <= #ARGV do
     for i = 0, nadd - 1 do
       local key = KEYS[add_keys + i]
       local at = add_args + 4 * i
-      redis.call('ZADD', key, ARGV[at + 1], ARGV[at])
-      if ARGV[at + 2] ~= '' then
-        redis.call('ZREMRANGEBYSCORE', key, ARGV[at + 2], '(' .. ARGV[at + 3])
+      if zcall('ZADD', key, ARGV[at + 1], ARGV[at]) and ARGV[at + 2] ~= '' then
+        zcall('ZREMRANGEBYSCORE', key, ARGV[at + 2], '(' .. ARGV[at + 3])
       end
     end
   end
 end
-return {written, deleted, skipped, incomplete}
+return {written, deleted, skipped, incomplete, wrong_type}
