@@ -417,6 +417,8 @@ fn dashboard_is_well_formed_and_has_the_panels() {
             "transactions applied/s",
             &["rate(walsweep_transactions_applied_total"],
         ),
+        ("mirror rows/s", &["rate(walsweep_mirror_rows_total"]),
+        ("broadcasts/s", &["rate(walsweep_broadcasts_total"]),
         (
             "changes decoded/s",
             &["rate(walsweep_changes_decoded_total"],

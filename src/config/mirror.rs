@@ -245,3 +245,90 @@ pub(super) fn validate_broadcast(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn error_of(rest: &str) -> String {
+        let text = format!("[source]\nurl = \"postgres://u@h/db\"\n{rest}");
+        match Config::parse(&text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const TABLE: &str = "[[table]]\nname = \"readings\"\n";
+
+    #[test]
+    fn a_complete_mirror_parses_with_defaults() {
+        let text = format!(
+            "[source]\nurl = \"postgres://u@h/db\"\n{TABLE}[[table.mirror]]\nkey = \"r:{{id}}\"\n\
+             [[table.mirror.index]]\nkey = \"rs\"\nmember = \"{{id}}\"\nscore = \"epoch(ts)\"\n\
+             retention_seconds = 60\n[broadcast]\nchannel = \"c\"\n"
+        );
+        let config = Config::parse(&text).expect("valid");
+        let mirror = &config.tables[0].mirror[0];
+        assert_eq!(mirror.format, super::MirrorFormat::Json);
+        assert!(!mirror.only_if_present);
+        assert_eq!(mirror.index[0].retention_seconds, Some(60));
+        let broadcast = config.broadcast.expect("broadcast");
+        assert_eq!(broadcast.stream_max_len, super::DEFAULT_STREAM_MAX_LEN);
+        assert_eq!(
+            broadcast.max_changes_per_message,
+            super::DEFAULT_MAX_CHANGES_PER_MESSAGE
+        );
+    }
+
+    #[test]
+    fn bad_mirrors_are_reported_with_line_and_fix() {
+        let cases = [
+            (
+                format!("{TABLE}[[table.mirror]]\nkey = \"{{id}}\"\n"),
+                "config:6: table[0].mirror[0].key: template \"{id}\" must start with literal text",
+            ),
+            (
+                format!("{TABLE}[[table.mirror]]\nkey = \"row\"\n"),
+                "config:6: table[0].mirror[0].key: template \"row\" names no column",
+            ),
+            (
+                format!("{TABLE}[[table.mirror]]\nkey = \"r:{{id}}\"\nformat = \"xml\"\n"),
+                "unknown variant `xml`, expected `json` or `hash`",
+            ),
+            (
+                format!("{TABLE}[[table.mirror]]\nkey = \"r:{{id}}\"\nttl_seconds = 0\n"),
+                "config:7: table[0].mirror[0].ttl_seconds: must be between 1 and",
+            ),
+            (
+                format!(
+                    "{TABLE}[[table.mirror]]\nkey = \"r:{{id}}\"\n[[table.mirror.index]]\n\
+                     key = \"rs\"\nmember = \"{{id}}\"\nscore = \"(a << 32\"\n"
+                ),
+                "config:10: table[0].mirror[0].index[0].score: score \"(a << 32\": at 8:",
+            ),
+            (
+                format!(
+                    "{TABLE}[[table.mirror]]\nkey = \"r:{{id}}\"\n[[table.mirror.index]]\n\
+                     key = \"rs\"\nmember = \"{{id}}\"\nscore = \"id\"\nretention_seconds = 60\n"
+                ),
+                "config:11: table[0].mirror[0].index[0].retention_seconds: needs a score with one \
+                 time term",
+            ),
+            (
+                format!("{TABLE}[broadcast]\nstream_max_len = 5\n"),
+                "broadcast.channel: [broadcast] needs a channel (Pub/Sub), a stream, or both",
+            ),
+            (
+                format!("{TABLE}[broadcast]\nchannel = \"c\"\ntables = [\"other\"]\n"),
+                "broadcast.tables: \"other\" is not a [[table]]",
+            ),
+        ];
+        for (rest, expected) in cases {
+            let error = error_of(&rest);
+            assert!(
+                error.contains(expected),
+                "expected {expected:?} in:\n{error}\nfor:\n{rest}"
+            );
+        }
+    }
+}
