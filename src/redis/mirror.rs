@@ -221,6 +221,30 @@ impl Call {
     }
 }
 
+/// One line per mirror op on the effects log target (`RUST_LOG=walsweep::effects=debug`).
+fn log_op(op: &MirrorOp) {
+    use super::EFFECTS_LOG_TARGET as target;
+    match op {
+        MirrorOp::Write(w) if w.source != w.key => {
+            tracing::debug!(target: target, "mirror {} (moved from {})", w.key, w.source)
+        }
+        MirrorOp::Write(w) => tracing::debug!(target: target, "mirror {}", w.key),
+        MirrorOp::Delete { key, .. } => tracing::debug!(target: target, "mirror delete {key}"),
+        MirrorOp::Clear { .. } => {}
+    }
+    let (removes, adds) = match op {
+        MirrorOp::Write(w) => (&w.index_removes[..], &w.index_adds[..]),
+        MirrorOp::Delete { index_removes, .. } => (&index_removes[..], &[][..]),
+        MirrorOp::Clear { .. } => (&[][..], &[][..]),
+    };
+    for r in removes {
+        tracing::debug!(target: target, "index {} remove {}", r.key, r.member);
+    }
+    for a in adds {
+        tracing::debug!(target: target, "index {} add {} score {}", a.key, a.member, a.score);
+    }
+}
+
 impl RedisSink {
     /// Applies mirror ops in order. `cutoff_unix_secs` is the commit time retention windows
     /// count back from.
@@ -257,6 +281,9 @@ impl RedisSink {
                         .await?;
                 }
                 calls.push(Call::default());
+            }
+            if tracing::enabled!(target: super::EFFECTS_LOG_TARGET, tracing::Level::DEBUG) {
+                log_op(op);
             }
             if let Some(call) = calls.last_mut() {
                 call.push_row(op, cutoff_unix_secs);
