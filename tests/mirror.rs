@@ -666,3 +666,83 @@ async fn a_recreated_slot_reloads_the_mirrors_with_the_changes_of_the_gap() {
     assert_eq!(assert_mirrors_equal_table(&client, &mut conn).await, 1901);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_stay_exact_when_transactions_are_redelivered_after_a_hard_stop() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let slot = "mirror_redelivery";
+    let client = pg.client("app").await;
+    client
+        .batch_execute("SET TimeZone = 'UTC'")
+        .await
+        .expect("UTC");
+    let mut rng = Lcg(99);
+    let mut ids = BTreeSet::new();
+    let mut next_id = 0;
+    let workload = |rng: &mut Lcg, ids: &mut BTreeSet<i32>, next_id: &mut i32| {
+        let mut txns = Vec::new();
+        for _ in 0..60 {
+            let mut txn = String::from("BEGIN;");
+            for _ in 0..4 {
+                let sql = statement(rng, ids, next_id);
+                if !sql.starts_with("TRUNCATE") {
+                    txn.push_str(&sql);
+                    txn.push(';');
+                }
+            }
+            txn.push_str("COMMIT;");
+            txns.push(txn);
+        }
+        txns
+    };
+
+    let daemon = start(config(&pg, &redis, "app", slot, MIRRORS));
+    wait_streaming(&client, slot).await;
+    for txn in workload(&mut rng, &mut ids, &mut next_id) {
+        client.batch_execute(&txn).await.expect("workload");
+    }
+    let end: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    // A hard stop: no drain, no final status update.
+    daemon.task.abort();
+    let _ = daemon.task.await;
+    let confirmed: String = client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    let lag: i64 = client
+        .query_one(
+            &format!("SELECT pg_wal_lsn_diff('{end}', '{confirmed}')::bigint"),
+            &[],
+        )
+        .await
+        .expect("lag")
+        .get(0);
+    assert!(
+        lag > 0,
+        "the slot confirmed everything before the stop ({confirmed} >= {end}): nothing would be \
+         redelivered"
+    );
+
+    // The restart receives again what was applied but not confirmed, then new work.
+    let daemon = start(config(&pg, &redis, "app", slot, MIRRORS));
+    wait_streaming(&client, slot).await;
+    for txn in workload(&mut rng, &mut ids, &mut next_id) {
+        client.batch_execute(&txn).await.expect("workload");
+    }
+    caught_up(&client, &mut conn, 1).await;
+    assert!(assert_mirrors_equal_table(&client, &mut conn).await > 20);
+    daemon.stop().await;
+}
