@@ -13,8 +13,9 @@
 //!   `[[table]]` rules invalidated for that change. TRUNCATE has `"op":"truncate"` and no `pk`.
 //! - A transaction with more than `max_changes_per_message` changes lists none: `"changes":[]`,
 //!   `"truncated":true` and `"counts":{"public.articles":5000}`: drop those tables.
-//! - After a gap in the stream (slot lost and recreated) walsweep sends `{"reset":true,...}`:
-//!   drop everything.
+//! - After a gap in the stream (slot lost and recreated), and whenever walsweep creates the slot
+//!   (first start, restored or moved database), walsweep sends `{"reset":true,...}`: drop
+//!   everything; the chain starts again (`prev_lsn` null).
 //!
 //! Redis side (`redis::broadcast`): each message is published by one Lua call that also records
 //! the LSN, so a redelivered transaction (at-least-once delivery) is not published twice.

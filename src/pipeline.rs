@@ -141,6 +141,15 @@ impl Shutdown {
     }
 }
 
+/// What `prepare_source` did.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// This run created the slot.
+    pub slot_created: bool,
+    /// What the warm-up loaded, when it ran.
+    pub warm_up: Option<crate::snapshot::WarmUpSummary>,
+}
+
 /// Checks what only a human can fix and creates the publication and slot when allowed to.
 ///
 /// With `warm_up`, a slot created here exports its snapshot and the mirrors are loaded from it
@@ -151,7 +160,7 @@ pub async fn prepare_source(
     params: &ConnectParams,
     tables: &[String],
     warm_up: Option<&crate::snapshot::WarmUp>,
-) -> Result<Option<crate::snapshot::WarmUpSummary>, PipelineError> {
+) -> Result<Prepared, PipelineError> {
     let client = catalog::connect(params).await?;
     let wal_level = catalog::wal_level(&client).await?;
     if wal_level != "logical" {
@@ -195,6 +204,10 @@ pub async fn prepare_source(
                 None => {
                     let lsn = conn.create_slot(&source.slot).await?;
                     tracing::info!(slot = %source.slot, consistent_point = %lsn, "created replication slot");
+                    return Ok(Prepared {
+                        slot_created: true,
+                        warm_up: None,
+                    });
                 }
                 Some(warm_up) => {
                     let (lsn, snapshot) = conn.create_slot_exporting_snapshot(&source.slot).await?;
@@ -203,7 +216,12 @@ pub async fn prepare_source(
                     // The exported snapshot lives as long as this connection stays idle.
                     drop(conn);
                     match loaded {
-                        Ok(summary) => return Ok(Some(summary)),
+                        Ok(summary) => {
+                            return Ok(Prepared {
+                                slot_created: true,
+                                warm_up: Some(summary),
+                            })
+                        }
                         Err(e) => {
                             if let Err(drop_error) = catalog::drop_slot(&client, &source.slot).await
                             {
@@ -223,7 +241,7 @@ pub async fn prepare_source(
             )));
         }
     }
-    Ok(None)
+    Ok(Prepared::default())
 }
 
 /// What a finished run did (for tests and the final log line).
@@ -264,9 +282,9 @@ where
     let params = source.connect_params()?;
     let mut backoff = Backoff::new(source.reconnect_min(), source.reconnect_max());
     // Setup is retried like streaming: the database may simply not be up yet.
-    loop {
+    let prepared = loop {
         match prepare_source(source, &params, tables, warm_up.as_ref()).await {
-            Ok(_) => break,
+            Ok(prepared) => break prepared,
             Err(e) if e.is_retryable() && shutdown.requests() == 0 => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %display_chain(&e), retry_in_ms = delay.as_millis() as u64, "source not reachable");
@@ -274,7 +292,7 @@ where
             }
             Err(e) => return Err(e),
         }
-    }
+    };
 
     let monitor = tokio::spawn(crate::monitor::watch_slot(
         params.clone(),
@@ -296,6 +314,13 @@ where
         source.batch_max_txns,
         sink_retry,
     ));
+    if prepared.slot_created {
+        // Ahead of everything the new slot delivers.
+        txn_tx
+            .send(SinkCommand::SlotCreated)
+            .await
+            .map_err(|_| PipelineError::Setup("sink stopped".into()))?;
+    }
     let mut streamer = Streamer {
         source,
         params,
@@ -339,6 +364,8 @@ pub enum SinkCommand<P> {
         reason: String,
         applied: Option<tokio::sync::oneshot::Sender<()>>,
     },
+    /// The slot was created by this run: see `Sink::slot_created`.
+    SlotCreated,
 }
 
 /// Applies queued transactions in batches; confirms each batch only after the sink did.
@@ -362,6 +389,10 @@ async fn sink_loop<P: crate::plan::Plan, S: Sink<P>>(
                     if let Some(applied) = applied {
                         let _ = applied.send(());
                     }
+                }
+                SinkCommand::SlotCreated => {
+                    apply_batch(&mut sink, &mut batch, &confirmed, &mut backoff).await?;
+                    retry(&mut sink, SinkOp::SlotCreated, &mut backoff).await?;
                 }
             }
         }
@@ -394,6 +425,7 @@ async fn apply_batch<P: crate::plan::Plan, S: Sink<P>>(
 enum SinkOp<'a, P> {
     Apply(&'a [CommittedTxn<P>]),
     Reset,
+    SlotCreated,
 }
 
 /// Retry state of the sink task, and since when the sink has been failing (the stream task
@@ -414,6 +446,7 @@ async fn retry<P: crate::plan::Plan, S: Sink<P>>(
         let result = match op {
             SinkOp::Apply(batch) => sink.apply(batch).await,
             SinkOp::Reset => sink.reset().await,
+            SinkOp::SlotCreated => sink.slot_created().await,
         };
         match result {
             Ok(()) => {

@@ -341,7 +341,7 @@ pub async fn run_command(config: &Config) -> Result<WarmUpSummary, crate::pipeli
             let loaded =
                 crate::pipeline::prepare_source(&config.source, &params, &tables, Some(&warm_up))
                     .await?;
-            loaded.ok_or_else(|| {
+            loaded.warm_up.ok_or_else(|| {
                 PipelineError::Setup(format!(
                     "replication slot {:?} does not exist and source.create_slot is false; \
                      create it, or let walsweep create it",

@@ -121,6 +121,25 @@ async fn stream_messages(conn: &mut redis::aio::MultiplexedConnection) -> Vec<St
         .collect()
 }
 
+/// The message walsweep publishes when it creates the slot (the chain starts anew), which
+/// every test that lets walsweep create its slot receives first.
+async fn expect_slot_created_reset(rx: &mut mpsc::UnboundedReceiver<String>) -> String {
+    let message = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("a reset message when walsweep creates the slot")
+        .expect("subscription open");
+    let json: Json = serde_json::from_str(&message).expect("message is JSON");
+    assert_eq!(json["reset"], true, "{message}");
+    assert_eq!(json["prev_lsn"], Json::Null, "{message}");
+    assert!(
+        json["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("created the replication slot")),
+        "{message}"
+    );
+    message
+}
+
 /// Checks the chain: `prev_lsn` of each message is the previous `lsn` (`first_prev` for the
 /// first), LSNs strictly increase. Returns the parsed messages.
 fn assert_chain(messages: &[String], first_prev: Json) -> Vec<Json> {
@@ -398,6 +417,7 @@ async fn subscriber_receives_every_transaction_once_in_lsn_order() {
     let mut conn = redis.connection().await;
     let mut rx = subscribe(&redis, CHANNEL).await;
     let daemon = start(config(&pg, &redis, "app", "bcast_order", RULES));
+    let reset = expect_slot_created_reset(&mut rx).await;
     let client = pg.client("app").await;
     wait_streaming(&client, "bcast_order").await;
 
@@ -479,8 +499,10 @@ async fn subscriber_receives_every_transaction_once_in_lsn_order() {
         assert!(message.get("truncated").is_none() && message.get("counts").is_none());
     }
 
-    // The stream holds the same messages, in the same order.
-    assert_eq!(stream_messages(&mut conn).await, received);
+    // The stream holds the same messages, in the same order, after the reset.
+    let mut expected_stream = vec![reset];
+    expected_stream.extend(received.iter().cloned());
+    assert_eq!(stream_messages(&mut conn).await, expected_stream);
     // Nothing more arrives (e.g. a late duplicate).
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(rx.try_recv().is_err(), "an extra message arrived");
@@ -513,6 +535,7 @@ keys = ["article:{id}"]
 
     // Run A on slot `bcast_a` publishes the first transactions.
     let daemon = start(config(&pg, &redis, "app", "bcast_a", rules));
+    let reset = expect_slot_created_reset(&mut rx).await;
     wait_streaming(&client, "bcast_a").await;
     let mut xids = Vec::new();
     for id in 1..=20 {
@@ -545,9 +568,12 @@ keys = ["article:{id}"]
         .map(|m| m["xid"].as_u64().expect("xid"))
         .collect();
     assert_eq!(got, xids, "each transaction published once, in order");
-    assert_eq!(stream_messages(&mut conn).await, received);
+    // Slot `bcast_b` existed before run B, so run B sent no reset.
+    let mut expected_stream = vec![reset];
+    expected_stream.extend(received.iter().cloned());
+    assert_eq!(stream_messages(&mut conn).await, expected_stream);
     let xlen: u64 = conn.xlen(STREAM).await.expect("XLEN");
-    assert_eq!(xlen, 25);
+    assert_eq!(xlen, 26);
     // The state key names the last message's LSN.
     let state: String = conn
         .get(format!("{STREAM}:last_lsn"))
@@ -595,6 +621,7 @@ keys = ["audit:{id}"]
     let redis = Redis::start();
     let mut rx = subscribe(&redis, CHANNEL).await;
     let daemon = start(config(&pg, &redis, "app", "bcast_big", rules));
+    expect_slot_created_reset(&mut rx).await;
     let client = pg.client("app").await;
     wait_streaming(&client, "bcast_big").await;
 
@@ -877,4 +904,32 @@ async fn client_example_drops_everything_after_a_gap_or_reset() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A restored or replaced database starts again at lower LSNs than the chain recorded: the slot
+/// walsweep creates there restarts the chain, so nothing is skipped as "already published".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_created_on_a_new_database_restarts_the_chain() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    // What a previous database with far higher LSNs left behind.
+    let _: () = conn
+        .set(format!("{STREAM}:last_lsn"), "00000FFF00000000 FFF/0")
+        .await
+        .expect("SET");
+    let mut rx = subscribe(&redis, CHANNEL).await;
+    let daemon = start(config(&pg, &redis, "app", "bcast_moved", RULES));
+    expect_slot_created_reset(&mut rx).await;
+    let client = pg.client("app").await;
+    wait_streaming(&client, "bcast_moved").await;
+    let committed = run_txn(&client, "INSERT INTO articles (id, title) VALUES (1, 'x')").await;
+    let mut received = Vec::new();
+    receive_until_xid(&mut rx, &mut received, committed.xid, 30).await;
+    let messages = assert_chain(&received, Json::Null);
+    assert_eq!(messages.len(), 1);
+    daemon.stop().await;
 }

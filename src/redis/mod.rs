@@ -451,6 +451,13 @@ impl Sink<TxnPlan> for RedisSink {
             .await
     }
 
+    async fn slot_created(&mut self) -> Result<(), SinkError> {
+        // A restored or moved database starts a new LSN sequence: the chain must restart, or
+        // its transactions would look like already published ones.
+        self.publish_reset("walsweep created the replication slot; earlier changes were not seen")
+            .await
+    }
+
     async fn apply(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<(), SinkError> {
         let result = self.apply_txn_plans(batch).await;
         if self.reports_health {

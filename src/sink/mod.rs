@@ -44,4 +44,13 @@ pub trait Sink<P: Plan>: Send + 'static {
     /// holds may be stale: remove all of it. Called in stream order, before any transaction
     /// that follows the gap; retried like `apply`.
     fn reset(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// walsweep just created the slot, so this stream starts with no history: a first start,
+    /// or a slot dropped while walsweep was stopped, or a restored or moved database. Nothing is
+    /// cleared (that is what `on_slot_lost` decides), but a sink whose output chains across
+    /// transactions (broadcasts) restarts the chain. Called before the slot's first
+    /// transaction; retried like `apply`.
+    fn slot_created(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send {
+        async { Ok(()) }
+    }
 }
