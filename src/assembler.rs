@@ -109,6 +109,9 @@ pub struct Assembler<PL: Planner> {
     stream_xid: Option<u32>,
     streamed: HashMap<u32, StreamedTxn<PL::Plan>>,
     prepared: HashMap<String, OpenTxn<PL::Plan>>,
+    /// Type OIDs of the last Relation message's columns that are not built in: the caller
+    /// looks them up (`take_new_type_oids`) before feeding the next message.
+    new_type_oids: Vec<u32>,
 }
 
 /// Where a change's effects go.
@@ -128,7 +131,18 @@ impl<PL: Planner> Assembler<PL> {
             stream_xid: None,
             streamed: HashMap::new(),
             prepared: HashMap::new(),
+            new_type_oids: Vec::new(),
         }
+    }
+
+    /// Non-built-in column types of the Relation message just fed, if it was one.
+    pub fn take_new_type_oids(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.new_type_oids)
+    }
+
+    /// Hands looked-up types to the planner.
+    pub fn register_types(&mut self, types: &crate::value::TypeRegistry) {
+        self.planner.register_types(types);
     }
 
     /// Nothing is half-received: no open, streamed or prepared transaction. Only then may a
@@ -173,6 +187,12 @@ impl<PL: Planner> Assembler<PL> {
                 // A renamed table gets fresh counter labels.
                 self.decoded.retain(|(oid, _), _| *oid != info.oid);
                 self.planner.relation_changed(&info);
+                self.new_type_oids = info
+                    .columns
+                    .iter()
+                    .map(|c| c.type_oid)
+                    .filter(|oid| !crate::value::is_builtin(*oid))
+                    .collect();
                 self.relations.insert(info.oid, info);
                 Ok(None)
             }

@@ -185,6 +185,11 @@ impl BroadcastPlanner {
         self
     }
 
+    /// Enums, domains and arrays of them, so primary keys are typed like built-in values.
+    pub fn register_types(&mut self, types: &TypeRegistry) {
+        self.types = types.clone();
+    }
+
     pub fn follows(&self, relation: &RelationInfo) -> bool {
         self.tables
             .as_ref()

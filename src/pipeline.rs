@@ -334,6 +334,7 @@ where
         backoff,
         reconnects: 0,
         warm_up,
+        types: crate::value::TypeRegistry::new(),
     };
     let stream_result = tokio::select! {
         result = streamer.run() => result,
@@ -495,6 +496,8 @@ struct Streamer<'a, PL: Planner> {
     reconnects: u64,
     /// `source.warm_up`: a recreated slot's mirrors are loaded again from its snapshot.
     warm_up: Option<crate::snapshot::WarmUp>,
+    /// Non-built-in types looked up so far (see `Planner::register_types`).
+    types: crate::value::TypeRegistry,
 }
 
 enum SessionEnd {
@@ -686,6 +689,10 @@ impl<PL: Planner> Streamer<'_, PL> {
                             let committed = self.assembler.feed(&x.data).map_err(|source| {
                                 PipelineError::Assemble { lsn: x.wal_start_lsn, source }
                             })?;
+                            let new_types = self.assembler.take_new_type_oids();
+                            if !new_types.is_empty() {
+                                self.resolve_types(new_types).await?;
+                            }
                             if let Some(txn) = committed {
                                 if !self.enqueue(txn, stream, progress, &mut ticker).await? {
                                     return Ok(SessionEnd::SinkDown);
@@ -770,6 +777,19 @@ impl<PL: Planner> Streamer<'_, PL> {
             return Err(e.into());
         }
         m::slot_recreated();
+        Ok(())
+    }
+
+    /// Looks up types a Relation message named that are not built in (rare: once per table
+    /// and shape), before any of its rows is planned.
+    async fn resolve_types(&mut self, oids: Vec<u32>) -> Result<(), PipelineError> {
+        let unresolved = self.types.unresolved(oids);
+        if unresolved.is_empty() {
+            return Ok(());
+        }
+        let client = catalog::connect(&self.params).await?;
+        catalog::resolve_types(&client, &mut self.types, unresolved).await?;
+        self.assembler.register_types(&self.types);
         Ok(())
     }
 

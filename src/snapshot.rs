@@ -171,6 +171,14 @@ impl WarmUp {
         table: &str,
     ) -> Result<u64, SnapshotError> {
         let relation = relation_info(client, index, table).await?;
+        // Enums, domains and their arrays typed as streaming types them.
+        let mut types = crate::value::TypeRegistry::new();
+        catalog::resolve_types(
+            client,
+            &mut types,
+            relation.columns.iter().map(|c| c.type_oid),
+        )
+        .await?;
         let mut planner = MirrorPlanner::new(
             self.mirrors
                 .iter()
@@ -179,6 +187,7 @@ impl WarmUp {
                 .collect(),
         );
         planner.relation_changed(&relation);
+        planner.register_types(&types);
         let qualified = format!(
             "{}.{}",
             quote_ident(&relation.namespace),

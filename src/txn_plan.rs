@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::mirror::{MirrorPlan, MirrorPlanner};
 use crate::plan::{Plan, Planner, RelationInfo, RowChange};
 use crate::rules::{Effect, EffectPlan, Rules, RulesPlanner};
+use crate::value::TypeRegistry;
 
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct TxnPlan {
@@ -103,5 +104,12 @@ impl Planner for TxnPlanner {
     fn relation_changed(&mut self, relation: &RelationInfo) {
         self.rules.relation_changed(relation);
         self.mirrors.relation_changed(relation);
+    }
+
+    fn register_types(&mut self, types: &TypeRegistry) {
+        self.mirrors.register_types(types);
+        if let Some(broadcast) = &mut self.broadcast {
+            broadcast.register_types(types);
+        }
     }
 }

@@ -839,7 +839,7 @@ async fn decoded_values_match_test_decoding_and_postgres_to_json() {
     // 2. The edge row's typed values, against the hand-written table.
     let mut registry = TypeRegistry::new();
     let edge = &raw[0].changes[1];
-    tail::resolve_types(&client, &mut registry, edge.columns.iter().map(|c| c.1))
+    walsweep::pg::catalog::resolve_types(&client, &mut registry, edge.columns.iter().map(|c| c.1))
         .await
         .expect("pg_type lookup");
     let expected = expected_edge_row();

@@ -101,6 +101,11 @@ impl MirrorPlanner {
         self.rules.is_empty()
     }
 
+    /// Enums, domains and arrays of them, so they are typed like built-in values.
+    pub fn register_types(&mut self, types: &TypeRegistry) {
+        self.types = types.clone();
+    }
+
     pub fn relation_changed(&mut self, relation: &RelationInfo) {
         let mirrors = self
             .rules

@@ -11,6 +11,7 @@ pub mod touched;
 pub use relation::{ColumnInfo, RelationInfo};
 
 use crate::pg::pgoutput::TupleValue;
+use crate::value::TypeRegistry;
 
 /// Which kind of row change this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -113,4 +114,9 @@ pub trait Planner: Send + 'static {
     /// A Relation message arrived (new table, or a new shape after ALTER TABLE): planners that
     /// cache per-relation lookups rebuild them here, once per relation, not once per row.
     fn relation_changed(&mut self, _relation: &RelationInfo) {}
+
+    /// What the non-built-in types (enums, domains, arrays of them) of the relations seen so
+    /// far are, looked up in `pg_type` after each Relation message that names new ones, before
+    /// any row of it is planned. Planners that type values (mirrors, broadcasts) keep a copy.
+    fn register_types(&mut self, _types: &TypeRegistry) {}
 }
