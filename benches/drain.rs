@@ -299,6 +299,7 @@ fn run_round(
     );
 
     // (b) walsweep
+    let redis_cpu_before = redis_cpu_seconds(plan);
     let cpu_before = cpu_time();
     let ws_source = source(&pg.url(DB), "ws", PUBLICATION);
     let drained = match plan {
@@ -327,6 +328,10 @@ fn run_round(
         }
     };
     let ws_time = drained.elapsed;
+    let redis_note = match (redis_cpu_before, redis_cpu_seconds(plan)) {
+        (Some(before), Some(after)) => format!(" (redis cpu {:.2}s)", after - before),
+        _ => String::new(),
+    };
     // Includes the few ms of the clean shutdown after the clock stopped.
     let ws_cpu = cpu_since(cpu_before).0;
     assert_eq!(
@@ -376,7 +381,7 @@ fn run_round(
 
     println!(
         "  round {round} txn_size={txn_size:<4} commits={:<6} batches={:<6} wal={:.1}MB (filled in {:.1}s)  \
-         pg_recvlogical={:.3}s (cpu {:.2}s)  walsweep={:.3}s (cpu {:.2}s)  ratio={:.2}{rl_note}",
+         pg_recvlogical={:.3}s (cpu {:.2}s)  walsweep={:.3}s (cpu {:.2}s){redis_note}  ratio={:.2}{rl_note}",
         drained.txns,
         drained.batches,
         target.bytes_since(start) as f64 / 1e6,
@@ -396,6 +401,27 @@ fn run_round(
         recvlogical_cpu: rl_cpu,
         walsweep_cpu: ws_cpu,
     }
+}
+
+/// Redis' own CPU time (user + system, from INFO cpu), to see where a Redis plan's time goes.
+fn redis_cpu_seconds(plan: &Plan) -> Option<f64> {
+    let Plan::Redis { redis_url, .. } = plan else {
+        return None;
+    };
+    let mut conn = ::redis::Client::open(redis_url.as_str())
+        .and_then(|c| c.get_connection())
+        .ok()?;
+    let info: String = ::redis::cmd("INFO").arg("cpu").query(&mut conn).ok()?;
+    let field = |name: &str| {
+        info.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(':')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    Some(field("used_cpu_user")? + field("used_cpu_sys")?)
 }
 
 /// Drops the slots once their walsenders are gone (that can lag the client's exit a little).
