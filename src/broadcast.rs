@@ -27,6 +27,7 @@ use crate::config::BroadcastConfig;
 use crate::pg::pgoutput::TupleValue;
 use crate::pg::Lsn;
 use crate::plan::{Op, RelationInfo, RowChange};
+use crate::rules::Effect;
 use crate::value::{decode_text, TypeRegistry, Value};
 
 /// The broadcast part of one transaction's plan.
@@ -141,6 +142,17 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let year = yoe + era * 400 + i64::from(month <= 2);
     (year, month, day)
+}
+
+/// Adds what a broadcast lists for one invalidation: keys and dependencies as rendered,
+/// table-wide ones as `prefix*` (what a client matches its entries against).
+pub fn list_effect(effect: &Effect, keys: &mut Vec<String>, deps: &mut Vec<String>) {
+    match effect {
+        Effect::UnlinkKey(k) => keys.push(k.clone()),
+        Effect::InvalidateDep(d) => deps.push(d.clone()),
+        Effect::UnlinkKeysWithPrefix { prefix, .. } => keys.push(format!("{prefix}*")),
+        Effect::InvalidateDepsWithPrefix { prefix, .. } => deps.push(format!("{prefix}*")),
+    }
 }
 
 /// `items` without repeats, first occurrence kept: an UPDATE that keeps the key renders the

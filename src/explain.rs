@@ -16,7 +16,7 @@ use crate::pg::pgoutput::{ReplicaIdentity, TupleValue};
 use crate::pg::Lsn;
 use crate::plan::{ColumnInfo, OldRow, Op, RelationInfo, RowChange};
 use crate::redis::dep_set_key;
-use crate::rules::{Effect, Origin, RuleRef, Rules, RulesPlanner};
+use crate::rules::{Effect, Origin, RuleRef, Rules, RulesPlanner, TableRule};
 use crate::value::{decode_text, oid, TypeRegistry, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -147,71 +147,7 @@ pub fn explain(
         }
         _ => {}
     }
-    // Columns: those the rows mention, then those the rules and mirrors mention (absent =
-    // unknown).
-    let mut names: Vec<String> = Vec::new();
-    for map in [&old, &new].into_iter().flatten() {
-        for k in map.keys() {
-            if !names.contains(k) {
-                names.push(k.clone());
-            }
-        }
-    }
-    let referenced = rule_set
-        .iter()
-        .flat_map(|r| r.referenced_columns())
-        .chain(mirrors.iter().flat_map(|m| m.referenced_columns()));
-    for (c, _) in referenced {
-        if !names.contains(&c) {
-            names.push(c);
-        }
-    }
-    let score_columns: Vec<&String> = mirrors
-        .iter()
-        .flat_map(|m| m.indexes.iter().flat_map(|i| i.score.columns()))
-        .collect();
-    let cell = |map: &Option<serde_json::Map<String, Json>>,
-                name: &str|
-     -> (Option<Option<String>>, u32) {
-        match map.as_ref().and_then(|m| m.get(name)) {
-            Some(v) => {
-                let (text, oid) = pg_text(v);
-                (Some(text), oid)
-            }
-            None => (None, oid::TEXT),
-        }
-    };
-    let mut columns = Vec::new();
-    let mut old_text = Vec::new();
-    let mut new_text = Vec::new();
-    for name in &names {
-        let (o, oid_o) = cell(&old, name);
-        let (n, oid_n) = cell(&new, name);
-        let mut type_oid = if oid_n != oid::TEXT { oid_n } else { oid_o };
-        if type_oid == oid::TEXT && score_columns.contains(&name) {
-            let texts: Vec<&str> = [&o, &n]
-                .into_iter()
-                .filter_map(|c| c.as_ref().and_then(|t| t.as_deref()))
-                .collect();
-            type_oid = guess_time_type(&texts).unwrap_or(type_oid);
-        }
-        columns.push(ColumnInfo {
-            name: name.clone(),
-            type_oid,
-            type_modifier: -1,
-            is_key: false,
-        });
-        old_text.push(o);
-        new_text.push(n);
-    }
-    let relation = RelationInfo {
-        oid: 1,
-        namespace: qualified.split('.').next().unwrap_or("public").into(),
-        name: qualified.split('.').nth(1).unwrap_or("").into(),
-        qualified_name: qualified.clone(),
-        replica_identity: ReplicaIdentity::Full,
-        columns,
-    };
+    let (relation, old_text, new_text) = row_shape(&qualified, &rule_set, &mirrors, &old, &new);
     let old_tuple = to_tuple(&old_text);
     let new_tuple = to_tuple(&new_text);
     let mut planner = RulesPlanner::new(Rules {
@@ -237,17 +173,128 @@ pub fn explain(
     // What a broadcast lists: every effect as emitted, like the daemon's transaction planner.
     let (mut broadcast_keys, mut broadcast_deps) = (Vec::new(), Vec::new());
     for (effect, _) in &lines {
-        match effect {
-            Effect::UnlinkKey(k) => broadcast_keys.push(k.clone()),
-            Effect::InvalidateDep(d) => broadcast_deps.push(d.clone()),
-            Effect::UnlinkKeysWithPrefix { prefix, .. } => {
-                broadcast_keys.push(format!("{prefix}*"))
-            }
-            Effect::InvalidateDepsWithPrefix { prefix, .. } => {
-                broadcast_deps.push(format!("{prefix}*"))
+        crate::broadcast::list_effect(effect, &mut broadcast_keys, &mut broadcast_deps);
+    }
+    let mut out = String::new();
+    write_effects(
+        &mut out,
+        op,
+        &qualified,
+        lines,
+        &rule_set,
+        &config.matroska.prefix,
+    );
+    if !mirrors.is_empty() {
+        write_mirrors(
+            &mut out,
+            &mirrors,
+            &relation,
+            &change,
+            &new_tuple,
+            old.is_none(),
+        );
+    }
+    write_broadcast(
+        &mut out,
+        config,
+        &relation,
+        &change,
+        &broadcast_keys,
+        &broadcast_deps,
+    );
+    if !mirrors.is_empty() || config.broadcast.is_some() {
+        write_type_guesses(&mut out, &relation, &old_text, &new_text);
+    }
+    Ok(out)
+}
+
+/// A column of a given row: not given (`None`), NULL (`Some(None)`) or its text.
+type Cell = Option<Option<String>>;
+
+/// The relation and rows `explain` plans: columns the rows give, then those the rules and
+/// mirrors name (absent = not sent), typed from the JSON values.
+fn row_shape(
+    qualified: &str,
+    rule_set: &[TableRule],
+    mirrors: &[Arc<MirrorRule>],
+    old: &Option<serde_json::Map<String, Json>>,
+    new: &Option<serde_json::Map<String, Json>>,
+) -> (RelationInfo, Vec<Cell>, Vec<Cell>) {
+    // Columns: those the rows mention, then those the rules and mirrors mention (absent =
+    // unknown).
+    let mut names: Vec<String> = Vec::new();
+    for map in [old, new].into_iter().flatten() {
+        for k in map.keys() {
+            if !names.contains(k) {
+                names.push(k.clone());
             }
         }
     }
+    let referenced = rule_set
+        .iter()
+        .flat_map(|r| r.referenced_columns())
+        .chain(mirrors.iter().flat_map(|m| m.referenced_columns()));
+    for (c, _) in referenced {
+        if !names.contains(&c) {
+            names.push(c);
+        }
+    }
+    let score_columns: Vec<&String> = mirrors
+        .iter()
+        .flat_map(|m| m.indexes.iter().flat_map(|i| i.score.columns()))
+        .collect();
+    let cell = |map: &Option<serde_json::Map<String, Json>>, name: &str| -> (Cell, u32) {
+        match map.as_ref().and_then(|m| m.get(name)) {
+            Some(v) => {
+                let (text, oid) = pg_text(v);
+                (Some(text), oid)
+            }
+            None => (None, oid::TEXT),
+        }
+    };
+    let mut columns = Vec::new();
+    let mut old_text = Vec::new();
+    let mut new_text = Vec::new();
+    for name in &names {
+        let (o, oid_o) = cell(old, name);
+        let (n, oid_n) = cell(new, name);
+        let mut type_oid = if oid_n != oid::TEXT { oid_n } else { oid_o };
+        if type_oid == oid::TEXT && score_columns.contains(&name) {
+            let texts: Vec<&str> = [&o, &n]
+                .into_iter()
+                .filter_map(|c| c.as_ref().and_then(|t| t.as_deref()))
+                .collect();
+            type_oid = guess_time_type(&texts).unwrap_or(type_oid);
+        }
+        columns.push(ColumnInfo {
+            name: name.clone(),
+            type_oid,
+            type_modifier: -1,
+            is_key: false,
+        });
+        old_text.push(o);
+        new_text.push(n);
+    }
+    let relation = RelationInfo {
+        oid: 1,
+        namespace: qualified.split('.').next().unwrap_or("public").into(),
+        name: qualified.split('.').nth(1).unwrap_or("").into(),
+        qualified_name: qualified.to_string(),
+        replica_identity: ReplicaIdentity::Full,
+        columns,
+    };
+    (relation, old_text, new_text)
+}
+
+/// One line per distinct effect and rule, with the sides that produced it.
+fn write_effects(
+    out: &mut String,
+    op: Op,
+    qualified: &str,
+    lines: Vec<(Effect, Origin)>,
+    rule_set: &[TableRule],
+    prefix: &str,
+) {
     // One line per distinct effect and rule; the sides that produced it are listed together.
     let mut merged: Vec<(Effect, Origin, Vec<&'static str>)> = Vec::new();
     for (effect, origin) in lines {
@@ -262,10 +309,8 @@ pub fn explain(
             }
         }
     }
-    let prefix = &config.matroska.prefix;
-    let mut out = String::new();
     let _ = writeln!(
-        out,
+        *out,
         "{} {qualified}: {} effect(s)",
         op.as_str(),
         merged.len()
@@ -300,47 +345,63 @@ pub fn explain(
                 cause.as_str()
             ),
         };
-        let _ = writeln!(out, "  {what:<60}  <- {source}, {}", sides.join(" + "));
+        let _ = writeln!(*out, "  {what:<60}  <- {source}, {}", sides.join(" + "));
     }
-    if !mirrors.is_empty() {
-        // Without --old an UPDATE is taken as one that kept the row's key and index members, as
-        // Postgres sends no old row then (with the default replica identity).
-        let assume_same = op == Op::Update && old.is_none();
-        let mirror_change = RowChange {
-            old: if assume_same {
-                OldRow::Full(&new_tuple)
-            } else {
-                change.old
-            },
-            ..change
-        };
-        let mut ops = Vec::new();
-        for mirror in &mirrors {
-            explain_mirror(mirror, &relation, &mirror_change, &new_tuple, &mut ops);
-        }
-        let _ = writeln!(out, "mirrors:");
-        for line in &ops {
-            let _ = writeln!(out, "  {line}");
-        }
-        if assume_same {
-            let _ = writeln!(
-                out,
-                "  (no --old: taken as an update that kept the row's key and index members; \
+}
+
+/// The mirror writes and index moves of the change. Without `--old` an UPDATE is taken as one
+/// that kept the row's key and index members, as Postgres sends no old row then (with the
+/// default replica identity).
+fn write_mirrors(
+    out: &mut String,
+    mirrors: &[Arc<MirrorRule>],
+    relation: &RelationInfo,
+    change: &RowChange<'_>,
+    new_tuple: &[TupleValue<'_>],
+    no_old: bool,
+) {
+    // Without --old an UPDATE is taken as one that kept the row's key and index members, as
+    // Postgres sends no old row then (with the default replica identity).
+    let assume_same = change.op == Op::Update && no_old;
+    let mirror_change = RowChange {
+        old: if assume_same {
+            OldRow::Full(new_tuple)
+        } else {
+            change.old
+        },
+        ..*change
+    };
+    let mut ops = Vec::new();
+    for mirror in mirrors {
+        explain_mirror(mirror, relation, &mirror_change, new_tuple, &mut ops);
+    }
+    let _ = writeln!(*out, "mirrors:");
+    for line in &ops {
+        let _ = writeln!(*out, "  {line}");
+    }
+    if assume_same {
+        let _ = writeln!(
+            *out,
+            "  (no --old: taken as an update that kept the row's key and index members; \
                  give --old to see a move)"
-            );
-        }
+        );
     }
+}
+
+/// The change's entry in its transaction's broadcast message, when `[broadcast]` covers it.
+fn write_broadcast(
+    out: &mut String,
+    config: &Config,
+    relation: &RelationInfo,
+    change: &RowChange<'_>,
+    keys: &[String],
+    deps: &[String],
+) {
     if let Some(broadcast) = &config.broadcast {
         let broadcaster =
             BroadcastPlanner::new(broadcast).defaulting_to(&config.qualified_tables());
-        if broadcaster.follows(&relation) {
-            let entry = broadcast_entry(
-                &broadcaster,
-                &relation,
-                &change,
-                &broadcast_keys,
-                &broadcast_deps,
-            );
+        if broadcaster.follows(relation) {
+            let entry = broadcast_entry(&broadcaster, relation, change, keys, deps);
             let to = [
                 broadcast.channel.as_ref().map(|c| format!("channel {c:?}")),
                 broadcast.stream.as_ref().map(|s| format!("stream {s:?}")),
@@ -349,35 +410,41 @@ pub fn explain(
             .flatten()
             .collect::<Vec<_>>()
             .join(" and ");
-            let _ = writeln!(out, "broadcast to {to}, in the transaction's message:");
-            let _ = writeln!(out, "  {entry}");
-            if op != Op::Truncate {
+            let _ = writeln!(*out, "broadcast to {to}, in the transaction's message:");
+            let _ = writeln!(*out, "  {entry}");
+            if change.op != Op::Truncate {
                 let _ = writeln!(
-                    out,
+                    *out,
                     "  (pk: explain lists the columns given; walsweep lists the replica identity \
                      columns)"
                 );
             }
         }
     }
-    if !mirrors.is_empty() || config.broadcast.is_some() {
-        let guesses: Vec<String> = relation
-            .columns
-            .iter()
-            .zip(old_text.iter().zip(&new_text))
-            .map(|(c, (o, n))| match (o, n) {
-                (None, None) => format!("{} not given (as if not sent)", c.name),
-                _ => format!("{} {}", c.name, type_name(c.type_oid)),
-            })
-            .collect();
-        let _ = writeln!(
-            out,
-            "column types guessed from the JSON (explain reads no database; `walsweep check` \
+}
+
+/// Which types the JSON values were taken as (explain reads no database).
+fn write_type_guesses(
+    out: &mut String,
+    relation: &RelationInfo,
+    old_text: &[Cell],
+    new_text: &[Cell],
+) {
+    let guesses: Vec<String> = relation
+        .columns
+        .iter()
+        .zip(old_text.iter().zip(new_text))
+        .map(|(c, (o, n))| match (o, n) {
+            (None, None) => format!("{} not given (as if not sent)", c.name),
+            _ => format!("{} {}", c.name, type_name(c.type_oid)),
+        })
+        .collect();
+    let _ = writeln!(
+        *out,
+        "column types guessed from the JSON (explain reads no database; `walsweep check` \
              checks the real ones): {}",
-            guesses.join(", ")
-        );
-    }
-    Ok(out)
+        guesses.join(", ")
+    );
 }
 
 /// The change's entry in the broadcast message, as the daemon would list it.
@@ -607,7 +674,7 @@ fn describe_write(write: &RowWrite) -> String {
     line
 }
 
-fn to_tuple(cells: &[Option<Option<String>>]) -> Vec<TupleValue<'_>> {
+fn to_tuple(cells: &[Cell]) -> Vec<TupleValue<'_>> {
     cells
         .iter()
         .map(|c| match c {

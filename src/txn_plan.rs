@@ -6,7 +6,7 @@ use crate::broadcast::{BroadcastPlan, BroadcastPlanner};
 use crate::config::Config;
 use crate::mirror::{MirrorPlan, MirrorPlanner};
 use crate::plan::{Plan, Planner, RelationInfo, RowChange};
-use crate::rules::{Effect, EffectPlan, Rules, RulesPlanner};
+use crate::rules::{EffectPlan, Rules, RulesPlanner};
 use crate::value::TypeRegistry;
 
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -65,17 +65,7 @@ impl Planner for TxnPlanner {
             Some(broadcast) => {
                 let (mut keys, mut deps) = (Vec::new(), Vec::new());
                 self.rules.effects(change, &mut |effect, _| {
-                    match &effect {
-                        Effect::UnlinkKey(k) => keys.push(k.clone()),
-                        Effect::InvalidateDep(d) => deps.push(d.clone()),
-                        // Table-wide fallbacks are named by the prefix a client can match.
-                        Effect::UnlinkKeysWithPrefix { prefix, .. } => {
-                            keys.push(format!("{prefix}*"))
-                        }
-                        Effect::InvalidateDepsWithPrefix { prefix, .. } => {
-                            deps.push(format!("{prefix}*"))
-                        }
-                    }
+                    crate::broadcast::list_effect(&effect, &mut keys, &mut deps);
                     plan.invalidate.add(effect);
                 });
                 broadcast.add_change(change, &keys, &deps, &mut plan.broadcast);
