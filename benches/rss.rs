@@ -27,7 +27,9 @@
 //!
 //! Run: `cargo bench --bench rss`
 //! Knobs: `WALSWEEP_BENCH_RSS_ROWS` (N, default 1000000), `WALSWEEP_BENCH_RSS_WORKLOADS`
-//! (comma-separated subset of `distinct,100keys,update10k`, default all).
+//! (comma-separated subset of `distinct,100keys,update10k`, default all), `WALSWEEP_BENCH_PLAN`
+//! (`touched`, the default, or `mirror`: the daemon's planner with a JSON mirror of every
+//! table, still into a null sink, to see what a transaction's pending mirror writes cost).
 
 #[allow(unused_imports)]
 #[path = "../tests/support/mod.rs"]
@@ -47,6 +49,22 @@ use support::{Postgres, PostgresOptions};
 const DB: &str = "bench";
 const SLOT: &str = "rss";
 const PUBLICATION: &str = "pub";
+
+/// `WALSWEEP_BENCH_PLAN=mirror`: every row of both tables mirrored as JSON.
+const MIRRORS: &str = r#"
+[[table]]
+name = "public.items"
+[[table.mirror]]
+key = "item:{id}"
+[[table]]
+name = "public.hits"
+[[table.mirror]]
+key = "hit:{page}"
+"#;
+
+fn mirror_plan() -> bool {
+    std::env::var("WALSWEEP_BENCH_PLAN").as_deref() == Ok("mirror")
+}
 
 /// Set in the child's environment: run the pipeline and report memory instead of benching.
 const CHILD_ENV: &str = "WALSWEEP_BENCH_RSS_CHILD";
@@ -200,8 +218,9 @@ fn main() {
     println!(
         "rss: Postgres {version} (private, port {}); each figure is the peak RSS (VmHWM) of a \
          fresh walsweep child process that drained ONE transaction of txn_rows row changes \
-         (touched-keys plan, null sink)",
-        pg.port()
+         ({} plan, null sink)",
+        pg.port(),
+        if mirror_plan() { "mirror" } else { "touched-keys" }
     );
 
     let mut results = Vec::new();
@@ -398,11 +417,23 @@ fn child() {
         .expect("a number");
     let runtime = common::runtime();
     let startup_kib = proc_status_kib("VmHWM");
-    let drained = runtime.block_on(drain_with_walsweep(
-        source(&url, SLOT, PUBLICATION),
-        expect,
-        Duration::from_secs(600),
-    ));
+    let source = source(&url, SLOT, PUBLICATION);
+    let drained = if mirror_plan() {
+        let config = walsweep::config::Config::parse(&format!("[source]\nurl = \"{url}\"\n{MIRRORS}"))
+            .expect("bench mirrors");
+        let rules = walsweep::rules::Rules::from_config(&config).expect("rules");
+        let planner =
+            walsweep::txn_plan::TxnPlanner::from_config(&config, rules).expect("planner");
+        runtime.block_on(common::drain_with(
+            source,
+            planner,
+            common::Discard,
+            expect,
+            Duration::from_secs(600),
+        ))
+    } else {
+        runtime.block_on(drain_with_walsweep(source, expect, Duration::from_secs(600)))
+    };
     assert_eq!(drained.txns, 1, "expected exactly one transaction");
     let peak_kib = proc_status_kib("VmHWM");
     println!(
