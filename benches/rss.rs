@@ -220,7 +220,11 @@ fn main() {
          fresh walsweep child process that drained ONE transaction of txn_rows row changes \
          ({} plan, null sink)",
         pg.port(),
-        if mirror_plan() { "mirror" } else { "touched-keys" }
+        if mirror_plan() {
+            "mirror"
+        } else {
+            "touched-keys"
+        }
     );
 
     let mut results = Vec::new();
@@ -419,11 +423,11 @@ fn child() {
     let startup_kib = proc_status_kib("VmHWM");
     let source = source(&url, SLOT, PUBLICATION);
     let drained = if mirror_plan() {
-        let config = walsweep::config::Config::parse(&format!("[source]\nurl = \"{url}\"\n{MIRRORS}"))
-            .expect("bench mirrors");
+        let config =
+            walsweep::config::Config::parse(&format!("[source]\nurl = \"{url}\"\n{MIRRORS}"))
+                .expect("bench mirrors");
         let rules = walsweep::rules::Rules::from_config(&config).expect("rules");
-        let planner =
-            walsweep::txn_plan::TxnPlanner::from_config(&config, rules).expect("planner");
+        let planner = walsweep::txn_plan::TxnPlanner::from_config(&config, rules).expect("planner");
         runtime.block_on(common::drain_with(
             source,
             planner,
@@ -432,7 +436,11 @@ fn child() {
             Duration::from_secs(600),
         ))
     } else {
-        runtime.block_on(drain_with_walsweep(source, expect, Duration::from_secs(600)))
+        runtime.block_on(drain_with_walsweep(
+            source,
+            expect,
+            Duration::from_secs(600),
+        ))
     };
     assert_eq!(drained.txns, 1, "expected exactly one transaction");
     let peak_kib = proc_status_kib("VmHWM");

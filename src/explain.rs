@@ -659,12 +659,15 @@ fn describe_write(write: &RowWrite) -> String {
             }
         }
     }
-    let mut line = format!(
-        "write {} ({}): {{{}}}",
-        write.key,
-        mode.join(", "),
-        body.join(",")
-    );
+    let mut line = match &write.document {
+        Some(document) => format!("write {} ({}): {document}", write.key, mode.join(", ")),
+        None => format!(
+            "write {} ({}): {{{}}}",
+            write.key,
+            mode.join(", "),
+            body.join(",")
+        ),
+    };
     if !no_field.is_empty() {
         let _ = write!(line, "   (no field, NULL: {})", no_field.join(", "));
     }

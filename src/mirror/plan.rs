@@ -56,10 +56,59 @@ pub struct RowWrite {
     pub key: String,
     pub source: String,
     pub mode: WriteMode,
+    /// The whole stored JSON object, for a `json` mirror with nothing to keep (the common
+    /// case: one allocation per pending row instead of one per column); `fields` is then
+    /// empty.
+    pub document: Option<String>,
     /// In column order; names shared by every row of the relation.
     pub fields: Vec<(Arc<str>, Field)>,
     pub index_removes: Vec<IndexRemove>,
     pub index_adds: Vec<IndexAdd>,
+}
+
+/// `"name"` as a JSON string literal.
+pub fn push_json_name(out: &mut String, name: &str) {
+    if name
+        .bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
+    {
+        out.push('"');
+        out.push_str(name);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::Value::String(name.to_string()).to_string());
+    }
+}
+
+/// The stored JSON object of a row without kept fields.
+pub fn json_document(fields: &[(std::sync::Arc<str>, Field)]) -> String {
+    let mut out = String::with_capacity(
+        2 + fields
+            .iter()
+            .map(|(n, f)| {
+                n.len()
+                    + 4
+                    + match f {
+                        Field::Value(v) => v.len(),
+                        _ => 4,
+                    }
+            })
+            .sum::<usize>(),
+    );
+    out.push('{');
+    for (i, (name, field)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_name(&mut out, name);
+        out.push(':');
+        match field {
+            Field::Value(v) => out.push_str(v),
+            Field::Null | Field::Keep => out.push_str("null"),
+        }
+    }
+    out.push('}');
+    out
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -91,8 +140,10 @@ impl MirrorOp {
 #[derive(Debug, Default, Clone)]
 pub struct MirrorPlan {
     ops: Vec<MirrorOp>,
-    /// Key -> position of the last op on it that a later op may still fold into.
-    foldable: HashMap<String, usize>,
+    /// Hash of a key -> position of the last op on it that a later op may still fold into.
+    /// Hashes, not keys, so a pending row's key is stored once; a collision only means an op
+    /// that could have been folded is appended instead (the key is checked before folding).
+    foldable: HashMap<u64, usize>,
 }
 
 impl PartialEq for MirrorPlan {
@@ -159,6 +210,11 @@ fn fold(earlier: MirrorOp, later: MirrorOp) -> MirrorOp {
     }
 }
 
+fn key_hash(key: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key)
+}
+
 impl MirrorPlan {
     pub fn ops(&self) -> &[MirrorOp] {
         &self.ops
@@ -178,7 +234,7 @@ impl MirrorPlan {
             MirrorOp::Write(w) if w.source != w.key => {
                 // A move reads and removes its source: later ops on the source must come after
                 // it, and it must not fold into an earlier op on the source.
-                self.foldable.remove(&w.source);
+                self.foldable.remove(&key_hash(&w.source));
                 self.push_on_key(op);
             }
             _ => self.push_on_key(op),
@@ -186,14 +242,24 @@ impl MirrorPlan {
     }
 
     fn push_on_key(&mut self, op: MirrorOp) {
-        let key = op.key().unwrap_or_default().to_string();
-        if let Some(&at) = self.foldable.get(&key) {
+        let hash = key_hash(op.key().unwrap_or_default());
+        let same_key = |at: usize| self.ops.get(at).and_then(MirrorOp::key) == op.key();
+        if let Some(&at) = self.foldable.get(&hash).filter(|&&at| same_key(at)) {
             let moves_away = matches!(&op, MirrorOp::Write(w) if w.source != w.key);
             let earlier_is_move = matches!(&self.ops[at], MirrorOp::Write(w) if w.source != w.key);
+            // Kept fields cannot be taken from a pending whole document without parsing it
+            // (which could round numbers): the partial write stays a separate op after it.
+            let keeps_over_document = matches!(
+                (&self.ops[at], &op),
+                (MirrorOp::Write(first), MirrorOp::Write(second))
+                    if first.document.is_some()
+                        && second.fields.iter().any(|(_, f)| *f == Field::Keep)
+            );
             // A delete after a move must still remove the move's source, which folding into a
             // Delete would forget; and a move onto a key with a pending op must keep order.
-            let keeps_meaning =
-                !(moves_away || earlier_is_move && matches!(op, MirrorOp::Delete { .. }));
+            let keeps_meaning = !(moves_away
+                || keeps_over_document
+                || earlier_is_move && matches!(op, MirrorOp::Delete { .. }));
             if keeps_meaning {
                 let earlier = std::mem::replace(
                     &mut self.ops[at],
@@ -206,7 +272,7 @@ impl MirrorPlan {
                 return;
             }
         }
-        self.foldable.insert(key, self.ops.len());
+        self.foldable.insert(hash, self.ops.len());
         self.ops.push(op);
     }
 
@@ -242,6 +308,7 @@ mod tests {
             key: key.into(),
             source: source.into(),
             mode: MODE,
+            document: None,
             fields: fields
                 .iter()
                 .map(|(n, f)| (Arc::from(*n), f.clone()))
@@ -274,6 +341,22 @@ mod tests {
             plan.ops(),
             &[write("r:1", "r:1", &[("a", v("2")), ("body", v("\"x\""))])]
         );
+    }
+
+    #[test]
+    fn partial_write_after_a_whole_document_stays_a_separate_op() {
+        let mut plan = MirrorPlan::default();
+        let mut whole = write("r:1", "r:1", &[]);
+        if let MirrorOp::Write(w) = &mut whole {
+            w.document = Some("{\"a\":1,\"body\":\"x\"}".into());
+        }
+        plan.push(whole.clone());
+        let partial = write("r:1", "r:1", &[("a", v("2")), ("body", Field::Keep)]);
+        plan.push(partial.clone());
+        assert_eq!(plan.ops(), &[whole, partial.clone()]);
+        // A later whole write still folds into the partial one.
+        plan.push(write("r:1", "r:1", &[("a", v("3")), ("body", v("\"y\""))]));
+        assert_eq!(plan.len(), 2);
     }
 
     #[test]

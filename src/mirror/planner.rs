@@ -4,7 +4,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use super::plan::{Field, IndexAdd, IndexRemove, MirrorOp, MirrorPlan, Retention, RowWrite};
+use super::plan::{
+    json_document, Field, IndexAdd, IndexRemove, MirrorOp, MirrorPlan, Retention, RowWrite,
+};
 use super::{IndexRule, MirrorRule};
 use crate::config::MirrorFormat;
 use crate::pg::pgoutput::TupleValue;
@@ -252,7 +254,7 @@ fn plan_mirror(
     }
     match (old_key, new_key) {
         (old, Some(key)) => {
-            let fields = mirror
+            let fields: Vec<(Arc<str>, Field)> = mirror
                 .columns
                 .iter()
                 .map(|(name, position, oid)| {
@@ -266,10 +268,17 @@ fn plan_mirror(
                     (name.clone(), field)
                 })
                 .collect();
+            let (document, fields) = match rule.mode.format {
+                MirrorFormat::Json if !fields.iter().any(|(_, f)| *f == Field::Keep) => {
+                    (Some(json_document(&fields)), Vec::new())
+                }
+                _ => (None, fields),
+            };
             plan.push(MirrorOp::Write(RowWrite {
                 source: old.unwrap_or_else(|| key.clone()),
                 key,
                 mode: rule.mode,
+                document,
                 fields,
                 index_removes,
                 index_adds,

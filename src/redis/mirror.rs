@@ -12,7 +12,7 @@ use ::redis::{Script, Value};
 use super::{sink_error, RedisSink, KEYS_PER_COMMAND};
 use crate::config::MirrorFormat;
 use crate::metrics as m;
-use crate::mirror::plan::{Field, IndexAdd};
+use crate::mirror::plan::{json_document, push_json_name, Field, IndexAdd};
 use crate::mirror::{MirrorOp, RowWrite};
 use crate::rules::template::glob_escape;
 use crate::sink::SinkError;
@@ -63,51 +63,6 @@ fn retention_args(add: &IndexAdd, cutoff_unix_secs: i64) -> (String, String) {
             (score_arg(r.base), score_arg(max))
         }
     }
-}
-
-/// `"name"` as a JSON string literal.
-fn push_json_name(out: &mut String, name: &str) {
-    if name
-        .bytes()
-        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
-    {
-        out.push('"');
-        out.push_str(name);
-        out.push('"');
-    } else {
-        out.push_str(&serde_json::Value::String(name.to_string()).to_string());
-    }
-}
-
-/// The stored JSON object of a row without kept fields.
-fn json_document(fields: &[(std::sync::Arc<str>, Field)]) -> String {
-    let mut out = String::with_capacity(
-        2 + fields
-            .iter()
-            .map(|(n, f)| {
-                n.len()
-                    + 4
-                    + match f {
-                        Field::Value(v) => v.len(),
-                        _ => 4,
-                    }
-            })
-            .sum::<usize>(),
-    );
-    out.push('{');
-    for (i, (name, field)) in fields.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        push_json_name(&mut out, name);
-        out.push(':');
-        match field {
-            Field::Value(v) => out.push_str(v),
-            Field::Null | Field::Keep => out.push_str("null"),
-        }
-    }
-    out.push('}');
-    out
 }
 
 /// (name literal, value) pairs for the script to merge, `''` for a kept value.
@@ -163,11 +118,13 @@ impl Call {
                     .collect();
                 let (fmt, fields, nulls): (&str, Vec<String>, Vec<&str>) = match w.mode.format {
                     // The common case: the whole document, so Redis only stores it.
-                    MirrorFormat::Json if keeps.is_empty() => (
-                        "J",
-                        vec![String::new(), json_document(&w.fields)],
-                        Vec::new(),
-                    ),
+                    MirrorFormat::Json if keeps.is_empty() => {
+                        let document = match &w.document {
+                            Some(d) => d.clone(),
+                            None => json_document(&w.fields),
+                        };
+                        ("J", vec![String::new(), document], Vec::new())
+                    }
                     MirrorFormat::Json => ("j", json_fields(&w.fields), Vec::new()),
                     MirrorFormat::Hash => {
                         let mut fields = Vec::with_capacity(2 * w.fields.len());
