@@ -3,6 +3,7 @@
 //! or a table-wide fallback) ends the round trip, so it lands after every op before it and
 //! before every op after it.
 
+use std::fmt::Write as _;
 use std::sync::LazyLock;
 use std::time::Instant;
 
@@ -13,7 +14,7 @@ use super::{sink_error, RedisSink, KEYS_PER_COMMAND};
 use crate::config::MirrorFormat;
 use crate::metrics as m;
 use crate::mirror::plan::{json_document, push_json_name, Field, IndexAdd};
-use crate::mirror::{MirrorOp, RowWrite};
+use crate::mirror::MirrorOp;
 use crate::rules::template::glob_escape;
 use crate::sink::SinkError;
 
@@ -82,27 +83,28 @@ fn json_fields(fields: &[(std::sync::Arc<str>, Field)]) -> Vec<String> {
 }
 
 impl Call {
-    fn push_header(&mut self, op: &str, fmt: &str, write: Option<&RowWrite>, counts: [usize; 5]) {
-        let (only_if_present, ttl) = match write {
-            Some(w) => (
-                if w.mode.only_if_present { "1" } else { "0" },
-                w.mode.ttl_seconds,
-            ),
-            None => ("0", 0),
-        };
-        self.args.push(op.into());
-        self.args.push(fmt.into());
-        self.args.push(only_if_present.into());
-        self.args.push(ttl.to_string());
-        self.args.extend(counts.iter().map(|c| c.to_string()));
+    /// The row header, see `scripts/mirror_rows.lua`.
+    fn push_header(&mut self, op: char, fmt: char, flags: [bool; 3], ttl: u64, counts: [usize; 5]) {
+        let flag = |f: bool| if f { '1' } else { '0' };
+        let [only_if_present, moved, retention] = flags;
+        let mut header = String::with_capacity(24);
+        header.push(op);
+        header.push(fmt);
+        header.push(flag(only_if_present));
+        header.push(flag(moved));
+        header.push(flag(retention));
+        let _ = write!(header, ":{ttl}");
+        for c in counts {
+            let _ = write!(header, ":{c}");
+        }
+        self.args.push(header);
     }
 
     fn push_row(&mut self, op: &MirrorOp, cutoff_unix_secs: i64) {
         self.rows += 1;
         match op {
             MirrorOp::Delete { key, index_removes } => {
-                self.push_header("d", "j", None, [index_removes.len(), 0, 0, 0, 0]);
-                self.keys.push(key.clone());
+                self.push_header('d', 'j', [false; 3], 0, [index_removes.len(), 0, 0, 0, 0]);
                 self.keys.push(key.clone());
                 for r in index_removes {
                     self.keys.push(r.key.clone());
@@ -116,57 +118,70 @@ impl Call {
                     .filter(|(_, f)| *f == Field::Keep)
                     .map(|(n, _)| &**n)
                     .collect();
-                let (fmt, fields, nulls): (&str, Vec<String>, Vec<&str>) = match w.mode.format {
-                    // The common case: the whole document, so Redis only stores it.
-                    MirrorFormat::Json if keeps.is_empty() => {
-                        let document = match &w.document {
-                            Some(d) => d.clone(),
-                            None => json_document(&w.fields),
-                        };
-                        ("J", vec![String::new(), document], Vec::new())
-                    }
-                    MirrorFormat::Json => ("j", json_fields(&w.fields), Vec::new()),
-                    MirrorFormat::Hash => {
-                        let mut fields = Vec::with_capacity(2 * w.fields.len());
-                        let mut nulls = Vec::new();
-                        for (name, field) in &w.fields {
-                            match field {
-                                Field::Value(v) => {
-                                    fields.push(name.to_string());
-                                    fields.push(v.clone());
-                                }
-                                Field::Null => nulls.push(&**name),
-                                Field::Keep => {}
-                            }
+                let (fmt, fields, pairs, nulls): (char, Vec<String>, usize, Vec<&str>) =
+                    match w.mode.format {
+                        // The common case: the whole document, so Redis only stores it.
+                        MirrorFormat::Json if keeps.is_empty() => {
+                            let document = match &w.document {
+                                Some(d) => d.clone(),
+                                None => json_document(&w.fields),
+                            };
+                            ('J', vec![document], 1, Vec::new())
                         }
-                        ("h", fields, nulls)
-                    }
-                };
+                        MirrorFormat::Json => {
+                            let fields = json_fields(&w.fields);
+                            let pairs = fields.len() / 2;
+                            ('j', fields, pairs, Vec::new())
+                        }
+                        MirrorFormat::Hash => {
+                            let mut fields = Vec::with_capacity(2 * w.fields.len());
+                            let mut nulls = Vec::new();
+                            for (name, field) in &w.fields {
+                                match field {
+                                    Field::Value(v) => {
+                                        fields.push(name.to_string());
+                                        fields.push(v.clone());
+                                    }
+                                    Field::Null => nulls.push(&**name),
+                                    Field::Keep => {}
+                                }
+                            }
+                            let pairs = fields.len() / 2;
+                            ('h', fields, pairs, nulls)
+                        }
+                    };
+                let moved = w.source != w.key;
+                let retention = w.index_adds.iter().any(|a| a.retention.is_some());
                 self.push_header(
-                    "w",
+                    'w',
                     fmt,
-                    Some(w),
+                    [w.mode.only_if_present, moved, retention],
+                    w.mode.ttl_seconds,
                     [
                         w.index_removes.len(),
                         w.index_adds.len(),
-                        fields.len() / 2,
+                        pairs,
                         nulls.len(),
                         keeps.len(),
                     ],
                 );
                 self.keys.push(w.key.clone());
-                self.keys.push(w.source.clone());
+                if moved {
+                    self.keys.push(w.source.clone());
+                }
                 for r in &w.index_removes {
                     self.keys.push(r.key.clone());
                     self.args.push(r.member.clone());
                 }
                 for add in &w.index_adds {
                     self.keys.push(add.key.clone());
-                    let (min, max) = retention_args(add, cutoff_unix_secs);
                     self.args.push(add.member.clone());
                     self.args.push(score_arg(add.score));
-                    self.args.push(min);
-                    self.args.push(max);
+                    if retention {
+                        let (min, max) = retention_args(add, cutoff_unix_secs);
+                        self.args.push(min);
+                        self.args.push(max);
+                    }
                 }
                 self.args.extend(fields);
                 for name in nulls.into_iter().chain(keeps) {

@@ -1,14 +1,15 @@
 -- Writes mirrored rows and moves their sorted-set index members: one call covers a group of
 -- rows and is atomic, so a reader never sees a row without its index entry or the reverse.
 -- Rows are encoded back to back (see redis/mirror.rs, `push_row`):
---   ARGV: op ('w' write | 'd' delete), format ('J' whole JSON document | 'j' JSON fields to
---         merge with the stored document | 'h' hash), only_if_present ('1' | '0'),
---         ttl seconds ('0' = none), #removes, #adds, #fields, #nulls, #keeps,
---         then removes' members, adds' (member, score, retention min, retention max or ''),
---         fields' (name, value) pairs ('J': one pair, ('', the document); 'j': name is a JSON
---         string literal and value a JSON text, '' meaning "keep the stored value"), null
---         field names and kept field names (hash: to HDEL / keep; 'j' lists kept names too).
---   KEYS: target key, source key (differs when the row's key changed), removes' index keys,
+--   ARGV: one header "<op><format><only_if_present><moved><retention>:<ttl>:<#removes>:<#adds>:
+--         <#fields>:<#nulls>:<#keeps>" with op 'w' (write) or 'd' (delete), format 'J' (the
+--         whole JSON document), 'j' (JSON fields to merge with the stored document) or 'h'
+--         (hash), the three flags '0' / '1' and ttl seconds ('0' = none); then removes'
+--         members; adds' (member, score), plus (retention min, retention max or '') when the
+--         retention flag is set; then the row: 'J' one argument, the document; 'j' (name as a
+--         JSON string literal, JSON value or '' for "keep the stored value") pairs; 'h'
+--         (name, value) pairs; then null field names (hash: HDEL) and kept field names.
+--   KEYS: target key, the source key when moved (the row's key changed), removes' index keys,
 --         adds' index keys.
 -- Returns {written, deleted, skipped (only_if_present and absent), incomplete (a kept field
 -- had no stored value, so the row was removed instead of half-written), index keys of another
@@ -85,20 +86,29 @@ local function zcall(...)
   return true
 end
 while a <= #ARGV do
-  local op, fmt, only_present, ttl = ARGV[a], ARGV[a + 1], ARGV[a + 2] == '1', tonumber(ARGV[a + 3])
-  local nrem, nadd = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  local nfields, nnull, nkeep = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8])
-  a = a + 9
-  local target, source = KEYS[k], KEYS[k + 1]
-  k = k + 2
+  local op, fmt, oip, mv, ret, ttl, nrem, nadd, nfields, nnull, nkeep = string.match(ARGV[a],
+    '^(%a)(%a)(%d)(%d)(%d):(%d+):(%d+):(%d+):(%d+):(%d+):(%d+)$')
+  if not op then return redis.error_reply('mirror_rows: malformed row header ' .. tostring(ARGV[a])) end
+  local only_present, ttl = oip == '1', tonumber(ttl)
+  nrem, nadd, nfields = tonumber(nrem), tonumber(nadd), tonumber(nfields)
+  nnull, nkeep = tonumber(nnull), tonumber(nkeep)
+  local add_width = ret == '1' and 4 or 2
+  a = a + 1
+  local target = KEYS[k]
+  local source = target
+  k = k + 1
+  if mv == '1' then
+    source = KEYS[k]
+    k = k + 1
+  end
   for _ = 1, nrem do
     zcall('ZREM', KEYS[k], ARGV[a])
     k, a = k + 1, a + 1
   end
   local add_keys, add_args = k, a
-  k, a = k + nadd, a + 4 * nadd
+  k, a = k + nadd, a + add_width * nadd
   local fields_at = a
-  a = a + 2 * nfields
+  a = a + (fmt == 'J' and 1 or 2 * nfields)
   local nulls_at = a
   a = a + nnull
   local keeps_at = a
@@ -133,9 +143,9 @@ while a <= #ARGV do
       -- The whole document, built by walsweep: nothing to merge.
       if moved then redis.call('UNLINK', source) end
       if ttl > 0 then
-        redis.call('SET', target, ARGV[fields_at + 1], 'EX', ttl)
+        redis.call('SET', target, ARGV[fields_at], 'EX', ttl)
       else
-        redis.call('SET', target, ARGV[fields_at + 1])
+        redis.call('SET', target, ARGV[fields_at])
       end
       written = written + 1
     elseif fmt == 'j' then
@@ -203,8 +213,8 @@ while a <= #ARGV do
   if index_it then
     for i = 0, nadd - 1 do
       local key = KEYS[add_keys + i]
-      local at = add_args + 4 * i
-      if zcall('ZADD', key, ARGV[at + 1], ARGV[at]) and ARGV[at + 2] ~= '' then
+      local at = add_args + add_width * i
+      if zcall('ZADD', key, ARGV[at + 1], ARGV[at]) and add_width == 4 and ARGV[at + 2] ~= '' then
         zcall('ZREMRANGEBYSCORE', key, ARGV[at + 2], '(' .. ARGV[at + 3])
       end
     end
