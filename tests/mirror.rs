@@ -803,3 +803,38 @@ key = "marker:{id}"
     }
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_refuses_while_a_daemon_streams_and_without_mirrors() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    let redis = Redis::start();
+    let cfg = config(&pg, &redis, "app", "busy", MIRRORS);
+    let daemon = start(cfg.clone());
+    let client = pg.client("app").await;
+    wait_streaming(&client, "busy").await;
+    let err = walsweep::snapshot::run_command(&cfg)
+        .await
+        .expect_err("the slot is in use");
+    let msg = walsweep::pipeline::display_chain(&err);
+    assert!(
+        msg.contains("replication slot \"busy\" is in use") && msg.contains("stop it first"),
+        "{msg}"
+    );
+    daemon.stop().await;
+
+    let no_mirrors = config(
+        &pg,
+        &redis,
+        "app",
+        "busy",
+        "[[table]]\nname = \"public.items\"\nkeys = [\"item:{id}\"]\n",
+    );
+    let err = walsweep::snapshot::run_command(&no_mirrors)
+        .await
+        .expect_err("nothing to load");
+    let msg = walsweep::pipeline::display_chain(&err);
+    assert!(msg.contains("no [[table.mirror]] to load"), "{msg}");
+}
