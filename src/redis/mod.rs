@@ -1,10 +1,16 @@
-//! The Redis sink: applies effect plans to a single Redis node.
+//! The Redis sink: applies transaction plans to a single Redis node, in three steps per batch.
 //!
-//! Per batch: the plans of all its transactions are merged (deduplicated), then keys are
-//! UNLINKed and dependency sets invalidated in ONE pipelined round trip (the set fan-out is a
-//! Lua script, atomic per call). Table-wide fallbacks SCAN their prefix in further round trips.
-//! All effects are deletions, so their order within a batch does not matter and applying a
-//! batch twice is harmless: the sink contract's at-least-once delivery is safe here.
+//! 1. Invalidations: the plans of all its transactions are merged (deduplicated), then keys are
+//!    UNLINKed and dependency sets invalidated in ONE pipelined round trip (the set fan-out is a
+//!    Lua script, atomic per call). Table-wide fallbacks SCAN their prefix in further round
+//!    trips. These are deletions: their order within a batch does not matter and applying a
+//!    batch twice is harmless.
+//! 2. Mirrors (`mirror`): row writes and index moves in commit order, last write wins, so
+//!    applying a batch again leaves the same state.
+//! 3. Broadcasts (`broadcast`): one message per transaction, skipped when its LSN was already
+//!    published.
+//!
+//! So the sink contract's at-least-once delivery is safe here.
 
 pub mod broadcast;
 pub mod mirror;
