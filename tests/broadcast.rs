@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -15,39 +14,15 @@ use serde_json::{json, Value as Json};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
+use support::binaries::{python, repo};
 use support::daemon::{config, start, wait_for, wait_gone, wait_streaming};
+use support::rng::Lcg;
 use support::{Postgres, Redis};
 
 const CHANNEL: &str = "walsweep:changes";
 const STREAM: &str = "walsweep:stream";
 
 /// A small deterministic generator, so a failing workload can be replayed.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        self.0 >> 33
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn pick<T: Copy>(&mut self, items: &BTreeMap<T, ()>) -> Option<T> {
-        if items.is_empty() {
-            return None;
-        }
-        items
-            .keys()
-            .nth(self.below(items.len() as u64) as usize)
-            .copied()
-    }
-}
-
 /// `0/1A2B3C0` as a number.
 fn parse_lsn(text: &str) -> u64 {
     let (hi, lo) = text
@@ -263,8 +238,8 @@ impl Workload {
     fn broadcast_statement(&mut self, changes: &mut Vec<Json>) -> String {
         let roll = self.rng.below(100);
         let value = self.rng.below(1000);
-        let picked_article = self.rng.pick(&self.articles);
-        let picked_comment = self.rng.pick(&self.comments);
+        let picked_article = self.rng.pick(self.articles.keys().copied());
+        let picked_comment = self.rng.pick(self.comments.keys().copied());
         match (roll, picked_article, picked_comment) {
             (0..=24, _, _) | (25..=59, None, _) => {
                 // Several rows in one statement: listed in VALUES order.
@@ -700,28 +675,6 @@ keys = ["audit:{id}"]
     daemon.stop().await;
 }
 
-/// The interpreter with the `redis` package: `$WALSWEEP_PYTHON`, else `<repo>/.venv/bin/python`
-/// (both as in tests/rules/compat.rs). Fails, never skips, when there is none.
-fn python() -> PathBuf {
-    const HOW: &str = "run scripts/ensure-venv (creates <repo>/.venv with \
-                       tests/compat/requirements.txt), or eval \"$(scripts/ensure-venv --env)\"";
-    let python = match std::env::var_os("WALSWEEP_PYTHON").filter(|p| !p.is_empty()) {
-        Some(p) => PathBuf::from(p),
-        None => repo().join(".venv/bin/python"),
-    };
-    assert!(
-        python.exists(),
-        "examples/broadcast_client.py needs a Python with the redis package: {} does not \
-         exist; {HOW}",
-        python.display()
-    );
-    python
-}
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// `{"<key>": <row as JSON>}` for every row of `table` (an `id` or `name` keyed table).
 async fn rows(client: &tokio_postgres::Client, sql: &str) -> BTreeMap<String, Json> {
     client
@@ -742,7 +695,7 @@ const AUTHOR_ROWS: &str = "SELECT 'author:' || id, row_to_json(a)::text FROM aut
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_example_keeps_a_dict_fresh() {
-    let python = python();
+    let python = python("examples/broadcast_client.py needs a Python with the redis package");
     support::init_tracing();
     let pg = Postgres::start();
     pg.create_database("app");
@@ -886,7 +839,7 @@ print("ok")
 
 #[tokio::test]
 async fn client_example_drops_everything_after_a_gap_or_reset() {
-    let python = python();
+    let python = python("examples/broadcast_client.py needs a Python with the redis package");
     let out = tokio::process::Command::new(&python)
         .arg("-c")
         .arg(GAP_CHECKS)

@@ -9,6 +9,7 @@ use redis::AsyncCommands;
 use serde_json::Value as Json;
 
 use support::daemon::{config, start, wait_for, wait_streaming};
+use support::rng::Lcg;
 use support::{Postgres, Redis};
 
 const SCHEMA: &str = "
@@ -41,37 +42,11 @@ SELECT id, json_build_object('id', id, 'grp', grp, 'name', name, 'price', price:
     'qty', qty, 'active', active, 'seen', seen, 'tags', tags, 'body', body, 'meta', meta)::text
 FROM items";
 
-/// A small deterministic generator, so a failing workload can be replayed.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        self.0 >> 33
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// One random statement against `items`; `ids` tracks which ids exist.
 fn statement(rng: &mut Lcg, ids: &mut BTreeSet<i32>, next_id: &mut i32) -> String {
-    let pick = |rng: &mut Lcg, ids: &BTreeSet<i32>| -> Option<i32> {
-        if ids.is_empty() {
-            None
-        } else {
-            ids.iter()
-                .nth(rng.below(ids.len() as u64) as usize)
-                .copied()
-        }
-    };
     let roll = rng.below(100);
     let value = rng.below(1_000);
-    match (roll, pick(rng, ids)) {
+    match (roll, rng.pick(ids.iter().copied())) {
         (0..=44, _) | (_, None) => {
             *next_id += 1;
             let id = *next_id;
@@ -390,13 +365,7 @@ async fn segmented_index_ranges_equal_sql_ranges() {
         let mut txn = String::from("BEGIN;");
         for _ in 0..5 {
             let roll = rng.below(10);
-            let existing = if rows.is_empty() {
-                None
-            } else {
-                rows.iter()
-                    .nth(rng.below(rows.len() as u64) as usize)
-                    .copied()
-            };
+            let existing = rng.pick(rows.iter().copied());
             let at = DAY_START + rng.below(86_400) as i64;
             match (roll, existing) {
                 (0..=5, _) | (_, None) => {

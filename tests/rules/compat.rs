@@ -7,10 +7,11 @@
 //! creates that venv.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::{config, exists, set_keys, start, wait_gone};
 use crate::stream::harness;
+use crate::support::binaries::{python, repo};
 use crate::support::{self, Postgres, Redis};
 
 const SCHEMA: &str = "
@@ -54,37 +55,6 @@ const GONE: &[&str] = &[
 /// UPDATE changed no scope column), Pair (2, 'y').
 const KEPT: &[&str] = &["a2", "a2pk", "list-y-false", "pair-2-y"];
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The interpreter with matroska-cache installed. Fails (never skips) when there is none.
-fn python() -> PathBuf {
-    const HOW: &str = "run scripts/ensure-venv (creates <repo>/.venv with \
-                       tests/compat/requirements.txt), or eval \"$(scripts/ensure-venv --env)\"";
-    match std::env::var_os("WALSWEEP_PYTHON").filter(|p| !p.is_empty()) {
-        Some(p) => {
-            let p = PathBuf::from(p);
-            assert!(
-                p.exists(),
-                "WALSWEEP_PYTHON={} does not exist; {HOW}",
-                p.display()
-            );
-            p
-        }
-        None => {
-            let venv = repo().join(".venv/bin/python");
-            assert!(
-                venv.exists(),
-                "the matroska-cache compatibility test needs a Python with matroska-cache: \
-                 WALSWEEP_PYTHON is unset and {} does not exist; {HOW}",
-                venv.display()
-            );
-            venv
-        }
-    }
-}
-
 /// Runs `matroska_compat.py <args>`; `Err` carries its exit status, stdout and stderr.
 async fn run_script(python: &Path, args: &[String]) -> Result<String, String> {
     let script = repo().join("tests/compat/matroska_compat.py");
@@ -114,7 +84,7 @@ fn strings(items: &[&str]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_written_by_matroska_cache_are_invalidated_exactly() {
-    let python = python();
+    let python = python("the matroska-cache compatibility test needs a Python with matroska-cache");
     support::init_tracing();
     let pg = Postgres::start();
     pg.create_database("app");

@@ -133,3 +133,35 @@ fn is_executable(path: &Path) -> bool {
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
 }
+
+/// The repository root (where `scripts/`, `examples/` and `tests/compat/` live).
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python of the compatibility venv (matroska-cache, redis): `$WALSWEEP_PYTHON`, else
+/// `<repo>/.venv/bin/python`. Fails, never skips, when there is none; `needs` says who needs it.
+pub fn python(needs: &str) -> PathBuf {
+    const HOW: &str = "run scripts/ensure-venv (creates <repo>/.venv with \
+                       tests/compat/requirements.txt), or eval \"$(scripts/ensure-venv --env)\"";
+    match std::env::var_os("WALSWEEP_PYTHON").filter(|p| !p.is_empty()) {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            assert!(
+                p.exists(),
+                "WALSWEEP_PYTHON={} does not exist; {HOW}",
+                p.display()
+            );
+            p
+        }
+        None => {
+            let venv = repo().join(".venv/bin/python");
+            assert!(
+                venv.exists(),
+                "{needs}: WALSWEEP_PYTHON is unset and {} does not exist; {HOW}",
+                venv.display()
+            );
+            venv
+        }
+    }
+}

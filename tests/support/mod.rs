@@ -12,6 +12,7 @@ pub mod binaries;
 pub mod daemon;
 pub mod postgres;
 pub mod redis;
+pub mod rng;
 pub mod scratch;
 
 #[allow(unused_imports)]
