@@ -28,7 +28,7 @@ use crate::pg::pgoutput::TupleValue;
 use crate::pg::Lsn;
 use crate::plan::{Op, RelationInfo, RowChange};
 use crate::rules::Effect;
-use crate::value::{decode_text, TypeRegistry, Value};
+use crate::value::{decode_text, iso_utc, TypeRegistry, Value};
 
 /// The broadcast part of one transaction's plan.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -92,7 +92,7 @@ impl BroadcastPlan {
         let _ = write!(
             out,
             "{{\"lsn\":\"{commit_lsn}\",\"commit_time\":{},\"xid\":{xid},\"changes\":[",
-            serde_json::Value::String(unix_micros_iso(commit_time_unix_micros))
+            serde_json::Value::String(iso_utc(commit_time_unix_micros))
         );
         for (i, change) in self.changes.iter().enumerate() {
             if i > 0 {
@@ -113,35 +113,6 @@ impl BroadcastPlan {
 /// The body of the message sent after a gap in the stream.
 pub fn reset_body(reason: &str) -> String {
     serde_json::json!({ "lsn": null, "reset": true, "reason": reason }).to_string()
-}
-
-/// `2026-11-22T10:00:00.123456Z`.
-pub fn unix_micros_iso(micros: i64) -> String {
-    let secs = micros.div_euclid(1_000_000);
-    let frac = micros.rem_euclid(1_000_000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 /// Adds what a broadcast lists for one invalidation: keys and dependencies as rendered,
@@ -265,16 +236,6 @@ impl BroadcastPlanner {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn iso_times() {
-        assert_eq!(unix_micros_iso(0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(
-            unix_micros_iso(1_704_164_645_123_456),
-            "2024-01-02T03:04:05.123456Z"
-        );
-        assert_eq!(unix_micros_iso(-1), "1969-12-31T23:59:59.999999Z");
-    }
 
     #[test]
     fn large_transactions_list_counts_only() {

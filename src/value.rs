@@ -1440,10 +1440,50 @@ fn python_decimal(text: &str) -> String {
     format!("{sign}{intpart}{fracpart}{exponent}")
 }
 
+/// Unix microseconds as `2024-01-02T03:04:05.123456Z`.
+pub fn iso_utc(unix_micros: i64) -> String {
+    let days = unix_micros.div_euclid(86_400_000_000);
+    let micros_of_day = unix_micros.rem_euclid(86_400_000_000);
+    let (year, month, day) = civil_from_days(days);
+    let secs = micros_of_day / 1_000_000;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        micros_of_day % 1_000_000
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn commit_times_print_as_iso_utc() {
+        assert_eq!(iso_utc(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(iso_utc(-1), "1969-12-31T23:59:59.999999Z");
+        assert_eq!(
+            iso_utc(1_709_210_096_123_456),
+            "2024-02-29T12:34:56.123456Z"
+        );
+        assert_eq!(iso_utc(951_782_400_000_000), "2000-02-29T00:00:00.000000Z");
+    }
 
     fn builtin(type_oid: u32, text: &str) -> Result<Value, ValueError> {
         decode_text(type_oid, text.as_bytes(), &TypeRegistry::new())
