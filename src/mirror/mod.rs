@@ -114,39 +114,28 @@ impl MirrorRule {
 
     /// Every column this mirror reads, with what needs it (for `check`).
     pub fn referenced_columns(&self) -> Vec<(String, String)> {
-        let at = format!("mirror[{}]", self.index);
-        let mut out: Vec<(String, String)> = self
-            .key
-            .columns()
-            .map(|c| (c.to_string(), format!("{at}.key {:?}", self.key.source)))
-            .collect();
-        for c in self.columns.iter().flatten() {
-            out.push((c.clone(), format!("{at}.columns")));
-        }
-        for i in &self.indexes {
-            let at = format!("{at}.index[{}]", i.index);
-            for c in i.key.columns() {
-                out.push((c.to_string(), format!("{at}.key {:?}", i.key.source)));
-            }
-            for c in i.member.columns() {
-                out.push((c.to_string(), format!("{at}.member {:?}", i.member.source)));
-            }
-            for c in i.score.columns() {
-                out.push((c.clone(), format!("{at}.score {:?}", i.score.source())));
-            }
-        }
-        out
+        self.columns_named(true)
     }
 
     /// Columns whose old value must be known to find a row's previous key or index entry on
     /// UPDATE and DELETE: key, index key and member columns (scores are overwritten in place).
     pub fn identity_columns(&self) -> Vec<(String, String)> {
+        self.columns_named(false)
+    }
+
+    /// Template columns, plus the stored and score columns when `all`.
+    fn columns_named(&self, all: bool) -> Vec<(String, String)> {
         let at = format!("mirror[{}]", self.index);
         let mut out: Vec<(String, String)> = self
             .key
             .columns()
             .map(|c| (c.to_string(), format!("{at}.key {:?}", self.key.source)))
             .collect();
+        if all {
+            for c in self.columns.iter().flatten() {
+                out.push((c.clone(), format!("{at}.columns")));
+            }
+        }
         for i in &self.indexes {
             let at = format!("{at}.index[{}]", i.index);
             for c in i.key.columns() {
@@ -154,6 +143,11 @@ impl MirrorRule {
             }
             for c in i.member.columns() {
                 out.push((c.to_string(), format!("{at}.member {:?}", i.member.source)));
+            }
+            if all {
+                for c in i.score.columns() {
+                    out.push((c.clone(), format!("{at}.score {:?}", i.score.source())));
+                }
             }
         }
         out

@@ -215,32 +215,24 @@ fn plan_mirror(
             Op::Insert | Op::Update => new_index_target(index, change, mirror, types, problems),
             _ => IndexTarget::None,
         };
-        let old = match old {
-            Ok(old) => old,
-            Err(cause) => {
-                fallback(
-                    plan,
-                    problems,
-                    cause,
-                    vec![index.rule.key.literal_prefix().to_string()],
-                    format!("index[{}] {:?}", index.rule.index, index.rule.key.source),
-                );
-                None
-            }
+        // A side that cannot be rendered leaves the old entry unfindable: clear the index.
+        let unknown = match (&old, &new) {
+            (Err(cause), _) | (_, IndexTarget::Unknown(cause)) => Some(*cause),
+            _ => None,
         };
+        if let Some(cause) = unknown {
+            fallback(
+                plan,
+                problems,
+                cause,
+                vec![index.rule.key.literal_prefix().to_string()],
+                format!("index[{}] {:?}", index.rule.index, index.rule.key.source),
+            );
+        }
+        let old = old.ok().flatten();
         let new = match new {
-            IndexTarget::Unknown(cause) => {
-                fallback(
-                    plan,
-                    problems,
-                    cause,
-                    vec![index.rule.key.literal_prefix().to_string()],
-                    format!("index[{}] {:?}", index.rule.index, index.rule.key.source),
-                );
-                None
-            }
-            IndexTarget::None => None,
             IndexTarget::Member(add) => Some(add),
+            IndexTarget::None | IndexTarget::Unknown(_) => None,
         };
         if let Some(old) = old {
             let same = new

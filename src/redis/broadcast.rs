@@ -3,11 +3,10 @@
 //! that reacts to a message already sees the transaction's effects in Redis.
 
 use std::sync::LazyLock;
-use std::time::Instant;
 
 use ::redis::{Script, Value};
 
-use super::{sink_error, RedisSink};
+use super::{round_trip, RedisSink};
 use crate::assembler::CommittedTxn;
 use crate::config::BroadcastConfig;
 use crate::metrics as m;
@@ -91,12 +90,8 @@ impl RedisSink {
                 .arg(config.channel.as_deref().unwrap_or(""))
                 .arg(config.stream_max_len);
         }
-        let started = Instant::now();
-        let replies: Vec<Value> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| sink_error("publish broadcast messages", e))?;
-        m::redis_round_trip(started.elapsed());
+        let replies: Vec<Value> =
+            round_trip("publish broadcast messages", pipe.query_async(&mut conn)).await?;
         let published = replies
             .iter()
             .filter(|r| matches!(r, Value::Int(1)))

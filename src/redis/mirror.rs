@@ -5,17 +5,15 @@
 
 use std::fmt::Write as _;
 use std::sync::LazyLock;
-use std::time::Instant;
 
 use ::redis::aio::ConnectionManager;
 use ::redis::{Script, Value};
 
-use super::{sink_error, RedisSink, KEYS_PER_COMMAND};
+use super::{round_trip, RedisSink};
 use crate::config::MirrorFormat;
 use crate::metrics as m;
 use crate::mirror::plan::{json_document, push_json_name, Field, IndexAdd};
 use crate::mirror::MirrorOp;
-use crate::rules::template::glob_escape;
 use crate::sink::SinkError;
 
 static MIRROR_ROWS: LazyLock<Script> =
@@ -233,16 +231,9 @@ impl RedisSink {
                 self.run_calls(&mut conn, std::mem::take(&mut calls), &mut applied)
                     .await?;
                 for prefix in prefixes {
-                    let pattern = format!("{}*", glob_escape(prefix));
-                    let found = self.scan(&mut conn, &pattern).await?;
-                    for chunk in found.chunks(KEYS_PER_COMMAND) {
-                        let n: u64 = ::redis::cmd("UNLINK")
-                            .arg(chunk)
-                            .query_async(&mut conn)
-                            .await
-                            .map_err(|e| sink_error("clear mirror keys", e))?;
-                        applied.cleared_keys += n;
-                    }
+                    applied.cleared_keys += self
+                        .unlink_prefix(&mut conn, prefix, "clear mirror keys")
+                        .await?;
                     tracing::debug!(target: super::EFFECTS_LOG_TARGET, cause = cause.as_str(), "clear mirror {prefix}*");
                 }
                 continue;
@@ -297,12 +288,7 @@ impl RedisSink {
                 .arg(&call.keys)
                 .arg(&call.args);
         }
-        let started = Instant::now();
-        let replies: Vec<Value> = pipe
-            .query_async(conn)
-            .await
-            .map_err(|e| sink_error("write mirrored rows", e))?;
-        m::redis_round_trip(started.elapsed());
+        let replies: Vec<Value> = round_trip("write mirrored rows", pipe.query_async(conn)).await?;
         for reply in replies {
             if let Value::Array(items) = reply {
                 let n = |i: usize| match items.get(i) {

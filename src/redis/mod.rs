@@ -321,27 +321,21 @@ impl RedisSink {
             for chunk in sets.chunks(SETS_PER_SCRIPT_CALL) {
                 self.push_invalidate_sets(&mut pipe, chunk);
             }
-            let started = Instant::now();
-            let replies: Vec<Value> = pipe
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| sink_error("unlink keys and invalidate dependency sets", e))?;
-            m::redis_round_trip(started.elapsed());
+            let replies: Vec<Value> = round_trip(
+                "unlink keys and invalidate dependency sets",
+                pipe.query_async(&mut conn),
+            )
+            .await?;
             count_replies(&replies, &mut applied);
         }
         for prefix in key_prefixes.into_keys() {
-            let pattern = format!("{}*", glob_escape(prefix));
-            let found = self.scan(&mut conn, &pattern).await?;
-            for chunk in found.chunks(KEYS_PER_COMMAND) {
-                let started = Instant::now();
-                let n: u64 = ::redis::cmd("UNLINK")
-                    .arg(chunk)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| sink_error("unlink keys of a table-wide invalidation", e))?;
-                m::redis_round_trip(started.elapsed());
-                applied.keys_unlinked += n;
-            }
+            applied.keys_unlinked += self
+                .unlink_prefix(
+                    &mut conn,
+                    prefix,
+                    "unlink keys of a table-wide invalidation",
+                )
+                .await?;
         }
         for prefix in dep_prefixes.into_keys() {
             let pattern = format!("{}*", glob_escape(&dep_set_key(&self.prefix, prefix)));
@@ -349,12 +343,11 @@ impl RedisSink {
             for chunk in found.chunks(SETS_PER_SCRIPT_CALL) {
                 let mut pipe = ::redis::pipe();
                 self.push_invalidate_sets(&mut pipe, chunk);
-                let started = Instant::now();
-                let replies: Vec<Value> = pipe
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| sink_error("invalidate dependency sets table-wide", e))?;
-                m::redis_round_trip(started.elapsed());
+                let replies: Vec<Value> = round_trip(
+                    "invalidate dependency sets table-wide",
+                    pipe.query_async(&mut conn),
+                )
+                .await?;
                 count_replies(&replies, &mut applied);
             }
         }
@@ -380,6 +373,26 @@ impl RedisSink {
         cmd.arg(if self.remove_sets { "1" } else { "0" });
     }
 
+    /// UNLINKs every key starting with the literal `prefix` (SCAN in batches); returns how
+    /// many Redis removed. Table-wide invalidations and mirror clears both use it.
+    async fn unlink_prefix(
+        &self,
+        conn: &mut ConnectionManager,
+        prefix: &str,
+        operation: &'static str,
+    ) -> Result<u64, SinkError> {
+        let pattern = format!("{}*", glob_escape(prefix));
+        let found = self.scan(conn, &pattern).await?;
+        let mut unlinked = 0;
+        for chunk in found.chunks(KEYS_PER_COMMAND) {
+            let mut unlink = ::redis::cmd("UNLINK");
+            unlink.arg(chunk);
+            let n: u64 = round_trip(operation, unlink.query_async(conn)).await?;
+            unlinked += n;
+        }
+        Ok(unlinked)
+    }
+
     async fn scan(
         &self,
         conn: &mut ConnectionManager,
@@ -388,17 +401,14 @@ impl RedisSink {
         let mut cursor: u64 = 0;
         let mut found = Vec::new();
         loop {
-            let started = Instant::now();
-            let (next, batch): (u64, Vec<String>) = ::redis::cmd("SCAN")
-                .arg(cursor)
+            let mut scan = ::redis::cmd("SCAN");
+            scan.arg(cursor)
                 .arg("MATCH")
                 .arg(pattern)
                 .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(conn)
-                .await
-                .map_err(|e| sink_error("scan for a table-wide invalidation", e))?;
-            m::redis_round_trip(started.elapsed());
+                .arg(SCAN_COUNT);
+            let (next, batch): (u64, Vec<String>) =
+                round_trip("scan for a table-wide invalidation", scan.query_async(conn)).await?;
             found.extend(batch);
             if next == 0 {
                 return Ok(found);
@@ -406,6 +416,18 @@ impl RedisSink {
             cursor = next;
         }
     }
+}
+
+/// One round trip (a command or a pipeline), timed for `walsweep_redis_round_trip_seconds`;
+/// a failure says what the sink was doing.
+pub(crate) async fn round_trip<T>(
+    operation: &'static str,
+    request: impl std::future::Future<Output = ::redis::RedisResult<T>>,
+) -> Result<T, SinkError> {
+    let started = Instant::now();
+    let reply = request.await.map_err(|e| sink_error(operation, e))?;
+    m::redis_round_trip(started.elapsed());
+    Ok(reply)
 }
 
 /// Log target for one line per effect (`RUST_LOG=walsweep::effects=debug`): handy to watch,
