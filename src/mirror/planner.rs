@@ -398,7 +398,7 @@ fn score_problem(
 }
 
 /// A column's stored form in a mirror of `format`.
-pub fn stored_form(format: MirrorFormat, oid: u32, bytes: &[u8], types: &TypeRegistry) -> Field {
+fn stored_form(format: MirrorFormat, oid: u32, bytes: &[u8], types: &TypeRegistry) -> Field {
     let value = match decode_text(oid, bytes, types) {
         Ok(v) => v,
         Err(_) => {
