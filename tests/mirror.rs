@@ -807,3 +807,156 @@ async fn snapshot_refuses_while_a_daemon_streams_and_without_mirrors() {
     let msg = walsweep::pipeline::display_chain(&err);
     assert!(msg.contains("no [[table.mirror]] to load"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttls_are_set_incomplete_rows_are_removed_and_foreign_index_keys_left_alone() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql(
+        "app",
+        "CREATE TABLE notes (id int PRIMARY KEY, name text, body text);
+         CREATE TABLE markers (id int PRIMARY KEY);
+         CREATE PUBLICATION pub FOR TABLE notes, markers;",
+    );
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    // Another app's string where the index would go.
+    let _: () = conn.set("nidx", "other app").await.expect("SET");
+    let rules = r#"
+[[table]]
+name = "public.notes"
+[[table.mirror]]
+key = "n:{id}"
+ttl_seconds = 600
+[[table.mirror.index]]
+key = "nidx"
+member = "{id}"
+score = "id"
+[[table.mirror]]
+key = "nh:{id}"
+format = "hash"
+ttl_seconds = 600
+[[table]]
+name = "public.markers"
+[[table.mirror]]
+key = "marker:{id}"
+"#;
+    let daemon = start(config(&pg, &redis, "app", "edges", rules));
+    let client = pg.client("app").await;
+    wait_streaming(&client, "edges").await;
+    client
+        .batch_execute(
+            "INSERT INTO notes VALUES (1, 'one', 'short');
+             INSERT INTO notes SELECT 2, 'two', string_agg(md5(g::text), '')
+                 FROM generate_series(1, 300) g;",
+        )
+        .await
+        .expect("inserts");
+    caught_up(&client, &mut conn, 1).await;
+    for key in ["n:1", "nh:1", "n:2", "nh:2"] {
+        let ttl: i64 = conn.ttl(key).await.expect("TTL");
+        assert!((1..=600).contains(&ttl), "{key} has TTL {ttl}");
+    }
+    let foreign: String = conn.get("nidx").await.expect("GET");
+    assert_eq!(foreign, "other app", "another app's key is left alone");
+
+    // The cache evicted row 2; an update that leaves its TOASTed body unchanged cannot
+    // rebuild it, so no half row appears.
+    let _: () = conn.del(&["n:2", "nh:2"]).await.expect("DEL");
+    client
+        .batch_execute("UPDATE notes SET name = 'zwei' WHERE id = 2; UPDATE notes SET name = 'uno' WHERE id = 1")
+        .await
+        .expect("updates");
+    caught_up(&client, &mut conn, 2).await;
+    for key in ["n:2", "nh:2"] {
+        assert!(
+            !conn.exists::<_, bool>(key).await.expect("EXISTS"),
+            "{key} half-written"
+        );
+    }
+    let one: String = conn.get("n:1").await.expect("GET");
+    assert_eq!(
+        serde_json::from_str::<Json>(&one).expect("JSON"),
+        serde_json::json!({"id": 1, "name": "uno", "body": "short"})
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_key_the_replica_identity_cannot_name_is_cleared_not_left_stale() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql(
+        "app",
+        "CREATE TABLE things (id int PRIMARY KEY, grp int);
+         CREATE TABLE markers (id int PRIMARY KEY);
+         CREATE PUBLICATION pub FOR TABLE things, markers;",
+    );
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    // `grp` is not in the replica identity (`check` rejects this; the daemon must stay safe).
+    let rules = r#"
+[[table]]
+name = "public.things"
+[[table.mirror]]
+key = "t:{id}"
+[[table.mirror.index]]
+key = "tidx:{grp}"
+member = "{id}"
+score = "id"
+[[table]]
+name = "public.markers"
+[[table.mirror]]
+key = "marker:{id}"
+"#;
+    let daemon = start(config(&pg, &redis, "app", "unnamed", rules));
+    let client = pg.client("app").await;
+    wait_streaming(&client, "unnamed").await;
+    client
+        .batch_execute("INSERT INTO things VALUES (1, 1), (2, 2)")
+        .await
+        .expect("inserts");
+    caught_up(&client, &mut conn, 1).await;
+    client
+        .batch_execute("UPDATE things SET grp = 3 WHERE id = 1")
+        .await
+        .expect("update");
+    caught_up(&client, &mut conn, 2).await;
+    let old: Vec<String> = conn.zrange("tidx:1", 0, -1).await.expect("ZRANGE");
+    assert!(old.is_empty(), "row 1 left in its old group: {old:?}");
+    let new: Vec<String> = conn.zrange("tidx:3", 0, -1).await.expect("ZRANGE");
+    assert_eq!(new, vec!["1".to_string()]);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_warm_up_is_retried_from_a_new_slot_until_it_loads_everything() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    pg.psql("app", &PREFILL.replace("20000", "500"));
+    let mut redis = Redis::start();
+    let slot = "warm_retry";
+    let mut cfg = config(&pg, &redis, "app", slot, MIRRORS);
+    cfg.source.warm_up = true;
+    // Redis is down when walsweep creates the slot: the load fails.
+    redis.stop();
+    let daemon = start(cfg);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let client = pg.client("app").await;
+    client
+        .batch_execute(
+            "SET TimeZone = 'UTC'; UPDATE items SET name = 'while redis was down' WHERE id <= 50",
+        )
+        .await
+        .expect("updates");
+    redis.restart();
+    let mut conn = redis.connection().await;
+    wait_streaming(&client, slot).await;
+    caught_up(&client, &mut conn, 1).await;
+    assert_eq!(assert_mirrors_equal_table(&client, &mut conn).await, 500);
+    daemon.stop().await;
+}
