@@ -317,7 +317,8 @@ fn run_round(
             ))
             .expect("bench rules");
             // Exactly the planner and sink `walsweep run` builds from this config.
-            let (planner, sink) = walsweep::daemon::build(&config).expect("planner and sink");
+            let (planner, sink) =
+                walsweep::pipeline::daemon::build(&config).expect("planner and sink");
             runtime.block_on(drain_with(
                 ws_source,
                 planner,

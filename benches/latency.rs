@@ -17,8 +17,8 @@ use futures_util::StreamExt;
 
 use walsweep::config::Config;
 use walsweep::pipeline;
-use walsweep::redis::RedisSink;
-use walsweep::rules::{Rules, RulesPlanner};
+use walsweep::plan::rules::{Rules, RulesPlanner};
+use walsweep::sink::redis::RedisSink;
 
 const ROWS: i32 = 1000;
 

@@ -426,8 +426,9 @@ fn child() {
         let config =
             walsweep::config::Config::parse(&format!("[source]\nurl = \"{url}\"\n{MIRRORS}"))
                 .expect("bench mirrors");
-        let rules = walsweep::rules::Rules::from_config(&config).expect("rules");
-        let planner = walsweep::txn_plan::TxnPlanner::from_config(&config, rules).expect("planner");
+        let rules = walsweep::plan::rules::Rules::from_config(&config).expect("rules");
+        let planner =
+            walsweep::plan::txn::TxnPlanner::from_config(&config, rules).expect("planner");
         runtime.block_on(common::drain_with(
             source,
             planner,

@@ -6,11 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use walsweep::check::{self, Report};
+use walsweep::cli::check::{self, Report};
 use walsweep::config::{Config, ConfigError};
 use walsweep::pipeline::{self, display_chain, PipelineError};
+use walsweep::plan::rules::Rules;
 use walsweep::plan::Op;
-use walsweep::rules::Rules;
 
 /// sysexits' EX_CONFIG: the configuration is wrong, retrying will not help.
 const EXIT_CONFIG: u8 = 78;
@@ -114,8 +114,8 @@ enum Command {
         /// Only this table (`schema.table` or `table`); repeatable.
         #[arg(long = "table")]
         tables: Vec<String>,
-        #[arg(long, value_enum, default_value_t = walsweep::tail::TailFormat::Json)]
-        format: walsweep::tail::TailFormat,
+        #[arg(long, value_enum, default_value_t = walsweep::cli::tail::TailFormat::Json)]
+        format: walsweep::cli::tail::TailFormat,
         /// Skip transactions committing before this LSN (e.g. 0/16B3748).
         #[arg(long)]
         from_lsn: Option<walsweep::pg::Lsn>,
@@ -188,7 +188,7 @@ async fn tail(
     path: &Path,
     slot: Option<String>,
     tables: Vec<String>,
-    format: walsweep::tail::TailFormat,
+    format: walsweep::cli::tail::TailFormat,
     from_lsn: Option<walsweep::pg::Lsn>,
     limit: Option<u64>,
 ) -> ExitCode {
@@ -196,20 +196,20 @@ async fn tail(
         Ok(c) => c,
         Err(e) => return config_failure(&e),
     };
-    let options = walsweep::tail::TailOptions {
+    let options = walsweep::cli::tail::TailOptions {
         source: config.source,
         slot: slot.map_or(
-            walsweep::tail::TailSlot::Temporary,
-            walsweep::tail::TailSlot::Existing,
+            walsweep::cli::tail::TailSlot::Temporary,
+            walsweep::cli::tail::TailSlot::Existing,
         ),
         tables,
         format,
         from_lsn,
         limit,
     };
-    match walsweep::tail::run_tail(options, std::io::stdout()).await {
+    match walsweep::cli::tail::run_tail(options, std::io::stdout()).await {
         Ok(_) => ExitCode::SUCCESS,
-        Err(walsweep::tail::TailError::Config(e)) => config_failure(&e),
+        Err(walsweep::cli::tail::TailError::Config(e)) => config_failure(&e),
         Err(e) => {
             eprintln!("walsweep tail: {}", display_chain(&e));
             ExitCode::FAILURE
@@ -235,13 +235,13 @@ async fn run(path: &Path) -> ExitCode {
         tracing::warn!("{warning}");
     }
     // Build once up front so a broken rule or Redis URL fails before anything listens.
-    if let Err(e) = walsweep::daemon::build(&config) {
+    if let Err(e) = walsweep::pipeline::daemon::build(&config) {
         eprintln!("walsweep: {}", display_chain(&e));
         return ExitCode::from(EXIT_CONFIG);
     }
     if !config.metrics.listen.is_empty() {
-        let recorder = walsweep::http::install_recorder();
-        match walsweep::http::serve(&config.metrics.listen, recorder).await {
+        let recorder = walsweep::telemetry::http::install_recorder();
+        match walsweep::telemetry::http::serve(&config.metrics.listen, recorder).await {
             Ok(addr) => tracing::info!(%addr, "serving /metrics, /healthz and /readyz"),
             Err(e) => {
                 eprintln!("walsweep: {}", display_chain(&e));
@@ -249,7 +249,7 @@ async fn run(path: &Path) -> ExitCode {
             }
         }
     }
-    tokio::spawn(walsweep::health::probe_redis(
+    tokio::spawn(walsweep::telemetry::health::probe_redis(
         config.redis.clone(),
         std::time::Duration::from_secs(2),
     ));
@@ -269,7 +269,7 @@ async fn run(path: &Path) -> ExitCode {
             handle.request();
         }
     });
-    let result = walsweep::daemon::run(&config, shutdown).await;
+    let result = walsweep::pipeline::daemon::run(&config, shutdown).await;
     match result {
         Ok(summary) => {
             tracing::info!(confirmed_lsn = %summary.confirmed_lsn, "walsweep stopped");
@@ -301,7 +301,7 @@ async fn snapshot(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match walsweep::snapshot::run_command(&config).await {
+    match walsweep::pipeline::warm_up::run_command(&config).await {
         Ok(summary) => {
             for (table, rows) in &summary.tables {
                 println!("{table}: {rows} rows loaded");
@@ -357,7 +357,7 @@ fn explain(path: &Path, table: &str, op: OpArg, old: Option<&str>, new: Option<&
         OpArg::Delete => Op::Delete,
         OpArg::Truncate => Op::Truncate,
     };
-    match walsweep::explain::explain(&config, table, op, old, new) {
+    match walsweep::cli::explain::explain(&config, table, op, old, new) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -375,7 +375,7 @@ async fn setup(path: &Path, print_only: bool, role: &str) -> ExitCode {
         Err(code) => return code,
     };
     if print_only {
-        for statement in walsweep::setup::statements(&config, None, role, false) {
+        for statement in walsweep::cli::setup::statements(&config, None, role, false) {
             println!("{statement}");
         }
         return ExitCode::SUCCESS;
@@ -396,7 +396,7 @@ async fn setup(path: &Path, print_only: bool, role: &str) -> ExitCode {
     let exists = walsweep::pg::catalog::publication_exists(&client, &config.source.publication)
         .await
         .unwrap_or(false);
-    for statement in walsweep::setup::statements(&config, Some(&report), role, exists) {
+    for statement in walsweep::cli::setup::statements(&config, Some(&report), role, exists) {
         match client.batch_execute(&statement).await {
             Ok(()) => println!("{statement}"),
             Err(e) => {
@@ -422,7 +422,7 @@ async fn status(path: &Path) -> ExitCode {
         Err(e) => return config_failure(&e),
     };
     let sample = match walsweep::pg::catalog::connect(&params).await {
-        Ok(client) => walsweep::monitor::sample(&client, &config.source.slot).await,
+        Ok(client) => walsweep::pipeline::slot_monitor::sample(&client, &config.source.slot).await,
         Err(e) => Err(e),
     };
     match sample {

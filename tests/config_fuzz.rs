@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 
 use walsweep::config::Config;
 use walsweep::pipeline::display_chain;
-use walsweep::rules::Rules;
+use walsweep::plan::rules::Rules;
 
 type PanicHook = dyn Fn(&PanicHookInfo<'_>) + Send + Sync + 'static;
 

@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use support::{Postgres, Redis};
 use walsweep::config::Config;
 use walsweep::pipeline;
-use walsweep::redis::RedisSink;
-use walsweep::rules::{Rules, RulesPlanner};
+use walsweep::plan::rules::{Rules, RulesPlanner};
+use walsweep::sink::redis::RedisSink;
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -63,9 +63,11 @@ async fn metrics_are_exported_and_readiness_follows_redis() {
         redis.url()
     ))
     .unwrap();
-    let handle = walsweep::http::install_recorder();
-    let addr = walsweep::http::serve("127.0.0.1:0", handle).await.unwrap();
-    tokio::spawn(walsweep::health::probe_redis(
+    let handle = walsweep::telemetry::http::install_recorder();
+    let addr = walsweep::telemetry::http::serve("127.0.0.1:0", handle)
+        .await
+        .unwrap();
+    tokio::spawn(walsweep::telemetry::health::probe_redis(
         config.redis.clone(),
         Duration::from_millis(100),
     ));
@@ -105,7 +107,7 @@ async fn metrics_are_exported_and_readiness_follows_redis() {
             && body.contains("walsweep_transactions_applied_total 2")
             && body.contains("walsweep_fallbacks_total{cause=\"truncate\"} 1")
         {
-            for name in walsweep::metrics::ALL {
+            for name in walsweep::telemetry::metrics::ALL {
                 assert!(
                     body.contains(&format!("# TYPE {name}")),
                     "{name} missing from /metrics:\n{body}"

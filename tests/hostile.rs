@@ -35,13 +35,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use support::daemon::Daemon;
-use walsweep::assembler::{Assembler, CommittedTxn};
 use walsweep::config::{Config, SourceConfig};
 use walsweep::pg::pgoutput::{parse_message, DecodeError, PgOutput, TupleValue};
 use walsweep::pipeline::{self, display_chain, PipelineError, RunSummary, ShutdownHandle};
+use walsweep::plan::rules::{EffectPlan, Rules, RulesPlanner};
 use walsweep::plan::{Op, Plan, Planner, RelationInfo, RowChange};
-use walsweep::rules::{EffectPlan, Rules, RulesPlanner};
 use walsweep::sink::{Sink, SinkError};
+use walsweep::stream::assembler::{Assembler, CommittedTxn};
 
 use support::{Postgres, Redis};
 
@@ -914,7 +914,7 @@ fn keys_from_non_utf8_values_fall_back_to_their_prefix() {
     );
     assert_eq!(
         txn.plan.key_prefixes.get("note:"),
-        Some(&walsweep::rules::FallbackCause::NonUtf8Value),
+        Some(&walsweep::plan::rules::FallbackCause::NonUtf8Value),
         "{:?}",
         txn.plan
     );

@@ -274,12 +274,15 @@ fn referenced_names() -> BTreeMap<String, BTreeSet<String>> {
 /// The metric a referenced name stands for: itself, or a histogram's base for
 /// `_bucket`/`_sum`/`_count`. `None` when walsweep does not have it.
 fn exported_base(name: &str) -> Option<(&'static str, bool)> {
-    if let Some(m) = walsweep::metrics::ALL.iter().find(|m| **m == name) {
+    if let Some(m) = walsweep::telemetry::metrics::ALL
+        .iter()
+        .find(|m| **m == name)
+    {
         return Some((m, false));
     }
     HISTOGRAM_SUFFIXES.iter().find_map(|suffix| {
         let base = name.strip_suffix(suffix)?;
-        walsweep::metrics::ALL
+        walsweep::telemetry::metrics::ALL
             .iter()
             .find(|m| **m == base)
             .map(|m| (*m, true))
@@ -316,7 +319,7 @@ fn referenced_metrics_are_in_metrics_all() {
         .collect();
     assert!(
         unknown.is_empty(),
-        "names walsweep does not export (walsweep::metrics::ALL, plus _bucket/_sum/_count of \
+        "names walsweep does not export (walsweep::telemetry::metrics::ALL, plus _bucket/_sum/_count of \
          histograms):\n  {}",
         unknown.join("\n  ")
     );
@@ -1505,7 +1508,7 @@ fn check_expr(e: &Expr, scrape: &Scrape) -> Vec<String> {
     for name in walsweep_names(&e.promql) {
         let Some((base, part)) = exported_base(&name) else {
             problems.push(format!(
-                "{}: {name} is not in walsweep::metrics::ALL",
+                "{}: {name} is not in walsweep::telemetry::metrics::ALL",
                 e.origin
             ));
             continue;
@@ -1701,21 +1704,23 @@ async fn referenced_metrics_are_exported_by_a_running_pipeline() {
         redis.url()
     ))
     .unwrap();
-    let handle = walsweep::http::install_recorder();
-    let addr = walsweep::http::serve("127.0.0.1:0", handle).await.unwrap();
-    tokio::spawn(walsweep::health::probe_redis(
+    let handle = walsweep::telemetry::http::install_recorder();
+    let addr = walsweep::telemetry::http::serve("127.0.0.1:0", handle)
+        .await
+        .unwrap();
+    tokio::spawn(walsweep::telemetry::health::probe_redis(
         config.redis.clone(),
         Duration::from_millis(100),
     ));
-    let rules = walsweep::rules::Rules::from_config(&config).unwrap();
-    let sink = walsweep::redis::RedisSink::new(&config.redis, &config.matroska).unwrap();
+    let rules = walsweep::plan::rules::Rules::from_config(&config).unwrap();
+    let sink = walsweep::sink::redis::RedisSink::new(&config.redis, &config.matroska).unwrap();
     let (shutdown, signal) = walsweep::pipeline::shutdown_channel();
     let source = config.source.clone();
     let task = tokio::spawn(async move {
         walsweep::pipeline::run(
             &source,
             &[],
-            walsweep::rules::RulesPlanner::new(rules),
+            walsweep::plan::rules::RulesPlanner::new(rules),
             sink,
             signal,
         )
@@ -1757,7 +1762,7 @@ async fn referenced_metrics_are_exported_by_a_running_pipeline() {
     for (name, origins) in &names {
         match exported_base(name) {
             None => problems.push(format!(
-                "{name} (in {origins:?}) is not in walsweep::metrics::ALL"
+                "{name} (in {origins:?}) is not in walsweep::telemetry::metrics::ALL"
             )),
             Some((base, _)) if !body.contains(&format!("# TYPE {base} ")) => problems.push(
                 format!("{name} (in {origins:?}): /metrics has no `# TYPE {base}`"),

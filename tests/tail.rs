@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as J};
 use support::Postgres;
+use walsweep::cli::tail::{self, TailError, TailFormat, TailOptions, TailSlot, TailStop};
 use walsweep::config::SourceConfig;
 use walsweep::pg::pgoutput::{Decoder, PgOutput, TupleData, TupleValue};
-use walsweep::tail::{self, TailError, TailFormat, TailOptions, TailSlot, TailStop};
 use walsweep::value::{self, Time, TypeRegistry, Value, Ymd};
 
 const SCHEMA: &str = r#"

@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use walsweep::assembler::CommittedTxn;
 use walsweep::config::SourceConfig;
 use walsweep::pg::Lsn;
 use walsweep::pipeline::{self, RunSummary};
 use walsweep::plan::touched::TouchedRowsPlanner;
 use walsweep::plan::Plan;
 use walsweep::sink::{Sink, SinkError};
+use walsweep::stream::assembler::CommittedTxn;
 
 /// A `usize` from the environment (underscores allowed: `200_000`), else `default`.
 pub fn env_usize(name: &str, default: usize) -> usize {

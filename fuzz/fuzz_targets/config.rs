@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use walsweep::config::Config;
-use walsweep::rules::Rules;
+use walsweep::plan::rules::Rules;
 
 fuzz_target!(|data: &[u8]| {
     // Config files are read as UTF-8 (`Config::load` rejects anything else); lossy conversion

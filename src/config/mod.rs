@@ -626,7 +626,7 @@ impl Config {
             for (field, templates) in [("keys", &table.keys), ("deps", &table.deps)] {
                 for (j, source) in templates.iter().enumerate() {
                     let key = format!("table[{i}].{field}[{j}]");
-                    match crate::rules::template::Template::parse(source) {
+                    match crate::plan::rules::template::Template::parse(source) {
                         Err(e) => problem(&key, format!("template {source:?}: {e}")),
                         Ok(t) if t.literal_prefix().is_empty() => problem(
                             &key,

@@ -5,8 +5,12 @@
 //! never with its rows. Rules (templates, scopes, ...) are one planner; `touched` is a small
 //! one that records touched primary keys, used by tests and benchmarks.
 
+pub mod broadcast;
+pub mod mirror;
 pub mod relation;
+pub mod rules;
 pub mod touched;
+pub mod txn;
 
 pub use relation::{ColumnInfo, RelationInfo};
 

@@ -11,10 +11,12 @@
 //!   the same batch with backoff, forever (nothing is dropped); a non-retryable one stops the
 //!   daemon with its message, without confirming the batch.
 
+pub mod redis;
+
 use std::future::Future;
 
-use crate::assembler::CommittedTxn;
 use crate::plan::Plan;
+use crate::stream::assembler::CommittedTxn;
 
 #[derive(Debug, thiserror::Error)]
 #[error("sink failed to {operation}")]

@@ -329,8 +329,8 @@ async fn sink_reset_clears_everything_the_rules_maintain_and_nothing_else() {
     let redis = Redis::start();
     let mut conn = redis.connection().await;
     let config = config(&pg, &redis, "postgres", "unused", RULES);
-    let rules = walsweep::rules::Rules::from_config(&config).unwrap();
-    let mut sink = walsweep::redis::RedisSink::new(&config.redis, &config.matroska)
+    let rules = walsweep::plan::rules::Rules::from_config(&config).unwrap();
+    let mut sink = walsweep::sink::redis::RedisSink::new(&config.redis, &config.matroska)
         .unwrap()
         .with_reset_plan(rules.reset_plan());
     set_keys(
@@ -347,7 +347,7 @@ async fn sink_reset_clears_everything_the_rules_maintain_and_nothing_else() {
     matroska_put(&mut conn, "one", &["id:article:1"]).await;
     matroska_put(&mut conn, "list-x", &[SCOPE_X]).await;
     matroska_put(&mut conn, "other", &["id:author:1"]).await;
-    Sink::<walsweep::rules::EffectPlan>::reset(&mut sink)
+    Sink::<walsweep::plan::rules::EffectPlan>::reset(&mut sink)
         .await
         .unwrap();
     let mut left = Vec::new();
@@ -379,17 +379,17 @@ async fn a_dependency_key_of_another_type_is_reported_and_left_alone() {
     let redis = Redis::start();
     let mut conn = redis.connection().await;
     let config = config(&pg, &redis, "postgres", "unused", RULES);
-    let mut sink = walsweep::redis::RedisSink::new(&config.redis, &config.matroska).unwrap();
+    let mut sink = walsweep::sink::redis::RedisSink::new(&config.redis, &config.matroska).unwrap();
     set_keys(&mut conn, &["cache::rdep::tag:not-a-set"]).await;
     matroska_put(&mut conn, "one", &["id:article:1"]).await;
-    let mut plan = walsweep::rules::EffectPlan::default();
-    plan.add(walsweep::rules::Effect::InvalidateDep(
+    let mut plan = walsweep::plan::rules::EffectPlan::default();
+    plan.add(walsweep::plan::rules::Effect::InvalidateDep(
         "tag:not-a-set".into(),
     ));
-    plan.add(walsweep::rules::Effect::InvalidateDep(
+    plan.add(walsweep::plan::rules::Effect::InvalidateDep(
         "id:article:1".into(),
     ));
-    plan.add(walsweep::rules::Effect::InvalidateDep(
+    plan.add(walsweep::plan::rules::Effect::InvalidateDep(
         "id:article:404".into(),
     ));
     let applied = sink.apply_plans(std::iter::once(&plan)).await.unwrap();

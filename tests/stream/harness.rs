@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use walsweep::assembler::CommittedTxn;
 use walsweep::config::SourceConfig;
 use walsweep::pg::pgoutput::TupleValue;
 use walsweep::pg::Lsn;
 use walsweep::pipeline::{self, PipelineError, RunSummary, ShutdownHandle};
 use walsweep::plan::{Op, Plan, Planner, RelationInfo, RowChange};
 use walsweep::sink::{Sink, SinkError};
+use walsweep::stream::assembler::CommittedTxn;
 
 pub use crate::support::daemon::{wait_for, wait_streaming};
 use crate::support::Postgres;

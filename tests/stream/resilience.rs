@@ -9,7 +9,9 @@ CREATE TABLE items (id int PRIMARY KEY, name text);
 CREATE PUBLICATION pub FOR TABLE items;
 ";
 
-fn inserted_ids(txns: &[walsweep::assembler::CommittedTxn<harness::Recorded>]) -> BTreeSet<i64> {
+fn inserted_ids(
+    txns: &[walsweep::stream::assembler::CommittedTxn<harness::Recorded>],
+) -> BTreeSet<i64> {
     txns.iter()
         .flat_map(|t| t.plan.changes.iter())
         .filter_map(|c| match c.new_value("id") {

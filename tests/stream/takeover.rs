@@ -13,7 +13,7 @@ CREATE TABLE filler (id int, payload text);
 CREATE PUBLICATION pub FOR TABLE items;
 ";
 
-fn ids(txn: &walsweep::assembler::CommittedTxn<harness::Recorded>) -> Vec<i64> {
+fn ids(txn: &walsweep::stream::assembler::CommittedTxn<harness::Recorded>) -> Vec<i64> {
     txn.plan
         .changes
         .iter()

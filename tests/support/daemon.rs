@@ -28,10 +28,10 @@ pub fn config(pg: &Postgres, redis: &Redis, db: &str, slot: &str, rest: &str) ->
     Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
 }
 
-/// Runs walsweep with the config, exactly as `walsweep run` does (`walsweep::daemon::run`).
+/// Runs walsweep with the config, exactly as `walsweep run` does (`walsweep::pipeline::daemon::run`).
 pub fn start(config: Config) -> Daemon {
     let (shutdown, signal) = pipeline::shutdown_channel();
-    let task = tokio::spawn(async move { walsweep::daemon::run(&config, signal).await });
+    let task = tokio::spawn(async move { walsweep::pipeline::daemon::run(&config, signal).await });
     Daemon { shutdown, task }
 }
 

@@ -22,14 +22,14 @@ use std::time::{Duration, Instant};
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{ErrorKind, RedisError, Value};
 
-use crate::assembler::CommittedTxn;
 use crate::config::{BroadcastConfig, MatroskaConfig, RedisConfig};
-use crate::metrics as m;
+use crate::plan::rules::template::glob_escape;
+use crate::plan::rules::{EffectPlan, FallbackCause};
+use crate::plan::txn::TxnPlan;
 use crate::plan::Plan;
-use crate::rules::template::glob_escape;
-use crate::rules::{EffectPlan, FallbackCause};
 use crate::sink::{Sink, SinkError};
-use crate::txn_plan::TxnPlan;
+use crate::stream::assembler::CommittedTxn;
+use crate::telemetry::metrics as m;
 
 const INVALIDATE_DEPS_LUA: &str = include_str!("scripts/invalidate_deps.lua");
 /// Keys per UNLINK and sets per script call: large enough to amortise, small enough that one
@@ -293,7 +293,7 @@ impl RedisSink {
             .apply_sets(keys, deps, key_prefixes, dep_prefixes)
             .await;
         if self.reports_health {
-            crate::health::set_redis_up(result.is_ok());
+            crate::telemetry::health::set_redis_up(result.is_ok());
         }
         if result.is_err() {
             // Start the next attempt on a fresh connection rather than a wedged one.
@@ -489,7 +489,7 @@ impl Sink<TxnPlan> for RedisSink {
     async fn apply(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<(), SinkError> {
         let result = self.apply_txn_plans(batch).await;
         if self.reports_health {
-            crate::health::set_redis_up(result.is_ok());
+            crate::telemetry::health::set_redis_up(result.is_ok());
         }
         if result.is_err() {
             self.connection = None;
@@ -514,7 +514,7 @@ impl RedisSink {
         }
         // Each transaction's ops are already folded per key; across transactions they are
         // applied as they come, which keeps commit order without copying them.
-        let ops: Vec<&crate::mirror::MirrorOp> =
+        let ops: Vec<&crate::plan::mirror::MirrorOp> =
             batch.iter().flat_map(|t| t.plan.mirror.ops()).collect();
         if !ops.is_empty() {
             let newest_commit_secs = batch

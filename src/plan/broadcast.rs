@@ -26,8 +26,8 @@ use std::fmt::Write as _;
 use crate::config::BroadcastConfig;
 use crate::pg::pgoutput::TupleValue;
 use crate::pg::Lsn;
+use crate::plan::rules::Effect;
 use crate::plan::{Op, RelationInfo, RowChange};
-use crate::rules::Effect;
 use crate::value::{decode_text, iso_utc, TypeRegistry, Value};
 
 /// The broadcast part of one transaction's plan.

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::WriteMode;
-use crate::rules::FallbackCause;
+use crate::plan::rules::FallbackCause;
 
 /// A row field to write.
 #[derive(Debug, Clone, PartialEq)]

@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::metrics as m;
 use crate::pg::catalog;
 use crate::pg::replication::ConnectParams;
 use crate::pg::Lsn;
+use crate::telemetry::metrics as m;
 
 /// A backlog above this many bytes counts as catching up and gets progress lines.
 const CATCHING_UP_BYTES: u64 = 16 * 1024 * 1024;

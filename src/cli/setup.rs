@@ -1,7 +1,7 @@
 //! `walsweep setup`: the SQL that prepares a database for walsweep (publication, replica
 //! identity where rules need old values, a least-privilege role), printed or executed.
 
-use crate::check::Report;
+use crate::cli::check::Report;
 use crate::config::Config;
 use crate::pg::catalog::{create_publication_sql, qualified_ident, split_table_name};
 use crate::pg::replication::{quote_ident, quote_literal};

@@ -11,10 +11,10 @@ use ::redis::{Script, Value};
 
 use super::{round_trip, RedisSink};
 use crate::config::MirrorFormat;
-use crate::metrics as m;
-use crate::mirror::plan::{json_document, push_json_name, Field, IndexAdd};
-use crate::mirror::MirrorOp;
+use crate::plan::mirror::plan::{json_document, push_json_name, Field, IndexAdd};
+use crate::plan::mirror::MirrorOp;
 use crate::sink::SinkError;
+use crate::telemetry::metrics as m;
 
 static MIRROR_ROWS: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/mirror_rows.lua")));

@@ -41,7 +41,6 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use crate::assembler::{AssembleError, Assembler, CommittedTxn};
 use crate::config::{ConfigError, SourceConfig};
 use crate::pg::catalog::{self, CatalogError};
 use crate::pg::pgoutput::{ReplicaIdentity, TupleValue};
@@ -51,7 +50,8 @@ use crate::pg::replication::{
 use crate::pg::wire::WireMessage;
 use crate::pg::Lsn;
 use crate::plan::{Op, Plan, Planner, RelationInfo, RowChange};
-use crate::progress::Progress;
+use crate::stream::assembler::{AssembleError, Assembler, CommittedTxn};
+use crate::stream::progress::Progress;
 use crate::value::{decode_text, iso_utc, TypeRegistry, Value, ValueError};
 
 /// Server versions from which pgoutput speaks protocol 2 (streaming of large transactions).

@@ -8,7 +8,7 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::health;
+use crate::telemetry::health;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr} for metrics (set metrics.listen to a free address, or \"\" to disable)")]
@@ -24,13 +24,13 @@ pub fn install_recorder() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .set_buckets(&crate::metrics::SECONDS_BUCKETS)
+                .set_buckets(&crate::telemetry::metrics::SECONDS_BUCKETS)
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         metrics_exporter_prometheus::Matcher::Full(
-                            crate::metrics::BATCH_SIZE_TRANSACTIONS.to_string(),
+                            crate::telemetry::metrics::BATCH_SIZE_TRANSACTIONS.to_string(),
                         ),
-                        &crate::metrics::BATCH_SIZE_BUCKETS,
+                        &crate::telemetry::metrics::BATCH_SIZE_BUCKETS,
                     )
                 })
                 .and_then(|b| b.install_recorder())
@@ -40,7 +40,7 @@ pub fn install_recorder() -> PrometheusHandle {
                         .build_recorder()
                         .handle()
                 });
-            crate::metrics::describe();
+            crate::telemetry::metrics::describe();
             handle
         })
         .clone()

@@ -8,11 +8,11 @@ use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
 
-use crate::assembler::CommittedTxn;
 use crate::pg::Lsn;
+use crate::plan::rules::{EffectPlan, FallbackCause};
 use crate::plan::Plan;
-use crate::progress::StatusReason;
-use crate::rules::{EffectPlan, FallbackCause};
+use crate::stream::assembler::CommittedTxn;
+use crate::stream::progress::StatusReason;
 
 pub const TRANSACTIONS_COMMITTED_TOTAL: &str = "walsweep_transactions_committed_total";
 pub const CHANGES_DECODED_TOTAL: &str = "walsweep_changes_decoded_total";
@@ -392,7 +392,7 @@ pub fn fallback(cause: FallbackCause) {
     counter!(FALLBACKS_TOTAL, LABEL_CAUSE => cause.as_str()).increment(1);
 }
 
-pub fn mirror_applied(applied: &crate::redis::mirror::MirrorApplied) {
+pub fn mirror_applied(applied: &crate::sink::redis::mirror::MirrorApplied) {
     for (result, n) in MIRROR_RESULTS.iter().zip([
         applied.written,
         applied.deleted,

@@ -2,11 +2,11 @@
 //! and its broadcast message (`broadcast`), planned together from each row change so that a
 //! broadcast lists exactly the keys and dependencies the rules invalidated.
 
-use crate::broadcast::{BroadcastPlan, BroadcastPlanner};
 use crate::config::Config;
-use crate::mirror::{MirrorPlan, MirrorPlanner};
+use crate::plan::broadcast::{BroadcastPlan, BroadcastPlanner};
+use crate::plan::mirror::{MirrorPlan, MirrorPlanner};
+use crate::plan::rules::{EffectPlan, Rules, RulesPlanner};
 use crate::plan::{Plan, Planner, RelationInfo, RowChange};
-use crate::rules::{EffectPlan, Rules, RulesPlanner};
 use crate::value::TypeRegistry;
 
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -38,10 +38,10 @@ impl TxnPlanner {
     pub fn from_config(
         config: &Config,
         rules: Rules,
-    ) -> Result<TxnPlanner, crate::mirror::MirrorRuleError> {
+    ) -> Result<TxnPlanner, crate::plan::mirror::MirrorRuleError> {
         Ok(TxnPlanner {
             rules: RulesPlanner::new(rules),
-            mirrors: MirrorPlanner::new(crate::mirror::compile_all(&config.tables)?),
+            mirrors: MirrorPlanner::new(crate::plan::mirror::compile_all(&config.tables)?),
             broadcast: config
                 .broadcast
                 .as_ref()
@@ -65,7 +65,7 @@ impl Planner for TxnPlanner {
             Some(broadcast) => {
                 let (mut keys, mut deps) = (Vec::new(), Vec::new());
                 self.rules.effects(change, &mut |effect, _| {
-                    crate::broadcast::list_effect(&effect, &mut keys, &mut deps);
+                    crate::plan::broadcast::list_effect(&effect, &mut keys, &mut deps);
                     plan.invalidate.add(effect);
                 });
                 broadcast.add_change(change, &keys, &deps, &mut plan.broadcast);

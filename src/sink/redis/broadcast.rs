@@ -1,4 +1,4 @@
-//! Publishing broadcast messages (`crate::broadcast`): one `scripts/broadcast.lua` call per
+//! Publishing broadcast messages (`crate::plan::broadcast`): one `scripts/broadcast.lua` call per
 //! transaction, pipelined after the batch's invalidations and mirror writes, so a subscriber
 //! that reacts to a message already sees the transaction's effects in Redis.
 
@@ -7,11 +7,11 @@ use std::sync::LazyLock;
 use ::redis::{Script, Value};
 
 use super::{round_trip, RedisSink};
-use crate::assembler::CommittedTxn;
 use crate::config::BroadcastConfig;
-use crate::metrics as m;
+use crate::plan::txn::TxnPlan;
 use crate::sink::SinkError;
-use crate::txn_plan::TxnPlan;
+use crate::stream::assembler::CommittedTxn;
+use crate::telemetry::metrics as m;
 
 static BROADCAST: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/broadcast.lua")));
@@ -55,7 +55,7 @@ impl RedisSink {
         let Some(config) = self.broadcast.clone() else {
             return Ok(());
         };
-        let body = crate::broadcast::reset_body(reason);
+        let body = crate::plan::broadcast::reset_body(reason);
         self.run_broadcast(&config, &[(String::new(), String::new(), body)])
             .await?;
         Ok(())

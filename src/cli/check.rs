@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use tokio_postgres::Client;
 
 use crate::config::Config;
-use crate::mirror::MirrorRule;
 use crate::pg::catalog::{self, qualified_ident, split_table_name};
 use crate::pipeline::display_chain;
+use crate::plan::mirror::MirrorRule;
+use crate::plan::rules::template::Template;
+use crate::plan::rules::{Rules, TableRule};
 use crate::plan::Op;
-use crate::rules::template::Template;
-use crate::rules::{Rules, TableRule};
 
 #[derive(Debug, Default, Clone)]
 pub struct Report {
@@ -181,7 +181,7 @@ fn config_warnings(config: &Config) -> Vec<String> {
         );
     }
     // Templates were validated with the config; one that fails here has its own error already.
-    let Ok(mirrors) = crate::mirror::compile_all(&config.tables) else {
+    let Ok(mirrors) = crate::plan::mirror::compile_all(&config.tables) else {
         return out;
     };
     let names = config.qualified_tables();
@@ -401,7 +401,7 @@ pub async fn check_environment(config: &Config, rules: &Rules, report: &mut Repo
 
 async fn check_database(config: &Config, rules: &Rules, client: &Client, report: &mut Report) {
     let source = &config.source;
-    let mirrors = match crate::mirror::compile_all(&config.tables) {
+    let mirrors = match crate::plan::mirror::compile_all(&config.tables) {
         Ok(m) => m,
         Err(e) => {
             report.errors.push(format!("[[table.mirror]]: {e}"));
@@ -535,7 +535,7 @@ async fn check_database(config: &Config, rules: &Rules, client: &Client, report:
 }
 
 async fn check_redis(config: &Config, report: &mut Report) {
-    let client = match crate::redis::redis_client(&config.redis) {
+    let client = match crate::sink::redis::redis_client(&config.redis) {
         Ok(c) => c,
         Err(e) => {
             report.errors.push(e.to_string());
@@ -590,7 +590,7 @@ mod tests {
             "[source]\nurl = \"postgres://u@h/db\"\n{toml_tables}"
         ))
         .unwrap();
-        let mirrors = crate::mirror::compile_all(&config.tables).unwrap();
+        let mirrors = crate::plan::mirror::compile_all(&config.tables).unwrap();
         (config, mirrors)
     }
 

@@ -246,7 +246,10 @@ impl<PL: Planner> Assembler<PL> {
                     self.decoded
                         .entry((*oid, Op::Truncate))
                         .or_insert_with(|| {
-                            crate::metrics::changes_decoded(&relation.qualified_name, Op::Truncate)
+                            crate::telemetry::metrics::changes_decoded(
+                                &relation.qualified_name,
+                                Op::Truncate,
+                            )
                         })
                         .increment(1);
                     relations.push(relation);
@@ -384,7 +387,9 @@ impl<PL: Planner> Assembler<PL> {
             .ok_or(AssembleError::UnknownRelation { message, oid })?;
         self.decoded
             .entry((oid, op))
-            .or_insert_with(|| crate::metrics::changes_decoded(&relation.qualified_name, op))
+            .or_insert_with(|| {
+                crate::telemetry::metrics::changes_decoded(&relation.qualified_name, op)
+            })
             .increment(1);
         let expected = relation.columns.len();
         for tuple in [key, old, new].into_iter().flatten() {

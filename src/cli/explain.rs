@@ -8,15 +8,15 @@ use std::sync::Arc;
 
 use serde_json::Value as Json;
 
-use crate::broadcast::{BroadcastPlan, BroadcastPlanner};
 use crate::config::{Config, MirrorFormat};
-use crate::mirror::plan::Field;
-use crate::mirror::{IndexRule, MirrorOp, MirrorPlan, MirrorPlanner, MirrorRule, RowWrite};
 use crate::pg::pgoutput::{ReplicaIdentity, TupleValue};
 use crate::pg::Lsn;
+use crate::plan::broadcast::{BroadcastPlan, BroadcastPlanner};
+use crate::plan::mirror::plan::Field;
+use crate::plan::mirror::{IndexRule, MirrorOp, MirrorPlan, MirrorPlanner, MirrorRule, RowWrite};
+use crate::plan::rules::{Effect, Origin, RuleRef, Rules, RulesPlanner, TableRule};
 use crate::plan::{ColumnInfo, OldRow, Op, RelationInfo, RowChange};
-use crate::redis::dep_set_key;
-use crate::rules::{Effect, Origin, RuleRef, Rules, RulesPlanner, TableRule};
+use crate::sink::redis::dep_set_key;
 use crate::value::{decode_text, oid, TypeRegistry, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +119,7 @@ pub fn explain(
     if rule_set.is_empty() {
         return Err(ExplainError::UnknownTable(qualified));
     }
-    let mirrors: Vec<Arc<MirrorRule>> = crate::mirror::compile_all(&config.tables)
+    let mirrors: Vec<Arc<MirrorRule>> = crate::plan::mirror::compile_all(&config.tables)
         .map_err(|e| ExplainError::Config(e.to_string()))?
         .into_iter()
         .filter(|m| m.table_name == qualified)
@@ -173,7 +173,7 @@ pub fn explain(
     // What a broadcast lists: every effect as emitted, like the daemon's transaction planner.
     let (mut broadcast_keys, mut broadcast_deps) = (Vec::new(), Vec::new());
     for (effect, _) in &lines {
-        crate::broadcast::list_effect(effect, &mut broadcast_keys, &mut broadcast_deps);
+        crate::plan::broadcast::list_effect(effect, &mut broadcast_keys, &mut broadcast_deps);
     }
     let mut out = String::new();
     write_effects(
@@ -519,7 +519,7 @@ fn explain_mirror(
                 let prefixes: Vec<String> =
                     mirror.prefixes().iter().map(|p| format!("{p}*")).collect();
                 let why = match cause {
-                    crate::rules::FallbackCause::Truncate => "truncate".to_string(),
+                    crate::plan::rules::FallbackCause::Truncate => "truncate".to_string(),
                     other => format!(
                         "{}: the change lacks a value the key needs, so the old entry cannot be \
                          found",

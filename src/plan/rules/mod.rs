@@ -535,7 +535,7 @@ impl RulesPlanner {
             }
         }
         for (rule, what, cause) in fallbacks {
-            crate::metrics::fallback(cause);
+            crate::telemetry::metrics::fallback(cause);
             self.fallback_logged(&rule, &what, cause);
         }
     }
@@ -583,7 +583,7 @@ impl RulesPlanner {
                     origin(RuleRef::Scope(scope.index)),
                 );
             }
-            crate::metrics::fallback(cause);
+            crate::telemetry::metrics::fallback(cause);
         }
     }
 }
@@ -612,7 +612,7 @@ impl Planner for RulesPlanner {
                 }
             }
             Err(err) => {
-                crate::metrics::hint_malformed();
+                crate::telemetry::metrics::hint_malformed();
                 tracing::warn!(error = %err, bytes = content.len(), "ignoring malformed walsweep hint");
             }
         }

@@ -18,13 +18,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{Config, MatroskaConfig, RedisConfig};
-use crate::mirror::{MirrorOp, MirrorPlan, MirrorPlanner, MirrorRule};
 use crate::pg::catalog::{self, CatalogError};
 use crate::pg::pgoutput::{ReplicaIdentity, TupleValue};
 use crate::pg::replication::{quote_ident, ConnectParams};
+use crate::plan::mirror::{MirrorOp, MirrorPlan, MirrorPlanner, MirrorRule};
+use crate::plan::rules::FallbackCause;
 use crate::plan::{ColumnInfo, OldRow, Op, RelationInfo, RowChange};
-use crate::redis::RedisSink;
-use crate::rules::FallbackCause;
+use crate::sink::redis::RedisSink;
 use crate::sink::SinkError;
 
 /// Rows fetched and written per round.
@@ -74,8 +74,10 @@ pub struct WarmUp {
 impl WarmUp {
     /// `None` when no mirror can be loaded (none configured, or all `only_if_present`, which
     /// never creates entries).
-    pub fn from_config(config: &Config) -> Result<Option<WarmUp>, crate::mirror::MirrorRuleError> {
-        let mirrors: Vec<_> = crate::mirror::compile_all(&config.tables)?
+    pub fn from_config(
+        config: &Config,
+    ) -> Result<Option<WarmUp>, crate::plan::mirror::MirrorRuleError> {
+        let mirrors: Vec<_> = crate::plan::mirror::compile_all(&config.tables)?
             .into_iter()
             .filter(|m| !m.mode.only_if_present)
             .collect();
@@ -250,7 +252,7 @@ impl WarmUp {
             }
             sink.apply_mirror_ops(plan.ops(), now_secs).await?;
             loaded += fetched;
-            crate::metrics::snapshot_rows(fetched);
+            crate::telemetry::metrics::snapshot_rows(fetched);
             if last_report.elapsed().as_secs() >= 2 {
                 last_report = Instant::now();
                 tracing::info!(%table, loaded, of = total, "warm-up: loading");

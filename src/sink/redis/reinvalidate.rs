@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::metrics as m;
+use crate::plan::rules::EffectPlan;
 use crate::plan::Plan;
-use crate::rules::EffectPlan;
+use crate::telemetry::metrics as m;
 
 use super::RedisSink;
 

@@ -10,23 +10,28 @@
 //! Only that watch channel moves the flush position, except when nothing at all is pending:
 //! then a keepalive's WAL end is confirmed, so an idle slot never holds WAL.
 
+pub mod backoff;
+pub mod daemon;
+pub mod slot_monitor;
+pub mod warm_up;
+
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::assembler::{AssembleError, Assembler, CommittedTxn};
-use crate::backoff::Backoff;
 use crate::config::{SlotLostPolicy, SourceConfig};
-use crate::metrics as m;
 use crate::pg::catalog::{self, CatalogError};
 use crate::pg::replication::{
     ConnectParams, ReplicationConnection, ReplicationError, ReplicationStream,
 };
 use crate::pg::wire::WireMessage;
 use crate::pg::Lsn;
+use crate::pipeline::backoff::Backoff;
 use crate::plan::Planner;
-use crate::progress::{Progress, StatusReason};
 use crate::sink::{Sink, SinkError};
+use crate::stream::assembler::{AssembleError, Assembler, CommittedTxn};
+use crate::stream::progress::{Progress, StatusReason};
+use crate::telemetry::metrics as m;
 
 /// How often the slot's lag and WAL status are polled over SQL.
 const SLOT_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -73,7 +78,7 @@ pub enum PipelineError {
     #[error("the sink failed and cannot be retried")]
     Sink(#[from] SinkError),
     #[error("warm-up failed (the new slot was dropped again, so the next start retries it)")]
-    WarmUp(#[from] crate::snapshot::SnapshotError),
+    WarmUp(#[from] crate::pipeline::warm_up::SnapshotError),
     /// Something only a human can fix; the message says what to do.
     #[error("{0}")]
     Setup(String),
@@ -147,7 +152,7 @@ pub struct Prepared {
     /// This run created the slot.
     pub slot_created: bool,
     /// What the warm-up loaded, when it ran.
-    pub warm_up: Option<crate::snapshot::WarmUpSummary>,
+    pub warm_up: Option<crate::pipeline::warm_up::WarmUpSummary>,
 }
 
 /// Checks what only a human can fix and creates the publication and slot when allowed to.
@@ -159,7 +164,7 @@ pub async fn prepare_source(
     source: &SourceConfig,
     params: &ConnectParams,
     tables: &[String],
-    warm_up: Option<&crate::snapshot::WarmUp>,
+    warm_up: Option<&crate::pipeline::warm_up::WarmUp>,
 ) -> Result<Prepared, PipelineError> {
     let client = catalog::connect(params).await?;
     let wal_level = catalog::wal_level(&client).await?;
@@ -273,7 +278,7 @@ pub async fn run_warming_up<PL, S>(
     planner: PL,
     sink: S,
     shutdown: Shutdown,
-    warm_up: Option<crate::snapshot::WarmUp>,
+    warm_up: Option<crate::pipeline::warm_up::WarmUp>,
 ) -> Result<RunSummary, PipelineError>
 where
     PL: Planner,
@@ -294,7 +299,7 @@ where
         }
     };
 
-    let monitor = tokio::spawn(crate::monitor::watch_slot(
+    let monitor = tokio::spawn(crate::pipeline::slot_monitor::watch_slot(
         params.clone(),
         source.slot.clone(),
         SLOT_POLL_INTERVAL,
@@ -495,7 +500,7 @@ struct Streamer<'a, PL: Planner> {
     backoff: Backoff,
     reconnects: u64,
     /// `source.warm_up`: a recreated slot's mirrors are loaded again from its snapshot.
-    warm_up: Option<crate::snapshot::WarmUp>,
+    warm_up: Option<crate::pipeline::warm_up::WarmUp>,
     /// Non-built-in types looked up so far (see `Planner::register_types`).
     types: crate::value::TypeRegistry,
 }
@@ -622,9 +627,9 @@ impl<PL: Planner> Streamer<'_, PL> {
             server_version = version,
             "streaming"
         );
-        crate::health::set_streaming(true);
+        crate::telemetry::health::set_streaming(true);
         let result = self.stream(&mut stream, &mut progress).await;
-        crate::health::set_streaming(false);
+        crate::telemetry::health::set_streaming(false);
         match result {
             Ok(SessionEnd::Shutdown) => {
                 send_status(&mut stream, &progress, StatusReason::Shutdown).await?;

@@ -10,8 +10,8 @@ use super::plan::{
 use super::{IndexRule, MirrorRule};
 use crate::config::MirrorFormat;
 use crate::pg::pgoutput::TupleValue;
+use crate::plan::rules::{bind_template, render, BoundTemplate, FallbackCause, Rendered, Side};
 use crate::plan::{Op, RelationInfo, RowChange};
-use crate::rules::{bind_template, render, BoundTemplate, FallbackCause, Rendered, Side};
 use crate::value::{decode_text, TypeRegistry, Value};
 
 struct BoundIndex {
@@ -150,7 +150,7 @@ impl MirrorPlanner {
                 prefixes: rule.prefixes(),
                 cause: FallbackCause::Truncate,
             });
-            crate::metrics::fallback(FallbackCause::Truncate);
+            crate::telemetry::metrics::fallback(FallbackCause::Truncate);
         }
     }
 }
@@ -168,7 +168,7 @@ fn plan_mirror(
                     cause: FallbackCause,
                     prefixes: Vec<String>,
                     what: String| {
-        crate::metrics::fallback(cause);
+        crate::telemetry::metrics::fallback(cause);
         problems.push((
             rule.clone(),
             what,
@@ -385,7 +385,7 @@ fn score_problem(
     problems: &mut Vec<(Arc<MirrorRule>, String, String)>,
     detail: String,
 ) {
-    crate::metrics::error(crate::metrics::ERROR_MIRROR_SCORE);
+    crate::telemetry::metrics::error(crate::telemetry::metrics::ERROR_MIRROR_SCORE);
     problems.push((
         mirror.rule.clone(),
         format!("index[{}] score", index.rule.index),
@@ -404,7 +404,7 @@ fn stored_form(format: MirrorFormat, oid: u32, bytes: &[u8], types: &TypeRegistr
         Err(_) => {
             // Postgres produced it, so this is a type walsweep reads wrong: keep the text
             // rather than lose the row, and count it.
-            crate::metrics::error(crate::metrics::ERROR_MIRROR_VALUE);
+            crate::telemetry::metrics::error(crate::telemetry::metrics::ERROR_MIRROR_VALUE);
             Value::Text(String::from_utf8_lossy(bytes).into_owned())
         }
     };

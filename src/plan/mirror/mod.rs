@@ -19,7 +19,7 @@ pub mod score;
 use std::sync::Arc;
 
 use crate::config::{MirrorConfig, MirrorFormat, TableConfig};
-use crate::rules::template::{Template, TemplateError};
+use crate::plan::rules::template::{Template, TemplateError};
 use score::{ScoreExpr, ScoreParseError};
 
 pub use plan::{IndexAdd, IndexRemove, MirrorOp, MirrorPlan, RowWrite};

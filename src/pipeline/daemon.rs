@@ -3,16 +3,16 @@
 //! integration tests, so tests run exactly what users run.
 
 use crate::config::Config;
+use crate::pipeline::warm_up::WarmUp;
 use crate::pipeline::{self, PipelineError, RunSummary, Shutdown};
-use crate::redis::RedisSink;
-use crate::rules::{Effect, EffectPlan, FallbackCause, Rules};
-use crate::snapshot::WarmUp;
-use crate::txn_plan::TxnPlanner;
+use crate::plan::rules::{Effect, EffectPlan, FallbackCause, Rules};
+use crate::plan::txn::TxnPlanner;
+use crate::sink::redis::RedisSink;
 
 /// Everything a sink reset clears: every prefix the rules invalidate and every mirror prefix.
 pub fn reset_plan(config: &Config, rules: &Rules) -> Result<EffectPlan, PipelineError> {
     let mut plan = rules.reset_plan();
-    for mirror in crate::mirror::compile_all(&config.tables).map_err(setup)? {
+    for mirror in crate::plan::mirror::compile_all(&config.tables).map_err(setup)? {
         for prefix in mirror.prefixes() {
             plan.add(Effect::UnlinkKeysWithPrefix {
                 prefix,

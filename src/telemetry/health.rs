@@ -11,12 +11,12 @@ static REDIS_UP: AtomicBool = AtomicBool::new(false);
 
 pub fn set_streaming(on: bool) {
     STREAMING.store(on, Ordering::Relaxed);
-    crate::metrics::set_streaming(on);
+    crate::telemetry::metrics::set_streaming(on);
 }
 
 pub fn set_redis_up(up: bool) {
     REDIS_UP.store(up, Ordering::Relaxed);
-    crate::metrics::set_redis_up(up);
+    crate::telemetry::metrics::set_redis_up(up);
 }
 
 pub fn streaming() -> bool {
@@ -31,7 +31,7 @@ pub fn redis_up() -> bool {
 /// Uses the whole `[redis]` section (TLS files included) and its `timeout_ms`.
 pub async fn probe_redis(redis: RedisConfig, interval: Duration) {
     let timeout = Duration::from_millis(redis.timeout_ms);
-    let Ok(client) = crate::redis::redis_client(&redis) else {
+    let Ok(client) = crate::sink::redis::redis_client(&redis) else {
         return;
     };
     let mut connection = None;

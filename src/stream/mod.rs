@@ -1,0 +1,5 @@
+//! Where data enters: committed transactions assembled from the decoded pgoutput stream, and
+//! the LSN bookkeeping of what was received and what may be confirmed.
+
+pub mod assembler;
+pub mod progress;
