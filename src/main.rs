@@ -8,9 +8,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use walsweep::cli::check::{self, Report};
 use walsweep::config::{Config, ConfigError};
-use walsweep::pipeline::{self, display_chain, PipelineError};
+use walsweep::pipeline::{self, PipelineError};
 use walsweep::plan::rules::Rules;
 use walsweep::plan::Op;
+use walsweep::telemetry::log::display_chain;
 
 /// sysexits' EX_CONFIG: the configuration is wrong, retrying will not help.
 const EXIT_CONFIG: u8 = 78;
@@ -249,7 +250,7 @@ async fn run(path: &Path) -> ExitCode {
             }
         }
     }
-    tokio::spawn(walsweep::telemetry::health::probe_redis(
+    tokio::spawn(walsweep::sink::redis::probe::probe_redis(
         config.redis.clone(),
         std::time::Duration::from_secs(2),
     ));

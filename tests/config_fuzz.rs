@@ -17,8 +17,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use walsweep::config::Config;
-use walsweep::pipeline::display_chain;
 use walsweep::plan::rules::Rules;
+use walsweep::telemetry::log::display_chain;
 
 type PanicHook = dyn Fn(&PanicHookInfo<'_>) + Send + Sync + 'static;
 

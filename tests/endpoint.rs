@@ -67,7 +67,7 @@ async fn metrics_are_exported_and_readiness_follows_redis() {
     let addr = walsweep::telemetry::http::serve("127.0.0.1:0", handle)
         .await
         .unwrap();
-    tokio::spawn(walsweep::telemetry::health::probe_redis(
+    tokio::spawn(walsweep::sink::redis::probe::probe_redis(
         config.redis.clone(),
         Duration::from_millis(100),
     ));

@@ -37,11 +37,12 @@ use tokio::task::JoinHandle;
 use support::daemon::Daemon;
 use walsweep::config::{Config, SourceConfig};
 use walsweep::pg::pgoutput::{parse_message, DecodeError, PgOutput, TupleValue};
-use walsweep::pipeline::{self, display_chain, PipelineError, RunSummary, ShutdownHandle};
+use walsweep::pipeline::{self, PipelineError, RunSummary, ShutdownHandle};
 use walsweep::plan::rules::{EffectPlan, Rules, RulesPlanner};
 use walsweep::plan::{Op, Plan, Planner, RelationInfo, RowChange};
 use walsweep::sink::{Sink, SinkError};
 use walsweep::stream::assembler::{Assembler, CommittedTxn};
+use walsweep::telemetry::log::display_chain;
 
 use support::{Postgres, Redis};
 

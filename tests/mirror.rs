@@ -787,7 +787,7 @@ async fn snapshot_refuses_while_a_daemon_streams_and_without_mirrors() {
     let err = walsweep::pipeline::warm_up::run_command(&cfg)
         .await
         .expect_err("the slot is in use");
-    let msg = walsweep::pipeline::display_chain(&err);
+    let msg = walsweep::telemetry::log::display_chain(&err);
     assert!(
         msg.contains("replication slot \"busy\" is in use") && msg.contains("stop it first"),
         "{msg}"
@@ -804,7 +804,7 @@ async fn snapshot_refuses_while_a_daemon_streams_and_without_mirrors() {
     let err = walsweep::pipeline::warm_up::run_command(&no_mirrors)
         .await
         .expect_err("nothing to load");
-    let msg = walsweep::pipeline::display_chain(&err);
+    let msg = walsweep::telemetry::log::display_chain(&err);
     assert!(msg.contains("no [[table.mirror]] to load"), "{msg}");
 }
 

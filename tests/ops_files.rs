@@ -1708,7 +1708,7 @@ async fn referenced_metrics_are_exported_by_a_running_pipeline() {
     let addr = walsweep::telemetry::http::serve("127.0.0.1:0", handle)
         .await
         .unwrap();
-    tokio::spawn(walsweep::telemetry::health::probe_redis(
+    tokio::spawn(walsweep::sink::redis::probe::probe_redis(
         config.redis.clone(),
         Duration::from_millis(100),
     ));

@@ -839,9 +839,13 @@ async fn decoded_values_match_test_decoding_and_postgres_to_json() {
     // 2. The edge row's typed values, against the hand-written table.
     let mut registry = TypeRegistry::new();
     let edge = &raw[0].changes[1];
-    walsweep::pg::catalog::resolve_types(&client, &mut registry, edge.columns.iter().map(|c| c.1))
-        .await
-        .expect("pg_type lookup");
+    walsweep::stream::types::resolve_types(
+        &client,
+        &mut registry,
+        edge.columns.iter().map(|c| c.1),
+    )
+    .await
+    .expect("pg_type lookup");
     let expected = expected_edge_row();
     let new = edge.new.as_ref().unwrap();
     assert_eq!(expected.len(), new.len(), "every column has an expectation");

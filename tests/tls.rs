@@ -20,12 +20,13 @@ use tokio::sync::mpsc;
 use walsweep::config::{Config, MatroskaConfig, RedisConfig, SourceConfig};
 use walsweep::pg::catalog;
 use walsweep::pg::replication::{ConnectParams, ReplicationConnection};
-use walsweep::pipeline::{self, display_chain};
+use walsweep::pipeline;
 use walsweep::plan::rules::EffectPlan;
 use walsweep::plan::touched::{TouchedRows, TouchedRowsPlanner};
 use walsweep::sink::redis::{redis_client, RedisSink};
 use walsweep::sink::{Sink, SinkError};
 use walsweep::stream::assembler::CommittedTxn;
+use walsweep::telemetry::log::display_chain;
 
 use support::scratch;
 use support::{Postgres, PostgresOptions, Redis};
@@ -664,13 +665,13 @@ async fn rediss_with_ca_file_applies_plans_and_a_wrong_ca_fails() {
 
     // The readiness probe uses the same client: up with the right CA, down with a wrong one.
     walsweep::telemetry::health::set_redis_up(false);
-    let probe = tokio::spawn(walsweep::telemetry::health::probe_redis(
+    let probe = tokio::spawn(walsweep::sink::redis::probe::probe_redis(
         good.clone(),
         Duration::from_millis(50),
     ));
     wait_until(10, walsweep::telemetry::health::redis_up).await;
     probe.abort();
-    let probe = tokio::spawn(walsweep::telemetry::health::probe_redis(
+    let probe = tokio::spawn(walsweep::sink::redis::probe::probe_redis(
         redis_config(&redis, Some(other.path("other-ca.pem"))),
         Duration::from_millis(50),
     ));

@@ -215,7 +215,12 @@ where
         .await
         .expect("the pipeline did not stop within 60s of the shutdown request")
         .expect("the pipeline task panicked")
-        .unwrap_or_else(|e| panic!("the pipeline failed: {}", pipeline::display_chain(&e)));
+        .unwrap_or_else(|e| {
+            panic!(
+                "the pipeline failed: {}",
+                walsweep::telemetry::log::display_chain(&e)
+            )
+        });
     Drained {
         elapsed,
         changes: seen.changes.load(Ordering::Relaxed),

@@ -7,11 +7,11 @@ use tokio_postgres::Client;
 
 use crate::config::Config;
 use crate::pg::catalog::{self, qualified_ident, split_table_name};
-use crate::pipeline::display_chain;
 use crate::plan::mirror::MirrorRule;
 use crate::plan::rules::template::Template;
 use crate::plan::rules::{Rules, TableRule};
 use crate::plan::Op;
+use crate::telemetry::log::display_chain;
 
 #[derive(Debug, Default, Clone)]
 pub struct Report {

@@ -620,7 +620,7 @@ impl<'a, W: Write> Session<'a, W> {
             .iter()
             .flat_map(|c| c.relation.columns.iter().map(|col| col.type_oid))
             .collect();
-        catalog::resolve_types(self.client, &mut self.registry, oids).await?;
+        crate::stream::types::resolve_types(self.client, &mut self.registry, oids).await?;
         let changes = plan
             .changes
             .iter()

@@ -3,8 +3,6 @@
 
 use tokio_postgres::{Client, NoTls};
 
-use crate::value::{TypeInfo, TypeKind, TypeRegistry};
-
 use super::replication::{open_transport, quote_ident, ConnectParams, ReplicationError};
 use super::Lsn;
 
@@ -188,80 +186,4 @@ pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, CatalogError> {
         .await
         .map_err(query_err("reading pg_current_wal_lsn()"))?;
     Ok(row.get::<_, String>(0).parse().unwrap_or_default())
-}
-
-/// Looks up `oids` (and the bases and elements they refer to) in `pg_type` and registers what
-/// they are; built-in types need no lookup.
-pub async fn resolve_types(
-    client: &Client,
-    registry: &mut TypeRegistry,
-    oids: impl IntoIterator<Item = u32>,
-) -> Result<(), CatalogError> {
-    let mut pending = registry.unresolved(oids);
-    // Domains over arrays of domains... each round resolves one level.
-    for _ in 0..16 {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let rows = client
-            .query(
-                "SELECT t.oid, n.nspname::text, t.typname::text, t.typtype::text, \
-                        t.typbasetype, t.typelem, t.typcategory::text, t.typdelim::text \
-                 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
-                 WHERE t.oid = ANY($1)",
-                &[&pending],
-            )
-            .await
-            .map_err(|source| CatalogError::Query {
-                what: "reading pg_type",
-                source,
-            })?;
-        let mut referenced = Vec::new();
-        for row in &rows {
-            let type_oid: u32 = row.get(0);
-            let namespace: String = row.get(1);
-            let name: String = row.get(2);
-            let typtype: String = row.get(3);
-            let base: u32 = row.get(4);
-            let element: u32 = row.get(5);
-            let category: String = row.get(6);
-            let delimiter: String = row.get(7);
-            let kind = match typtype.as_str() {
-                "e" => TypeKind::Enum,
-                "d" if base != 0 => {
-                    referenced.push(base);
-                    TypeKind::Domain { base }
-                }
-                _ if category == "A" && element != 0 => {
-                    referenced.push(element);
-                    TypeKind::Array {
-                        element,
-                        delimiter: delimiter.bytes().next().unwrap_or(b','),
-                    }
-                }
-                _ => TypeKind::Other,
-            };
-            registry.insert(
-                type_oid,
-                TypeInfo {
-                    name: format!("{namespace}.{name}"),
-                    kind,
-                },
-            );
-        }
-        for type_oid in &pending {
-            if registry.get(*type_oid).is_none() {
-                // Dropped since: read as text, and do not ask again.
-                registry.insert(
-                    *type_oid,
-                    TypeInfo {
-                        name: format!("type oid {type_oid}"),
-                        kind: TypeKind::Other,
-                    },
-                );
-            }
-        }
-        pending = registry.unresolved(referenced);
-    }
-    Ok(())
 }

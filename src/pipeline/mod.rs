@@ -31,6 +31,7 @@ use crate::plan::Planner;
 use crate::sink::{Sink, SinkError};
 use crate::stream::assembler::{AssembleError, Assembler, CommittedTxn};
 use crate::stream::progress::{Progress, StatusReason};
+use crate::telemetry::log::display_chain;
 use crate::telemetry::metrics as m;
 
 /// How often the slot's lag and WAL status are polled over SQL.
@@ -420,7 +421,8 @@ async fn apply_batch<P: crate::plan::Plan, S: Sink<P>>(
     let started = std::time::Instant::now();
     retry(sink, SinkOp::Apply(batch), backoff).await?;
     let last_end = batch.last().map(|t| t.end_lsn).unwrap_or_default();
-    m::batch_applied(batch, started.elapsed());
+    let commit_times: Vec<i64> = batch.iter().map(|t| t.commit_time_unix_micros).collect();
+    m::batch_applied(&commit_times, started.elapsed());
     confirmed.send_modify(|lsn| *lsn = (*lsn).max(last_end));
     batch.clear();
     Ok(())
@@ -619,7 +621,7 @@ impl<PL: Planner> Streamer<'_, PL> {
         self.keepalive_lsn = Lsn::ZERO;
         self.backoff.reset();
         let mut progress = Progress::new(slot_confirmed.max(confirmed_here));
-        m::set_flushed_lsn(progress.flushed_lsn());
+        m::set_flushed_lsn(progress.flushed_lsn().as_u64());
         tracing::info!(
             slot = %source.slot,
             start_lsn = %slot_confirmed.max(start_lsn),
@@ -793,7 +795,7 @@ impl<PL: Planner> Streamer<'_, PL> {
             return Ok(());
         }
         let client = catalog::connect(&self.params).await?;
-        catalog::resolve_types(&client, &mut self.types, unresolved).await?;
+        crate::stream::types::resolve_types(&client, &mut self.types, unresolved).await?;
         self.assembler.register_types(&self.types);
         Ok(())
     }
@@ -813,7 +815,7 @@ impl<PL: Planner> Streamer<'_, PL> {
         if self.nothing_pending() {
             progress.confirm(self.keepalive_lsn);
         }
-        m::set_flushed_lsn(progress.flushed_lsn());
+        m::set_flushed_lsn(progress.flushed_lsn().as_u64());
     }
 
     /// Puts a committed transaction on the queue, waiting while it is full. The socket is not
@@ -833,7 +835,7 @@ impl<PL: Planner> Streamer<'_, PL> {
                 permit = self.queue.reserve() => {
                     match permit {
                         Ok(permit) => {
-                            m::txn_committed(&txn);
+                            m::txn_committed();
                             permit.send(SinkCommand::Apply(txn));
                         }
                         Err(_) => return Err(PipelineError::Setup("sink stopped".into())),
@@ -843,7 +845,7 @@ impl<PL: Planner> Streamer<'_, PL> {
                 }
                 Ok(()) = self.confirmed.changed() => {
                     progress.confirm(*self.confirmed.borrow_and_update());
-                    m::set_flushed_lsn(progress.flushed_lsn());
+                    m::set_flushed_lsn(progress.flushed_lsn().as_u64());
                 }
                 _ = ticker.tick() => {
                     send_status(stream, progress, StatusReason::Interval).await?;
@@ -904,26 +906,14 @@ async fn send_status(
     reason: StatusReason,
 ) -> Result<(), PipelineError> {
     let update = progress.status_update();
-    m::set_received_lsn(update.write_lsn);
+    m::set_received_lsn(update.write_lsn.as_u64());
     tracing::trace!(write = %update.write_lsn, flush = %update.flush_lsn, reason = reason.as_str(), "status update");
     stream.send_status(&update).await?;
-    m::status_sent(reason);
+    m::status_sent(reason.as_str());
     Ok(())
 }
 
 /// `publication_names` takes a comma-separated list of (possibly quoted) identifiers.
 fn quote_publication(name: &str) -> String {
     crate::pg::replication::quote_ident(name)
-}
-
-/// `error: cause: cause`, for log lines (errors keep their sources separate).
-pub fn display_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -175,7 +175,7 @@ impl WarmUp {
         let relation = relation_info(client, index, table).await?;
         // Enums, domains and their arrays typed as streaming types them.
         let mut types = crate::value::TypeRegistry::new();
-        catalog::resolve_types(
+        crate::stream::types::resolve_types(
             client,
             &mut types,
             relation.columns.iter().map(|c| c.type_oid),

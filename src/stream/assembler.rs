@@ -248,7 +248,7 @@ impl<PL: Planner> Assembler<PL> {
                         .or_insert_with(|| {
                             crate::telemetry::metrics::changes_decoded(
                                 &relation.qualified_name,
-                                Op::Truncate,
+                                Op::Truncate.as_str(),
                             )
                         })
                         .increment(1);
@@ -388,7 +388,7 @@ impl<PL: Planner> Assembler<PL> {
         self.decoded
             .entry((oid, op))
             .or_insert_with(|| {
-                crate::telemetry::metrics::changes_decoded(&relation.qualified_name, op)
+                crate::telemetry::metrics::changes_decoded(&relation.qualified_name, op.as_str())
             })
             .increment(1);
         let expected = relation.columns.len();

@@ -3,3 +3,4 @@
 
 pub mod assembler;
 pub mod progress;
+pub mod types;

@@ -25,6 +25,19 @@ impl StatusReason {
     }
 }
 
+#[test]
+fn status_reasons_are_the_exported_labels() {
+    let reasons = [
+        StatusReason::KeepaliveReply,
+        StatusReason::Interval,
+        StatusReason::Shutdown,
+    ];
+    assert_eq!(
+        reasons.map(StatusReason::as_str),
+        crate::telemetry::metrics::STATUS_REASONS
+    );
+}
+
 /// `received_lsn`: the furthest WAL position seen on the stream.
 /// `flushed_lsn`: the furthest position whose effects are applied (or that carries none).
 /// Invariant: `flushed_lsn <= received_lsn`; neither moves backwards.

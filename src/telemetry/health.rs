@@ -1,10 +1,8 @@
 //! Process-wide health flags behind `/readyz`: whether the replication stream is open and
-//! whether Redis answered lately. Set by the pipeline, the sink and the Redis probe.
+//! whether Redis answered lately. Set by the stream (streaming) and the Redis sink and its probe
+//! (Redis up).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-
-use crate::config::RedisConfig;
 
 static STREAMING: AtomicBool = AtomicBool::new(false);
 static REDIS_UP: AtomicBool = AtomicBool::new(false);
@@ -25,29 +23,4 @@ pub fn streaming() -> bool {
 
 pub fn redis_up() -> bool {
     REDIS_UP.load(Ordering::Relaxed)
-}
-
-/// Pings Redis every `interval` so readiness reflects an outage even while no change flows.
-/// Uses the whole `[redis]` section (TLS files included) and its `timeout_ms`.
-pub async fn probe_redis(redis: RedisConfig, interval: Duration) {
-    let timeout = Duration::from_millis(redis.timeout_ms);
-    let Ok(client) = crate::sink::redis::redis_client(&redis) else {
-        return;
-    };
-    let mut connection = None;
-    loop {
-        let ping = async {
-            if connection.is_none() {
-                connection = Some(client.get_multiplexed_async_connection().await?);
-            }
-            let conn = connection.as_mut().expect("set above");
-            ::redis::cmd("PING").query_async::<String>(conn).await
-        };
-        let up = matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)));
-        if !up {
-            connection = None;
-        }
-        set_redis_up(up);
-        tokio::time::sleep(interval).await;
-    }
 }

@@ -8,12 +8,6 @@ use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
 
-use crate::pg::Lsn;
-use crate::plan::rules::{EffectPlan, FallbackCause};
-use crate::plan::Plan;
-use crate::stream::assembler::CommittedTxn;
-use crate::stream::progress::StatusReason;
-
 pub const TRANSACTIONS_COMMITTED_TOTAL: &str = "walsweep_transactions_committed_total";
 pub const CHANGES_DECODED_TOTAL: &str = "walsweep_changes_decoded_total";
 pub const TRANSACTIONS_APPLIED_TOTAL: &str = "walsweep_transactions_applied_total";
@@ -78,6 +72,19 @@ pub const ALL: [&str; 29] = [
 ];
 
 /// `result` labels of `walsweep_mirror_rows_total`.
+/// `kind` label values of `EFFECTS_APPLIED_TOTAL`.
+pub const EFFECT_KINDS: [&str; 4] = ["key", "dep", "key_prefix", "dep_prefix"];
+/// `cause` label values of `FALLBACKS_TOTAL` (`plan::rules::FallbackCause::as_str`).
+pub const FALLBACK_CAUSES: [&str; 6] = [
+    "truncate",
+    "unknown_old_value",
+    "unknown_new_value",
+    "unknown_column",
+    "slot_recreated",
+    "non_utf8_value",
+];
+/// `reason` label values of `STATUS_UPDATES_TOTAL` (`stream::progress::StatusReason::as_str`).
+pub const STATUS_REASONS: [&str; 3] = ["keepalive_reply", "interval", "shutdown"];
 pub const MIRROR_RESULTS: [&str; 4] = ["written", "deleted", "skipped_absent", "incomplete"];
 /// `result` labels of `walsweep_broadcasts_total`.
 pub const BROADCAST_RESULTS: [&str; 2] = ["published", "duplicate"];
@@ -216,29 +223,18 @@ pub fn describe() {
     ] {
         counter!(name).absolute(0);
     }
-    for kind in ["key", "dep", "key_prefix", "dep_prefix"] {
+    for kind in EFFECT_KINDS {
         counter!(EFFECTS_APPLIED_TOTAL, LABEL_KIND => kind).absolute(0);
     }
-    for cause in [
-        FallbackCause::Truncate,
-        FallbackCause::UnknownOldValue,
-        FallbackCause::UnknownNewValue,
-        FallbackCause::UnknownColumn,
-        FallbackCause::SlotRecreated,
-        FallbackCause::NonUtf8Value,
-    ] {
-        counter!(FALLBACKS_TOTAL, LABEL_CAUSE => cause.as_str()).absolute(0);
+    for cause in FALLBACK_CAUSES {
+        counter!(FALLBACKS_TOTAL, LABEL_CAUSE => cause).absolute(0);
     }
     // Every error kind exists from the start, so `increase()` sees the first error of each.
     for kind in ERROR_KINDS {
         counter!(ERRORS_TOTAL, LABEL_KIND => kind).absolute(0);
     }
-    for reason in [
-        StatusReason::KeepaliveReply,
-        StatusReason::Interval,
-        StatusReason::Shutdown,
-    ] {
-        counter!(STATUS_UPDATES_TOTAL, LABEL_REASON => reason.as_str()).absolute(0);
+    for reason in STATUS_REASONS {
+        counter!(STATUS_UPDATES_TOTAL, LABEL_REASON => reason).absolute(0);
     }
     describe_gauge!(
         SLOT_LAG_BYTES,
@@ -314,30 +310,32 @@ pub fn describe() {
     }
 }
 
-pub fn txn_committed<P: Plan>(_txn: &CommittedTxn<P>) {
+pub fn txn_committed() {
     counter!(TRANSACTIONS_COMMITTED_TOTAL).increment(1);
 }
 
 /// The counter of decoded row changes for one table and operation (kept by the caller).
-pub fn changes_decoded(table: &str, op: crate::plan::Op) -> metrics::Counter {
-    counter!(CHANGES_DECODED_TOTAL, LABEL_TABLE => table.to_string(), LABEL_OP => op.as_str())
+pub fn changes_decoded(table: &str, op: &'static str) -> metrics::Counter {
+    counter!(CHANGES_DECODED_TOTAL, LABEL_TABLE => table.to_string(), LABEL_OP => op)
 }
 
-pub fn batch_applied<P: Plan>(batch: &[CommittedTxn<P>], elapsed: Duration) {
+/// A batch the sink confirmed: the commit time of each of its transactions, in commit order.
+pub fn batch_applied(commit_times_unix_micros: &[i64], elapsed: Duration) {
     let now_micros = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0);
-    counter!(TRANSACTIONS_APPLIED_TOTAL).increment(batch.len() as u64);
-    histogram!(BATCH_SIZE_TRANSACTIONS).record(batch.len() as f64);
+    let transactions = commit_times_unix_micros.len();
+    counter!(TRANSACTIONS_APPLIED_TOTAL).increment(transactions as u64);
+    histogram!(BATCH_SIZE_TRANSACTIONS).record(transactions as f64);
     histogram!(BATCH_APPLY_SECONDS).record(elapsed.as_secs_f64());
     let latency = histogram!(COMMIT_TO_APPLIED_SECONDS);
-    for txn in batch {
-        let micros = (now_micros - txn.commit_time_unix_micros).max(0);
+    for commit_time in commit_times_unix_micros {
+        let micros = (now_micros - commit_time).max(0);
         latency.record(micros as f64 / 1e6);
     }
-    if let Some(newest) = batch.last() {
-        let micros = (now_micros - newest.commit_time_unix_micros).max(0);
+    if let Some(newest) = commit_times_unix_micros.last() {
+        let micros = (now_micros - newest).max(0);
         gauge!(LAG_SECONDS).set(micros as f64 / 1e6);
     }
 }
@@ -346,8 +344,8 @@ pub fn slot_recreated() {
     counter!(SLOTS_RECREATED_TOTAL).increment(1);
 }
 
-pub fn set_received_lsn(lsn: Lsn) {
-    gauge!(RECEIVED_LSN).set(lsn.as_u64() as f64);
+pub fn set_received_lsn(lsn: u64) {
+    gauge!(RECEIVED_LSN).set(lsn as f64);
 }
 
 /// One poll of the slot's state.
@@ -360,14 +358,9 @@ pub fn slot_polled(lag_bytes: u64, wal_status: Option<&str>, safe_wal_size: Opti
     gauge!(SLOT_SAFE_WAL_SIZE_BYTES).set(safe_wal_size.map_or(-1.0, |b| b as f64));
 }
 
-/// Effects Redis confirmed, by kind.
-pub fn effects_applied(plan: &EffectPlan) {
-    for (kind, n) in [
-        ("key", plan.keys.len()),
-        ("dep", plan.deps.len()),
-        ("key_prefix", plan.key_prefixes.len()),
-        ("dep_prefix", plan.dep_prefixes.len()),
-    ] {
+/// Effects Redis confirmed: how many of each of `EFFECT_KINDS`, in that order.
+pub fn effects_applied(counts: [usize; 4]) {
+    for (kind, n) in EFFECT_KINDS.into_iter().zip(counts) {
         if n > 0 {
             counter!(EFFECTS_APPLIED_TOTAL, LABEL_KIND => kind).increment(n as u64);
         }
@@ -388,23 +381,20 @@ pub fn keys_unlinked(n: u64) {
     counter!(KEYS_UNLINKED_TOTAL).increment(n);
 }
 
-pub fn fallback(cause: FallbackCause) {
-    counter!(FALLBACKS_TOTAL, LABEL_CAUSE => cause.as_str()).increment(1);
+/// One of `FALLBACK_CAUSES`.
+pub fn fallback(cause: &'static str) {
+    counter!(FALLBACKS_TOTAL, LABEL_CAUSE => cause).increment(1);
 }
 
-pub fn mirror_applied(applied: &crate::sink::redis::mirror::MirrorApplied) {
-    for (result, n) in MIRROR_RESULTS.iter().zip([
-        applied.written,
-        applied.deleted,
-        applied.skipped,
-        applied.incomplete,
-    ]) {
+/// Mirror rows Redis confirmed, by each of `MIRROR_RESULTS` in order, and keys a clear removed.
+pub fn mirror_applied(rows: [u64; 4], cleared_keys: u64) {
+    for (result, n) in MIRROR_RESULTS.iter().zip(rows) {
         if n > 0 {
             counter!(MIRROR_ROWS_TOTAL, LABEL_RESULT => *result).increment(n);
         }
     }
-    if applied.cleared_keys > 0 {
-        counter!(MIRROR_KEYS_CLEARED_TOTAL).increment(applied.cleared_keys);
+    if cleared_keys > 0 {
+        counter!(MIRROR_KEYS_CLEARED_TOTAL).increment(cleared_keys);
     }
 }
 
@@ -429,8 +419,8 @@ pub fn set_redis_up(up: bool) {
     gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
 }
 
-pub fn set_flushed_lsn(lsn: Lsn) {
-    gauge!(FLUSHED_LSN).set(lsn.as_u64() as f64);
+pub fn set_flushed_lsn(lsn: u64) {
+    gauge!(FLUSHED_LSN).set(lsn as f64);
 }
 
 pub fn set_streaming(on: bool) {
@@ -445,6 +435,7 @@ pub fn error(kind: &'static str) {
     counter!(ERRORS_TOTAL, LABEL_KIND => kind).increment(1);
 }
 
-pub fn status_sent(reason: StatusReason) {
-    counter!(STATUS_UPDATES_TOTAL, LABEL_REASON => reason.as_str()).increment(1);
+/// One of `STATUS_REASONS`.
+pub fn status_sent(reason: &'static str) {
+    counter!(STATUS_UPDATES_TOTAL, LABEL_REASON => reason).increment(1);
 }

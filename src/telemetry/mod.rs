@@ -4,4 +4,5 @@
 
 pub mod health;
 pub mod http;
+pub mod log;
 pub mod metrics;

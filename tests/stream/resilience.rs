@@ -138,7 +138,7 @@ async fn run_to_error(source: walsweep::config::SourceConfig, tables: &[&str]) -
         .expect("fatal errors stop the pipeline")
         .unwrap();
     match result {
-        Err(e) => walsweep::pipeline::display_chain(&e),
+        Err(e) => walsweep::telemetry::log::display_chain(&e),
         Ok(s) => panic!("expected an error, ran to {s:?}"),
     }
 }

@@ -138,7 +138,7 @@ async fn lost_slot_fails_or_is_recreated_with_a_reset() {
         .expect("a lost slot stops walsweep")
         .unwrap()
         .expect_err("fail policy");
-    let msg = walsweep::pipeline::display_chain(&err);
+    let msg = walsweep::telemetry::log::display_chain(&err);
     assert!(
         msg.contains("replication slot \"fragile\" is lost"),
         "{msg}"

@@ -150,7 +150,7 @@ impl MirrorPlanner {
                 prefixes: rule.prefixes(),
                 cause: FallbackCause::Truncate,
             });
-            crate::telemetry::metrics::fallback(FallbackCause::Truncate);
+            crate::telemetry::metrics::fallback(FallbackCause::Truncate.as_str());
         }
     }
 }
@@ -168,7 +168,7 @@ fn plan_mirror(
                     cause: FallbackCause,
                     prefixes: Vec<String>,
                     what: String| {
-        crate::telemetry::metrics::fallback(cause);
+        crate::telemetry::metrics::fallback(cause.as_str());
         problems.push((
             rule.clone(),
             what,

@@ -77,6 +77,17 @@ pub struct EffectPlan {
 }
 
 impl EffectPlan {
+    /// Keys, dependency sets, key prefixes and dependency prefixes: the order of
+    /// `telemetry::metrics::EFFECT_KINDS`.
+    pub fn counts_by_kind(&self) -> [usize; 4] {
+        [
+            self.keys.len(),
+            self.deps.len(),
+            self.key_prefixes.len(),
+            self.dep_prefixes.len(),
+        ]
+    }
+
     pub fn add(&mut self, effect: Effect) {
         match effect {
             Effect::UnlinkKey(k) => {
@@ -117,5 +128,26 @@ impl Plan for EffectPlan {
 
     fn effect_count(&self) -> usize {
         self.keys.len() + self.deps.len() + self.key_prefixes.len() + self.dep_prefixes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_causes_are_the_exported_labels() {
+        let causes = [
+            FallbackCause::Truncate,
+            FallbackCause::UnknownOldValue,
+            FallbackCause::UnknownNewValue,
+            FallbackCause::UnknownColumn,
+            FallbackCause::SlotRecreated,
+            FallbackCause::NonUtf8Value,
+        ];
+        assert_eq!(
+            causes.map(FallbackCause::as_str),
+            crate::telemetry::metrics::FALLBACK_CAUSES
+        );
     }
 }

@@ -535,7 +535,7 @@ impl RulesPlanner {
             }
         }
         for (rule, what, cause) in fallbacks {
-            crate::telemetry::metrics::fallback(cause);
+            crate::telemetry::metrics::fallback(cause.as_str());
             self.fallback_logged(&rule, &what, cause);
         }
     }
@@ -583,7 +583,7 @@ impl RulesPlanner {
                     origin(RuleRef::Scope(scope.index)),
                 );
             }
-            crate::telemetry::metrics::fallback(cause);
+            crate::telemetry::metrics::fallback(cause.as_str());
         }
     }
 }

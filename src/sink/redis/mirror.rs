@@ -253,7 +253,15 @@ impl RedisSink {
             }
         }
         self.run_calls(&mut conn, calls, &mut applied).await?;
-        m::mirror_applied(&applied);
+        m::mirror_applied(
+            [
+                applied.written,
+                applied.deleted,
+                applied.skipped,
+                applied.incomplete,
+            ],
+            applied.cleared_keys,
+        );
         if applied.wrong_type > 0 {
             m::error(m::ERROR_WRONG_TYPE);
             tracing::warn!(

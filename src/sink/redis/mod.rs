@@ -14,6 +14,7 @@
 
 pub mod broadcast;
 pub mod mirror;
+pub mod probe;
 pub mod reinvalidate;
 
 use std::collections::{BTreeMap, HashSet};
@@ -526,7 +527,7 @@ impl RedisSink {
         }
         self.publish(batch).await?;
         for txn in batch {
-            m::effects_applied(&txn.plan.invalidate);
+            m::effects_applied(txn.plan.invalidate.counts_by_kind());
         }
         tracing::debug!(
             transactions = batch.len(),
@@ -564,7 +565,7 @@ impl Sink<EffectPlan> for RedisSink {
             reinvalidate.schedule(merged);
         }
         for txn in batch {
-            m::effects_applied(&txn.plan);
+            m::effects_applied(txn.plan.counts_by_kind());
         }
         tracing::debug!(
             transactions = batch.len(),

@@ -293,7 +293,7 @@ async fn apply_with_retries(sink: &mut RedisSink, plan: &EffectPlan, effects: us
                 m::reinvalidation_error();
                 let last = attempt == ATTEMPTS || !e.is_retryable();
                 tracing::warn!(
-                    error = %crate::pipeline::display_chain(&e),
+                    error = %crate::telemetry::log::display_chain(&e),
                     attempt,
                     effects,
                     gave_up = last,
