@@ -40,7 +40,7 @@ use walsweep::pg::pgoutput::{parse_message, DecodeError, PgOutput, TupleValue};
 use walsweep::pipeline::{self, PipelineError, RunSummary, ShutdownHandle};
 use walsweep::plan::rules::{EffectPlan, Rules, RulesPlanner};
 use walsweep::plan::{Op, Plan, Planner, RelationInfo, RowChange};
-use walsweep::sink::{Sink, SinkError};
+use walsweep::sink::{Applied, Sink, SinkError};
 use walsweep::stream::assembler::{Assembler, CommittedTxn};
 use walsweep::telemetry::log::display_chain;
 
@@ -452,11 +452,11 @@ impl Planner for Recorder {
 struct ForwardSink(mpsc::UnboundedSender<Seen>);
 
 impl Sink<Seen> for ForwardSink {
-    async fn apply(&mut self, batch: &[CommittedTxn<Seen>]) -> Result<(), SinkError> {
+    async fn apply(&mut self, batch: &[CommittedTxn<Seen>]) -> Result<Applied, SinkError> {
         for txn in batch {
             let _ = self.0.send(txn.plan.clone());
         }
-        Ok(())
+        Ok(Applied::whole(batch))
     }
 
     async fn reset(&mut self) -> Result<(), SinkError> {

@@ -24,7 +24,7 @@ use walsweep::pipeline;
 use walsweep::plan::rules::EffectPlan;
 use walsweep::plan::touched::{TouchedRows, TouchedRowsPlanner};
 use walsweep::sink::redis::{redis_client, RedisSink};
-use walsweep::sink::{Sink, SinkError};
+use walsweep::sink::{Applied, Sink, SinkError};
 use walsweep::stream::assembler::CommittedTxn;
 use walsweep::telemetry::log::display_chain;
 
@@ -515,11 +515,11 @@ impl Sink<TouchedRows> for ChannelSink {
         Ok(())
     }
 
-    async fn apply(&mut self, batch: &[CommittedTxn<TouchedRows>]) -> Result<(), SinkError> {
+    async fn apply(&mut self, batch: &[CommittedTxn<TouchedRows>]) -> Result<Applied, SinkError> {
         for txn in batch {
             let _ = self.0.send(txn.clone());
         }
-        Ok(())
+        Ok(Applied::whole(batch))
     }
 }
 

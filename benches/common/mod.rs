@@ -16,7 +16,7 @@ use walsweep::pg::Lsn;
 use walsweep::pipeline::{self, RunSummary};
 use walsweep::plan::touched::TouchedRowsPlanner;
 use walsweep::plan::Plan;
-use walsweep::sink::{Sink, SinkError};
+use walsweep::sink::{Applied, Sink, SinkError};
 use walsweep::stream::assembler::CommittedTxn;
 
 /// A `usize` from the environment (underscores allowed: `200_000`), else `default`.
@@ -60,8 +60,8 @@ pub struct NullSink<S = Discard> {
 pub struct Discard;
 
 impl<P: Plan> Sink<P> for Discard {
-    async fn apply(&mut self, _batch: &[CommittedTxn<P>]) -> Result<(), SinkError> {
-        Ok(())
+    async fn apply(&mut self, batch: &[CommittedTxn<P>]) -> Result<Applied, SinkError> {
+        Ok(Applied::whole(batch))
     }
 
     async fn reset(&mut self) -> Result<(), SinkError> {
@@ -94,8 +94,8 @@ impl<S> NullSink<S> {
 }
 
 impl<P: Plan + Sync, S: Sink<P>> Sink<P> for NullSink<S> {
-    async fn apply(&mut self, batch: &[CommittedTxn<P>]) -> Result<(), SinkError> {
-        self.inner.apply(batch).await?;
+    async fn apply(&mut self, batch: &[CommittedTxn<P>]) -> Result<Applied, SinkError> {
+        let applied = self.inner.apply(batch).await?;
         let mut changes = 0;
         let mut max_effects = 0;
         for txn in batch {
@@ -116,7 +116,7 @@ impl<P: Plan + Sync, S: Sink<P>> Sink<P> for NullSink<S> {
                 let _ = reached.send(Instant::now());
             }
         }
-        Ok(())
+        Ok(applied)
     }
 
     async fn reset(&mut self) -> Result<(), SinkError> {

@@ -1,10 +1,10 @@
 //! Where committed plans leave walsweep.
 //!
 //! # The sink contract
-//! - `apply` receives committed transactions in commit order, in batches. It returns `Ok` only
-//!   once every effect of every transaction in the batch is confirmed by the destination. Only
-//!   then does the pipeline confirm the batch's last `end_lsn` to Postgres; confirmation is
-//!   cumulative.
+//! - `apply` receives committed transactions in commit order, in batches. It returns
+//!   `Ok(Applied)` only once every effect of every transaction in the batch is confirmed by the
+//!   destination, and `Applied::commit_end_lsn` says up to where: the pipeline confirms exactly
+//!   that position to Postgres, never more. Confirmation is cumulative.
 //! - Delivery is at-least-once: after a crash or reconnect a batch may be applied again, so
 //!   effects must be idempotent.
 //! - On error nothing of the batch counts as applied. A retryable error makes the pipeline retry
@@ -15,8 +15,29 @@ pub mod redis;
 
 use std::future::Future;
 
+use crate::pg::Lsn;
 use crate::plan::Plan;
 use crate::stream::assembler::CommittedTxn;
+
+/// What the destination confirmed of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// End of the last commit whose effects are all in the destination: the position the
+    /// pipeline confirms to Postgres.
+    pub commit_end_lsn: Lsn,
+    /// Commit time of each applied transaction, in commit order (commit-to-applied latency).
+    pub commit_times_unix_micros: Vec<i64>,
+}
+
+impl Applied {
+    /// Every transaction of `batch` applied.
+    pub fn whole<P>(batch: &[CommittedTxn<P>]) -> Applied {
+        Applied {
+            commit_end_lsn: batch.last().map(|t| t.end_lsn).unwrap_or_default(),
+            commit_times_unix_micros: batch.iter().map(|t| t.commit_time_unix_micros).collect(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("sink failed to {operation}")]
@@ -40,7 +61,7 @@ pub trait Sink<P: Plan>: Send + 'static {
     fn apply(
         &mut self,
         batch: &[CommittedTxn<P>],
-    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+    ) -> impl Future<Output = Result<Applied, SinkError>> + Send;
 
     /// The stream had a gap (the slot was lost and recreated), so anything the destination
     /// holds may be stale: remove all of it. Called in stream order, before any transaction

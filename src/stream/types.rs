@@ -4,8 +4,84 @@
 
 use tokio_postgres::Client;
 
-use crate::pg::catalog::CatalogError;
+use crate::pg::catalog::{self, CatalogError};
+use crate::pg::replication::ConnectParams;
 use crate::value::{TypeInfo, TypeKind, TypeRegistry};
+
+/// The types known so far and a catalog connection kept for the rare lookup mid-stream (a type
+/// created after streaming started), so no connection is opened per Relation message.
+#[derive(Default)]
+pub struct TypeResolver {
+    registry: TypeRegistry,
+    client: Option<Client>,
+}
+
+impl TypeResolver {
+    pub fn new() -> Self {
+        TypeResolver::default()
+    }
+
+    pub fn registry(&self) -> &TypeRegistry {
+        &self.registry
+    }
+
+    /// Keeps `client` for later lookups (the session's catalog connection).
+    pub fn keep_connection(&mut self, client: Client) {
+        self.client = Some(client);
+    }
+
+    /// Every column type of the tables in `publication`, looked up before streaming starts so
+    /// the first rows are rendered right without a lookup in the middle of the stream. Returns
+    /// whether anything new became known.
+    pub async fn resolve_publication(
+        &mut self,
+        client: &Client,
+        publication: &str,
+    ) -> Result<bool, CatalogError> {
+        let rows = client
+            .query(
+                "SELECT DISTINCT a.atttypid \
+                 FROM pg_publication_tables p \
+                 JOIN pg_namespace n ON n.nspname = p.schemaname \
+                 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
+                 JOIN pg_attribute a ON a.attrelid = c.oid \
+                 WHERE p.pubname = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&publication],
+            )
+            .await
+            .map_err(|source| CatalogError::Query {
+                what: "reading the column types of the publication's tables",
+                source,
+            })?;
+        let oids: Vec<u32> = rows.iter().map(|row| row.get(0)).collect();
+        let unresolved = self.registry.unresolved(oids);
+        if unresolved.is_empty() {
+            return Ok(false);
+        }
+        resolve_types(client, &mut self.registry, unresolved).await?;
+        Ok(true)
+    }
+
+    /// Looks up what `oids` need, over the kept connection (opened again when it closed).
+    /// Returns whether anything new became known.
+    pub async fn resolve(
+        &mut self,
+        params: &ConnectParams,
+        oids: impl IntoIterator<Item = u32>,
+    ) -> Result<bool, CatalogError> {
+        let unresolved = self.registry.unresolved(oids);
+        if unresolved.is_empty() {
+            return Ok(false);
+        }
+        let client = match self.client.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => catalog::connect(params).await?,
+        };
+        let result = resolve_types(&client, &mut self.registry, unresolved).await;
+        self.client = Some(client);
+        result.map(|()| true)
+    }
+}
 
 /// Looks up `oids` (and the bases and elements they refer to) in `pg_type` and registers what
 /// they are; built-in types need no lookup.

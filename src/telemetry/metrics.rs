@@ -103,7 +103,7 @@ pub const LABEL_STATUS: &str = "status";
 pub const ERROR_SINK: &str = "sink";
 /// Every `kind` label `walsweep_errors_total` can carry (`ReplicationError::kind`,
 /// `PipelineError::kind` and the sink's own).
-pub const ERROR_KINDS: [&str; 18] = [
+pub const ERROR_KINDS: [&str; 20] = [
     "connect",
     "io",
     "server",
@@ -117,6 +117,8 @@ pub const ERROR_KINDS: [&str; 18] = [
     "catalog",
     "decode",
     "setup",
+    "warm_up",
+    "internal",
     "slot_lost",
     ERROR_SINK,
     ERROR_WRONG_TYPE,

@@ -13,7 +13,7 @@ use walsweep::pg::pgoutput::TupleValue;
 use walsweep::pg::Lsn;
 use walsweep::pipeline::{self, PipelineError, RunSummary, ShutdownHandle};
 use walsweep::plan::{Op, Plan, Planner, RelationInfo, RowChange};
-use walsweep::sink::{Sink, SinkError};
+use walsweep::sink::{Applied, Sink, SinkError};
 use walsweep::stream::assembler::CommittedTxn;
 
 pub use crate::support::daemon::{wait_for, wait_streaming};
@@ -136,7 +136,7 @@ impl Sink<Recorded> for TestSink {
         Ok(())
     }
 
-    async fn apply(&mut self, batch: &[CommittedTxn<Recorded>]) -> Result<(), SinkError> {
+    async fn apply(&mut self, batch: &[CommittedTxn<Recorded>]) -> Result<Applied, SinkError> {
         let _ = self.hold.wait_for(|held| !*held).await;
         if self
             .failures_left
@@ -152,7 +152,7 @@ impl Sink<Recorded> for TestSink {
         for txn in batch {
             let _ = self.applied.send(txn.clone());
         }
-        Ok(())
+        Ok(Applied::whole(batch))
     }
 }
 

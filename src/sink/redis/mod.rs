@@ -28,7 +28,7 @@ use crate::plan::rules::template::glob_escape;
 use crate::plan::rules::{EffectPlan, FallbackCause};
 use crate::plan::txn::TxnPlan;
 use crate::plan::Plan;
-use crate::sink::{Sink, SinkError};
+use crate::sink::{Applied, Sink, SinkError};
 use crate::stream::assembler::CommittedTxn;
 use crate::telemetry::metrics as m;
 
@@ -181,9 +181,9 @@ pub struct RedisSink {
     broadcast: Option<BroadcastConfig>,
 }
 
-/// What applying a batch did (tests and metrics).
+/// What the invalidations of a batch removed (tests, logs and metrics).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Applied {
+pub struct Unlinked {
     pub keys_unlinked: u64,
     pub wrong_type_sets: u64,
 }
@@ -272,7 +272,7 @@ impl RedisSink {
     pub async fn apply_plans<'a>(
         &mut self,
         plans: impl Iterator<Item = &'a EffectPlan>,
-    ) -> Result<Applied, SinkError> {
+    ) -> Result<Unlinked, SinkError> {
         let mut keys: HashSet<&str> = HashSet::new();
         let mut deps: HashSet<&str> = HashSet::new();
         let mut key_prefixes: BTreeMap<&str, FallbackCause> = BTreeMap::new();
@@ -309,9 +309,9 @@ impl RedisSink {
         deps: HashSet<&str>,
         key_prefixes: BTreeMap<&str, FallbackCause>,
         dep_prefixes: BTreeMap<&str, FallbackCause>,
-    ) -> Result<Applied, SinkError> {
+    ) -> Result<Unlinked, SinkError> {
         let mut conn = self.connection().await?;
-        let mut applied = Applied::default();
+        let mut applied = Unlinked::default();
         let keys: Vec<&str> = keys.into_iter().collect();
         let sets: Vec<String> = deps.iter().map(|d| dep_set_key(&self.prefix, d)).collect();
         if !keys.is_empty() || !sets.is_empty() {
@@ -456,7 +456,7 @@ fn log_effects(
     }
 }
 
-fn count_replies(replies: &[Value], applied: &mut Applied) {
+fn count_replies(replies: &[Value], applied: &mut Unlinked) {
     for reply in replies {
         match reply {
             Value::Int(n) => applied.keys_unlinked += *n as u64,
@@ -487,7 +487,7 @@ impl Sink<TxnPlan> for RedisSink {
             .await
     }
 
-    async fn apply(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<(), SinkError> {
+    async fn apply(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<Applied, SinkError> {
         let result = self.apply_txn_plans(batch).await;
         if self.reports_health {
             crate::telemetry::health::set_redis_up(result.is_ok());
@@ -495,7 +495,7 @@ impl Sink<TxnPlan> for RedisSink {
         if result.is_err() {
             self.connection = None;
         }
-        result
+        result.map(|()| Applied::whole(batch))
     }
 }
 
@@ -554,7 +554,7 @@ impl Sink<EffectPlan> for RedisSink {
         Ok(())
     }
 
-    async fn apply(&mut self, batch: &[CommittedTxn<EffectPlan>]) -> Result<(), SinkError> {
+    async fn apply(&mut self, batch: &[CommittedTxn<EffectPlan>]) -> Result<Applied, SinkError> {
         let applied = self.apply_plans(batch.iter().map(|t| &t.plan)).await?;
         if let Some(reinvalidate) = &mut self.reinvalidate {
             // Confirmed: queue the same effects for their delayed second application.
@@ -572,6 +572,6 @@ impl Sink<EffectPlan> for RedisSink {
             keys_unlinked = applied.keys_unlinked,
             "batch applied"
         );
-        Ok(())
+        Ok(Applied::whole(batch))
     }
 }

@@ -1,0 +1,155 @@
+//! The sink task: applies queued transactions in batches and reports back, on one channel,
+//! what the sink confirmed. Nothing else flows from the sink side to the stream side.
+
+use std::time::Instant;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::pg::Lsn;
+use crate::plan::Plan;
+use crate::sink::{Applied, Sink, SinkError};
+use crate::stream::assembler::CommittedTxn;
+use crate::telemetry::log::display_chain;
+use crate::telemetry::metrics as m;
+
+use super::backoff::Backoff;
+
+/// What the stream task asks of the sink task, in stream order.
+pub enum SinkCommand<P> {
+    /// Apply a committed transaction.
+    Apply(CommittedTxn<P>),
+    /// The stream has a gap (the slot was lost and recreated): clear everything the sink
+    /// maintains before applying anything that follows. Completion shows in
+    /// `SinkReport::resets_done`.
+    Reset { reason: String },
+    /// The slot was created by this run: see `Sink::slot_created`.
+    SlotCreated,
+}
+
+/// The sink side's state as the stream side sees it; the latest value is all that matters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SinkReport {
+    /// End of the last commit the sink confirmed (`Applied::commit_end_lsn`); never moves back.
+    pub applied_lsn: Lsn,
+    /// Since when the sink has been failing, if it is (an outage that lasts releases the slot).
+    pub failing_since: Option<Instant>,
+    /// `Reset` commands completed so far.
+    pub resets_done: u64,
+}
+
+/// Applies queued commands until the queue closes or the sink fails for good.
+pub(crate) async fn sink_loop<P: Plan, S: Sink<P>>(
+    mut sink: S,
+    mut queue: mpsc::Receiver<SinkCommand<P>>,
+    report: watch::Sender<SinkReport>,
+    batch_max: usize,
+    backoff: Backoff,
+) -> Result<(), SinkError> {
+    let mut retry = Retry { backoff, report };
+    let mut commands = Vec::with_capacity(batch_max);
+    let mut batch = Vec::with_capacity(batch_max);
+    while queue.recv_many(&mut commands, batch_max).await > 0 {
+        for command in commands.drain(..) {
+            match command {
+                SinkCommand::Apply(txn) => batch.push(txn),
+                SinkCommand::Reset { reason } => {
+                    apply_batch(&mut sink, &mut batch, &mut retry).await?;
+                    tracing::warn!(%reason, "clearing everything the sink maintains");
+                    loop {
+                        match sink.reset().await {
+                            Ok(()) => break retry.succeeded(),
+                            Err(e) => retry.failed(e).await?,
+                        }
+                    }
+                    retry.report.send_modify(|r| r.resets_done += 1);
+                }
+                SinkCommand::SlotCreated => {
+                    apply_batch(&mut sink, &mut batch, &mut retry).await?;
+                    loop {
+                        match sink.slot_created().await {
+                            Ok(()) => break retry.succeeded(),
+                            Err(e) => retry.failed(e).await?,
+                        }
+                    }
+                }
+            }
+        }
+        apply_batch(&mut sink, &mut batch, &mut retry).await?;
+    }
+    Ok(())
+}
+
+/// Applies `batch` (retrying retryable errors forever), then reports what the sink applied.
+async fn apply_batch<P: Plan, S: Sink<P>>(
+    sink: &mut S,
+    batch: &mut Vec<CommittedTxn<P>>,
+    retry: &mut Retry,
+) -> Result<(), SinkError> {
+    let Some(last) = batch.last() else {
+        return Ok(());
+    };
+    let batch_end_lsn = last.end_lsn;
+    let started = Instant::now();
+    let applied: Applied = loop {
+        match sink.apply(batch).await {
+            Ok(applied) => {
+                retry.succeeded();
+                break applied;
+            }
+            Err(e) => retry.failed(e).await?,
+        }
+    };
+    // A sink cannot have applied what it was never given; confirming past the batch would
+    // skip commits still on their way.
+    debug_assert!(applied.commit_end_lsn <= batch_end_lsn);
+    let applied_lsn = applied.commit_end_lsn.min(batch_end_lsn);
+    m::batch_applied(&applied.commit_times_unix_micros, started.elapsed());
+    retry
+        .report
+        .send_if_modified(|r| advance(&mut r.applied_lsn, applied_lsn));
+    batch.clear();
+    Ok(())
+}
+
+fn advance(lsn: &mut Lsn, to: Lsn) -> bool {
+    let moved = to > *lsn;
+    *lsn = (*lsn).max(to);
+    moved
+}
+
+/// Retry state of the sink task; failures and recoveries show in the report.
+struct Retry {
+    backoff: Backoff,
+    report: watch::Sender<SinkReport>,
+}
+
+impl Retry {
+    fn succeeded(&mut self) {
+        self.backoff.reset();
+        self.report
+            .send_if_modified(|r| r.failing_since.take().is_some());
+    }
+
+    /// Waits out the backoff after a retryable failure; hands back one no retry can fix.
+    /// Nothing is ever skipped: the caller tries the same operation again.
+    async fn failed(&mut self, e: SinkError) -> Result<(), SinkError> {
+        if !e.is_retryable() {
+            return Err(e);
+        }
+        self.report.send_if_modified(|r| {
+            let first = r.failing_since.is_none();
+            r.failing_since.get_or_insert_with(Instant::now);
+            first
+        });
+        let delay = self.backoff.next_delay();
+        m::error(m::ERROR_SINK);
+        tracing::warn!(
+            error = %display_chain(&e),
+            attempt = self.backoff.attempts(),
+            retry_in_ms = delay.as_millis() as u64,
+            "sink unavailable; holding the slot position and retrying"
+        );
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,480 @@
+//! The stream task: reads the replication socket, assembles committed transactions and puts
+//! them on the sink queue in commit order. It moves the flush position only to what the sink
+//! reports applied, or, when nothing is pending, to a keepalive's WAL end.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{SlotLostPolicy, SourceConfig};
+use crate::pg::catalog;
+use crate::pg::replication::{
+    ConnectParams, ReplicationConnection, ReplicationError, ReplicationStream,
+};
+use crate::pg::wire::WireMessage;
+use crate::pg::Lsn;
+use crate::plan::Planner;
+use crate::stream::assembler::{Assembler, CommittedTxn};
+use crate::stream::progress::{Progress, StatusReason};
+use crate::stream::types::TypeResolver;
+use crate::telemetry::log::display_chain;
+use crate::telemetry::metrics as m;
+
+use super::backoff::Backoff;
+use super::shutdown::Shutdown;
+use super::sink_task::{SinkCommand, SinkReport};
+use super::warm_up::WarmUp;
+use super::PipelineError;
+
+/// How often a standby checks whether the slot's consumer went away.
+const STANDBY_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Server versions from which pgoutput speaks protocol 2 (streaming of large transactions).
+pub(crate) const STREAMING_MIN_SERVER_VERSION: u32 = 140_000;
+
+/// The server's answer to START_REPLICATION on a slot whose WAL is gone.
+fn is_slot_invalidated(e: &crate::pg::replication::ServerError) -> bool {
+    e.sqlstate == "55000"
+        && (e.message.contains("can no longer get changes")
+            || e.message.contains("invalidated")
+            || e.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("invalidated")))
+}
+
+pub(crate) struct Streamer<'a, PL: Planner> {
+    pub(crate) source: &'a SourceConfig,
+    pub(crate) params: ConnectParams,
+    pub(crate) assembler: Assembler<PL>,
+    pub(crate) queue: mpsc::Sender<SinkCommand<PL::Plan>>,
+    /// Everything the sink side reports back.
+    pub(crate) sink: watch::Receiver<SinkReport>,
+    /// `Reset` commands sent so far; a recreated slot with warm-up waits for its own.
+    pub(crate) resets_requested: u64,
+    /// End of the last transaction handed to the sink queue. A reconnect resumes after it, so
+    /// nothing reaches the sink twice or out of order while the sink task lives.
+    pub(crate) enqueued_lsn: Lsn,
+    /// WAL end of the latest keepalive: confirmable once nothing is pending.
+    pub(crate) keepalive_lsn: Lsn,
+    pub(crate) shutdown: Shutdown,
+    pub(crate) backoff: Backoff,
+    pub(crate) reconnects: u64,
+    /// `source.warm_up`: a recreated slot's mirrors are loaded again from its snapshot.
+    pub(crate) warm_up: Option<WarmUp>,
+    /// Enums, domains and arrays the planners need to know (see `Planner::register_types`).
+    pub(crate) types: TypeResolver,
+}
+
+enum SessionEnd {
+    Shutdown,
+    /// Start a new session at once (the slot was just recreated).
+    Restart,
+    /// The sink has been down for `release_slot_after_sink_outage_ms`: let go of the slot
+    /// until it recovers.
+    SinkDown,
+}
+
+impl<PL: Planner> Streamer<'_, PL> {
+    pub(crate) async fn run(&mut self) -> Result<(), PipelineError> {
+        loop {
+            match self.session().await {
+                // session() waits for the sink to recover before it returns this.
+                Ok(SessionEnd::SinkDown) => {}
+                Ok(SessionEnd::Shutdown) => return Ok(()),
+                Ok(SessionEnd::Restart) => {}
+                Err(e) if e.is_retryable() && self.shutdown.requests() == 0 => {
+                    self.reconnects += 1;
+                    m::reconnected();
+                    m::error(e.kind());
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(
+                        error = %display_chain(&e),
+                        attempt = self.backoff.attempts(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "replication connection lost; reconnecting"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.at_least(1) => return Ok(()),
+                    }
+                }
+                Err(e) => {
+                    m::error(e.kind());
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn session(&mut self) -> Result<SessionEnd, PipelineError> {
+        let source = self.source;
+        let client = catalog::connect(&self.params).await?;
+        let mut standing_by = false;
+        let slot = loop {
+            match catalog::slot_state(&client, &source.slot).await? {
+                None => self.slot_lost("was dropped").await?,
+                Some(s) if s.wal_status.as_deref() == Some("lost") => {
+                    self.slot_lost("is lost (Postgres removed WAL it still needed)")
+                        .await?
+                }
+                Some(s) if s.active => {
+                    // Postgres allows one consumer per slot: another instance streams, this
+                    // one is the standby and takes over as soon as the slot is free.
+                    if !standing_by {
+                        standing_by = true;
+                        tracing::info!(
+                            slot = %source.slot,
+                            active_pid = ?s.active_pid,
+                            "slot in use by another consumer; standing by"
+                        );
+                    }
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(STANDBY_POLL_INTERVAL) => {}
+                        _ = shutdown.at_least(1) => return Ok(SessionEnd::Shutdown),
+                    }
+                }
+                Some(s) => break s,
+            }
+        };
+        if standing_by {
+            tracing::info!(slot = %source.slot, "slot is free; taking over");
+        }
+        let slot_confirmed = slot.confirmed_flush_lsn.unwrap_or_default();
+        let wal_end = catalog::current_wal_lsn(&client).await.unwrap_or_default();
+        if self
+            .types
+            .resolve_publication(&client, &source.publication)
+            .await?
+        {
+            self.assembler.register_types(self.types.registry());
+        }
+        self.types.keep_connection(client);
+
+        let conn = ReplicationConnection::connect(&self.params).await?;
+        let version = conn.server_version_num().unwrap_or(0);
+        let confirmed_here = self.sink.borrow().applied_lsn;
+        let start_lsn = self.enqueued_lsn.max(confirmed_here);
+        let mut options = vec![
+            (
+                "proto_version",
+                if version >= STREAMING_MIN_SERVER_VERSION {
+                    "2"
+                } else {
+                    "1"
+                }
+                .to_string(),
+            ),
+            ("publication_names", quote_publication(&source.publication)),
+            ("messages", "true".to_string()),
+        ];
+        if version >= STREAMING_MIN_SERVER_VERSION {
+            options.push(("streaming", "on".to_string()));
+        }
+        let mut stream = match conn
+            .start_replication(&source.slot, start_lsn, &options)
+            .await
+        {
+            Ok(stream) => stream,
+            Err(ReplicationError::Server(e)) if is_slot_invalidated(&e) => {
+                self.slot_lost("was invalidated").await?;
+                return Ok(SessionEnd::Restart);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.assembler.reset();
+        self.keepalive_lsn = Lsn::ZERO;
+        self.backoff.reset();
+        let mut progress = Progress::new(slot_confirmed.max(confirmed_here));
+        m::set_flushed_lsn(progress.flushed_lsn().as_u64());
+        tracing::info!(
+            slot = %source.slot,
+            start_lsn = %slot_confirmed.max(start_lsn),
+            lag_bytes = wal_end.bytes_since(slot_confirmed),
+            server_version = version,
+            "streaming"
+        );
+        crate::telemetry::health::set_streaming(true);
+        let result = self.stream(&mut stream, &mut progress).await;
+        crate::telemetry::health::set_streaming(false);
+        match result {
+            Ok(SessionEnd::Shutdown) => {
+                send_status(&mut stream, &progress, StatusReason::Shutdown).await?;
+                stream.close().await;
+                tracing::info!(flushed_lsn = %progress.flushed_lsn(), "stopped after draining committed work");
+                Ok(SessionEnd::Shutdown)
+            }
+            Ok(SessionEnd::SinkDown) => {
+                send_status(&mut stream, &progress, StatusReason::Interval).await?;
+                stream.close().await;
+                tracing::warn!(
+                    after_ms = self.source.release_slot_after_sink_outage_ms,
+                    "sink still down; releasing the replication slot until it recovers \
+                     (Postgres keeps the WAL; a held walsender would also block its shutdown)"
+                );
+                let mut shutdown = self.shutdown.clone();
+                tokio::select! {
+                    _ = self.sink.wait_for(|r| r.failing_since.is_none()) => {
+                        tracing::info!("sink recovered; resuming replication");
+                        Ok(SessionEnd::Restart)
+                    }
+                    _ = shutdown.at_least(1) => Ok(SessionEnd::Shutdown),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The sink has been failing for longer than `release_slot_after_sink_outage_ms`.
+    fn sink_outage_exceeded(&self) -> bool {
+        let limit = Duration::from_millis(self.source.release_slot_after_sink_outage_ms);
+        self.sink
+            .borrow()
+            .failing_since
+            .is_some_and(|since| since.elapsed() >= limit)
+    }
+
+    async fn stream(
+        &mut self,
+        stream: &mut ReplicationStream,
+        progress: &mut Progress,
+    ) -> Result<SessionEnd, PipelineError> {
+        let mut ticker = tokio::time::interval(self.source.status_interval());
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.at_least(1) => {
+                    self.drain(stream, progress).await?;
+                    return Ok(SessionEnd::Shutdown);
+                }
+                Ok(()) = self.sink.changed() => {
+                    self.observe_confirmation(progress);
+                }
+                _ = ticker.tick() => {
+                    send_status(stream, progress, StatusReason::Interval).await?;
+                    if self.sink_outage_exceeded() {
+                        return Ok(SessionEnd::SinkDown);
+                    }
+                }
+                message = stream.next() => {
+                    match message? {
+                        None => return Err(ReplicationError::Closed.into()),
+                        Some(WireMessage::XLogData(x)) => {
+                            progress.receive(x.wal_start_lsn);
+                            let committed = self.assembler.feed(&x.data).map_err(|source| {
+                                PipelineError::Assemble { lsn: x.wal_start_lsn, source }
+                            })?;
+                            let new_types = self.assembler.take_new_type_oids();
+                            if !new_types.is_empty() {
+                                // A type created after the session started: rare.
+                                self.resolve_types(new_types).await?;
+                            }
+                            if let Some(txn) = committed {
+                                if !self.enqueue(txn, stream, progress, &mut ticker).await? {
+                                    return Ok(SessionEnd::SinkDown);
+                                }
+                            }
+                        }
+                        Some(WireMessage::PrimaryKeepalive(k)) => {
+                            progress.receive(k.wal_end_lsn);
+                            self.keepalive_lsn = self.keepalive_lsn.max(k.wal_end_lsn);
+                            self.observe_confirmation(progress);
+                            if k.reply_requested {
+                                send_status(stream, progress, StatusReason::KeepaliveReply).await?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies `source.on_slot_lost`. `Ok` means a new slot exists and a sink reset is queued
+    /// ahead of everything the new slot will deliver.
+    async fn slot_lost(&mut self, what: &str) -> Result<(), PipelineError> {
+        let source = self.source;
+        m::error("slot_lost");
+        if source.on_slot_lost == SlotLostPolicy::Fail {
+            return Err(PipelineError::Setup(format!(
+                "replication slot {:?} {what}: changes made since walsweep last confirmed were \
+                 never seen, so caches may be stale. Either set source.on_slot_lost = \
+                 \"recreate\" (walsweep creates a new slot and clears every key and dependency \
+                 set its rules maintain), or drop the slot, clear the caches yourself and restart",
+                source.slot
+            )));
+        }
+        tracing::error!(slot = %source.slot, "replication slot {what}; recreating it and clearing the caches");
+        let client = catalog::connect(&self.params).await?;
+        if catalog::slot_state(&client, &source.slot).await?.is_some() {
+            catalog::drop_slot(&client, &source.slot).await?;
+        }
+        drop(client);
+        let reason = format!(
+            "replication slot {:?} {what} and was recreated",
+            source.slot
+        );
+        let Some(warm_up) = &self.warm_up else {
+            let mut conn = ReplicationConnection::connect(&self.params).await?;
+            let lsn = conn.create_slot(&source.slot).await?;
+            tracing::warn!(slot = %source.slot, consistent_point = %lsn, "recreated replication slot");
+            // The reset goes through the queue, so it runs after everything received before the
+            // gap and before anything the new slot delivers.
+            request_reset(&self.queue, &mut self.resets_requested, reason).await?;
+            m::slot_recreated();
+            return Ok(());
+        };
+        // With warm-up: clear first, then create the slot and load the mirrors from its snapshot.
+        // Changes made in between are in the snapshot; everything after it comes from the slot.
+        request_reset(&self.queue, &mut self.resets_requested, reason).await?;
+        let resets = self.resets_requested;
+        self.sink
+            .wait_for(|r| r.resets_done >= resets)
+            .await
+            .map_err(|_| PipelineError::SinkStopped)?;
+        let mut conn = ReplicationConnection::connect(&self.params).await?;
+        let (lsn, snapshot) = conn.create_slot_exporting_snapshot(&source.slot).await?;
+        tracing::warn!(slot = %source.slot, consistent_point = %lsn, "recreated replication slot; warming up the mirrors from its snapshot");
+        let loaded = warm_up.load(&self.params, Some(&snapshot)).await;
+        drop(conn);
+        if let Err(e) = loaded {
+            // Next session finds no slot and comes back here: clear, create, load again.
+            let client = catalog::connect(&self.params).await?;
+            catalog::drop_slot(&client, &source.slot).await?;
+            return Err(e.into());
+        }
+        m::slot_recreated();
+        Ok(())
+    }
+
+    /// Looks up types a Relation message named that are not built in (rare: once per table
+    /// and shape), before any of its rows is planned.
+    async fn resolve_types(&mut self, oids: Vec<u32>) -> Result<(), PipelineError> {
+        if self.types.resolve(&self.params, oids).await? {
+            self.assembler.register_types(self.types.registry());
+        }
+        Ok(())
+    }
+
+    /// No half-received transaction and every queued one confirmed by the sink.
+    fn nothing_pending(&self) -> bool {
+        self.assembler.is_idle() && self.sink.borrow().applied_lsn >= self.enqueued_lsn
+    }
+
+    /// Moves the flush position to what the sink confirmed, and, when nothing is pending, to the
+    /// latest keepalive's WAL end: every commit before it was received before that keepalive,
+    /// so it is confirmed already. Checking again on each confirmation matters: the server
+    /// stops sending keepalives once our write position reaches its end of WAL, so a keepalive
+    /// that arrived while a batch was in flight may be the last one for a while.
+    fn observe_confirmation(&mut self, progress: &mut Progress) {
+        progress.confirm(self.sink.borrow_and_update().applied_lsn);
+        if self.nothing_pending() {
+            progress.confirm(self.keepalive_lsn);
+        }
+        m::set_flushed_lsn(progress.flushed_lsn().as_u64());
+    }
+
+    /// Puts a committed transaction on the queue, waiting while it is full. The socket is not
+    /// read meanwhile (that is the backpressure), but status updates keep flowing so the server
+    /// does not time the connection out.
+    async fn enqueue(
+        &mut self,
+        txn: CommittedTxn<PL::Plan>,
+        stream: &mut ReplicationStream,
+        progress: &mut Progress,
+        ticker: &mut tokio::time::Interval,
+    ) -> Result<bool, PipelineError> {
+        let end_lsn = txn.end_lsn;
+        loop {
+            tokio::select! {
+                biased;
+                permit = self.queue.reserve() => {
+                    match permit {
+                        Ok(permit) => {
+                            m::txn_committed();
+                            permit.send(SinkCommand::Apply(txn));
+                        }
+                        Err(_) => return Err(PipelineError::SinkStopped),
+                    }
+                    self.enqueued_lsn = end_lsn;
+                    return Ok(true);
+                }
+                Ok(()) = self.sink.changed() => {
+                    progress.confirm(self.sink.borrow_and_update().applied_lsn);
+                    m::set_flushed_lsn(progress.flushed_lsn().as_u64());
+                }
+                _ = ticker.tick() => {
+                    send_status(stream, progress, StatusReason::Interval).await?;
+                    // Not enqueued, so not lost: the slot delivers it again after resuming.
+                    if self.sink_outage_exceeded() {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a shutdown request: wait until the sink confirmed everything queued, still sending
+    /// status updates, unless a second request asks to stop now.
+    async fn drain(
+        &mut self,
+        stream: &mut ReplicationStream,
+        progress: &mut Progress,
+    ) -> Result<(), PipelineError> {
+        let target = self.enqueued_lsn;
+        tracing::info!(pending_until = %target, "shutdown requested; draining committed work");
+        let mut ticker = tokio::time::interval(self.source.status_interval());
+        let mut shutdown = self.shutdown.clone();
+        while self.sink.borrow().applied_lsn < target {
+            tokio::select! {
+                _ = shutdown.at_least(2) => {
+                    tracing::warn!("second shutdown request; stopping without draining (unconfirmed work will be redelivered)");
+                    break;
+                }
+                changed = self.sink.changed() => {
+                    if changed.is_err() { break; }
+                }
+                _ = ticker.tick() => {
+                    progress.confirm(self.sink.borrow().applied_lsn);
+                    send_status(stream, progress, StatusReason::Interval).await?;
+                }
+            }
+        }
+        progress.confirm(self.sink.borrow().applied_lsn);
+        Ok(())
+    }
+}
+
+/// Queues a sink reset: it runs after everything received before the gap and before anything
+/// the new slot delivers.
+async fn request_reset<P>(
+    queue: &mpsc::Sender<SinkCommand<P>>,
+    resets_requested: &mut u64,
+    reason: String,
+) -> Result<(), PipelineError> {
+    queue
+        .send(SinkCommand::Reset { reason })
+        .await
+        .map_err(|_| PipelineError::SinkStopped)?;
+    *resets_requested += 1;
+    Ok(())
+}
+
+async fn send_status(
+    stream: &mut ReplicationStream,
+    progress: &Progress,
+    reason: StatusReason,
+) -> Result<(), PipelineError> {
+    let update = progress.status_update();
+    m::set_received_lsn(update.write_lsn.as_u64());
+    tracing::trace!(write = %update.write_lsn, flush = %update.flush_lsn, reason = reason.as_str(), "status update");
+    stream.send_status(&update).await?;
+    m::status_sent(reason.as_str());
+    Ok(())
+}
+
+/// `publication_names` takes a comma-separated list of (possibly quoted) identifiers.
+fn quote_publication(name: &str) -> String {
+    crate::pg::replication::quote_ident(name)
+}
