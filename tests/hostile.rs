@@ -11,6 +11,8 @@
 //! | non-ASCII bytes (SQL_ASCII database)    | real server, pipeline       | bytes unchanged      |
 //! | invalid UTF-8 in a text value           | decoder                     | raw bytes kept       |
 //! | invalid UTF-8 in relation/column names  | decoder                     | error naming the field |
+//! | invalid UTF-8 (SQL_ASCII database)      | real server, pipeline       | values exact; a table name: error naming the field |
+//! | a key template over a non-UTF-8 value   | decoder, assembler, rules   | prefix invalidated   |
 //! | unknown message types                   | decoder, assembler          | error naming the tag |
 //!
 //! Postgres caps a table at 1600 columns and a value at 1 GB minus its header, and a walsender
@@ -19,9 +21,8 @@
 //! allocation the kernel maps lazily: the test shows the decoder never touches (copies) the
 //! value, so the process does not grow by anything near 1 GB.
 //!
-//! Invalid UTF-8 from a real server (a SQL_ASCII database) does not reach walsweep today: two
-//! `#[ignore]`d tests at the end state the wanted behaviour of two known bugs (run them with
-//! `-- --ignored`).
+//! The real-server UTF-8 cases use a SQL_ASCII database: walsweep asks every other database for
+//! UTF8, which the server converts to, so only SQL_ASCII's unchecked bytes reach it unconverted.
 //!
 //! Memory is measured as the growth of this process's peak RSS (VmHWM, reset through
 //! /proc/self/clear_refs) while one case runs; the tests take a lock so they never overlap.

@@ -577,6 +577,8 @@ impl<'a, W: Write> Session<'a, W> {
                         })?;
                         if let Some(txn) = committed {
                             let end = txn.end_lsn;
+                            // Confirmed below: received first, whatever the message's start.
+                            self.progress.receive(end);
                             match self.emit(txn).await {
                                 Ok(()) => {}
                                 Err(TailError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => {

@@ -186,6 +186,9 @@ impl<PL: Planner> Streamer<'_, PL> {
         self.keepalive_lsn = Lsn::ZERO;
         self.backoff.reset();
         let mut progress = Progress::new(slot_confirmed.max(confirmed_here));
+        // Transactions queued by an earlier session may still be confirmed by the sink during
+        // this one: they were received, and the server resumes after them.
+        progress.receive(start_lsn);
         m::set_flushed_lsn(progress.flushed_lsn().as_u64());
         tracing::info!(
             slot = %source.slot,
@@ -272,6 +275,10 @@ impl<PL: Planner> Streamer<'_, PL> {
                                 self.resolve_types(new_types).await?;
                             }
                             if let Some(txn) = committed {
+                                // What the sink will confirm is the commit's end, so that is
+                                // what must count as received, wherever the server put the
+                                // message's start.
+                                progress.receive(txn.end_lsn);
                                 if !self.enqueue(txn, stream, progress, &mut ticker).await? {
                                     return Ok(SessionEnd::SinkDown);
                                 }

@@ -69,13 +69,18 @@ impl Progress {
     }
 
     /// The sink applied everything up to `lsn` (a commit end), or nothing is pending at `lsn`.
-    /// Only these two facts may move the flush position.
+    /// Only these two facts may move the flush position. The caller must have received `lsn`
+    /// first: a commit's end is received with its commit message.
     pub fn confirm(&mut self, lsn: Lsn) {
         self.flushed_lsn = self.flushed_lsn.max(lsn);
-        // A confirmation can outrun what the stream saw in a keepalive (commit end records are
-        // reported before the next XLogData): keep the invariant by moving received along.
-        self.received_lsn = self.received_lsn.max(self.flushed_lsn);
-        debug_assert!(self.flushed_lsn <= self.received_lsn);
+        // Confirming what was never received would report a flush the server never sent: a
+        // caller that records positions in the wrong order.
+        debug_assert!(
+            self.flushed_lsn <= self.received_lsn,
+            "confirmed {} past received {}",
+            self.flushed_lsn,
+            self.received_lsn
+        );
     }
 
     pub fn status_update(&self) -> StandbyStatusUpdate {
@@ -111,9 +116,22 @@ mod tests {
     }
 
     #[test]
-    fn confirm_keeps_flushed_at_or_below_received() {
+    fn confirming_what_was_received_moves_only_the_flush_position() {
         let mut p = Progress::new(Lsn(0));
+        p.receive(Lsn(10));
         p.confirm(Lsn(10));
-        assert_eq!(p.received_lsn(), Lsn(10));
+        assert_eq!((p.received_lsn(), p.flushed_lsn()), (Lsn(10), Lsn(10)));
+        p.receive(Lsn(40));
+        p.confirm(Lsn(25));
+        assert_eq!((p.received_lsn(), p.flushed_lsn()), (Lsn(40), Lsn(25)));
+    }
+
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "confirmed 0/A past received 0/5")]
+    fn confirming_past_received_panics() {
+        let mut p = Progress::new(Lsn(0));
+        p.receive(Lsn(5));
+        p.confirm(Lsn(10));
     }
 }
