@@ -10,7 +10,6 @@ use crate::mirror::MirrorRule;
 use crate::pg::catalog::{self, qualified_ident, split_table_name};
 use crate::pipeline::display_chain;
 use crate::plan::Op;
-use crate::rules::template::Template;
 use crate::rules::{Rules, TableRule};
 
 #[derive(Debug, Default, Clone)]
@@ -146,127 +145,13 @@ fn push_once(list: &mut Vec<String>, item: &str) {
     }
 }
 
-/// Warnings about the file alone (no database): mirror key prefixes that overlap other keys
-/// walsweep clears, and a warm-up with nothing to load. Already-present warnings are not
-/// repeated, so calling this both before and inside `check_environment` is harmless.
+/// Warnings about the file alone (no database), see `Config::warnings`. Already-present
+/// warnings are not repeated, so calling this both before and inside `check_environment` is
+/// harmless.
 pub fn check_config(config: &Config, report: &mut Report) {
-    for warning in config_warnings(config) {
+    for warning in config.warnings() {
         push_once(&mut report.warnings, &warning);
     }
-}
-
-/// A key prefix walsweep may clear wholesale, and whose it is.
-struct PrefixOwner {
-    prefix: String,
-    /// `table[0] (public.items) mirror[0].index[1].key "readings:{device_id}"`.
-    label: String,
-    /// (table, mirror) for mirror keys and indexes; `None` for `[[table]] keys`.
-    mirror: Option<(usize, usize)>,
-    table_name: String,
-}
-
-fn config_warnings(config: &Config) -> Vec<String> {
-    let mut out = Vec::new();
-    if config.source.warm_up
-        && !config
-            .tables
-            .iter()
-            .any(|t| t.mirror.iter().any(|m| !m.only_if_present))
-    {
-        out.push(
-            "source.warm_up = true, but every [[table.mirror]] is only_if_present (or there is \
-             none), and warm-up skips those, so it loads nothing; remove warm_up or add a mirror \
-             without only_if_present"
-                .to_string(),
-        );
-    }
-    // Templates were validated with the config; one that fails here has its own error already.
-    let Ok(mirrors) = crate::mirror::compile_all(&config.tables) else {
-        return out;
-    };
-    let names = config.qualified_tables();
-    let table_name = |t: usize| names.get(t).cloned().unwrap_or_default();
-    let mut owners: Vec<PrefixOwner> = Vec::new();
-    for m in &mirrors {
-        let at = format!("table[{}] ({}) mirror[{}]", m.table, m.table_name, m.index);
-        owners.push(PrefixOwner {
-            prefix: m.key.literal_prefix().to_string(),
-            label: format!("{at}.key {:?}", m.key.source),
-            mirror: Some((m.table, m.index)),
-            table_name: m.table_name.clone(),
-        });
-        for i in &m.indexes {
-            owners.push(PrefixOwner {
-                prefix: i.key.literal_prefix().to_string(),
-                label: format!("{at}.index[{}].key {:?}", i.index, i.key.source),
-                mirror: Some((m.table, m.index)),
-                table_name: m.table_name.clone(),
-            });
-        }
-    }
-    for (t, table) in config.tables.iter().enumerate() {
-        for (k, key) in table.keys.iter().enumerate() {
-            if let Ok(template) = Template::parse(key) {
-                owners.push(PrefixOwner {
-                    prefix: template.literal_prefix().to_string(),
-                    label: format!("table[{t}] ({}) keys[{k}] {key:?}", table_name(t)),
-                    mirror: None,
-                    table_name: table_name(t),
-                });
-            }
-        }
-    }
-    let fix = "give each literal text that does not start the other's (e.g. \"reading:{id}\" \
-               and \"readings_by_device:{device_id}\")";
-    let relation = |a: &str, b: &str| {
-        if a == b {
-            format!("both start with {a:?}")
-        } else {
-            format!("prefix {a:?} starts {b:?}")
-        }
-    };
-    for (i, a) in owners.iter().enumerate() {
-        let Some(a_mirror) = a.mirror else { continue };
-        for (j, b) in owners.iter().enumerate() {
-            // One mirror's own key and indexes are cleared together anyway.
-            if i == j || b.mirror == Some(a_mirror) {
-                continue;
-            }
-            let a_covers_b = b.prefix.starts_with(&a.prefix);
-            match b.mirror {
-                // Equal prefixes between two mirrors: one warning, not two.
-                Some(_) if a_covers_b && (a.prefix != b.prefix || i < j) => out.push(format!(
-                    "{} and {}: {}, so clearing the first mirror's keys (on TRUNCATE of {}, or a \
-                     table-wide fallback) also removes the second's; {fix}",
-                    a.label,
-                    b.label,
-                    relation(&a.prefix, &b.prefix),
-                    a.table_name
-                )),
-                Some(_) => {}
-                None if a_covers_b => out.push(format!(
-                    "{} and {}: {}, so clearing the mirror's keys (on TRUNCATE of {}, or a \
-                     table-wide fallback) also removes the cache entries the app keeps under the \
-                     rule's keys, and the rule's UNLINKs remove mirror entries; {fix}",
-                    a.label,
-                    b.label,
-                    relation(&a.prefix, &b.prefix),
-                    a.table_name
-                )),
-                None if a.prefix.starts_with(&b.prefix) => out.push(format!(
-                    "{} and {}: {}, so a table-wide invalidation of {} (UNLINK of every key \
-                     matching {}*) also removes the mirror's entries; {fix}",
-                    b.label,
-                    a.label,
-                    relation(&b.prefix, &a.prefix),
-                    b.table_name,
-                    b.prefix
-                )),
-                None => {}
-            }
-        }
-    }
-    out
 }
 
 /// Mirrors of one table against its catalog shape: named columns exist, scores fit a 64-bit
@@ -718,14 +603,14 @@ score = "(device_id << 32) | epoch(ts)"
             "[[table]]\nname = \"t\"\n[[table.mirror]]\nkey = \"t:{id}\"\nonly_if_present = true\n",
         );
         config.source.warm_up = true;
-        let warnings = config_warnings(&config);
+        let warnings = config.warnings();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
             warnings[0].starts_with("source.warm_up = true"),
             "{warnings:?}"
         );
         config.tables[0].mirror[0].only_if_present = false;
-        assert!(config_warnings(&config).is_empty());
+        assert!(config.warnings().is_empty());
     }
 
     #[test]

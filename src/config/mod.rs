@@ -699,7 +699,8 @@ impl Config {
         problems
     }
 
-    /// Things that work but are probably not what was meant (`check --deny-warnings` fails).
+    /// Things that work but are probably not what was meant: `run` logs them, `check` prints
+    /// them (and `check --deny-warnings` fails).
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         if self.tables.is_empty() {
@@ -720,6 +721,20 @@ impl Config {
                 ));
             }
         }
+        if self.source.warm_up
+            && !self
+                .tables
+                .iter()
+                .any(|t| t.mirror.iter().any(|m| !m.only_if_present))
+        {
+            out.push(
+                "source.warm_up = true, but every [[table.mirror]] is only_if_present (or there \
+                 is none), and warm-up skips those, so it loads nothing; remove warm_up or add a \
+                 mirror without only_if_present"
+                    .to_string(),
+            );
+        }
+        mirror::prefix_warnings(self, &mut out);
         out
     }
 
