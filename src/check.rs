@@ -449,7 +449,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::value::oid;
+    use postgres_types::Type;
 
     fn column(name: &str, type_oid: u32, in_identity: bool, toastable: bool) -> CatalogColumn {
         CatalogColumn {
@@ -463,10 +463,10 @@ mod tests {
     fn readings(device_id: u32, identity: char) -> Vec<CatalogColumn> {
         let full = identity == 'f';
         vec![
-            column("id", oid::INT8, true, false),
+            column("id", Type::INT8.oid(), true, false),
             column("device_id", device_id, full, false),
-            column("seq", oid::INT4, full, false),
-            column("ts", oid::TIMESTAMPTZ, full, false),
+            column("seq", Type::INT4.oid(), full, false),
+            column("ts", Type::TIMESTAMPTZ.oid(), full, false),
         ]
     }
 
@@ -507,7 +507,7 @@ score = "(device_id << 32) | epoch(ts)"
 
     #[test]
     fn score_must_be_exact_for_the_column_types() {
-        let report = run(READINGS, 'd', &readings(oid::INT4, 'd'));
+        let report = run(READINGS, 'd', &readings(Type::INT4.oid(), 'd'));
         assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
         let error = &report.errors[0];
         assert!(
@@ -521,14 +521,14 @@ score = "(device_id << 32) | epoch(ts)"
             error.contains("2^53") && error.contains("bits(device_id, 21)"),
             "{error}"
         );
-        let report = run(READINGS, 'd', &readings(oid::INT2, 'd'));
+        let report = run(READINGS, 'd', &readings(Type::INT2.oid(), 'd'));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
     }
 
     #[test]
     fn unknown_column_is_one_error_naming_rule_and_fix() {
         let config = READINGS.replace("epoch(ts)", "epoch(taken_at)");
-        let report = run(&config, 'd', &readings(oid::INT2, 'd'));
+        let report = run(&config, 'd', &readings(Type::INT2.oid(), 'd'));
         assert_eq!(
             report.errors,
             vec![
@@ -547,7 +547,7 @@ score = "(device_id << 32) | epoch(ts)"
             .replace("readings:all", "readings:{device_id}")
             .replace("member = \"{id}\"", "member = \"{id}:{seq}\"")
             .replace("<< 32", "<< 16");
-        let report = run(&config, 'd', &readings(oid::INT2, 'd'));
+        let report = run(&config, 'd', &readings(Type::INT2.oid(), 'd'));
         assert_eq!(
             report.errors,
             vec![
@@ -566,7 +566,7 @@ score = "(device_id << 32) | epoch(ts)"
             ]
         );
         assert_eq!(report.needs_full_identity, vec!["public.readings"]);
-        let report = run(&config, 'f', &readings(oid::INT2, 'f'));
+        let report = run(&config, 'f', &readings(Type::INT2.oid(), 'f'));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         assert!(report.needs_full_identity.is_empty());
     }
@@ -574,8 +574,8 @@ score = "(device_id << 32) | epoch(ts)"
     #[test]
     fn toastable_stored_columns_get_a_note_unless_identity_is_full() {
         let config = "[[table]]\nname = \"public.readings\"\n[[table.mirror]]\nkey = \"r:{id}\"\n";
-        let mut columns = readings(oid::INT4, 'd');
-        columns.push(column("body", oid::TEXT, false, true));
+        let mut columns = readings(Type::INT4.oid(), 'd');
+        columns.push(column("body", Type::TEXT.oid(), false, true));
         let report = run(config, 'd', &columns);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
