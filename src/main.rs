@@ -322,10 +322,7 @@ async fn check(path: &Path, no_environment: bool, deny_warnings: bool) -> ExitCo
         Ok(c) => c,
         Err(code) => return code,
     };
-    let mut report = Report {
-        warnings: config.warnings(),
-        ..Default::default()
-    };
+    let mut report = Report::default();
     if no_environment {
         check::check_config(&config, &mut report);
     } else {

@@ -43,54 +43,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-/// OIDs of the built-in types this module reads (see `pg_type.dat`).
-pub mod oid {
-    pub const BOOL: u32 = 16;
-    pub const BYTEA: u32 = 17;
-    pub const CHAR: u32 = 18;
-    pub const NAME: u32 = 19;
-    pub const INT8: u32 = 20;
-    pub const INT2: u32 = 21;
-    pub const INT4: u32 = 23;
-    pub const TEXT: u32 = 25;
-    pub const JSON: u32 = 114;
-    pub const FLOAT4: u32 = 700;
-    pub const FLOAT8: u32 = 701;
-    pub const BPCHAR: u32 = 1042;
-    pub const VARCHAR: u32 = 1043;
-    pub const DATE: u32 = 1082;
-    pub const TIME: u32 = 1083;
-    pub const TIMESTAMP: u32 = 1114;
-    pub const TIMESTAMPTZ: u32 = 1184;
-    pub const INTERVAL: u32 = 1186;
-    pub const TIMETZ: u32 = 1266;
-    pub const NUMERIC: u32 = 1700;
-    pub const UUID: u32 = 2950;
-    pub const JSONB: u32 = 3802;
-
-    pub const JSON_ARRAY: u32 = 199;
-    pub const BOOL_ARRAY: u32 = 1000;
-    pub const BYTEA_ARRAY: u32 = 1001;
-    pub const CHAR_ARRAY: u32 = 1002;
-    pub const NAME_ARRAY: u32 = 1003;
-    pub const INT2_ARRAY: u32 = 1005;
-    pub const INT4_ARRAY: u32 = 1007;
-    pub const TEXT_ARRAY: u32 = 1009;
-    pub const BPCHAR_ARRAY: u32 = 1014;
-    pub const VARCHAR_ARRAY: u32 = 1015;
-    pub const INT8_ARRAY: u32 = 1016;
-    pub const FLOAT4_ARRAY: u32 = 1021;
-    pub const FLOAT8_ARRAY: u32 = 1022;
-    pub const TIMESTAMP_ARRAY: u32 = 1115;
-    pub const DATE_ARRAY: u32 = 1182;
-    pub const TIME_ARRAY: u32 = 1183;
-    pub const TIMESTAMPTZ_ARRAY: u32 = 1185;
-    pub const INTERVAL_ARRAY: u32 = 1187;
-    pub const NUMERIC_ARRAY: u32 = 1231;
-    pub const TIMETZ_ARRAY: u32 = 1270;
-    pub const UUID_ARRAY: u32 = 2951;
-    pub const JSONB_ARRAY: u32 = 3807;
-}
+use postgres_types::Type;
 
 /// A column value with its type.
 #[derive(Debug, Clone)]
@@ -288,104 +241,71 @@ enum Shape {
 }
 
 fn builtin_scalar(type_oid: u32) -> Option<Scalar> {
-    Some(match type_oid {
-        oid::BOOL => Scalar::Bool,
-        oid::INT2 => Scalar::Int2,
-        oid::INT4 => Scalar::Int4,
-        oid::INT8 => Scalar::Int8,
-        oid::FLOAT4 | oid::FLOAT8 => Scalar::Float,
-        oid::NUMERIC => Scalar::Numeric,
-        oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::CHAR | oid::NAME => Scalar::Text,
-        oid::BYTEA => Scalar::Bytea,
-        oid::UUID => Scalar::Uuid,
-        oid::DATE => Scalar::Date,
-        oid::TIME => Scalar::Time,
-        oid::TIMETZ => Scalar::TimeTz,
-        oid::TIMESTAMP => Scalar::Timestamp,
-        oid::TIMESTAMPTZ => Scalar::TimestampTz,
-        oid::INTERVAL => Scalar::Interval,
-        oid::JSON | oid::JSONB => Scalar::Json,
+    Some(match Type::from_oid(type_oid)? {
+        Type::BOOL => Scalar::Bool,
+        Type::INT2 => Scalar::Int2,
+        Type::INT4 => Scalar::Int4,
+        Type::INT8 => Scalar::Int8,
+        Type::FLOAT4 | Type::FLOAT8 => Scalar::Float,
+        Type::NUMERIC => Scalar::Numeric,
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::CHAR | Type::NAME => Scalar::Text,
+        Type::BYTEA => Scalar::Bytea,
+        Type::UUID => Scalar::Uuid,
+        Type::DATE => Scalar::Date,
+        Type::TIME => Scalar::Time,
+        Type::TIMETZ => Scalar::TimeTz,
+        Type::TIMESTAMP => Scalar::Timestamp,
+        Type::TIMESTAMPTZ => Scalar::TimestampTz,
+        Type::INTERVAL => Scalar::Interval,
+        Type::JSON | Type::JSONB => Scalar::Json,
         _ => return None,
     })
 }
 
 /// The element type of a built-in array type this module reads.
 pub fn builtin_array_element(type_oid: u32) -> Option<u32> {
-    Some(match type_oid {
-        oid::BOOL_ARRAY => oid::BOOL,
-        oid::BYTEA_ARRAY => oid::BYTEA,
-        oid::CHAR_ARRAY => oid::CHAR,
-        oid::NAME_ARRAY => oid::NAME,
-        oid::INT2_ARRAY => oid::INT2,
-        oid::INT4_ARRAY => oid::INT4,
-        oid::INT8_ARRAY => oid::INT8,
-        oid::TEXT_ARRAY => oid::TEXT,
-        oid::BPCHAR_ARRAY => oid::BPCHAR,
-        oid::VARCHAR_ARRAY => oid::VARCHAR,
-        oid::FLOAT4_ARRAY => oid::FLOAT4,
-        oid::FLOAT8_ARRAY => oid::FLOAT8,
-        oid::NUMERIC_ARRAY => oid::NUMERIC,
-        oid::UUID_ARRAY => oid::UUID,
-        oid::DATE_ARRAY => oid::DATE,
-        oid::TIME_ARRAY => oid::TIME,
-        oid::TIMETZ_ARRAY => oid::TIMETZ,
-        oid::TIMESTAMP_ARRAY => oid::TIMESTAMP,
-        oid::TIMESTAMPTZ_ARRAY => oid::TIMESTAMPTZ,
-        oid::INTERVAL_ARRAY => oid::INTERVAL,
-        oid::JSON_ARRAY => oid::JSON,
-        oid::JSONB_ARRAY => oid::JSONB,
+    // Listed rather than taken from `Type::kind()`, which also calls int2vector an array of
+    // int2 although its text form has no braces.
+    let element = match Type::from_oid(type_oid)? {
+        Type::BOOL_ARRAY => Type::BOOL,
+        Type::BYTEA_ARRAY => Type::BYTEA,
+        Type::CHAR_ARRAY => Type::CHAR,
+        Type::NAME_ARRAY => Type::NAME,
+        Type::INT2_ARRAY => Type::INT2,
+        Type::INT4_ARRAY => Type::INT4,
+        Type::INT8_ARRAY => Type::INT8,
+        Type::TEXT_ARRAY => Type::TEXT,
+        Type::BPCHAR_ARRAY => Type::BPCHAR,
+        Type::VARCHAR_ARRAY => Type::VARCHAR,
+        Type::FLOAT4_ARRAY => Type::FLOAT4,
+        Type::FLOAT8_ARRAY => Type::FLOAT8,
+        Type::NUMERIC_ARRAY => Type::NUMERIC,
+        Type::UUID_ARRAY => Type::UUID,
+        Type::DATE_ARRAY => Type::DATE,
+        Type::TIME_ARRAY => Type::TIME,
+        Type::TIMETZ_ARRAY => Type::TIMETZ,
+        Type::TIMESTAMP_ARRAY => Type::TIMESTAMP,
+        Type::TIMESTAMPTZ_ARRAY => Type::TIMESTAMPTZ,
+        Type::INTERVAL_ARRAY => Type::INTERVAL,
+        Type::JSON_ARRAY => Type::JSON,
+        Type::JSONB_ARRAY => Type::JSONB,
         _ => return None,
-    })
+    };
+    Some(element.oid())
 }
 
-fn builtin_name(type_oid: u32) -> Option<&'static str> {
-    Some(match type_oid {
-        oid::BOOL => "bool",
-        oid::BYTEA => "bytea",
-        oid::CHAR => "char",
-        oid::NAME => "name",
-        oid::INT8 => "int8",
-        oid::INT2 => "int2",
-        oid::INT4 => "int4",
-        oid::TEXT => "text",
-        oid::JSON => "json",
-        oid::FLOAT4 => "float4",
-        oid::FLOAT8 => "float8",
-        oid::BPCHAR => "bpchar",
-        oid::VARCHAR => "varchar",
-        oid::DATE => "date",
-        oid::TIME => "time",
-        oid::TIMESTAMP => "timestamp",
-        oid::TIMESTAMPTZ => "timestamptz",
-        oid::INTERVAL => "interval",
-        oid::TIMETZ => "timetz",
-        oid::NUMERIC => "numeric",
-        oid::UUID => "uuid",
-        oid::JSONB => "jsonb",
-        oid::JSON_ARRAY => "json[]",
-        oid::BOOL_ARRAY => "bool[]",
-        oid::BYTEA_ARRAY => "bytea[]",
-        oid::CHAR_ARRAY => "char[]",
-        oid::NAME_ARRAY => "name[]",
-        oid::INT2_ARRAY => "int2[]",
-        oid::INT4_ARRAY => "int4[]",
-        oid::TEXT_ARRAY => "text[]",
-        oid::BPCHAR_ARRAY => "bpchar[]",
-        oid::VARCHAR_ARRAY => "varchar[]",
-        oid::INT8_ARRAY => "int8[]",
-        oid::FLOAT4_ARRAY => "float4[]",
-        oid::FLOAT8_ARRAY => "float8[]",
-        oid::TIMESTAMP_ARRAY => "timestamp[]",
-        oid::DATE_ARRAY => "date[]",
-        oid::TIME_ARRAY => "time[]",
-        oid::TIMESTAMPTZ_ARRAY => "timestamptz[]",
-        oid::INTERVAL_ARRAY => "interval[]",
-        oid::NUMERIC_ARRAY => "numeric[]",
-        oid::TIMETZ_ARRAY => "timetz[]",
-        oid::UUID_ARRAY => "uuid[]",
-        oid::JSONB_ARRAY => "jsonb[]",
-        _ => return None,
-    })
+/// Postgres' short name, with `[]` for an array (`typname` has `_` in front instead).
+fn builtin_name(type_oid: u32) -> Option<String> {
+    if !is_builtin(type_oid) {
+        return None;
+    }
+    let ty = Type::from_oid(type_oid)?;
+    Some(
+        match builtin_array_element(type_oid).and_then(Type::from_oid) {
+            Some(element) => format!("{}[]", element.name()),
+            None => ty.name().to_string(),
+        },
+    )
 }
 
 /// Whether this module reads `type_oid` without help from a registry.
@@ -429,7 +349,7 @@ impl TypeRegistry {
     /// A readable name: the built-in short name, the registered `schema.name`, or `type oid N`.
     pub fn type_name(&self, type_oid: u32) -> String {
         if let Some(name) = builtin_name(type_oid) {
-            return name.to_string();
+            return name;
         }
         match self.types.get(&type_oid) {
             Some(info) => info.name.clone(),
@@ -1508,34 +1428,40 @@ mod tests {
 
     #[test]
     fn scalars_decode_to_their_types() {
-        assert_eq!(ok(oid::BOOL, "t"), Value::Bool(true));
-        assert_eq!(ok(oid::BOOL, "f"), Value::Bool(false));
-        assert_eq!(ok(oid::INT2, "-32768"), Value::Int(-32768));
-        assert_eq!(ok(oid::INT4, "2147483647"), Value::Int(2147483647));
-        assert_eq!(ok(oid::INT8, "-9223372036854775808"), Value::Int(i64::MIN));
-        assert_eq!(ok(oid::FLOAT8, "1.5e+300"), Value::Float(1.5e300));
-        assert_eq!(ok(oid::FLOAT8, "NaN"), Value::Float(f64::NAN));
+        assert_eq!(ok(Type::BOOL.oid(), "t"), Value::Bool(true));
+        assert_eq!(ok(Type::BOOL.oid(), "f"), Value::Bool(false));
+        assert_eq!(ok(Type::INT2.oid(), "-32768"), Value::Int(-32768));
+        assert_eq!(ok(Type::INT4.oid(), "2147483647"), Value::Int(2147483647));
         assert_eq!(
-            ok(oid::FLOAT8, "-Infinity"),
+            ok(Type::INT8.oid(), "-9223372036854775808"),
+            Value::Int(i64::MIN)
+        );
+        assert_eq!(ok(Type::FLOAT8.oid(), "1.5e+300"), Value::Float(1.5e300));
+        assert_eq!(ok(Type::FLOAT8.oid(), "NaN"), Value::Float(f64::NAN));
+        assert_eq!(
+            ok(Type::FLOAT8.oid(), "-Infinity"),
             Value::Float(f64::NEG_INFINITY)
         );
-        assert_eq!(ok(oid::FLOAT4, "1.1"), Value::Float(1.1));
-        assert_eq!(ok(oid::NUMERIC, "-1.50"), Value::Numeric("-1.50".into()));
-        assert_eq!(ok(oid::NUMERIC, "NaN"), Value::Numeric("NaN".into()));
-        assert_eq!(ok(oid::TEXT, ""), Value::Text("".into()));
-        assert_eq!(ok(oid::BPCHAR, "ab "), Value::Text("ab ".into()));
-        assert_eq!(ok(oid::BYTEA, "\\x00ff"), Value::Bytes(vec![0, 255]));
-        assert_eq!(ok(oid::BYTEA, "\\x"), Value::Bytes(vec![]));
+        assert_eq!(ok(Type::FLOAT4.oid(), "1.1"), Value::Float(1.1));
         assert_eq!(
-            ok(oid::BYTEA, "a\\\\b\\000\\377"),
+            ok(Type::NUMERIC.oid(), "-1.50"),
+            Value::Numeric("-1.50".into())
+        );
+        assert_eq!(ok(Type::NUMERIC.oid(), "NaN"), Value::Numeric("NaN".into()));
+        assert_eq!(ok(Type::TEXT.oid(), ""), Value::Text("".into()));
+        assert_eq!(ok(Type::BPCHAR.oid(), "ab "), Value::Text("ab ".into()));
+        assert_eq!(ok(Type::BYTEA.oid(), "\\x00ff"), Value::Bytes(vec![0, 255]));
+        assert_eq!(ok(Type::BYTEA.oid(), "\\x"), Value::Bytes(vec![]));
+        assert_eq!(
+            ok(Type::BYTEA.oid(), "a\\\\b\\000\\377"),
             Value::Bytes(vec![b'a', b'\\', b'b', 0, 255])
         );
         assert_eq!(
-            ok(oid::UUID, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").to_json(),
+            ok(Type::UUID.oid(), "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").to_json(),
             json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
         );
         assert_eq!(
-            ok(oid::JSONB, r#"{"a": [1, null]}"#),
+            ok(Type::JSONB.oid(), r#"{"a": [1, null]}"#),
             Value::Json(json!({"a": [1, null]}))
         );
     }
@@ -1543,42 +1469,51 @@ mod tests {
     #[test]
     fn dates_and_times_keep_every_edge() {
         assert_eq!(
-            ok(oid::DATE, "1969-12-31"),
+            ok(Type::DATE.oid(), "1969-12-31"),
             Value::Date(Date::Ymd(ymd(1969, 12, 31)))
         );
         assert_eq!(
-            ok(oid::DATE, "0044-03-15 BC"),
+            ok(Type::DATE.oid(), "0044-03-15 BC"),
             Value::Date(Date::Ymd(ymd(-43, 3, 15)))
         );
         assert_eq!(
-            ok(oid::DATE, "0001-02-29 BC"),
+            ok(Type::DATE.oid(), "0001-02-29 BC"),
             Value::Date(Date::Ymd(ymd(0, 2, 29)))
         );
-        assert_eq!(ok(oid::DATE, "infinity"), Value::Date(Date::Infinity));
-        assert_eq!(ok(oid::DATE, "-infinity"), Value::Date(Date::NegInfinity));
         assert_eq!(
-            ok(oid::DATE, "12345-01-02"),
+            ok(Type::DATE.oid(), "infinity"),
+            Value::Date(Date::Infinity)
+        );
+        assert_eq!(
+            ok(Type::DATE.oid(), "-infinity"),
+            Value::Date(Date::NegInfinity)
+        );
+        assert_eq!(
+            ok(Type::DATE.oid(), "12345-01-02"),
             Value::Date(Date::Ymd(ymd(12345, 1, 2)))
         );
-        assert_eq!(ok(oid::TIME, "24:00:00"), Value::Time(hms(24, 0, 0, 0)));
         assert_eq!(
-            ok(oid::TIME, "03:04:05.5"),
+            ok(Type::TIME.oid(), "24:00:00"),
+            Value::Time(hms(24, 0, 0, 0))
+        );
+        assert_eq!(
+            ok(Type::TIME.oid(), "03:04:05.5"),
             Value::Time(hms(3, 4, 5, 500_000))
         );
         assert_eq!(
-            ok(oid::TIMETZ, "03:04:05.000001-03:30"),
+            ok(Type::TIMETZ.oid(), "03:04:05.000001-03:30"),
             Value::TimeTz(hms(3, 4, 5, 1), -12600)
         );
         assert_eq!(
-            ok(oid::TIMESTAMPTZ, "1900-01-01 00:00:00+00:19:32"),
+            ok(Type::TIMESTAMPTZ.oid(), "1900-01-01 00:00:00+00:19:32"),
             Value::TimestampTz(Timestamp::At(ymd(1900, 1, 1), hms(0, 0, 0, 0)), 1172)
         );
         assert_eq!(
-            ok(oid::TIMESTAMP, "0044-03-15 12:00:00.123 BC"),
+            ok(Type::TIMESTAMP.oid(), "0044-03-15 12:00:00.123 BC"),
             Value::Timestamp(Timestamp::At(ymd(-43, 3, 15), hms(12, 0, 0, 123_000)))
         );
         assert_eq!(
-            ok(oid::TIMESTAMPTZ, "-infinity"),
+            ok(Type::TIMESTAMPTZ.oid(), "-infinity"),
             Value::TimestampTz(Timestamp::NegInfinity, 0)
         );
     }
@@ -1586,44 +1521,56 @@ mod tests {
     #[test]
     fn json_forms_match_postgres_to_json() {
         for (type_oid, text, want) in [
-            (oid::FLOAT8, "NaN", json!("NaN")),
-            (oid::FLOAT8, "Infinity", json!("Infinity")),
-            (oid::FLOAT4, "-Infinity", json!("-Infinity")),
-            (oid::NUMERIC, "1.50", json!("1.50")),
-            (oid::BYTEA, "\\x00ff", json!("\\x00ff")),
-            (oid::DATE, "0044-03-15 BC", json!("0044-03-15 BC")),
-            (oid::TIME, "03:04:05.5", json!("03:04:05.5")),
-            (oid::TIMETZ, "12:00:00+00", json!("12:00:00+00")),
-            (oid::TIMETZ, "12:00:00.25-03:30", json!("12:00:00.25-03:30")),
+            (Type::FLOAT8.oid(), "NaN", json!("NaN")),
+            (Type::FLOAT8.oid(), "Infinity", json!("Infinity")),
+            (Type::FLOAT4.oid(), "-Infinity", json!("-Infinity")),
+            (Type::NUMERIC.oid(), "1.50", json!("1.50")),
+            (Type::BYTEA.oid(), "\\x00ff", json!("\\x00ff")),
+            (Type::DATE.oid(), "0044-03-15 BC", json!("0044-03-15 BC")),
+            (Type::TIME.oid(), "03:04:05.5", json!("03:04:05.5")),
+            (Type::TIMETZ.oid(), "12:00:00+00", json!("12:00:00+00")),
             (
-                oid::TIMESTAMPTZ,
+                Type::TIMETZ.oid(),
+                "12:00:00.25-03:30",
+                json!("12:00:00.25-03:30"),
+            ),
+            (
+                Type::TIMESTAMPTZ.oid(),
                 "1969-07-20 20:17:40.5+00",
                 json!("1969-07-20T20:17:40.5+00:00"),
             ),
             (
-                oid::TIMESTAMPTZ,
+                Type::TIMESTAMPTZ.oid(),
                 "1900-01-01 00:00:00+00:19:32",
                 json!("1900-01-01T00:00:00+00:19:32"),
             ),
             (
-                oid::TIMESTAMP,
+                Type::TIMESTAMP.oid(),
                 "0044-03-15 12:00:00.123 BC",
                 json!("0044-03-15T12:00:00.123 BC"),
             ),
             (
-                oid::TIMESTAMP,
+                Type::TIMESTAMP.oid(),
                 "12345-06-07 01:02:03",
                 json!("12345-06-07T01:02:03"),
             ),
-            (oid::TIMESTAMP, "-infinity", json!("-infinity")),
+            (Type::TIMESTAMP.oid(), "-infinity", json!("-infinity")),
             (
-                oid::INT4_ARRAY,
+                Type::INT4_ARRAY.oid(),
                 "{{1,NULL},{3,4}}",
                 json!([[1, null], [3, 4]]),
             ),
-            (oid::INT4_ARRAY, "[1:1][3:4]={{1,2}}", json!([[1, 2]])),
-            (oid::INT4_ARRAY, "{}", json!([])),
-            (oid::NUMERIC_ARRAY, "{1.50,NaN}", json!(["1.50", "NaN"])),
+            (
+                Type::INT4_ARRAY.oid(),
+                "[1:1][3:4]={{1,2}}",
+                json!([[1, 2]]),
+            ),
+            (Type::INT4_ARRAY.oid(), "{}", json!([])),
+            (
+                Type::NUMERIC_ARRAY.oid(),
+                "{1.50,NaN}",
+                json!(["1.50", "NaN"]),
+            ),
         ] {
             assert_eq!(ok(type_oid, text).to_json(), want, "{text}");
         }
@@ -1650,11 +1597,15 @@ mod tests {
                 days,
                 micros,
             };
-            assert_eq!(ok(oid::INTERVAL, text), Value::Interval(want), "{text}");
+            assert_eq!(
+                ok(Type::INTERVAL.oid(), text),
+                Value::Interval(want),
+                "{text}"
+            );
             assert_eq!(interval_text(&want), text);
         }
         assert_eq!(interval_text(&Interval::INFINITY), "infinity");
-        let err = builtin(oid::INTERVAL, "P1Y2M").unwrap_err();
+        let err = builtin(Type::INTERVAL.oid(), "P1Y2M").unwrap_err();
         assert!(err.reason.contains("iso_8601"), "{err}");
     }
 
@@ -1663,7 +1614,7 @@ mod tests {
         let text = |s: &str| Value::Text(s.into());
         assert_eq!(
             ok(
-                oid::TEXT_ARRAY,
+                Type::TEXT_ARRAY.oid(),
                 r#"{"a,b","NULL",NULL,"","q\"x\\\\",plain,"{}"}"#
             ),
             Value::Array(vec![
@@ -1677,24 +1628,24 @@ mod tests {
             ])
         );
         assert_eq!(
-            ok(oid::INT8_ARRAY, "{{NULL,NULL}}"),
+            ok(Type::INT8_ARRAY.oid(), "{{NULL,NULL}}"),
             Value::Array(vec![Value::Array(vec![Value::Null, Value::Null])])
         );
         assert_eq!(
-            ok(oid::FLOAT8_ARRAY, "{NaN,-Infinity,1.5}").to_json(),
+            ok(Type::FLOAT8_ARRAY.oid(), "{NaN,-Infinity,1.5}").to_json(),
             json!(["NaN", "-Infinity", 1.5])
         );
         assert_eq!(
-            ok(oid::JSONB_ARRAY, r#"{"{\"a\": 1}","[1, 2]"}"#).to_json(),
+            ok(Type::JSONB_ARRAY.oid(), r#"{"{\"a\": 1}","[1, 2]"}"#).to_json(),
             json!([{"a": 1}, [1, 2]])
         );
         assert_eq!(
-            ok(oid::BYTEA_ARRAY, r#"{"\\x00ff",NULL}"#),
+            ok(Type::BYTEA_ARRAY.oid(), r#"{"\\x00ff",NULL}"#),
             Value::Array(vec![Value::Bytes(vec![0, 255]), Value::Null])
         );
         assert_eq!(
             ok(
-                oid::TIMESTAMPTZ_ARRAY,
+                Type::TIMESTAMPTZ_ARRAY.oid(),
                 r#"{"2020-01-02 03:04:05+00",infinity}"#
             )
             .to_json(),
@@ -1722,7 +1673,12 @@ mod tests {
         );
         types.insert(
             90_003,
-            info("public.posint", TypeKind::Domain { base: oid::INT4 }),
+            info(
+                "public.posint",
+                TypeKind::Domain {
+                    base: Type::INT4.oid(),
+                },
+            ),
         );
         types.insert(
             90_004,
@@ -1757,7 +1713,7 @@ mod tests {
         // Unknown types are text.
         assert_eq!(dec(123_456, "(1,2)").unwrap(), Value::Text("(1,2)".into()));
         assert_eq!(
-            types.unresolved([oid::INT4, 90_001, 777, 777, 1020, 5]),
+            types.unresolved([Type::INT4.oid(), 90_001, 777, 777, 1020, 5]),
             vec![5, 777, 1020]
         );
     }
@@ -1765,36 +1721,40 @@ mod tests {
     #[test]
     fn bad_input_is_a_clear_error_never_a_panic() {
         for (type_oid, text, reason) in [
-            (oid::BOOL, "yes", "expected t or f"),
-            (oid::INT2, "70000", "out of range"),
-            (oid::INT4, "1.5", "not an integer"),
-            (oid::FLOAT8, "one", "floating-point"),
-            (oid::NUMERIC, "1e5", "not a numeric"),
-            (oid::BYTEA, "\\x0", "odd number"),
-            (oid::BYTEA, "\\xzz", "invalid hex"),
-            (oid::BYTEA, "a\\9", "invalid escape"),
-            (oid::UUID, "a0eebc99", "not a UUID"),
-            (oid::DATE, "2021-02-29", "day 29"),
-            (oid::DATE, "0000-01-01", "year 0"),
-            (oid::DATE, "01/02/2020", "ISO date"),
-            (oid::TIME, "25:00:00", "out of range"),
-            (oid::TIME, "03:04:05.1234567", "1 to 6 digits"),
-            (oid::TIMESTAMPTZ, "2020-01-02 03:04:05", "UTC offset"),
-            (oid::TIMESTAMP, "2020-01-02 03:04:05+00", "at the end"),
-            (oid::INTERVAL, "1 fortnight", "IntervalStyle"),
-            (oid::JSON, "{", "not JSON"),
-            (oid::JSONB, "[1e400]", "out of range"),
+            (Type::BOOL.oid(), "yes", "expected t or f"),
+            (Type::INT2.oid(), "70000", "out of range"),
+            (Type::INT4.oid(), "1.5", "not an integer"),
+            (Type::FLOAT8.oid(), "one", "floating-point"),
+            (Type::NUMERIC.oid(), "1e5", "not a numeric"),
+            (Type::BYTEA.oid(), "\\x0", "odd number"),
+            (Type::BYTEA.oid(), "\\xzz", "invalid hex"),
+            (Type::BYTEA.oid(), "a\\9", "invalid escape"),
+            (Type::UUID.oid(), "a0eebc99", "not a UUID"),
+            (Type::DATE.oid(), "2021-02-29", "day 29"),
+            (Type::DATE.oid(), "0000-01-01", "year 0"),
+            (Type::DATE.oid(), "01/02/2020", "ISO date"),
+            (Type::TIME.oid(), "25:00:00", "out of range"),
+            (Type::TIME.oid(), "03:04:05.1234567", "1 to 6 digits"),
+            (Type::TIMESTAMPTZ.oid(), "2020-01-02 03:04:05", "UTC offset"),
             (
-                oid::JSON,
+                Type::TIMESTAMP.oid(),
+                "2020-01-02 03:04:05+00",
+                "at the end",
+            ),
+            (Type::INTERVAL.oid(), "1 fortnight", "IntervalStyle"),
+            (Type::JSON.oid(), "{", "not JSON"),
+            (Type::JSONB.oid(), "[1e400]", "out of range"),
+            (
+                Type::JSON.oid(),
                 &format!("{}{}", "[".repeat(200), "]".repeat(200)),
                 "recursion",
             ),
-            (oid::INT4_ARRAY, "{1,2", "unterminated"),
-            (oid::INT4_ARRAY, "{1,,2}", "empty unquoted"),
-            (oid::INT4_ARRAY, "{1}x", "after the array"),
-            (oid::INT4_ARRAY, "[1:2={1,2}", "decoration"),
-            (oid::INT4_ARRAY, "{{{{{{{1}}}}}}}", "dimensions"),
-            (oid::TEXT_ARRAY, "{\"abc}", "unterminated quoted"),
+            (Type::INT4_ARRAY.oid(), "{1,2", "unterminated"),
+            (Type::INT4_ARRAY.oid(), "{1,,2}", "empty unquoted"),
+            (Type::INT4_ARRAY.oid(), "{1}x", "after the array"),
+            (Type::INT4_ARRAY.oid(), "[1:2={1,2}", "decoration"),
+            (Type::INT4_ARRAY.oid(), "{{{{{{{1}}}}}}}", "dimensions"),
+            (Type::TEXT_ARRAY.oid(), "{\"abc}", "unterminated quoted"),
         ] {
             let err = builtin(type_oid, text).expect_err(text);
             assert!(
@@ -1806,9 +1766,9 @@ mod tests {
             }
         }
         let long = format!("{{{}", "1,".repeat(200));
-        let err = builtin(oid::INT4_ARRAY, &long).unwrap_err();
+        let err = builtin(Type::INT4_ARRAY.oid(), &long).unwrap_err();
         assert!(err.text.ends_with("(401 bytes)"), "{err}");
-        let err = decode_text(oid::TEXT, b"\xff", &TypeRegistry::new()).unwrap_err();
+        let err = decode_text(Type::TEXT.oid(), b"\xff", &TypeRegistry::new()).unwrap_err();
         assert!(err.reason.contains("UTF-8"), "{err}");
     }
 
@@ -1823,17 +1783,17 @@ mod tests {
         };
         let alphabet = b"{}\",\\NUL01-+:. TPx9e:[]=ABCinfty";
         let oids = [
-            oid::INT4_ARRAY,
-            oid::TEXT_ARRAY,
-            oid::INTERVAL,
-            oid::TIMESTAMPTZ,
-            oid::TIMETZ,
-            oid::BYTEA,
-            oid::NUMERIC,
-            oid::FLOAT8,
-            oid::DATE,
-            oid::UUID,
-            oid::JSONB_ARRAY,
+            Type::INT4_ARRAY.oid(),
+            Type::TEXT_ARRAY.oid(),
+            Type::INTERVAL.oid(),
+            Type::TIMESTAMPTZ.oid(),
+            Type::TIMETZ.oid(),
+            Type::BYTEA.oid(),
+            Type::NUMERIC.oid(),
+            Type::FLOAT8.oid(),
+            Type::DATE.oid(),
+            Type::UUID.oid(),
+            Type::JSONB_ARRAY.oid(),
         ];
         for _ in 0..50_000 {
             let len = (next() % 24) as usize;
@@ -1865,11 +1825,11 @@ mod tests {
             ("NaN", "NaN"),
             ("Infinity", "Infinity"),
         ] {
-            assert_eq!(python_str(oid::NUMERIC, pg, &types), py, "{pg}");
+            assert_eq!(python_str(Type::NUMERIC.oid(), pg, &types), py, "{pg}");
         }
-        assert_eq!(python_str(oid::FLOAT8, "garbage", &types), "garbage");
+        assert_eq!(python_str(Type::FLOAT8.oid(), "garbage", &types), "garbage");
         assert!(matches!(
-            python_str(oid::TEXT, "x", &types),
+            python_str(Type::TEXT.oid(), "x", &types),
             Cow::Borrowed("x")
         ));
         assert_eq!(Value::Null.python_str().as_deref(), Some("None"));

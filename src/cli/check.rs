@@ -6,12 +6,11 @@ use std::collections::BTreeMap;
 use tokio_postgres::Client;
 
 use crate::config::Config;
-use crate::pg::catalog::{self, qualified_ident, split_table_name};
 use crate::plan::mirror::MirrorRule;
-use crate::plan::rules::template::Template;
-use crate::plan::rules::{Rules, TableRule};
-use crate::plan::Op;
+use crate::pg::catalog::{self, qualified_ident, split_table_name};
 use crate::telemetry::log::display_chain;
+use crate::plan::Op;
+use crate::plan::rules::{Rules, TableRule};
 
 #[derive(Debug, Default, Clone)]
 pub struct Report {
@@ -146,127 +145,13 @@ fn push_once(list: &mut Vec<String>, item: &str) {
     }
 }
 
-/// Warnings about the file alone (no database): mirror key prefixes that overlap other keys
-/// walsweep clears, and a warm-up with nothing to load. Already-present warnings are not
-/// repeated, so calling this both before and inside `check_environment` is harmless.
+/// Warnings about the file alone (no database), see `Config::warnings`. Already-present
+/// warnings are not repeated, so calling this both before and inside `check_environment` is
+/// harmless.
 pub fn check_config(config: &Config, report: &mut Report) {
-    for warning in config_warnings(config) {
+    for warning in config.warnings() {
         push_once(&mut report.warnings, &warning);
     }
-}
-
-/// A key prefix walsweep may clear wholesale, and whose it is.
-struct PrefixOwner {
-    prefix: String,
-    /// `table[0] (public.items) mirror[0].index[1].key "readings:{device_id}"`.
-    label: String,
-    /// (table, mirror) for mirror keys and indexes; `None` for `[[table]] keys`.
-    mirror: Option<(usize, usize)>,
-    table_name: String,
-}
-
-fn config_warnings(config: &Config) -> Vec<String> {
-    let mut out = Vec::new();
-    if config.source.warm_up
-        && !config
-            .tables
-            .iter()
-            .any(|t| t.mirror.iter().any(|m| !m.only_if_present))
-    {
-        out.push(
-            "source.warm_up = true, but every [[table.mirror]] is only_if_present (or there is \
-             none), and warm-up skips those, so it loads nothing; remove warm_up or add a mirror \
-             without only_if_present"
-                .to_string(),
-        );
-    }
-    // Templates were validated with the config; one that fails here has its own error already.
-    let Ok(mirrors) = crate::plan::mirror::compile_all(&config.tables) else {
-        return out;
-    };
-    let names = config.qualified_tables();
-    let table_name = |t: usize| names.get(t).cloned().unwrap_or_default();
-    let mut owners: Vec<PrefixOwner> = Vec::new();
-    for m in &mirrors {
-        let at = format!("table[{}] ({}) mirror[{}]", m.table, m.table_name, m.index);
-        owners.push(PrefixOwner {
-            prefix: m.key.literal_prefix().to_string(),
-            label: format!("{at}.key {:?}", m.key.source),
-            mirror: Some((m.table, m.index)),
-            table_name: m.table_name.clone(),
-        });
-        for i in &m.indexes {
-            owners.push(PrefixOwner {
-                prefix: i.key.literal_prefix().to_string(),
-                label: format!("{at}.index[{}].key {:?}", i.index, i.key.source),
-                mirror: Some((m.table, m.index)),
-                table_name: m.table_name.clone(),
-            });
-        }
-    }
-    for (t, table) in config.tables.iter().enumerate() {
-        for (k, key) in table.keys.iter().enumerate() {
-            if let Ok(template) = Template::parse(key) {
-                owners.push(PrefixOwner {
-                    prefix: template.literal_prefix().to_string(),
-                    label: format!("table[{t}] ({}) keys[{k}] {key:?}", table_name(t)),
-                    mirror: None,
-                    table_name: table_name(t),
-                });
-            }
-        }
-    }
-    let fix = "give each literal text that does not start the other's (e.g. \"reading:{id}\" \
-               and \"readings_by_device:{device_id}\")";
-    let relation = |a: &str, b: &str| {
-        if a == b {
-            format!("both start with {a:?}")
-        } else {
-            format!("prefix {a:?} starts {b:?}")
-        }
-    };
-    for (i, a) in owners.iter().enumerate() {
-        let Some(a_mirror) = a.mirror else { continue };
-        for (j, b) in owners.iter().enumerate() {
-            // One mirror's own key and indexes are cleared together anyway.
-            if i == j || b.mirror == Some(a_mirror) {
-                continue;
-            }
-            let a_covers_b = b.prefix.starts_with(&a.prefix);
-            match b.mirror {
-                // Equal prefixes between two mirrors: one warning, not two.
-                Some(_) if a_covers_b && (a.prefix != b.prefix || i < j) => out.push(format!(
-                    "{} and {}: {}, so clearing the first mirror's keys (on TRUNCATE of {}, or a \
-                     table-wide fallback) also removes the second's; {fix}",
-                    a.label,
-                    b.label,
-                    relation(&a.prefix, &b.prefix),
-                    a.table_name
-                )),
-                Some(_) => {}
-                None if a_covers_b => out.push(format!(
-                    "{} and {}: {}, so clearing the mirror's keys (on TRUNCATE of {}, or a \
-                     table-wide fallback) also removes the cache entries the app keeps under the \
-                     rule's keys, and the rule's UNLINKs remove mirror entries; {fix}",
-                    a.label,
-                    b.label,
-                    relation(&a.prefix, &b.prefix),
-                    a.table_name
-                )),
-                None if a.prefix.starts_with(&b.prefix) => out.push(format!(
-                    "{} and {}: {}, so a table-wide invalidation of {} (UNLINK of every key \
-                     matching {}*) also removes the mirror's entries; {fix}",
-                    b.label,
-                    a.label,
-                    relation(&b.prefix, &a.prefix),
-                    b.table_name,
-                    b.prefix
-                )),
-                None => {}
-            }
-        }
-    }
-    out
 }
 
 /// Mirrors of one table against its catalog shape: named columns exist, scores fit a 64-bit
@@ -564,7 +449,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::value::oid;
+    use postgres_types::Type;
 
     fn column(name: &str, type_oid: u32, in_identity: bool, toastable: bool) -> CatalogColumn {
         CatalogColumn {
@@ -578,10 +463,10 @@ mod tests {
     fn readings(device_id: u32, identity: char) -> Vec<CatalogColumn> {
         let full = identity == 'f';
         vec![
-            column("id", oid::INT8, true, false),
+            column("id", Type::INT8.oid(), true, false),
             column("device_id", device_id, full, false),
-            column("seq", oid::INT4, full, false),
-            column("ts", oid::TIMESTAMPTZ, full, false),
+            column("seq", Type::INT4.oid(), full, false),
+            column("ts", Type::TIMESTAMPTZ.oid(), full, false),
         ]
     }
 
@@ -622,7 +507,7 @@ score = "(device_id << 32) | epoch(ts)"
 
     #[test]
     fn score_must_be_exact_for_the_column_types() {
-        let report = run(READINGS, 'd', &readings(oid::INT4, 'd'));
+        let report = run(READINGS, 'd', &readings(Type::INT4.oid(), 'd'));
         assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
         let error = &report.errors[0];
         assert!(
@@ -636,14 +521,14 @@ score = "(device_id << 32) | epoch(ts)"
             error.contains("2^53") && error.contains("bits(device_id, 21)"),
             "{error}"
         );
-        let report = run(READINGS, 'd', &readings(oid::INT2, 'd'));
+        let report = run(READINGS, 'd', &readings(Type::INT2.oid(), 'd'));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
     }
 
     #[test]
     fn unknown_column_is_one_error_naming_rule_and_fix() {
         let config = READINGS.replace("epoch(ts)", "epoch(taken_at)");
-        let report = run(&config, 'd', &readings(oid::INT2, 'd'));
+        let report = run(&config, 'd', &readings(Type::INT2.oid(), 'd'));
         assert_eq!(
             report.errors,
             vec![
@@ -662,7 +547,7 @@ score = "(device_id << 32) | epoch(ts)"
             .replace("readings:all", "readings:{device_id}")
             .replace("member = \"{id}\"", "member = \"{id}:{seq}\"")
             .replace("<< 32", "<< 16");
-        let report = run(&config, 'd', &readings(oid::INT2, 'd'));
+        let report = run(&config, 'd', &readings(Type::INT2.oid(), 'd'));
         assert_eq!(
             report.errors,
             vec![
@@ -681,7 +566,7 @@ score = "(device_id << 32) | epoch(ts)"
             ]
         );
         assert_eq!(report.needs_full_identity, vec!["public.readings"]);
-        let report = run(&config, 'f', &readings(oid::INT2, 'f'));
+        let report = run(&config, 'f', &readings(Type::INT2.oid(), 'f'));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         assert!(report.needs_full_identity.is_empty());
     }
@@ -689,8 +574,8 @@ score = "(device_id << 32) | epoch(ts)"
     #[test]
     fn toastable_stored_columns_get_a_note_unless_identity_is_full() {
         let config = "[[table]]\nname = \"public.readings\"\n[[table.mirror]]\nkey = \"r:{id}\"\n";
-        let mut columns = readings(oid::INT4, 'd');
-        columns.push(column("body", oid::TEXT, false, true));
+        let mut columns = readings(Type::INT4.oid(), 'd');
+        columns.push(column("body", Type::TEXT.oid(), false, true));
         let report = run(config, 'd', &columns);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
@@ -718,14 +603,14 @@ score = "(device_id << 32) | epoch(ts)"
             "[[table]]\nname = \"t\"\n[[table.mirror]]\nkey = \"t:{id}\"\nonly_if_present = true\n",
         );
         config.source.warm_up = true;
-        let warnings = config_warnings(&config);
+        let warnings = config.warnings();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
             warnings[0].starts_with("source.warm_up = true"),
             "{warnings:?}"
         );
         config.tables[0].mirror[0].only_if_present = false;
-        assert!(config_warnings(&config).is_empty());
+        assert!(config.warnings().is_empty());
     }
 
     #[test]

@@ -6,18 +6,19 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use postgres_types::Type;
 use serde_json::Value as Json;
 
-use crate::config::{Config, MirrorFormat};
-use crate::pg::pgoutput::{ReplicaIdentity, TupleValue};
-use crate::pg::Lsn;
 use crate::plan::broadcast::{BroadcastPlan, BroadcastPlanner};
+use crate::config::{Config, MirrorFormat};
 use crate::plan::mirror::plan::Field;
 use crate::plan::mirror::{IndexRule, MirrorOp, MirrorPlan, MirrorPlanner, MirrorRule, RowWrite};
-use crate::plan::rules::{Effect, Origin, RuleRef, Rules, RulesPlanner, TableRule};
+use crate::pg::pgoutput::{ReplicaIdentity, TupleValue};
+use crate::pg::Lsn;
 use crate::plan::{ColumnInfo, OldRow, Op, RelationInfo, RowChange};
 use crate::sink::redis::dep_set_key;
-use crate::value::{decode_text, oid, TypeRegistry, Value};
+use crate::plan::rules::{Effect, Origin, RuleRef, Rules, RulesPlanner, TableRule};
+use crate::value::{decode_text, TypeRegistry, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExplainError {
@@ -57,14 +58,14 @@ fn parse_row(
 /// are, and what a score can use), objects and arrays as jsonb.
 fn pg_text(value: &Json) -> (Option<String>, u32) {
     match value {
-        Json::Null => (None, oid::TEXT),
-        Json::Bool(b) => (Some(if *b { "t" } else { "f" }.into()), oid::BOOL),
-        Json::Number(n) if n.is_i64() => (Some(n.to_string()), oid::INT8),
-        Json::Number(n) if n.is_f64() => (Some(n.to_string()), oid::FLOAT8),
+        Json::Null => (None, Type::TEXT.oid()),
+        Json::Bool(b) => (Some(if *b { "t" } else { "f" }.into()), Type::BOOL.oid()),
+        Json::Number(n) if n.is_i64() => (Some(n.to_string()), Type::INT8.oid()),
+        Json::Number(n) if n.is_f64() => (Some(n.to_string()), Type::FLOAT8.oid()),
         // Beyond bigint: only numeric holds it.
-        Json::Number(n) => (Some(n.to_string()), oid::NUMERIC),
-        Json::String(s) => (Some(s.clone()), oid::TEXT),
-        other => (Some(other.to_string()), oid::JSONB),
+        Json::Number(n) => (Some(n.to_string()), Type::NUMERIC.oid()),
+        Json::String(s) => (Some(s.clone()), Type::TEXT.oid()),
+        other => (Some(other.to_string()), Type::JSONB.oid()),
     }
 }
 
@@ -72,26 +73,30 @@ fn pg_text(value: &Json) -> (Option<String>, u32) {
 /// through epoch(), so one in Postgres' output form of a time is taken as that time.
 fn guess_time_type(texts: &[&str]) -> Option<u32> {
     let types = TypeRegistry::new();
-    [oid::TIMESTAMPTZ, oid::TIMESTAMP, oid::DATE]
-        .into_iter()
-        .find(|&t| {
-            !texts.is_empty()
-                && texts
-                    .iter()
-                    .all(|text| decode_text(t, text.as_bytes(), &types).is_ok())
-        })
+    [
+        Type::TIMESTAMPTZ.oid(),
+        Type::TIMESTAMP.oid(),
+        Type::DATE.oid(),
+    ]
+    .into_iter()
+    .find(|&t| {
+        !texts.is_empty()
+            && texts
+                .iter()
+                .all(|text| decode_text(t, text.as_bytes(), &types).is_ok())
+    })
 }
 
 fn type_name(type_oid: u32) -> &'static str {
-    match type_oid {
-        oid::BOOL => "boolean",
-        oid::INT8 => "bigint",
-        oid::FLOAT8 => "double precision",
-        oid::NUMERIC => "numeric",
-        oid::JSONB => "jsonb",
-        oid::TIMESTAMPTZ => "timestamptz",
-        oid::TIMESTAMP => "timestamp",
-        oid::DATE => "date",
+    match Type::from_oid(type_oid) {
+        Some(Type::BOOL) => "boolean",
+        Some(Type::INT8) => "bigint",
+        Some(Type::FLOAT8) => "double precision",
+        Some(Type::NUMERIC) => "numeric",
+        Some(Type::JSONB) => "jsonb",
+        Some(Type::TIMESTAMPTZ) => "timestamptz",
+        Some(Type::TIMESTAMP) => "timestamp",
+        Some(Type::DATE) => "date",
         _ => "text",
     }
 }
@@ -249,7 +254,7 @@ fn row_shape(
                 let (text, oid) = pg_text(v);
                 (Some(text), oid)
             }
-            None => (None, oid::TEXT),
+            None => (None, Type::TEXT.oid()),
         }
     };
     let mut columns = Vec::new();
@@ -258,8 +263,12 @@ fn row_shape(
     for name in &names {
         let (o, oid_o) = cell(old, name);
         let (n, oid_n) = cell(new, name);
-        let mut type_oid = if oid_n != oid::TEXT { oid_n } else { oid_o };
-        if type_oid == oid::TEXT && score_columns.contains(&name) {
+        let mut type_oid = if oid_n != Type::TEXT.oid() {
+            oid_n
+        } else {
+            oid_o
+        };
+        if type_oid == Type::TEXT.oid() && score_columns.contains(&name) {
             let texts: Vec<&str> = [&o, &n]
                 .into_iter()
                 .filter_map(|c| c.as_ref().and_then(|t| t.as_deref()))

@@ -3,6 +3,7 @@
 
 use serde::Deserialize;
 
+use super::Config;
 use crate::plan::mirror::score::ScoreExpr;
 use crate::plan::rules::template::Template;
 
@@ -242,6 +243,107 @@ pub(super) fn validate_broadcast(
                      (add a [[table]] with name = {qualified:?})"
                 ),
             );
+        }
+    }
+}
+
+/// A key prefix walsweep may clear wholesale, and whose it is.
+struct PrefixOwner {
+    prefix: String,
+    /// `table[0] (public.items) mirror[0].index[1].key "readings:{device_id}"`.
+    label: String,
+    /// (table, mirror) for mirror keys and indexes; `None` for `[[table]] keys`.
+    mirror: Option<(usize, usize)>,
+    table_name: String,
+}
+
+/// Mirror key and index prefixes that overlap another mirror's or a `[[table]] keys` prefix:
+/// clearing one wholesale (TRUNCATE, a table-wide fallback) also removes the other's entries.
+pub(super) fn prefix_warnings(config: &Config, out: &mut Vec<String>) {
+    // Templates were validated with the config; one that fails here has its own error already.
+    let Ok(mirrors) = crate::plan::mirror::compile_all(&config.tables) else {
+        return;
+    };
+    let names = config.qualified_tables();
+    let table_name = |t: usize| names.get(t).cloned().unwrap_or_default();
+    let mut owners: Vec<PrefixOwner> = Vec::new();
+    for m in &mirrors {
+        let at = format!("table[{}] ({}) mirror[{}]", m.table, m.table_name, m.index);
+        owners.push(PrefixOwner {
+            prefix: m.key.literal_prefix().to_string(),
+            label: format!("{at}.key {:?}", m.key.source),
+            mirror: Some((m.table, m.index)),
+            table_name: m.table_name.clone(),
+        });
+        for i in &m.indexes {
+            owners.push(PrefixOwner {
+                prefix: i.key.literal_prefix().to_string(),
+                label: format!("{at}.index[{}].key {:?}", i.index, i.key.source),
+                mirror: Some((m.table, m.index)),
+                table_name: m.table_name.clone(),
+            });
+        }
+    }
+    for (t, table) in config.tables.iter().enumerate() {
+        for (k, key) in table.keys.iter().enumerate() {
+            if let Ok(template) = Template::parse(key) {
+                owners.push(PrefixOwner {
+                    prefix: template.literal_prefix().to_string(),
+                    label: format!("table[{t}] ({}) keys[{k}] {key:?}", table_name(t)),
+                    mirror: None,
+                    table_name: table_name(t),
+                });
+            }
+        }
+    }
+    let fix = "give each literal text that does not start the other's (e.g. \"reading:{id}\" \
+               and \"readings_by_device:{device_id}\")";
+    let relation = |a: &str, b: &str| {
+        if a == b {
+            format!("both start with {a:?}")
+        } else {
+            format!("prefix {a:?} starts {b:?}")
+        }
+    };
+    for (i, a) in owners.iter().enumerate() {
+        let Some(a_mirror) = a.mirror else { continue };
+        for (j, b) in owners.iter().enumerate() {
+            // One mirror's own key and indexes are cleared together anyway.
+            if i == j || b.mirror == Some(a_mirror) {
+                continue;
+            }
+            let a_covers_b = b.prefix.starts_with(&a.prefix);
+            match b.mirror {
+                // Equal prefixes between two mirrors: one warning, not two.
+                Some(_) if a_covers_b && (a.prefix != b.prefix || i < j) => out.push(format!(
+                    "{} and {}: {}, so clearing the first mirror's keys (on TRUNCATE of {}, or a \
+                     table-wide fallback) also removes the second's; {fix}",
+                    a.label,
+                    b.label,
+                    relation(&a.prefix, &b.prefix),
+                    a.table_name
+                )),
+                Some(_) => {}
+                None if a_covers_b => out.push(format!(
+                    "{} and {}: {}, so clearing the mirror's keys (on TRUNCATE of {}, or a \
+                     table-wide fallback) also removes the cache entries the app keeps under the \
+                     rule's keys, and the rule's UNLINKs remove mirror entries; {fix}",
+                    a.label,
+                    b.label,
+                    relation(&a.prefix, &b.prefix),
+                    a.table_name
+                )),
+                None if a.prefix.starts_with(&b.prefix) => out.push(format!(
+                    "{} and {}: {}, so a table-wide invalidation of {} (UNLINK of every key \
+                     matching {}*) also removes the mirror's entries; {fix}",
+                    b.label,
+                    a.label,
+                    relation(&b.prefix, &a.prefix),
+                    b.table_name,
+                    b.prefix
+                )),
+                None => {}
+            }
         }
     }
 }

@@ -2,11 +2,12 @@
 //! environment overrides for secrets, and validation that reports every problem at once with the
 //! file, line and a fix.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use toml::de::DeTable;
+use toml::Spanned;
 
 use crate::pg::replication::ConnectParams;
 
@@ -486,12 +487,24 @@ impl Config {
 
     /// Every problem the file has, each with its line when it can be found.
     fn validate(&self, text: &str) -> Vec<Problem> {
-        let locator = Locator::new(text);
+        let mut problems = self.problems();
+        // Lines come from a second parse, paid only by a file that has problems.
+        if !problems.is_empty() {
+            let locator = Locator::new(text);
+            for p in &mut problems {
+                p.line = locator.locate(&p.key);
+            }
+        }
+        problems
+    }
+
+    /// Every problem the file has, without lines.
+    fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut problem = |key: &str, message: String| {
             problems.push(Problem {
                 key: key.to_string(),
-                line: locator.locate(key),
+                line: None,
                 message,
             })
         };
@@ -686,7 +699,8 @@ impl Config {
         problems
     }
 
-    /// Things that work but are probably not what was meant (`check --deny-warnings` fails).
+    /// Things that work but are probably not what was meant: `run` logs them, `check` prints
+    /// them (and `check --deny-warnings` fails).
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         if self.tables.is_empty() {
@@ -707,6 +721,20 @@ impl Config {
                 ));
             }
         }
+        if self.source.warm_up
+            && !self
+                .tables
+                .iter()
+                .any(|t| t.mirror.iter().any(|m| !m.only_if_present))
+        {
+            out.push(
+                "source.warm_up = true, but every [[table.mirror]] is only_if_present (or there \
+                 is none), and warm-up skips those, so it loads nothing; remove warm_up or add a \
+                 mirror without only_if_present"
+                    .to_string(),
+            );
+        }
+        mirror::prefix_warnings(self, &mut out);
         out
     }
 
@@ -730,85 +758,55 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 /// Finds the line of a dotted config path such as `source.slot`, `table[2].keys[0]` or
-/// `table[0].scope[1].columns`: the n-th `[[table]]` header, then the n-th `[[table.scope]]`
-/// under it, then the line assigning the last field; falls back to the closest header found.
-/// Built once per file, so reporting many problems stays linear in the file's size.
+/// `table[0].mirror[1].index[0].score` in the spans toml records while parsing, so table headers
+/// with comments, dotted keys and inline tables resolve like plain `[section]` + `key = ...`.
+/// A path that ends early (a field left at its default) falls back to its deepest part found,
+/// usually the section's header. Lookups are by key and index, so reporting many problems stays
+/// linear in the file's size.
 struct Locator<'t> {
-    lines: Vec<&'t str>,
-    /// Line indexes of each header (`[source]`, `[[table]]`, ...), in order.
-    headers: HashMap<&'t str, Vec<usize>>,
-    /// Line indexes of every header line.
-    header_lines: Vec<usize>,
+    /// `None` only if toml rejects text it has just accepted; problems then go without lines.
+    root: Option<DeTable<'t>>,
+    /// Byte offset where each line starts.
+    line_starts: Vec<usize>,
 }
 
 impl<'t> Locator<'t> {
     fn new(text: &'t str) -> Self {
-        let lines: Vec<&str> = text.lines().collect();
-        let mut headers: HashMap<&str, Vec<usize>> = HashMap::new();
-        let mut header_lines = Vec::new();
-        for (i, line) in lines.iter().enumerate() {
-            let t = line.trim();
-            if t.starts_with('[') {
-                headers.entry(t).or_default().push(i);
-                header_lines.push(i);
-            }
-        }
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
         Locator {
-            lines,
-            headers,
-            header_lines,
+            root: DeTable::parse(text).ok().map(Spanned::into_inner),
+            line_starts,
         }
     }
 
     fn locate(&self, path: &str) -> Option<usize> {
-        let mut start = 0usize;
-        let mut end = self.lines.len();
+        let mut table = self.root.as_ref()?;
         let mut found = None;
-        let segments: Vec<&str> = path.split('.').collect();
-        let (field, sections) = segments.split_last()?;
-        let mut header_path = String::new();
-        for section in sections {
-            let (name, nth) = match section.split_once('[') {
-                Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
-                None => (*section, None),
+        for segment in path.split('.') {
+            let (name, nth) = match segment.split_once('[') {
+                Some((name, rest)) => (name, rest.strip_suffix(']')?.parse::<usize>().ok()),
+                None => (segment, None),
             };
-            if !header_path.is_empty() {
-                header_path.push('.');
-            }
-            header_path.push_str(name);
-            let header = match nth {
-                Some(_) => format!("[[{header_path}]]"),
-                None => format!("[{header_path}]"),
+            let Some((key, mut value)) = table.get_key_value(name) else {
+                break;
             };
-            let positions = self.headers.get(header.as_str())?;
-            let first = positions.partition_point(|&p| p < start);
-            let hit = *positions.get(first + nth.unwrap_or(0))?;
-            if hit >= end {
-                return found;
+            found = Some(key.span().start);
+            if let Some(nth) = nth {
+                // `[[header]]` or `{ ... }` of an array's table, or an array's string.
+                let Some(item) = value.get_ref().as_array().and_then(|a| a.get(nth)) else {
+                    break;
+                };
+                found = Some(item.span().start);
+                value = item;
             }
-            found = Some(hit + 1);
-            start = hit + 1;
-            // The section ends at the next header of the same or an outer level.
-            let child_prefix = format!("[[{header_path}.");
-            let next = self.header_lines[self.header_lines.partition_point(|&p| p < start)..]
-                .iter()
-                .copied()
-                .find(|&p| {
-                    let t = self.lines[p].trim();
-                    nth.is_none() || t == header || !t.starts_with(&child_prefix)
-                });
-            end = next.map_or(end, |p| p.min(end));
+            let Some(inner) = value.get_ref().as_table() else {
+                break;
+            };
+            table = inner;
         }
-        let field = field.split('[').next().unwrap_or(field);
-        self.lines[start..end]
-            .iter()
-            .position(|l| {
-                l.trim_start()
-                    .strip_prefix(field)
-                    .is_some_and(|rest| rest.trim_start().starts_with('='))
-            })
-            .map(|k| start + k + 1)
-            .or(found)
+        found.map(|offset| self.line_starts.partition_point(|&start| start <= offset))
     }
 }
 
@@ -881,6 +879,32 @@ mod tests {
             (
                 "[source]\nurl = \"postgres://u@h/db\"\n[[table]]\nname = \"a\"\n[[table.scope]]\nname = \"A\"\ncolumns = [\"x\"]\nextra = 1\n",
                 "config:8: toml: unknown field `extra`",
+            ),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\n[[table]] # articles\nname = \"a.b.c\"\n",
+                "config:4: table[0].name: table name \"a.b.c\" is invalid",
+            ),
+            (
+                "[source] # primary\nurl = \"postgres://u@h/db\"\nslot = \"Bad-Slot\"\n",
+                "config:3: source.slot: slot name \"Bad-Slot\" is invalid",
+            ),
+            (
+                "redis.url = \"http://x\"\n[source]\nurl = \"postgres://u@h/db\"\n",
+                "config:1: redis.url: not a valid Redis URL",
+            ),
+            (
+                "source.url = \"postgres://u@h/db\"\nsource.slot = \"Bad-Slot\"\n",
+                "config:2: source.slot: slot name \"Bad-Slot\" is invalid",
+            ),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\n[[table]]\nname = \"a\"\n\
+                 mirror = [\n  { key = \"a:{id}\" },\n  { key = \"row\" },\n]\n",
+                "config:7: table[0].mirror[1].key: template \"row\" names no column",
+            ),
+            (
+                "table = [{ name = \"a\" }, { name = \"b\", keys = [\n  \"b:{id}\",\n  \"b:{id\",\n] }]\n\
+                 [source]\nurl = \"postgres://u@h/db\"\n",
+                "config:3: table[1].keys[1]: template \"b:{id\": unclosed `{`",
             ),
         ];
         for (text, expected) in cases {

@@ -1033,6 +1033,8 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
+    use postgres_types::Type;
+
     use super::*;
 
     /// Captured by `scripts/capture-pgoutput-fixtures`; see tests/fixtures/pgoutput/README.md.
@@ -1176,9 +1178,6 @@ mod tests {
         );
     }
 
-    const INT4_OID: u32 = 23;
-    const TEXT_OID: u32 = 25;
-
     fn column(flags: u8, name: &str, type_oid: u32) -> RelationColumn<'_> {
         RelationColumn {
             flags,
@@ -1206,9 +1205,9 @@ mod tests {
         assert_eq!(
             items.columns,
             [
-                column(1, "id", INT4_OID),
-                column(0, "note", TEXT_OID),
-                column(0, "body", TEXT_OID)
+                column(1, "id", Type::INT4.oid()),
+                column(0, "note", Type::TEXT.oid()),
+                column(0, "body", Type::TEXT.oid())
             ]
         );
         assert!(items.columns[0].is_key() && !items.columns[1].is_key());
@@ -1256,9 +1255,9 @@ mod tests {
         assert_eq!(
             audit.columns,
             [
-                column(1, "id", INT4_OID),
+                column(1, "id", Type::INT4.oid()),
                 column(1, "mood", mood.oid),
-                column(1, "payload", TEXT_OID)
+                column(1, "payload", Type::TEXT.oid())
             ]
         );
         let insert = expect!(w, Insert);
@@ -1336,7 +1335,7 @@ mod tests {
         let altered = expect!(w, Relation);
         assert_eq!((altered.oid, altered.name), (items.oid, "items"));
         assert_eq!(altered.columns.len(), 4);
-        assert_eq!(altered.columns[3], column(0, "extra", INT4_OID));
+        assert_eq!(altered.columns[3], column(0, "extra", Type::INT4.oid()));
         let insert = expect!(w, Insert);
         assert_eq!(
             insert.new,
@@ -1363,7 +1362,7 @@ mod tests {
         let begin = expect!(w, Begin);
         let scratch = expect!(w, Relation);
         assert_eq!(scratch.name, "scratch");
-        assert_eq!(scratch.columns, [column(1, "id", INT4_OID)]);
+        assert_eq!(scratch.columns, [column(1, "id", Type::INT4.oid())]);
         assert_eq!(expect!(w, Insert).new, tuple(&[text("1")]));
         check_pair(&begin, &expect!(w, Commit));
 

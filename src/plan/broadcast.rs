@@ -21,7 +21,8 @@
 //! the LSN, so a redelivered transaction (at-least-once delivery) is not published twice.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt::Write as _;
+
+use serde::Serialize;
 
 use crate::config::BroadcastConfig;
 use crate::pg::pgoutput::TupleValue;
@@ -30,11 +31,52 @@ use crate::plan::rules::Effect;
 use crate::plan::{Op, RelationInfo, RowChange};
 use crate::value::{decode_text, iso_utc, TypeRegistry, Value};
 
+/// One entry of `changes`. Fields serialize in declaration order, the documented one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct Change {
+    table: String,
+    op: &'static str,
+    /// `None` for TRUNCATE, which names no row.
+    #[serde(flatten)]
+    row: Option<RowListing>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct RowListing {
+    pk: serde_json::Map<String, serde_json::Value>,
+    keys: Vec<String>,
+    deps: Vec<String>,
+}
+
+/// A message without `prev_lsn` (the Lua script prepends it). Fields serialize in declaration
+/// order, the documented one.
+#[derive(Serialize)]
+struct MessageBody<'a> {
+    lsn: String,
+    commit_time: String,
+    xid: u32,
+    changes: &'a [Change],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    truncated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    counts: Option<&'a BTreeMap<String, u64>>,
+}
+
+/// The message after a gap. Fields in the order the messages have always had (`json!` sorted
+/// them), so clients that compare text see no change.
+#[derive(Serialize)]
+struct ResetBody<'a> {
+    /// `null`: a reset belongs to no transaction.
+    lsn: (),
+    reason: &'a str,
+    reset: bool,
+}
+
 /// The broadcast part of one transaction's plan.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct BroadcastPlan {
-    /// Each change as a JSON object, in commit order (empty once `truncated`).
-    changes: Vec<String>,
+    /// Each change, in commit order (empty once `truncated`).
+    changes: Vec<Change>,
     /// Changes per table, always counted.
     counts: BTreeMap<String, u64>,
     truncated: bool,
@@ -50,7 +92,8 @@ impl BroadcastPlan {
         self.changes.len()
     }
 
-    fn push(&mut self, table: &str, change: String) {
+    /// `change` is built only when the message still has room for it.
+    fn push(&mut self, table: &str, change: impl FnOnce() -> Change) {
         *self.counts.entry(table.to_string()).or_default() += 1;
         if self.truncated {
             return;
@@ -61,7 +104,7 @@ impl BroadcastPlan {
             self.changes = Vec::new();
             return;
         }
-        self.changes.push(change);
+        self.changes.push(change());
     }
 
     pub fn merge(&mut self, later: BroadcastPlan) {
@@ -87,32 +130,26 @@ impl BroadcastPlan {
 
     /// The message without `prev_lsn` (the Lua script prepends it): `{"lsn":...}`.
     pub fn message_body(&self, commit_lsn: Lsn, commit_time_unix_micros: i64, xid: u32) -> String {
-        let mut out =
-            String::with_capacity(64 + self.changes.iter().map(|c| c.len() + 1).sum::<usize>());
-        let _ = write!(
-            out,
-            "{{\"lsn\":\"{commit_lsn}\",\"commit_time\":{},\"xid\":{xid},\"changes\":[",
-            serde_json::Value::String(iso_utc(commit_time_unix_micros))
-        );
-        for (i, change) in self.changes.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(change);
-        }
-        out.push(']');
-        if self.truncated {
-            let counts = serde_json::to_string(&self.counts).unwrap_or_else(|_| "{}".into());
-            let _ = write!(out, ",\"truncated\":true,\"counts\":{counts}");
-        }
-        out.push('}');
-        out
+        serde_json::to_string(&MessageBody {
+            lsn: commit_lsn.to_string(),
+            commit_time: iso_utc(commit_time_unix_micros),
+            xid,
+            changes: &self.changes,
+            truncated: self.truncated,
+            counts: self.truncated.then_some(&self.counts),
+        })
+        .expect("a broadcast message has only string map keys, so it always serializes")
     }
 }
 
 /// The body of the message sent after a gap in the stream.
 pub fn reset_body(reason: &str) -> String {
-    serde_json::json!({ "lsn": null, "reset": true, "reason": reason }).to_string()
+    serde_json::to_string(&ResetBody {
+        lsn: (),
+        reason,
+        reset: true,
+    })
+    .expect("a reset message has no maps, so it always serializes")
 }
 
 /// Adds what a broadcast lists for one invalidation: keys and dependencies as rendered,
@@ -128,9 +165,13 @@ pub fn list_effect(effect: &Effect, keys: &mut Vec<String>, deps: &mut Vec<Strin
 
 /// `items` without repeats, first occurrence kept: an UPDATE that keeps the key renders the
 /// same key for the old and the new row.
-fn distinct(items: &[String]) -> Vec<&String> {
+fn distinct(items: &[String]) -> Vec<String> {
     let mut seen = HashSet::new();
-    items.iter().filter(|i| seen.insert(i.as_str())).collect()
+    items
+        .iter()
+        .filter(|i| seen.insert(i.as_str()))
+        .cloned()
+        .collect()
 }
 
 /// Decides which changes are broadcast and renders each.
@@ -188,10 +229,10 @@ impl BroadcastPlanner {
     ) {
         plan.limit = self.limit;
         let table = &change.relation.qualified_name;
-        if plan.truncated || plan.changes.len() >= self.limit {
-            plan.push(table, String::new());
-            return;
-        }
+        plan.push(table, || self.change_entry(change, keys, deps));
+    }
+
+    fn change_entry(&self, change: &RowChange<'_>, keys: &[String], deps: &[String]) -> Change {
         let mut pk = serde_json::Map::new();
         for i in change.relation.key_indexes() {
             let value = match change.op {
@@ -210,32 +251,78 @@ impl BroadcastPlanner {
             };
             pk.insert(column.name.clone(), json);
         }
-        // Written by hand to keep the documented field order.
-        let entry = format!(
-            "{{\"table\":{},\"op\":\"{}\",\"pk\":{},\"keys\":{},\"deps\":{}}}",
-            serde_json::Value::String(table.clone()),
-            change.op.as_str(),
-            serde_json::Value::Object(pk),
-            serde_json::json!(distinct(keys)),
-            serde_json::json!(distinct(deps)),
-        );
-        plan.push(table, entry);
+        Change {
+            table: change.relation.qualified_name.clone(),
+            op: change.op.as_str(),
+            row: Some(RowListing {
+                pk,
+                keys: distinct(keys),
+                deps: distinct(deps),
+            }),
+        }
     }
 
     pub fn add_truncate(&self, relation: &RelationInfo, plan: &mut BroadcastPlan) {
         plan.limit = self.limit;
-        let entry = format!(
-            "{{\"table\":{},\"op\":\"{}\"}}",
-            serde_json::Value::String(relation.qualified_name.clone()),
-            Op::Truncate.as_str()
-        );
-        plan.push(&relation.qualified_name, entry);
+        plan.push(&relation.qualified_name, || Change {
+            table: relation.qualified_name.clone(),
+            op: Op::Truncate.as_str(),
+            row: None,
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn truncate_of(table: &str) -> Change {
+        Change {
+            table: table.into(),
+            op: Op::Truncate.as_str(),
+            row: None,
+        }
+    }
+
+    #[test]
+    fn messages_keep_their_documented_form() {
+        let mut plan = BroadcastPlan {
+            limit: 5,
+            ..Default::default()
+        };
+        plan.push("public.a", || truncate_of("public.a"));
+        plan.push("public.a", || Change {
+            table: "public.a".into(),
+            op: Op::Update.as_str(),
+            row: Some(RowListing {
+                pk: serde_json::Map::from_iter([("id".to_string(), 7.into())]),
+                keys: vec!["a:7".into()],
+                deps: vec![],
+            }),
+        });
+        assert_eq!(
+            plan.message_body(Lsn::from(0x1A2B4D8), 1_700_000_000_123_456, 1234),
+            "{\"lsn\":\"0/1A2B4D8\",\"commit_time\":\"2023-11-14T22:13:20.123456Z\",\"xid\":1234,\
+             \"changes\":[{\"table\":\"public.a\",\"op\":\"truncate\"},{\"table\":\"public.a\",\
+             \"op\":\"update\",\"pk\":{\"id\":7},\"keys\":[\"a:7\"],\"deps\":[]}]}"
+        );
+        let mut plan = BroadcastPlan {
+            limit: 1,
+            ..Default::default()
+        };
+        for table in ["public.b", "public.a", "public.a"] {
+            plan.push(table, || truncate_of(table));
+        }
+        assert_eq!(
+            plan.message_body(Lsn::from(0x10), -1, 7),
+            "{\"lsn\":\"0/10\",\"commit_time\":\"1969-12-31T23:59:59.999999Z\",\"xid\":7,\
+             \"changes\":[],\"truncated\":true,\"counts\":{\"public.a\":2,\"public.b\":1}}"
+        );
+        assert_eq!(
+            reset_body("slot \"walsweep\" lost"),
+            "{\"lsn\":null,\"reason\":\"slot \\\"walsweep\\\" lost\",\"reset\":true}"
+        );
+    }
 
     #[test]
     fn large_transactions_list_counts_only() {
@@ -244,7 +331,7 @@ mod tests {
             ..Default::default()
         };
         for _ in 0..3 {
-            plan.push("public.a", "{}".into());
+            plan.push("public.a", || truncate_of("public.a"));
         }
         let body = plan.message_body(Lsn::from(0x10), 0, 7);
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -260,14 +347,14 @@ mod tests {
             limit: 10,
             ..Default::default()
         };
-        a.push("t", "1".into());
+        a.push("t", || truncate_of("first"));
         let mut b = BroadcastPlan {
             limit: 10,
             ..Default::default()
         };
-        b.push("t", "2".into());
+        b.push("t", || truncate_of("second"));
         a.merge(b);
-        assert_eq!(a.changes, vec!["1".to_string(), "2".to_string()]);
+        assert_eq!(a.changes, vec![truncate_of("first"), truncate_of("second")]);
         assert_eq!(a.counts["t"], 2);
     }
 }

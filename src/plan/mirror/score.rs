@@ -23,7 +23,9 @@
 //! (`""` inside for a quote). Column names are taken exactly as written (no case folding), as
 //! everywhere else in the config.
 
-use crate::value::{oid, Date, Time, Timestamp, Value, Ymd};
+use postgres_types::Type;
+
+use crate::value::{Date, Time, Timestamp, Value, Ymd};
 
 /// The largest magnitude an f64 holds with every integer below it exact.
 const EXACT_BITS: u32 = 53;
@@ -192,7 +194,7 @@ impl ScoreExpr {
         // A float is exact by definition when it is the score itself; anywhere else it would
         // have to be rounded into an integer, so only the bare form is allowed.
         if let Node::Col(i) = self.root {
-            if matches!(types[i], oid::FLOAT4 | oid::FLOAT8) {
+            if matches!(Type::from_oid(types[i]), Some(Type::FLOAT4 | Type::FLOAT8)) {
                 return Ok(());
             }
         }
@@ -305,23 +307,23 @@ impl ScoreExpr {
             Node::Col(i) => {
                 let name = &self.columns[*i];
                 let t = types[*i];
-                let bits = match t {
-                    oid::INT2 => 16,
-                    oid::INT4 => 32,
-                    oid::INT8 => 64,
-                    oid::FLOAT4 | oid::FLOAT8 => {
+                let bits = match Type::from_oid(t) {
+                    Some(Type::INT2) => 16,
+                    Some(Type::INT4) => 32,
+                    Some(Type::INT8) => 64,
+                    Some(Type::FLOAT4 | Type::FLOAT8) => {
                         return Err(self.fail(&format!(
                             "float column {name} cannot be combined exactly; use it alone as \
                              the score, or use an integer column"
                         )))
                     }
-                    oid::NUMERIC => {
+                    Some(Type::NUMERIC) => {
                         return Err(self.fail(&format!(
                             "{name} is numeric, which may hold fractions and any magnitude; wrap \
                              it as bits({name}, N) when it holds integers below 2^N"
                         )))
                     }
-                    oid::DATE | oid::TIMESTAMP | oid::TIMESTAMPTZ => {
+                    Some(Type::DATE | Type::TIMESTAMP | Type::TIMESTAMPTZ) => {
                         return Err(self.fail(&format!(
                             "{name} is {}, not a number; use epoch({name}) or epoch_ms({name})",
                             type_name(t)
@@ -349,7 +351,10 @@ impl ScoreExpr {
                 let name = &self.columns[*col];
                 let t = types[*col];
                 let function = unit.function();
-                if !matches!(t, oid::DATE | oid::TIMESTAMP | oid::TIMESTAMPTZ) {
+                if !matches!(
+                    Type::from_oid(t),
+                    Some(Type::DATE | Type::TIMESTAMP | Type::TIMESTAMPTZ)
+                ) {
                     return Err(self.fail(&format!(
                         "{function}({name}) needs a date, timestamp or timestamptz column, and \
                          {name} is {}; {}",
@@ -374,11 +379,14 @@ impl ScoreExpr {
             Node::Bits { col, n } => {
                 let name = &self.columns[*col];
                 let t = types[*col];
-                if !(is_integer_type(t) || t == oid::NUMERIC) {
+                if !(is_integer_type(t) || t == Type::NUMERIC.oid()) {
                     return Err(self.fail(&format!(
                         "bits({name}, {n}) needs an integer or numeric column, and {name} is {}{}",
                         type_name(t),
-                        if matches!(t, oid::DATE | oid::TIMESTAMP | oid::TIMESTAMPTZ) {
+                        if matches!(
+                            Type::from_oid(t),
+                            Some(Type::DATE | Type::TIMESTAMP | Type::TIMESTAMPTZ)
+                        ) {
                             format!("; use epoch({name}) or epoch_ms({name})")
                         } else {
                             String::new()
@@ -648,33 +656,36 @@ fn bit_len(v: u64) -> u32 {
 }
 
 fn is_integer_type(t: u32) -> bool {
-    matches!(t, oid::INT2 | oid::INT4 | oid::INT8)
+    matches!(
+        Type::from_oid(t),
+        Some(Type::INT2 | Type::INT4 | Type::INT8)
+    )
 }
 
 fn type_name(t: u32) -> String {
-    let name = match t {
-        oid::INT2 => "smallint",
-        oid::INT4 => "integer",
-        oid::INT8 => "bigint",
-        oid::FLOAT4 => "real",
-        oid::FLOAT8 => "double precision",
-        oid::NUMERIC => "numeric",
-        oid::DATE => "date",
-        oid::TIMESTAMP => "timestamp",
-        oid::TIMESTAMPTZ => "timestamptz",
-        oid::TIME => "time",
-        oid::TIMETZ => "timetz",
-        oid::INTERVAL => "interval",
-        oid::BOOL => "boolean",
-        oid::TEXT => "text",
-        oid::VARCHAR => "varchar",
-        oid::BPCHAR => "char",
-        oid::NAME => "name",
-        oid::UUID => "uuid",
-        oid::BYTEA => "bytea",
-        oid::JSON => "json",
-        oid::JSONB => "jsonb",
-        other => return format!("of type OID {other}"),
+    let name = match Type::from_oid(t) {
+        Some(Type::INT2) => "smallint",
+        Some(Type::INT4) => "integer",
+        Some(Type::INT8) => "bigint",
+        Some(Type::FLOAT4) => "real",
+        Some(Type::FLOAT8) => "double precision",
+        Some(Type::NUMERIC) => "numeric",
+        Some(Type::DATE) => "date",
+        Some(Type::TIMESTAMP) => "timestamp",
+        Some(Type::TIMESTAMPTZ) => "timestamptz",
+        Some(Type::TIME) => "time",
+        Some(Type::TIMETZ) => "timetz",
+        Some(Type::INTERVAL) => "interval",
+        Some(Type::BOOL) => "boolean",
+        Some(Type::TEXT) => "text",
+        Some(Type::VARCHAR) => "varchar",
+        Some(Type::BPCHAR) => "char",
+        Some(Type::NAME) => "name",
+        Some(Type::UUID) => "uuid",
+        Some(Type::BYTEA) => "bytea",
+        Some(Type::JSON) => "json",
+        Some(Type::JSONB) => "jsonb",
+        _ => return format!("of type OID {t}"),
     };
     name.to_string()
 }
@@ -1317,7 +1328,10 @@ mod tests {
         let e = parse(COMPOSITE);
         assert_eq!(e.source(), COMPOSITE);
         assert_eq!(e.columns(), ["device_id", "ts"]);
-        let t = [("device_id", oid::INT2), ("ts", oid::TIMESTAMP)];
+        let t = [
+            ("device_id", Type::INT2.oid()),
+            ("ts", Type::TIMESTAMP.oid()),
+        ];
         assert_eq!(e.check_types(&types(&t)), Ok(()));
         let v = [Value::Int(7), ts(2024, 1, 2, 3, 4, 5, 0)];
         let refs: Vec<&Value> = v.iter().collect();
@@ -1329,7 +1343,10 @@ mod tests {
 
     #[test]
     fn integer_device_is_too_wide_and_bits_fixes_it() {
-        let t = [("device_id", oid::INT4), ("ts", oid::TIMESTAMPTZ)];
+        let t = [
+            ("device_id", Type::INT4.oid()),
+            ("ts", Type::TIMESTAMPTZ.oid()),
+        ];
         let err = parse(COMPOSITE).check_types(&types(&t)).unwrap_err();
         assert_eq!(
             err,
@@ -1373,40 +1390,40 @@ mod tests {
     #[test]
     fn bare_columns_by_type() {
         let check = |s: &str, t: u32| parse(s).check_types(&types(&[("c", t)]));
-        assert_eq!(check("c", oid::INT2), Ok(()));
-        assert_eq!(check("c", oid::INT4), Ok(()));
-        let err = check("c", oid::INT8).unwrap_err();
+        assert_eq!(check("c", Type::INT2.oid()), Ok(()));
+        assert_eq!(check("c", Type::INT4.oid()), Ok(()));
+        let err = check("c", Type::INT8.oid()).unwrap_err();
         assert!(err.contains("2^64") && err.contains("bits(c, 53)"), "{err}");
-        assert_eq!(check("c", oid::FLOAT8), Ok(()));
-        assert_eq!(check("(c)", oid::FLOAT4), Ok(()));
-        let err = check("c + 1", oid::FLOAT8).unwrap_err();
+        assert_eq!(check("c", Type::FLOAT8.oid()), Ok(()));
+        assert_eq!(check("(c)", Type::FLOAT4.oid()), Ok(()));
+        let err = check("c + 1", Type::FLOAT8.oid()).unwrap_err();
         assert!(
             err.contains("float column c cannot be combined exactly"),
             "{err}"
         );
-        let err = check("c << 1", oid::FLOAT4).unwrap_err();
+        let err = check("c << 1", Type::FLOAT4.oid()).unwrap_err();
         assert!(err.contains("float column c"), "{err}");
-        let err = check("c", oid::NUMERIC).unwrap_err();
+        let err = check("c", Type::NUMERIC.oid()).unwrap_err();
         assert!(
             err.contains("wrap it as bits(c, N) when it holds integers below 2^N"),
             "{err}"
         );
-        let err = check("c", oid::TEXT).unwrap_err();
+        let err = check("c", Type::TEXT.oid()).unwrap_err();
         assert!(
             err.contains("c is text") && err.contains("bits(c, N)"),
             "{err}"
         );
-        let err = check("c", oid::TIMESTAMP).unwrap_err();
+        let err = check("c", Type::TIMESTAMP.oid()).unwrap_err();
         assert!(err.contains("epoch(c)"), "{err}");
-        let err = check("epoch(c)", oid::INT8).unwrap_err();
+        let err = check("epoch(c)", Type::INT8.oid()).unwrap_err();
         assert!(
             err.contains("needs a date, timestamp or timestamptz"),
             "{err}"
         );
-        let err = check("bits(c, 8)", oid::TEXT).unwrap_err();
+        let err = check("bits(c, 8)", Type::TEXT.oid()).unwrap_err();
         assert!(err.contains("needs an integer or numeric column"), "{err}");
         let err = parse("a | b")
-            .check_types(&types(&[("a", oid::INT2)]))
+            .check_types(&types(&[("a", Type::INT2.oid())]))
             .unwrap_err();
         assert_eq!(err, "score \"a | b\": table has no column b");
     }
@@ -1435,7 +1452,10 @@ mod tests {
     #[test]
     fn bits_of_numeric() {
         let e = parse("bits(amount, 40)");
-        assert_eq!(e.check_types(&types(&[("amount", oid::NUMERIC)])), Ok(()));
+        assert_eq!(
+            e.check_types(&types(&[("amount", Type::NUMERIC.oid())])),
+            Ok(())
+        );
         let num = |s: &str| Value::Numeric(s.to_string());
         assert_eq!(e.eval(&[&num("12.00")]).unwrap(), 12.0);
         assert_eq!(e.eval(&[&num("12")]).unwrap(), 12.0);
@@ -1525,11 +1545,11 @@ mod tests {
             Err(ScoreError::WrongType { .. })
         ));
         let types_ok = |t: u32| parse("epoch_ms(t)").check_types(&types(&[("t", t)]));
-        assert_eq!(types_ok(oid::DATE), Ok(()));
-        assert_eq!(types_ok(oid::TIMESTAMP), Ok(()));
-        assert_eq!(types_ok(oid::TIMESTAMPTZ), Ok(()));
+        assert_eq!(types_ok(Type::DATE.oid()), Ok(()));
+        assert_eq!(types_ok(Type::TIMESTAMP.oid()), Ok(()));
+        assert_eq!(types_ok(Type::TIMESTAMPTZ.oid()), Ok(()));
         // 42 bits of milliseconds leave 11 for a prefix.
-        let t = [("d", oid::INT2), ("t", oid::TIMESTAMP)];
+        let t = [("d", Type::INT2.oid()), ("t", Type::TIMESTAMP.oid())];
         let err = parse("(d << 42) | epoch_ms(t)")
             .check_types(&types(&t))
             .unwrap_err();
@@ -1557,7 +1577,7 @@ mod tests {
 
     #[test]
     fn widths_of_operators() {
-        let t = [("a", oid::INT2), ("b", oid::INT4)];
+        let t = [("a", Type::INT2.oid()), ("b", Type::INT4.oid())];
         let check = |s: &str| parse(s).check_types(&types(&t));
         assert_eq!(check("(b << 21) | a"), Ok(()));
         assert!(check("(b << 22) | a").is_err());
@@ -1795,12 +1815,12 @@ mod tests {
             return;
         };
         for t in [
-            oid::INT2,
-            oid::INT8,
-            oid::FLOAT8,
-            oid::NUMERIC,
-            oid::TIMESTAMPTZ,
-            oid::TEXT,
+            Type::INT2.oid(),
+            Type::INT8.oid(),
+            Type::FLOAT8.oid(),
+            Type::NUMERIC.oid(),
+            Type::TIMESTAMPTZ.oid(),
+            Type::TEXT.oid(),
         ] {
             let _ = e.check_types(&|_| Some(t));
         }

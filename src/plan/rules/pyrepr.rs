@@ -2,28 +2,30 @@
 //! segments: matroska-cache renders composite primary keys as `repr()` of the identity tuple,
 //! e.g. `pk:Pair:(1, "it's")`.
 
-use super::pystr::{self, BOOL_OID, FLOAT4_OID, FLOAT8_OID};
+use postgres_types::Type;
 
-const INT2_OID: u32 = 21;
-const INT4_OID: u32 = 23;
-const INT8_OID: u32 = 20;
-const OID_OID: u32 = 26;
-const NUMERIC_OID: u32 = 1700;
-const DATE_OID: u32 = 1082;
-const UUID_OID: u32 = 2950;
+use super::pystr;
 
 /// `repr()` for the types whose Python value has a simple repr; other types are rendered as
 /// `repr()` of their text, which matches apps that key on strings.
 pub fn python_repr(type_oid: u32, text: &str) -> String {
-    match type_oid {
+    match Type::from_oid(type_oid) {
         // For these, repr() and str() agree (repr(float('nan')) is "nan" too).
-        BOOL_OID | INT2_OID | INT4_OID | INT8_OID | OID_OID | FLOAT4_OID | FLOAT8_OID => {
-            pystr::python_str(type_oid, text).into_owned()
-        }
+        Some(
+            Type::BOOL
+            | Type::INT2
+            | Type::INT4
+            | Type::INT8
+            | Type::OID
+            | Type::FLOAT4
+            | Type::FLOAT8,
+        ) => pystr::python_str(type_oid, text).into_owned(),
         // Decimal's repr quotes its str(), which switches to exponent form below 1e-6.
-        NUMERIC_OID => format!("Decimal({})", repr_str(&pystr::python_str(type_oid, text))),
-        UUID_OID => format!("UUID({})", repr_str(text)),
-        DATE_OID => date_repr(text).unwrap_or_else(|| repr_str(text)),
+        Some(Type::NUMERIC) => {
+            format!("Decimal({})", repr_str(&pystr::python_str(type_oid, text)))
+        }
+        Some(Type::UUID) => format!("UUID({})", repr_str(text)),
+        Some(Type::DATE) => date_repr(text).unwrap_or_else(|| repr_str(text)),
         _ => repr_str(text),
     }
 }
@@ -86,17 +88,20 @@ mod tests {
 
     #[test]
     fn typed_values_repr_like_their_python_types() {
-        assert_eq!(python_repr(INT4_OID, "1"), "1");
-        assert_eq!(python_repr(BOOL_OID, "t"), "True");
-        assert_eq!(python_repr(FLOAT8_OID, "100"), "100.0");
-        assert_eq!(python_repr(NUMERIC_OID, "1.50"), "Decimal('1.50')");
-        assert_eq!(python_repr(NUMERIC_OID, "0.0000001"), "Decimal('1E-7')");
+        assert_eq!(python_repr(Type::INT4.oid(), "1"), "1");
+        assert_eq!(python_repr(Type::BOOL.oid(), "t"), "True");
+        assert_eq!(python_repr(Type::FLOAT8.oid(), "100"), "100.0");
+        assert_eq!(python_repr(Type::NUMERIC.oid(), "1.50"), "Decimal('1.50')");
         assert_eq!(
-            python_repr(DATE_OID, "2020-01-02"),
+            python_repr(Type::NUMERIC.oid(), "0.0000001"),
+            "Decimal('1E-7')"
+        );
+        assert_eq!(
+            python_repr(Type::DATE.oid(), "2020-01-02"),
             "datetime.date(2020, 1, 2)"
         );
         assert_eq!(
-            python_repr(UUID_OID, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            python_repr(Type::UUID.oid(), "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
             "UUID('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11')"
         );
         assert_eq!(python_repr(25, "x"), "'x'");

@@ -5,14 +5,6 @@
 
 use std::borrow::Cow;
 
-pub const BOOL_OID: u32 = 16;
-pub const FLOAT4_OID: u32 = 700;
-pub const FLOAT8_OID: u32 = 701;
-pub const TIME_OID: u32 = 1083;
-pub const TIMESTAMP_OID: u32 = 1114;
-pub const TIMESTAMPTZ_OID: u32 = 1184;
-pub const TIMETZ_OID: u32 = 1266;
-
 /// Python's `str(None)`.
 pub const NONE: &str = "None";
 
@@ -25,12 +17,14 @@ pub fn python_str(type_oid: u32, text: &str) -> Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
+    use postgres_types::Type;
+
     use super::*;
 
     #[test]
     fn booleans_and_passthrough_types() {
-        assert_eq!(python_str(BOOL_OID, "t"), "True");
-        assert_eq!(python_str(BOOL_OID, "f"), "False");
+        assert_eq!(python_str(Type::BOOL.oid(), "t"), "True");
+        assert_eq!(python_str(Type::BOOL.oid(), "f"), "False");
         assert_eq!(python_str(1700, "1.50"), "1.50");
         assert_eq!(python_str(1082, "2020-01-02"), "2020-01-02");
         assert_eq!(python_str(25, "x y"), "x y");
@@ -54,31 +48,34 @@ mod tests {
             ("0.1", "0.1"),
             ("123456.789", "123456.789"),
         ] {
-            assert_eq!(python_str(FLOAT8_OID, pg), py, "{pg}");
+            assert_eq!(python_str(Type::FLOAT8.oid(), pg), py, "{pg}");
         }
     }
 
     #[test]
     fn timestamps_get_six_digit_fractions_and_full_offsets() {
         assert_eq!(
-            python_str(TIMESTAMPTZ_OID, "2020-01-02 03:04:05+00"),
+            python_str(Type::TIMESTAMPTZ.oid(), "2020-01-02 03:04:05+00"),
             "2020-01-02 03:04:05+00:00"
         );
         assert_eq!(
-            python_str(TIMESTAMPTZ_OID, "2020-01-02 03:04:05.5+00"),
+            python_str(Type::TIMESTAMPTZ.oid(), "2020-01-02 03:04:05.5+00"),
             "2020-01-02 03:04:05.500000+00:00"
         );
         assert_eq!(
-            python_str(TIMESTAMP_OID, "2020-01-02 03:04:05.123"),
+            python_str(Type::TIMESTAMP.oid(), "2020-01-02 03:04:05.123"),
             "2020-01-02 03:04:05.123000"
         );
         assert_eq!(
-            python_str(TIMESTAMP_OID, "2020-01-02 03:04:05"),
+            python_str(Type::TIMESTAMP.oid(), "2020-01-02 03:04:05"),
             "2020-01-02 03:04:05"
         );
-        assert_eq!(python_str(TIME_OID, "03:04:05.25"), "03:04:05.250000");
         assert_eq!(
-            python_str(TIMESTAMPTZ_OID, "2020-01-02 03:04:05+05:30"),
+            python_str(Type::TIME.oid(), "03:04:05.25"),
+            "03:04:05.250000"
+        );
+        assert_eq!(
+            python_str(Type::TIMESTAMPTZ.oid(), "2020-01-02 03:04:05+05:30"),
             "2020-01-02 03:04:05+05:30"
         );
     }
