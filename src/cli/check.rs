@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use tokio_postgres::Client;
 
 use crate::config::Config;
-use crate::plan::mirror::MirrorRule;
 use crate::pg::catalog::{self, qualified_ident, split_table_name};
-use crate::telemetry::log::display_chain;
-use crate::plan::Op;
+use crate::plan::mirror::MirrorRule;
 use crate::plan::rules::{Rules, TableRule};
+use crate::plan::Op;
+use crate::telemetry::log::display_chain;
 
 #[derive(Debug, Default, Clone)]
 pub struct Report {

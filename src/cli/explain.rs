@@ -9,15 +9,15 @@ use std::sync::Arc;
 use postgres_types::Type;
 use serde_json::Value as Json;
 
-use crate::plan::broadcast::{BroadcastPlan, BroadcastPlanner};
 use crate::config::{Config, MirrorFormat};
-use crate::plan::mirror::plan::Field;
-use crate::plan::mirror::{IndexRule, MirrorOp, MirrorPlan, MirrorPlanner, MirrorRule, RowWrite};
 use crate::pg::pgoutput::{ReplicaIdentity, TupleValue};
 use crate::pg::Lsn;
+use crate::plan::broadcast::{BroadcastPlan, BroadcastPlanner};
+use crate::plan::mirror::plan::Field;
+use crate::plan::mirror::{IndexRule, MirrorOp, MirrorPlan, MirrorPlanner, MirrorRule, RowWrite};
+use crate::plan::rules::{Effect, Origin, RuleRef, Rules, RulesPlanner, TableRule};
 use crate::plan::{ColumnInfo, OldRow, Op, RelationInfo, RowChange};
 use crate::sink::redis::dep_set_key;
-use crate::plan::rules::{Effect, Origin, RuleRef, Rules, RulesPlanner, TableRule};
 use crate::value::{decode_text, TypeRegistry, Value};
 
 #[derive(Debug, thiserror::Error)]
