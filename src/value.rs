@@ -347,6 +347,19 @@ impl TypeRegistry {
     }
 
     /// A readable name: the built-in short name, the registered `schema.name`, or `type oid N`.
+    /// The type a domain stands for (through domains over domains); any other type itself.
+    pub fn base_type(&self, type_oid: u32) -> u32 {
+        let mut current = type_oid;
+        // Bounded like the lookup: a catalog cannot nest domains deeper than it resolved.
+        for _ in 0..16 {
+            match self.get(current).map(|t| &t.kind) {
+                Some(TypeKind::Domain { base }) => current = *base,
+                _ => break,
+            }
+        }
+        current
+    }
+
     pub fn type_name(&self, type_oid: u32) -> String {
         if let Some(name) = builtin_name(type_oid) {
             return name;

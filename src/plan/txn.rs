@@ -97,6 +97,7 @@ impl Planner for TxnPlanner {
     }
 
     fn register_types(&mut self, types: &TypeRegistry) {
+        self.rules.register_types(types);
         self.mirrors.register_types(types);
         if let Some(broadcast) = &mut self.broadcast {
             broadcast.register_types(types);

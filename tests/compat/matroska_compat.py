@@ -65,6 +65,22 @@ def article_listing(article, **info):
     return {"category": article.category, "published": article.published}
 
 
+class Task(Base):
+    __tablename__ = "tasks"
+    id = Column(Integer, primary_key=True)
+    # An enum and a domain over boolean in the database; psycopg hands the app str and bool.
+    state = Column(Text)
+    active = Column(Boolean)
+
+
+task_scopes = dep.Scopes("Task", production_mode=False)
+
+
+@task_scopes.describes("state", "active")
+def task_listing(task, **info):
+    return {"state": task.state, "active": task.active}
+
+
 def value_for(key):
     """What `put` stores under `key` and `check` expects back."""
     return {"key": key, "payload": [1, "two", None]}
@@ -84,6 +100,9 @@ def entries():
         ("pair-1-x", sa_dependencies(loaded(Pair(a=1, b="x")), {})),
         ("pair-2-y", sa_dependencies(loaded(Pair(a=2, b="y")), {})),
         ("pair-3-quote", sa_dependencies(loaded(Pair(a=3, b="it's")), {})),
+        ("tasks-open-true", task_scopes.condition(state="open", active=True)),
+        ("tasks-done-true", task_scopes.condition(state="done", active=True)),
+        ("tasks-done-false", task_scopes.condition(state="done", active=False)),
     ]
 
 

@@ -21,7 +21,13 @@ INSERT INTO articles VALUES (1, 't1', 'y', false), (2, 't2', 'y', false), (3, 't
 CREATE TABLE pairs (a int, b text, v int, PRIMARY KEY (a, b));
 INSERT INTO pairs VALUES (1, 'x', 0), (2, 'y', 0), (3, 'it''s', 0);
 CREATE TABLE markers (id int PRIMARY KEY);
-CREATE PUBLICATION pub FOR TABLE articles, pairs, markers;
+CREATE TYPE task_state AS ENUM ('open', 'done');
+CREATE DOMAIN flag AS boolean;
+CREATE DOMAIN flag2 AS flag;
+CREATE TABLE tasks (id int PRIMARY KEY, state task_state, active flag2, note text);
+ALTER TABLE tasks REPLICA IDENTITY FULL;
+INSERT INTO tasks VALUES (1, 'open', true, ''), (2, 'done', false, '');
+CREATE PUBLICATION pub FOR TABLE articles, pairs, markers, tasks;
 ";
 
 const RULES: &str = r#"
@@ -37,11 +43,18 @@ deps = ["pk:Pair:({a!r}, {b!r})"]
 [[table]]
 name = "public.markers"
 keys = ["marker:{id}"]
+[[table]]
+name = "public.tasks"
+[[table.scope]]
+name = "Task"
+columns = ["state", "active"]
 "#;
 
 /// Entries (cache keys, as `matroska_compat.py put` names them) the changes below invalidate:
 /// article 1's by `dep.Id` and `dep.PrimaryKey`, the scoped lists article 3 leaves (x, True)
-/// and enters (z, True), and Pair (1, 'x') by its composite primary key.
+/// and enters (z, True), Pair (1, 'x') by its composite primary key, and the Task lists task 1
+/// leaves (open, True) and enters (done, True): an enum column and a domain over a domain over
+/// `boolean`, which the app's driver hands over as `'open'` and `True`.
 const GONE: &[&str] = &[
     "a1",
     "a1pk",
@@ -49,11 +62,13 @@ const GONE: &[&str] = &[
     "list-z-true",
     "pair-1-x",
     "pair-3-quote",
+    "tasks-open-true",
+    "tasks-done-true",
 ];
 
 /// Entries that must survive: article 2's, the (y, False) list (article 1 is in it, but its
-/// UPDATE changed no scope column), Pair (2, 'y').
-const KEPT: &[&str] = &["a2", "a2pk", "list-y-false", "pair-2-y"];
+/// UPDATE changed no scope column), Pair (2, 'y'), the (done, False) Task list.
+const KEPT: &[&str] = &["a2", "a2pk", "list-y-false", "pair-2-y", "tasks-done-false"];
 
 /// Runs `matroska_compat.py <args>`; `Err` carries its exit status, stdout and stderr.
 async fn run_script(python: &Path, args: &[String]) -> Result<String, String> {
@@ -120,6 +135,7 @@ async fn entries_written_by_matroska_cache_are_invalidated_exactly() {
     pg.psql("app", "UPDATE pairs SET v = v + 1 WHERE a = 1 AND b = 'x'");
     // repr() switches to double quotes for a value with a single quote: pk:Pair:(3, "it's").
     pg.psql("app", "UPDATE pairs SET v = v + 1 WHERE a = 3");
+    pg.psql("app", "UPDATE tasks SET state = 'done' WHERE id = 1");
     // Barrier: once the marker's key is gone, every earlier commit has been applied.
     set_keys(&mut conn, &["marker:1"]).await;
     pg.psql("app", "INSERT INTO markers VALUES (1)");

@@ -181,7 +181,7 @@ fn plan_mirror(
         ));
         plan.push(MirrorOp::Clear { prefixes, cause });
     };
-    let key_of = |side: Side| render(&mirror.key, change, side, &mirror.type_oids, false);
+    let key_of = |side: Side| render(&mirror.key, change, side, &mirror.type_oids, types, false);
     let old_key = match change.op {
         Op::Update | Op::Delete => key_of(Side::Old),
         _ => Rendered::Absent,
@@ -208,7 +208,7 @@ fn plan_mirror(
     let mut index_adds = Vec::new();
     for index in &mirror.indexes {
         let old = match change.op {
-            Op::Update | Op::Delete => index_member(index, change, Side::Old, mirror),
+            Op::Update | Op::Delete => index_member(index, change, Side::Old, mirror, types),
             _ => Ok(None),
         };
         let new = match change.op {
@@ -302,9 +302,10 @@ fn index_member(
     change: &RowChange<'_>,
     side: Side,
     mirror: &BoundMirror,
+    types: &TypeRegistry,
 ) -> Result<Option<IndexRemove>, FallbackCause> {
-    let key = render(&index.key, change, side, &mirror.type_oids, false);
-    let member = render(&index.member, change, side, &mirror.type_oids, false);
+    let key = render(&index.key, change, side, &mirror.type_oids, types, false);
+    let member = render(&index.member, change, side, &mirror.type_oids, types, false);
     match (key, member) {
         (Rendered::Unknown(c), _) | (_, Rendered::Unknown(c)) => Err(c),
         (Rendered::Value(key), Rendered::Value(member)) => Ok(Some(IndexRemove { key, member })),
@@ -319,7 +320,7 @@ fn new_index_target(
     types: &TypeRegistry,
     problems: &mut Vec<(Arc<MirrorRule>, String, String)>,
 ) -> IndexTarget {
-    let place = match index_member(index, change, Side::New, mirror) {
+    let place = match index_member(index, change, Side::New, mirror, types) {
         Err(cause) => return IndexTarget::Unknown(cause),
         Ok(None) => return IndexTarget::None,
         Ok(Some(place)) => place,

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use crate::config::{Config, OpName, TableConfig};
 use crate::pg::pgoutput::TupleValue;
 use crate::plan::{Op, Planner, RelationInfo, RowChange};
+use crate::value::TypeRegistry;
 pub use effect::{Effect, EffectPlan, FallbackCause};
 use template::{Segment, Template};
 
@@ -332,6 +333,7 @@ pub(crate) fn render(
     change: &RowChange<'_>,
     side: Side,
     type_oids: &[u32],
+    types: &TypeRegistry,
     python: bool,
 ) -> Rendered {
     let mut out = String::with_capacity(bound.template.source.len() + 16);
@@ -348,8 +350,8 @@ pub(crate) fn render(
                         .unwrap_or(0)
                 };
                 match cell(change, side, position) {
-                    Cell::Text(t) if *repr => out.push_str(&pyrepr::python_repr(oid(), &t)),
-                    Cell::Text(t) if python => out.push_str(&pystr::python_str(oid(), &t)),
+                    Cell::Text(t) if *repr => out.push_str(&pyrepr::python_repr(oid(), &t, types)),
+                    Cell::Text(t) if python => out.push_str(&pystr::python_str(oid(), &t, types)),
                     Cell::Text(t) => out.push_str(&t),
                     Cell::Null if python => out.push_str(pystr::NONE),
                     Cell::Null => return Rendered::Absent,
@@ -367,6 +369,7 @@ fn scope_condition(
     change: &RowChange<'_>,
     side: Side,
     type_oids: &[u32],
+    types: &TypeRegistry,
 ) -> Result<String, FallbackCause> {
     let mut out = format!("condition:{}:&", scope.rule.name);
     for (column, position) in scope.rule.columns.iter().zip(&scope.positions) {
@@ -378,7 +381,7 @@ fn scope_condition(
                     .and_then(|p| type_oids.get(p))
                     .copied()
                     .unwrap_or(0);
-                out.push_str(&pystr::python_str(oid, &t));
+                out.push_str(&pystr::python_str(oid, &t, types));
             }
             Cell::Null => out.push_str(pystr::NONE),
             Cell::Unknown(cause) => return Err(cause),
@@ -394,6 +397,9 @@ pub struct RulesPlanner {
     bound: HashMap<u32, Vec<BoundTable>>,
     /// (table, template, cause) already logged, so a weak replica identity logs once, not per row.
     warned: HashSet<(usize, String, FallbackCause)>,
+    /// Enums and domains the stream resolved: a scope value of a domain over `boolean` renders
+    /// `True` as the app's driver hands it, not Postgres's `t`.
+    types: TypeRegistry,
 }
 
 impl RulesPlanner {
@@ -402,6 +408,7 @@ impl RulesPlanner {
             rules: rules.tables.into_iter().map(Arc::new).collect(),
             bound: HashMap::new(),
             warned: HashSet::new(),
+            types: TypeRegistry::new(),
         }
     }
 
@@ -466,7 +473,8 @@ impl RulesPlanner {
                                 },
                                 side,
                             };
-                            match render(bound, change, side, &table.type_oids, python) {
+                            match render(bound, change, side, &table.type_oids, &self.types, python)
+                            {
                                 Rendered::Value(v) if python => {
                                     emit(Effect::InvalidateDep(v), origin)
                                 }
@@ -514,7 +522,7 @@ impl RulesPlanner {
                         rule: RuleRef::Scope(scope.index),
                         side,
                     };
-                    match scope_condition(scope, change, side, &table.type_oids) {
+                    match scope_condition(scope, change, side, &table.type_oids, &self.types) {
                         Ok(condition) => emit(Effect::InvalidateDep(condition), origin),
                         Err(cause) => {
                             fallbacks.push((
@@ -616,6 +624,10 @@ impl Planner for RulesPlanner {
                 tracing::warn!(error = %err, bytes = content.len(), "ignoring malformed walsweep hint");
             }
         }
+    }
+
+    fn register_types(&mut self, types: &TypeRegistry) {
+        self.types = types.clone();
     }
 
     fn relation_changed(&mut self, relation: &RelationInfo) {

@@ -4,11 +4,13 @@
 
 use postgres_types::Type;
 
-use super::pystr;
+use crate::value::{python_str, TypeRegistry};
 
 /// `repr()` for the types whose Python value has a simple repr; other types are rendered as
 /// `repr()` of their text, which matches apps that key on strings.
-pub fn python_repr(type_oid: u32, text: &str) -> String {
+pub fn python_repr(type_oid: u32, text: &str, types: &TypeRegistry) -> String {
+    // A domain's Python value is its base type's.
+    let type_oid = types.base_type(type_oid);
     match Type::from_oid(type_oid) {
         // For these, repr() and str() agree (repr(float('nan')) is "nan" too).
         Some(
@@ -19,10 +21,10 @@ pub fn python_repr(type_oid: u32, text: &str) -> String {
             | Type::OID
             | Type::FLOAT4
             | Type::FLOAT8,
-        ) => pystr::python_str(type_oid, text).into_owned(),
+        ) => python_str(type_oid, text, types).into_owned(),
         // Decimal's repr quotes its str(), which switches to exponent form below 1e-6.
         Some(Type::NUMERIC) => {
-            format!("Decimal({})", repr_str(&pystr::python_str(type_oid, text)))
+            format!("Decimal({})", repr_str(&python_str(type_oid, text, types)))
         }
         Some(Type::UUID) => format!("UUID({})", repr_str(text)),
         Some(Type::DATE) => date_repr(text).unwrap_or_else(|| repr_str(text)),
@@ -88,22 +90,38 @@ mod tests {
 
     #[test]
     fn typed_values_repr_like_their_python_types() {
-        assert_eq!(python_repr(Type::INT4.oid(), "1"), "1");
-        assert_eq!(python_repr(Type::BOOL.oid(), "t"), "True");
-        assert_eq!(python_repr(Type::FLOAT8.oid(), "100"), "100.0");
-        assert_eq!(python_repr(Type::NUMERIC.oid(), "1.50"), "Decimal('1.50')");
         assert_eq!(
-            python_repr(Type::NUMERIC.oid(), "0.0000001"),
+            python_repr(Type::INT4.oid(), "1", &TypeRegistry::new()),
+            "1"
+        );
+        assert_eq!(
+            python_repr(Type::BOOL.oid(), "t", &TypeRegistry::new()),
+            "True"
+        );
+        assert_eq!(
+            python_repr(Type::FLOAT8.oid(), "100", &TypeRegistry::new()),
+            "100.0"
+        );
+        assert_eq!(
+            python_repr(Type::NUMERIC.oid(), "1.50", &TypeRegistry::new()),
+            "Decimal('1.50')"
+        );
+        assert_eq!(
+            python_repr(Type::NUMERIC.oid(), "0.0000001", &TypeRegistry::new()),
             "Decimal('1E-7')"
         );
         assert_eq!(
-            python_repr(Type::DATE.oid(), "2020-01-02"),
+            python_repr(Type::DATE.oid(), "2020-01-02", &TypeRegistry::new()),
             "datetime.date(2020, 1, 2)"
         );
         assert_eq!(
-            python_repr(Type::UUID.oid(), "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            python_repr(
+                Type::UUID.oid(),
+                "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+                &TypeRegistry::new()
+            ),
             "UUID('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11')"
         );
-        assert_eq!(python_repr(25, "x"), "'x'");
+        assert_eq!(python_repr(25, "x", &TypeRegistry::new()), "'x'");
     }
 }

@@ -1,25 +1,21 @@
 //! Renders a Postgres text value the way Python's `str()` renders the value a Python driver
 //! (psycopg) hands the app, because matroska-cache builds dependency and scope strings with
 //! `str()`. The replication session runs with `TimeZone=UTC`, `DateStyle=ISO` and
-//! `extra_float_digits=3`, so the input forms below are the only ones to expect.
+//! `extra_float_digits=3`, so the input forms below are the only ones to expect. The conversion
+//! itself is `value`'s (one typed conversion for JSON and Python forms); enums and domains
+//! render through the type registry the stream resolves.
 
-use std::borrow::Cow;
-
-/// Python's `str(None)`.
-pub const NONE: &str = "None";
-
-/// `text` is the value as pgoutput sent it (text format). Rendered through the typed
-/// conversion in `value` (one conversion for JSON and Python forms); types it does not know
-/// (enums, domains: the rules planner keeps no type registry) render as their text.
-pub fn python_str(type_oid: u32, text: &str) -> Cow<'_, str> {
-    crate::value::python_str(type_oid, text, &crate::value::TypeRegistry::new())
-}
+pub use crate::value::{python_str, PYTHON_NONE as NONE};
 
 #[cfg(test)]
 mod tests {
     use postgres_types::Type;
 
-    use super::*;
+    use crate::value::TypeRegistry;
+
+    fn python_str(type_oid: u32, text: &str) -> String {
+        super::python_str(type_oid, text, &TypeRegistry::new()).into_owned()
+    }
 
     #[test]
     fn booleans_and_passthrough_types() {
