@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 
 use tokio_postgres::Client;
 
+use crate::config::template::Template;
 use crate::config::Config;
 use crate::pg::catalog::{self, qualified_ident, split_table_name};
 use crate::plan::mirror::MirrorRule;
-use crate::plan::rules::template::Template;
 use crate::plan::rules::{Rules, TableRule};
 use crate::plan::Op;
 use crate::telemetry::log::display_chain;

@@ -3,8 +3,8 @@
 
 use serde::Deserialize;
 
+use crate::config::template::Template;
 use crate::plan::mirror::score::ScoreExpr;
-use crate::plan::rules::template::Template;
 
 /// Longest accepted `ttl_seconds` / `retention_seconds` (one year): longer is a typo for "none".
 pub const MAX_WINDOW_SECONDS: u64 = 366 * 24 * 3600;

@@ -18,8 +18,8 @@ pub mod score;
 
 use std::sync::Arc;
 
+use crate::config::template::{Template, TemplateError};
 use crate::config::{MirrorConfig, MirrorFormat, TableConfig};
-use crate::plan::rules::template::{Template, TemplateError};
 use score::{ScoreExpr, ScoreParseError};
 
 pub use plan::{IndexAdd, IndexRemove, MirrorOp, MirrorPlan, RowWrite};
