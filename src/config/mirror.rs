@@ -3,8 +3,8 @@
 
 use serde::Deserialize;
 
+use crate::config::score::ScoreExpr;
 use crate::config::template::Template;
-use crate::plan::mirror::score::ScoreExpr;
 
 /// Longest accepted `ttl_seconds` / `retention_seconds` (one year): longer is a typo for "none".
 pub const MAX_WINDOW_SECONDS: u64 = 366 * 24 * 3600;
@@ -67,7 +67,7 @@ pub struct IndexConfig {
     pub key: String,
     /// Member template, e.g. `{device_id}:{seq}` (usually the row's mirror key suffix).
     pub member: String,
-    /// Score expression (see `mirror::score`): a column, `epoch(ts)`, `epoch_ms(ts)`,
+    /// Score expression (see `config::score`): a column, `epoch(ts)`, `epoch_ms(ts)`,
     /// `bits(col, N)`, integers, `<<`, `|`, `+`, `*`, e.g. `(device_id << 32) | epoch(ts)`.
     /// Must be exact in a 64-bit float (|score| <= 2^53); `check` proves it from column types.
     pub score: String,

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::pg::replication::ConnectParams;
 
 mod mirror;
+pub mod score;
 pub mod template;
 pub use mirror::{BroadcastConfig, IndexConfig, MirrorConfig, MirrorFormat};
 
