@@ -4,8 +4,8 @@
 use serde::Deserialize;
 
 use super::Config;
-use crate::plan::mirror::score::ScoreExpr;
-use crate::plan::rules::template::Template;
+use crate::config::score::ScoreExpr;
+use crate::config::template::Template;
 
 /// Longest accepted `ttl_seconds` / `retention_seconds` (one year): longer is a typo for "none".
 pub const MAX_WINDOW_SECONDS: u64 = 366 * 24 * 3600;
@@ -68,7 +68,7 @@ pub struct IndexConfig {
     pub key: String,
     /// Member template, e.g. `{device_id}:{seq}` (usually the row's mirror key suffix).
     pub member: String,
-    /// Score expression (see `mirror::score`): a column, `epoch(ts)`, `epoch_ms(ts)`,
+    /// Score expression (see `config::score`): a column, `epoch(ts)`, `epoch_ms(ts)`,
     /// `bits(col, N)`, integers, `<<`, `|`, `+`, `*`, e.g. `(device_id << 32) | epoch(ts)`.
     /// Must be exact in a 64-bit float (|score| <= 2^53); `check` proves it from column types.
     pub score: String,
@@ -260,28 +260,31 @@ struct PrefixOwner {
 /// Mirror key and index prefixes that overlap another mirror's or a `[[table]] keys` prefix:
 /// clearing one wholesale (TRUNCATE, a table-wide fallback) also removes the other's entries.
 pub(super) fn prefix_warnings(config: &Config, out: &mut Vec<String>) {
-    // Templates were validated with the config; one that fails here has its own error already.
-    let Ok(mirrors) = crate::plan::mirror::compile_all(&config.tables) else {
-        return;
-    };
     let names = config.qualified_tables();
     let table_name = |t: usize| names.get(t).cloned().unwrap_or_default();
     let mut owners: Vec<PrefixOwner> = Vec::new();
-    for m in &mirrors {
-        let at = format!("table[{}] ({}) mirror[{}]", m.table, m.table_name, m.index);
-        owners.push(PrefixOwner {
-            prefix: m.key.literal_prefix().to_string(),
-            label: format!("{at}.key {:?}", m.key.source),
-            mirror: Some((m.table, m.index)),
-            table_name: m.table_name.clone(),
-        });
-        for i in &m.indexes {
-            owners.push(PrefixOwner {
-                prefix: i.key.literal_prefix().to_string(),
-                label: format!("{at}.index[{}].key {:?}", i.index, i.key.source),
-                mirror: Some((m.table, m.index)),
-                table_name: m.table_name.clone(),
-            });
+    // Templates were validated with the config; one that fails to parse has its own error.
+    for (t, table) in config.tables.iter().enumerate() {
+        for (mi, m) in table.mirror.iter().enumerate() {
+            let at = format!("table[{t}] ({}) mirror[{mi}]", table_name(t));
+            if let Ok(key) = Template::parse(&m.key) {
+                owners.push(PrefixOwner {
+                    prefix: key.literal_prefix().to_string(),
+                    label: format!("{at}.key {:?}", m.key),
+                    mirror: Some((t, mi)),
+                    table_name: table_name(t),
+                });
+            }
+            for (ii, index) in m.index.iter().enumerate() {
+                if let Ok(key) = Template::parse(&index.key) {
+                    owners.push(PrefixOwner {
+                        prefix: key.literal_prefix().to_string(),
+                        label: format!("{at}.index[{ii}].key {:?}", index.key),
+                        mirror: Some((t, mi)),
+                        table_name: table_name(t),
+                    });
+                }
+            }
         }
     }
     for (t, table) in config.tables.iter().enumerate() {

@@ -12,6 +12,8 @@ use toml::Spanned;
 use crate::pg::replication::ConnectParams;
 
 mod mirror;
+pub mod score;
+pub mod template;
 pub use mirror::{BroadcastConfig, IndexConfig, MirrorConfig, MirrorFormat};
 
 pub const DEFAULT_SLOT: &str = "walsweep";
@@ -639,7 +641,7 @@ impl Config {
             for (field, templates) in [("keys", &table.keys), ("deps", &table.deps)] {
                 for (j, source) in templates.iter().enumerate() {
                     let key = format!("table[{i}].{field}[{j}]");
-                    match crate::plan::rules::template::Template::parse(source) {
+                    match template::Template::parse(source) {
                         Err(e) => problem(&key, format!("template {source:?}: {e}")),
                         Ok(t) if t.literal_prefix().is_empty() => problem(
                             &key,

@@ -18,9 +18,9 @@ pub mod score;
 
 use std::sync::Arc;
 
+use crate::config::score::{ScoreExpr, ScoreParseError};
+use crate::config::template::{Template, TemplateError};
 use crate::config::{MirrorConfig, MirrorFormat, TableConfig};
-use crate::plan::rules::template::{Template, TemplateError};
-use score::{ScoreExpr, ScoreParseError};
 
 pub use plan::{IndexAdd, IndexRemove, MirrorOp, MirrorPlan, RowWrite};
 pub use planner::MirrorPlanner;

@@ -8,17 +8,16 @@ pub mod effect;
 pub mod hint;
 pub mod pyrepr;
 pub mod pystr;
-pub mod template;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::config::template::{Segment, Template, TemplateError};
 use crate::config::{Config, OpName, TableConfig};
 use crate::pg::pgoutput::TupleValue;
 use crate::plan::{Op, Planner, RelationInfo, RowChange};
 use crate::value::TypeRegistry;
 pub use effect::{Effect, EffectPlan, FallbackCause};
-use template::{Segment, Template};
 
 /// Prefix of `pg_logical_emit_message` payloads walsweep acts on.
 pub const HINT_PREFIX: &str = "walsweep";
@@ -101,10 +100,7 @@ fn op_of(name: OpName) -> Op {
 
 impl TableRule {
     /// Compiles one entry; templates were validated with the config, so parsing succeeds.
-    pub fn compile(
-        index: usize,
-        table: &TableConfig,
-    ) -> Result<TableRule, template::TemplateError> {
+    pub fn compile(index: usize, table: &TableConfig) -> Result<TableRule, TemplateError> {
         let name = if table.name.contains('.') {
             table.name.clone()
         } else {
@@ -172,7 +168,7 @@ impl TableRule {
 }
 
 impl Rules {
-    pub fn from_config(config: &Config) -> Result<Rules, template::TemplateError> {
+    pub fn from_config(config: &Config) -> Result<Rules, TemplateError> {
         Ok(Rules {
             tables: config
                 .tables

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{ErrorKind, RedisError, Value};
 
+use crate::config::template::glob_escape;
 use crate::config::{BroadcastConfig, MatroskaConfig, RedisConfig};
-use crate::plan::rules::template::glob_escape;
 use crate::plan::rules::{EffectPlan, FallbackCause};
 use crate::plan::txn::TxnPlan;
 use crate::plan::Plan;

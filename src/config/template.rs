@@ -1,7 +1,9 @@
-//! Key and dependency templates: `article:{id}`, `pk:Pair:({a}, '{b}')`.
+//! The syntax of key, dependency and member templates (`article:{id}`, `pk:Pair:({a}, '{b}')`):
+//! their parser, their parsed form, and the literal prefix every rendering starts with (with
+//! its escaping for `SCAN MATCH`, so the prefix and the pattern that finds it stay together).
 //!
-//! Parsed once from config, bound to a relation's column positions once per Relation message,
-//! rendered per row without allocating more than the output string.
+//! Config validation parses them at load; `plan::rules` binds a parsed template to a relation's
+//! column positions once per Relation message and renders it per row.
 
 /// One piece of a template.
 #[derive(Debug, Clone, PartialEq, Eq)]
