@@ -36,7 +36,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::io::{self, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -44,24 +44,16 @@ use tokio_postgres::Client;
 use crate::config::{ConfigError, SourceConfig};
 use crate::pg::catalog::{self, CatalogError};
 use crate::pg::pgoutput::{ReplicaIdentity, TupleValue};
-use crate::pg::replication::{
-    quote_ident, ReplicationConnection, ReplicationError, ReplicationStream,
-};
-use crate::pg::wire::WireMessage;
+use crate::pg::replication::ReplicationError;
 use crate::pg::Lsn;
+use crate::pipeline::{self, shutdown_channel, PipelineError, ShutdownHandle, SlotMode};
 use crate::plan::{Op, Plan, Planner, RelationInfo, RowChange};
-use crate::stream::assembler::{AssembleError, Assembler, CommittedTxn};
-use crate::stream::progress::Progress;
+use crate::sink::{Applied, Sink, SinkError};
+use crate::stream::assembler::{AssembleError, CommittedTxn};
 use crate::value::{decode_text, iso_utc, TypeRegistry, Value, ValueError};
 
-/// Server versions from which pgoutput speaks protocol 2 (streaming of large transactions).
-const STREAMING_MIN_SERVER_VERSION: u32 = 140_000;
 /// How long tail waits for Postgres to drop its temporary slot after the connection ended.
 const SLOT_GONE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Settings of the replication session beyond the ones every walsweep connection pins at
-/// startup (TimeZone=UTC, DateStyle=ISO, extra_float_digits=3): the text forms
-/// `value::decode_text` reads.
-const SESSION_SETTINGS: &[&str] = &["SET IntervalStyle = 'postgres'", "SET bytea_output = 'hex'"];
 
 /// Which slot tail reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,19 +149,24 @@ pub enum TailError {
         #[source]
         source: Box<ValueError>,
     },
+    #[error(transparent)]
+    Pipeline(PipelineError),
     #[error("cannot write the output")]
     Output(#[source] io::Error),
 }
 
 /// Runs until `--limit`, Ctrl-C/SIGTERM or a closed output.
-pub async fn run_tail(options: TailOptions, out: impl Write) -> Result<TailSummary, TailError> {
+pub async fn run_tail(
+    options: TailOptions,
+    out: impl Write + Send + 'static,
+) -> Result<TailSummary, TailError> {
     run_tail_until(options, out, interrupted()).await
 }
 
 /// Like [`run_tail`], but stops when `stop` resolves instead of on signals.
 pub async fn run_tail_until(
     options: TailOptions,
-    out: impl Write,
+    out: impl Write + Send + 'static,
     stop: impl Future<Output = ()>,
 ) -> Result<TailSummary, TailError> {
     if options.limit == Some(0) {
@@ -179,70 +176,97 @@ pub async fn run_tail_until(
     let client = catalog::connect(&params).await?;
     preflight(&client, &options).await?;
 
-    let mut conn = ReplicationConnection::connect(&params).await?;
-    for setting in SESSION_SETTINGS {
-        conn.simple_query(setting).await?;
-    }
+    let start_lsn = options.from_lsn.unwrap_or(Lsn::ZERO);
     let (slot, temporary) = match &options.slot {
         TailSlot::Temporary => {
             let name = temporary_slot_name();
-            // The slot lives as long as this connection: Postgres drops it when it ends.
-            conn.simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT",
-                quote_ident(&name)
-            ))
-            .await?;
-            (name, true)
+            (SlotMode::Temporary { name, start_lsn }, true)
         }
-        TailSlot::Existing(name) => (name.clone(), false),
+        TailSlot::Existing(name) => (
+            SlotMode::Borrowed {
+                name: name.clone(),
+                start_lsn,
+            },
+            false,
+        ),
     };
-    let version = conn.server_version_num().unwrap_or(0);
-    let streaming = version >= STREAMING_MIN_SERVER_VERSION;
-    let mut replication_options = vec![
-        (
-            "proto_version",
-            if streaming { "2" } else { "1" }.to_string(),
-        ),
-        (
-            "publication_names",
-            quote_ident(&options.source.publication),
-        ),
-        ("messages", "true".to_string()),
-    ];
-    if streaming {
-        replication_options.push(("streaming", "on".to_string()));
-    }
-    let start = options.from_lsn.unwrap_or(Lsn::ZERO);
-    let result = match conn
-        .start_replication(&slot, start, &replication_options)
-        .await
-    {
-        Ok(mut stream) => {
-            tracing::info!(%slot, temporary, publication = %options.source.publication, %start, "tailing");
-            let mut session = Session::new(&options, &client, out, temporary);
-            let result = session.stream(&mut stream, stop).await;
-            if result.is_ok() {
-                // Best effort: the stream ends either way.
-                let _ = send_status(&mut stream, &session.progress, session.confirm).await;
-                stream.close().await;
-            } else {
-                drop(stream);
+    let slot_name = match &slot {
+        SlotMode::Temporary { name, .. } | SlotMode::Borrowed { name, .. } => name.clone(),
+        SlotMode::Owned => options.source.slot.clone(),
+    };
+    tracing::info!(slot = %slot_name, temporary, publication = %options.source.publication, start = %start_lsn, "tailing");
+    let (handle, shutdown) = shutdown_channel();
+    let printed = Arc::new(Mutex::new(Printed::default()));
+    let sink = TailSink {
+        out,
+        format: options.format,
+        limit: options.limit,
+        filtered: !options.tables.is_empty(),
+        printed: printed.clone(),
+        shutdown: handle.clone(),
+    };
+    let planner = TailPlanner::new(&options.tables);
+    let run = pipeline::run_on_slot(&options.source, slot, planner, sink, shutdown);
+    tokio::pin!(run, stop);
+    let mut stopping = false;
+    let result = loop {
+        tokio::select! {
+            result = &mut run => break result,
+            () = &mut stop, if !stopping => {
+                stopping = true;
+                lock(&printed).stop.get_or_insert(TailStop::Interrupted);
+                handle.request();
             }
-            result.map(|stop| TailSummary {
-                slot: slot.clone(),
-                temporary,
-                transactions: session.printed,
-                changes: session.changes,
-                last_end_lsn: session.last_end_lsn,
-                stop,
-            })
         }
-        Err(e) => Err(e.into()),
     };
     if temporary {
-        wait_slot_gone(&client, &slot).await;
+        wait_slot_gone(&client, &slot_name).await;
     }
-    result
+    result.map_err(TailError::from)?;
+    let printed = lock(&printed).clone();
+    Ok(TailSummary {
+        slot: slot_name,
+        temporary,
+        transactions: printed.transactions,
+        changes: printed.changes,
+        last_end_lsn: printed.last_end_lsn,
+        stop: printed.stop.unwrap_or(TailStop::Interrupted),
+    })
+}
+
+/// What tail printed so far, and why it is stopping; shared by the sink and the caller.
+#[derive(Debug, Clone, Default)]
+struct Printed {
+    transactions: u64,
+    changes: u64,
+    last_end_lsn: Lsn,
+    stop: Option<TailStop>,
+}
+
+fn lock(printed: &Mutex<Printed>) -> std::sync::MutexGuard<'_, Printed> {
+    // A panic while holding it leaves plain counters behind: still worth reporting.
+    printed
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl From<PipelineError> for TailError {
+    fn from(e: PipelineError) -> Self {
+        match e {
+            PipelineError::Config(e) => TailError::Config(e),
+            PipelineError::Replication(e) => TailError::Replication(e),
+            PipelineError::Catalog(e) => TailError::Catalog(e),
+            PipelineError::Assemble { lsn, source } => TailError::Assemble { lsn, source },
+            // The sink's own failures are tail's errors, carried through the pipeline.
+            PipelineError::Sink(sink) => match sink.source.downcast::<TailError>() {
+                Ok(tail) => *tail,
+                Err(source) => {
+                    TailError::Pipeline(PipelineError::Sink(SinkError { source, ..sink }))
+                }
+            },
+            other => TailError::Pipeline(other),
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM; never when the handlers cannot be installed.
@@ -403,12 +427,16 @@ struct RecordedMessage {
 pub struct TailPlan {
     changes: Vec<RecordedChange>,
     messages: Vec<RecordedMessage>,
+    /// The types the stream had resolved when these changes were planned (enums, domains).
+    types: Arc<TypeRegistry>,
 }
 
 impl Plan for TailPlan {
     fn merge(&mut self, later: Self) {
         self.changes.extend(later.changes);
         self.messages.extend(later.messages);
+        // Registries only grow: the later one knows every type the earlier one did.
+        self.types = later.types;
     }
 
     fn effect_count(&self) -> usize {
@@ -421,6 +449,7 @@ pub struct TailPlanner {
     /// Qualified names; `None`: every table.
     tables: Option<HashSet<String>>,
     relations: HashMap<u32, Arc<RelationInfo>>,
+    types: Arc<TypeRegistry>,
 }
 
 impl TailPlanner {
@@ -428,6 +457,7 @@ impl TailPlanner {
         TailPlanner {
             tables: (!tables.is_empty()).then(|| tables.iter().map(|t| qualify_table(t)).collect()),
             relations: HashMap::new(),
+            types: Arc::default(),
         }
     }
 
@@ -457,6 +487,7 @@ impl Planner for TailPlanner {
             return;
         }
         let relation = self.shared(change.relation);
+        plan.types = self.types.clone();
         let columns = relation.columns.len();
         let old = (change.op != Op::Insert).then(|| {
             (0..columns)
@@ -499,6 +530,10 @@ impl Planner for TailPlanner {
         self.relations
             .insert(relation.oid, Arc::new(relation.clone()));
     }
+
+    fn register_types(&mut self, types: &TypeRegistry) {
+        self.types = Arc::new(types.clone());
+    }
 }
 
 /// A change with typed values, ready to print.
@@ -519,210 +554,146 @@ fn identity_name(identity: ReplicaIdentity) -> &'static str {
     }
 }
 
-struct Session<'a, W: Write> {
+/// Where tail's transactions leave: typed, formatted and written to the output.
+struct TailSink<W> {
     out: W,
     format: TailFormat,
     limit: Option<u64>,
-    status_interval: Duration,
-    client: &'a Client,
-    registry: TypeRegistry,
-    assembler: Assembler<TailPlanner>,
-    progress: Progress,
-    /// Confirm printed positions (temporary slots only).
-    confirm: bool,
     filtered: bool,
-    printed: u64,
-    changes: u64,
-    last_end_lsn: Lsn,
+    printed: Arc<Mutex<Printed>>,
+    /// Asked once the limit is reached or the output closed: the run drains and ends.
+    shutdown: ShutdownHandle,
 }
 
-impl<'a, W: Write> Session<'a, W> {
-    fn new(options: &TailOptions, client: &'a Client, out: W, confirm: bool) -> Self {
-        Session {
-            out,
-            format: options.format,
-            limit: options.limit,
-            status_interval: options.source.status_interval(),
-            client,
-            registry: TypeRegistry::new(),
-            assembler: Assembler::new(TailPlanner::new(&options.tables)),
-            progress: Progress::new(Lsn::ZERO),
-            confirm,
-            filtered: !options.tables.is_empty(),
-            printed: 0,
-            changes: 0,
-            last_end_lsn: Lsn::ZERO,
-        }
-    }
-
-    async fn stream(
-        &mut self,
-        stream: &mut ReplicationStream,
-        stop: impl Future<Output = ()>,
-    ) -> Result<TailStop, TailError> {
-        tokio::pin!(stop);
-        let mut ticker = tokio::time::interval(self.status_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut stop => return Ok(TailStop::Interrupted),
-                _ = ticker.tick() => send_status(stream, &self.progress, self.confirm).await?,
-                message = stream.next() => match message? {
-                    None => return Err(ReplicationError::Closed.into()),
-                    Some(WireMessage::XLogData(x)) => {
-                        self.progress.receive(x.wal_start_lsn);
-                        let committed = self.assembler.feed(&x.data).map_err(|source| {
-                            TailError::Assemble { lsn: x.wal_start_lsn, source }
-                        })?;
-                        if let Some(txn) = committed {
-                            let end = txn.end_lsn;
-                            // Confirmed below: received first, whatever the message's start.
-                            self.progress.receive(end);
-                            match self.emit(txn).await {
-                                Ok(()) => {}
-                                Err(TailError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
-                                    return Ok(TailStop::OutputClosed);
-                                }
-                                Err(e) => return Err(e),
-                            }
-                            if self.confirm {
-                                self.progress.confirm(end);
-                            }
-                            if self.limit.is_some_and(|limit| self.printed >= limit) {
-                                return Ok(TailStop::Limit);
-                            }
-                        }
-                    }
-                    Some(WireMessage::PrimaryKeepalive(k)) => {
-                        self.progress.receive(k.wal_end_lsn);
-                        if self.confirm && self.assembler.is_idle() {
-                            // Every commit before it was received, and printed, already.
-                            self.progress.confirm(k.wal_end_lsn);
-                        }
-                        if k.reply_requested {
-                            send_status(stream, &self.progress, self.confirm).await?;
-                        }
-                    }
-                },
+impl<W: Write + Send + 'static> Sink<TailPlan> for TailSink<W> {
+    async fn apply(&mut self, batch: &[CommittedTxn<TailPlan>]) -> Result<Applied, SinkError> {
+        for txn in batch {
+            if lock(&self.printed).stop.is_some() {
+                // Queued before the stop was asked for: handled, not shown.
+                break;
+            }
+            match self.emit(txn) {
+                Ok(()) => {}
+                Err(TailError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+                    self.stop(TailStop::OutputClosed);
+                }
+                Err(e) => {
+                    return Err(SinkError {
+                        operation: "print a transaction",
+                        retryable: false,
+                        source: Box::new(e),
+                    })
+                }
+            }
+            let printed = lock(&self.printed).transactions;
+            if self.limit.is_some_and(|limit| printed >= limit) {
+                self.stop(TailStop::Limit);
             }
         }
+        Ok(Applied::whole(batch))
+    }
+
+    async fn reset(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+impl<W: Write> TailSink<W> {
+    fn stop(&mut self, why: TailStop) {
+        lock(&self.printed).stop.get_or_insert(why);
+        self.shutdown.request();
     }
 
     /// Types the transaction's values and prints it, unless it has nothing to show.
-    async fn emit(&mut self, txn: CommittedTxn<TailPlan>) -> Result<(), TailError> {
+    fn emit(&mut self, txn: &CommittedTxn<TailPlan>) -> Result<(), TailError> {
         let plan = &txn.plan;
         let nothing_to_show =
             plan.changes.is_empty() && (self.filtered || plan.messages.is_empty());
         if nothing_to_show {
             return Ok(());
         }
-        let oids: Vec<u32> = plan
-            .changes
-            .iter()
-            .flat_map(|c| c.relation.columns.iter().map(|col| col.type_oid))
-            .collect();
-        crate::stream::types::resolve_types(self.client, &mut self.registry, oids).await?;
         let changes = plan
             .changes
             .iter()
-            .map(|c| self.type_change(c, &txn))
+            .map(|c| type_change(c, txn))
             .collect::<Result<Vec<_>, _>>()?;
         let text = match self.format {
-            TailFormat::Json => json_txn(&txn, &changes),
-            TailFormat::Pretty => pretty_txn(&txn, &changes),
+            TailFormat::Json => json_txn(txn, &changes),
+            TailFormat::Pretty => pretty_txn(txn, &changes),
         };
         self.out
             .write_all(text.as_bytes())
             .and_then(|()| self.out.flush())
             .map_err(TailError::Output)?;
-        self.printed += 1;
-        self.changes += changes.len() as u64;
-        self.last_end_lsn = txn.end_lsn;
+        let mut printed = lock(&self.printed);
+        printed.transactions += 1;
+        printed.changes += changes.len() as u64;
+        printed.last_end_lsn = txn.end_lsn;
         Ok(())
-    }
-
-    fn type_change<'c>(
-        &self,
-        change: &'c RecordedChange,
-        txn: &CommittedTxn<TailPlan>,
-    ) -> Result<TypedChange<'c>, TailError> {
-        let relation = &*change.relation;
-        let value = |i: usize, cell: &Cell| -> Result<Value, TailError> {
-            let column = &relation.columns[i];
-            let fail = |source: ValueError| TailError::Value {
-                table: relation.qualified_name.clone(),
-                column: column.name.clone(),
-                xid: txn.xid,
-                commit_lsn: txn.commit_lsn,
-                source: Box::new(source),
-            };
-            match cell {
-                Cell::Null => Ok(Value::Null),
-                Cell::Text(text) => {
-                    decode_text(column.type_oid, text, &self.registry).map_err(fail)
-                }
-                Cell::Binary => Err(fail(ValueError {
-                    type_name: self.registry.type_name(column.type_oid),
-                    text: "(binary)".into(),
-                    reason: "binary-format values are not read (tail asks for text)".into(),
-                })),
-                // Callers filter these out.
-                Cell::UnchangedToast => Ok(Value::Null),
-            }
-        };
-        let mut unchanged_toast = Vec::new();
-        let old = match &change.old {
-            None => None,
-            Some(cells) => {
-                let mut row = Vec::new();
-                for (i, cell) in cells.iter().enumerate() {
-                    match cell {
-                        None | Some(Cell::UnchangedToast) => {}
-                        Some(cell) => {
-                            row.push((relation.columns[i].name.as_str(), value(i, cell)?))
-                        }
-                    }
-                }
-                Some(row)
-            }
-        };
-        let new = match &change.new {
-            None => None,
-            Some(cells) => {
-                let mut row = Vec::with_capacity(cells.len());
-                for (i, cell) in cells.iter().enumerate() {
-                    let name = relation.columns[i].name.as_str();
-                    match cell {
-                        Cell::UnchangedToast => unchanged_toast.push(name),
-                        cell => row.push((name, value(i, cell)?)),
-                    }
-                }
-                Some(row)
-            }
-        };
-        Ok(TypedChange {
-            relation,
-            op: change.op,
-            old,
-            new,
-            unchanged_toast,
-        })
     }
 }
 
-async fn send_status(
-    stream: &mut ReplicationStream,
-    progress: &Progress,
-    confirm: bool,
-) -> Result<(), ReplicationError> {
-    let mut update = progress.status_update();
-    if !confirm {
-        // An invalid (zero) flush position moves nothing: the slot stays where it was.
-        update.flush_lsn = Lsn::ZERO;
-        update.apply_lsn = Lsn::ZERO;
-    }
-    stream.send_status(&update).await
+fn type_change<'c>(
+    change: &'c RecordedChange,
+    txn: &CommittedTxn<TailPlan>,
+) -> Result<TypedChange<'c>, TailError> {
+    let relation = &*change.relation;
+    let value = |i: usize, cell: &Cell| -> Result<Value, TailError> {
+        let column = &relation.columns[i];
+        let fail = |source: ValueError| TailError::Value {
+            table: relation.qualified_name.clone(),
+            column: column.name.clone(),
+            xid: txn.xid,
+            commit_lsn: txn.commit_lsn,
+            source: Box::new(source),
+        };
+        match cell {
+            Cell::Null => Ok(Value::Null),
+            Cell::Text(text) => decode_text(column.type_oid, text, &txn.plan.types).map_err(fail),
+            Cell::Binary => Err(fail(ValueError {
+                type_name: txn.plan.types.type_name(column.type_oid),
+                text: "(binary)".into(),
+                reason: "binary-format values are not read (tail asks for text)".into(),
+            })),
+            // Callers filter these out.
+            Cell::UnchangedToast => Ok(Value::Null),
+        }
+    };
+    let mut unchanged_toast = Vec::new();
+    let old = match &change.old {
+        None => None,
+        Some(cells) => {
+            let mut row = Vec::new();
+            for (i, cell) in cells.iter().enumerate() {
+                match cell {
+                    None | Some(Cell::UnchangedToast) => {}
+                    Some(cell) => row.push((relation.columns[i].name.as_str(), value(i, cell)?)),
+                }
+            }
+            Some(row)
+        }
+    };
+    let new = match &change.new {
+        None => None,
+        Some(cells) => {
+            let mut row = Vec::with_capacity(cells.len());
+            for (i, cell) in cells.iter().enumerate() {
+                let name = relation.columns[i].name.as_str();
+                match cell {
+                    Cell::UnchangedToast => unchanged_toast.push(name),
+                    cell => row.push((name, value(i, cell)?)),
+                }
+            }
+            Some(row)
+        }
+    };
+    Ok(TypedChange {
+        relation,
+        op: change.op,
+        old,
+        new,
+        unchanged_toast,
+    })
 }
 
 fn json_string(s: &str) -> String {

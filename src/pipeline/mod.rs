@@ -25,10 +25,12 @@ pub use error::PipelineError;
 pub use shutdown::{shutdown_channel, Shutdown, ShutdownHandle};
 pub use sink_task::{SinkCommand, SinkReport};
 pub use source::{prepare_source, Prepared};
+pub use stream_task::SlotMode;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::config::SourceConfig;
+use crate::pg::replication::ConnectParams;
 use crate::pg::Lsn;
 use crate::plan::Planner;
 use crate::sink::Sink;
@@ -109,6 +111,52 @@ where
         SLOT_POLL_INTERVAL,
     ));
     let _monitor = AbortOnDrop(monitor);
+    drive(
+        source,
+        params,
+        SlotMode::Owned,
+        planner,
+        sink,
+        shutdown,
+        warm_up,
+        prepared.slot_created,
+    )
+    .await
+}
+
+/// Streams from a slot this run does not own (a temporary one, or another reader's, never
+/// confirmed): no source preparation, no slot monitor, no reconnect. `walsweep tail` runs on it.
+pub async fn run_on_slot<PL, S>(
+    source: &SourceConfig,
+    slot: SlotMode,
+    planner: PL,
+    sink: S,
+    shutdown: Shutdown,
+) -> Result<RunSummary, PipelineError>
+where
+    PL: Planner,
+    S: Sink<PL::Plan>,
+{
+    let params = source.connect_params()?;
+    drive(source, params, slot, planner, sink, shutdown, None, false).await
+}
+
+/// The stream task and the sink task of one run, until shutdown or an error no retry fixes.
+#[allow(clippy::too_many_arguments)]
+async fn drive<PL, S>(
+    source: &SourceConfig,
+    params: ConnectParams,
+    slot: SlotMode,
+    planner: PL,
+    sink: S,
+    shutdown: Shutdown,
+    warm_up: Option<WarmUp>,
+    slot_created: bool,
+) -> Result<RunSummary, PipelineError>
+where
+    PL: Planner,
+    S: Sink<PL::Plan>,
+{
     let (txn_tx, txn_rx) = mpsc::channel(source.queue_capacity);
     let (report_tx, report_rx) = watch::channel(SinkReport::default());
     let mut sink_task = tokio::spawn(sink_loop(
@@ -118,7 +166,7 @@ where
         source.batch_max_txns,
         Backoff::new(source.reconnect_min(), source.reconnect_max()),
     ));
-    if prepared.slot_created {
+    if slot_created {
         // Ahead of everything the new slot delivers.
         txn_tx
             .send(SinkCommand::SlotCreated)
@@ -135,10 +183,11 @@ where
         enqueued_lsn: Lsn::ZERO,
         keepalive_lsn: Lsn::ZERO,
         shutdown,
-        backoff,
+        backoff: Backoff::new(source.reconnect_min(), source.reconnect_max()),
         reconnects: 0,
         warm_up,
         types: TypeResolver::new(),
+        slot,
     };
     let stream_result = tokio::select! {
         result = streamer.run() => result,

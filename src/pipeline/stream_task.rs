@@ -29,6 +29,11 @@ use super::PipelineError;
 /// How often a standby checks whether the slot's consumer went away.
 const STANDBY_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
+/// Settings of the replication session beyond the ones every walsweep connection pins at
+/// startup (TimeZone=UTC, DateStyle=ISO, extra_float_digits=3): the text forms
+/// `value::decode_text` reads, whatever the server's defaults.
+const SESSION_SETTINGS: &[&str] = &["SET IntervalStyle = 'postgres'", "SET bytea_output = 'hex'"];
+
 /// Server versions from which pgoutput speaks protocol 2 (streaming of large transactions).
 pub(crate) const STREAMING_MIN_SERVER_VERSION: u32 = 140_000;
 
@@ -63,6 +68,47 @@ pub(crate) struct Streamer<'a, PL: Planner> {
     pub(crate) warm_up: Option<WarmUp>,
     /// Enums, domains and arrays the planners need to know (see `Planner::register_types`).
     pub(crate) types: TypeResolver,
+    pub(crate) slot: SlotMode,
+}
+
+/// Which slot a run reads, and what it may do with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotMode {
+    /// `source.slot`, walsweep's own: checked before each session, recreated when lost
+    /// (`on_slot_lost`), shared with standbys, confirmed as the sink applies.
+    Owned,
+    /// A temporary slot created on each replication connection and dropped by Postgres with
+    /// it; confirmed as the sink applies. A lost connection cannot resume it, so errors end the
+    /// run.
+    Temporary { name: String, start_lsn: Lsn },
+    /// Someone else's slot, read from `start_lsn` and never confirmed.
+    Borrowed { name: String, start_lsn: Lsn },
+}
+
+impl SlotMode {
+    fn name<'a>(&'a self, source: &'a SourceConfig) -> &'a str {
+        match self {
+            SlotMode::Owned => &source.slot,
+            SlotMode::Temporary { name, .. } | SlotMode::Borrowed { name, .. } => name,
+        }
+    }
+
+    fn start_lsn(&self) -> Lsn {
+        match self {
+            SlotMode::Owned => Lsn::ZERO,
+            SlotMode::Temporary { start_lsn, .. } | SlotMode::Borrowed { start_lsn, .. } => {
+                *start_lsn
+            }
+        }
+    }
+
+    fn confirms(&self) -> bool {
+        !matches!(self, SlotMode::Borrowed { .. })
+    }
+
+    fn resumable(&self) -> bool {
+        matches!(self, SlotMode::Owned)
+    }
 }
 
 enum SessionEnd {
@@ -82,7 +128,11 @@ impl<PL: Planner> Streamer<'_, PL> {
                 Ok(SessionEnd::SinkDown) => {}
                 Ok(SessionEnd::Shutdown) => return Ok(()),
                 Ok(SessionEnd::Restart) => {}
-                Err(e) if e.is_retryable() && self.shutdown.requests() == 0 => {
+                Err(e)
+                    if e.is_retryable()
+                        && self.slot.resumable()
+                        && self.shutdown.requests() == 0 =>
+                {
                     self.reconnects += 1;
                     m::reconnected();
                     m::error(e.kind());
@@ -109,38 +159,13 @@ impl<PL: Planner> Streamer<'_, PL> {
     async fn session(&mut self) -> Result<SessionEnd, PipelineError> {
         let source = self.source;
         let client = catalog::connect(&self.params).await?;
-        let mut standing_by = false;
-        let slot = loop {
-            match catalog::slot_state(&client, &source.slot).await? {
-                None => self.slot_lost("was dropped").await?,
-                Some(s) if s.wal_status.as_deref() == Some("lost") => {
-                    self.slot_lost("is lost (Postgres removed WAL it still needed)")
-                        .await?
-                }
-                Some(s) if s.active => {
-                    // Postgres allows one consumer per slot: another instance streams, this
-                    // one is the standby and takes over as soon as the slot is free.
-                    if !standing_by {
-                        standing_by = true;
-                        tracing::info!(
-                            slot = %source.slot,
-                            active_pid = ?s.active_pid,
-                            "slot in use by another consumer; standing by"
-                        );
-                    }
-                    let mut shutdown = self.shutdown.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(STANDBY_POLL_INTERVAL) => {}
-                        _ = shutdown.at_least(1) => return Ok(SessionEnd::Shutdown),
-                    }
-                }
-                Some(s) => break s,
-            }
+        let slot_confirmed = match &self.slot {
+            SlotMode::Owned => match self.owned_slot_confirmed(&client).await? {
+                Some(lsn) => lsn,
+                None => return Ok(SessionEnd::Shutdown),
+            },
+            SlotMode::Temporary { .. } | SlotMode::Borrowed { .. } => Lsn::ZERO,
         };
-        if standing_by {
-            tracing::info!(slot = %source.slot, "slot is free; taking over");
-        }
-        let slot_confirmed = slot.confirmed_flush_lsn.unwrap_or_default();
         let wal_end = catalog::current_wal_lsn(&client).await.unwrap_or_default();
         if self
             .types
@@ -151,10 +176,24 @@ impl<PL: Planner> Streamer<'_, PL> {
         }
         self.types.keep_connection(client);
 
-        let conn = ReplicationConnection::connect(&self.params).await?;
+        let mut conn = ReplicationConnection::connect(&self.params).await?;
+        for setting in SESSION_SETTINGS {
+            conn.simple_query(setting).await?;
+        }
+        if let SlotMode::Temporary { name, .. } = &self.slot {
+            // The slot lives as long as this connection: Postgres drops it when it ends.
+            conn.simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+                crate::pg::replication::quote_ident(name)
+            ))
+            .await?;
+        }
         let version = conn.server_version_num().unwrap_or(0);
         let confirmed_here = self.sink.borrow().applied_lsn;
-        let start_lsn = self.enqueued_lsn.max(confirmed_here);
+        let start_lsn = self
+            .enqueued_lsn
+            .max(confirmed_here)
+            .max(self.slot.start_lsn());
         let mut options = vec![
             (
                 "proto_version",
@@ -172,7 +211,7 @@ impl<PL: Planner> Streamer<'_, PL> {
             options.push(("streaming", "on".to_string()));
         }
         let mut stream = match conn
-            .start_replication(&source.slot, start_lsn, &options)
+            .start_replication(self.slot.name(source), start_lsn, &options)
             .await
         {
             Ok(stream) => stream,
@@ -191,7 +230,7 @@ impl<PL: Planner> Streamer<'_, PL> {
         progress.receive(start_lsn);
         m::set_flushed_lsn(progress.flushed_lsn().as_u64());
         tracing::info!(
-            slot = %source.slot,
+            slot = %self.slot.name(source),
             start_lsn = %slot_confirmed.max(start_lsn),
             lag_bytes = wal_end.bytes_since(slot_confirmed),
             server_version = version,
@@ -226,6 +265,47 @@ impl<PL: Planner> Streamer<'_, PL> {
             }
             other => other,
         }
+    }
+
+    /// Waits until walsweep's own slot exists and is free (recreating it when lost, standing by
+    /// while another instance reads it) and returns its confirmed position; `None` on shutdown.
+    async fn owned_slot_confirmed(
+        &mut self,
+        client: &tokio_postgres::Client,
+    ) -> Result<Option<Lsn>, PipelineError> {
+        let source = self.source;
+        let mut standing_by = false;
+        let slot = loop {
+            match catalog::slot_state(client, &source.slot).await? {
+                None => self.slot_lost("was dropped").await?,
+                Some(s) if s.wal_status.as_deref() == Some("lost") => {
+                    self.slot_lost("is lost (Postgres removed WAL it still needed)")
+                        .await?
+                }
+                Some(s) if s.active => {
+                    // Postgres allows one consumer per slot: another instance streams, this
+                    // one is the standby and takes over as soon as the slot is free.
+                    if !standing_by {
+                        standing_by = true;
+                        tracing::info!(
+                            slot = %source.slot,
+                            active_pid = ?s.active_pid,
+                            "slot in use by another consumer; standing by"
+                        );
+                    }
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(STANDBY_POLL_INTERVAL) => {}
+                        _ = shutdown.at_least(1) => return Ok(None),
+                    }
+                }
+                Some(s) => break s,
+            }
+        };
+        if standing_by {
+            tracing::info!(slot = %source.slot, "slot is free; taking over");
+        }
+        Ok(Some(slot.confirmed_flush_lsn.unwrap_or_default()))
     }
 
     /// The sink has been failing for longer than `release_slot_after_sink_outage_ms`.
@@ -364,6 +444,14 @@ impl<PL: Planner> Streamer<'_, PL> {
         Ok(())
     }
 
+    /// Moves the flush position, unless the slot is only borrowed: then the status updates keep
+    /// flush at zero, which moves nothing, and the slot's next reader gets the same changes.
+    fn confirm(&self, progress: &mut Progress, lsn: Lsn) {
+        if self.slot.confirms() {
+            progress.confirm(lsn);
+        }
+    }
+
     /// No half-received transaction and every queued one confirmed by the sink.
     fn nothing_pending(&self) -> bool {
         self.assembler.is_idle() && self.sink.borrow().applied_lsn >= self.enqueued_lsn
@@ -375,9 +463,10 @@ impl<PL: Planner> Streamer<'_, PL> {
     /// stops sending keepalives once our write position reaches its end of WAL, so a keepalive
     /// that arrived while a batch was in flight may be the last one for a while.
     fn observe_confirmation(&mut self, progress: &mut Progress) {
-        progress.confirm(self.sink.borrow_and_update().applied_lsn);
+        let applied = self.sink.borrow_and_update().applied_lsn;
+        self.confirm(progress, applied);
         if self.nothing_pending() {
-            progress.confirm(self.keepalive_lsn);
+            self.confirm(progress, self.keepalive_lsn);
         }
         m::set_flushed_lsn(progress.flushed_lsn().as_u64());
     }
@@ -408,7 +497,8 @@ impl<PL: Planner> Streamer<'_, PL> {
                     return Ok(true);
                 }
                 Ok(()) = self.sink.changed() => {
-                    progress.confirm(self.sink.borrow_and_update().applied_lsn);
+                    let applied = self.sink.borrow_and_update().applied_lsn;
+                    self.confirm(progress, applied);
                     m::set_flushed_lsn(progress.flushed_lsn().as_u64());
                 }
                 _ = ticker.tick() => {
@@ -443,12 +533,12 @@ impl<PL: Planner> Streamer<'_, PL> {
                     if changed.is_err() { break; }
                 }
                 _ = ticker.tick() => {
-                    progress.confirm(self.sink.borrow().applied_lsn);
+                    self.confirm(progress, self.sink.borrow().applied_lsn);
                     send_status(stream, progress, StatusReason::Interval).await?;
                 }
             }
         }
-        progress.confirm(self.sink.borrow().applied_lsn);
+        self.confirm(progress, self.sink.borrow().applied_lsn);
         Ok(())
     }
 }
