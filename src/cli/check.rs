@@ -423,7 +423,7 @@ async fn check_redis(config: &Config, report: &mut Report) {
     let client = match crate::sink::redis::redis_client(&config.redis) {
         Ok(c) => c,
         Err(e) => {
-            report.errors.push(e.to_string());
+            report.errors.push(display_chain(&e));
             return;
         }
     };
