@@ -270,7 +270,7 @@ pub async fn check_environment(config: &Config, rules: &Rules, report: &mut Repo
     let params = match config.source.connect_params() {
         Ok(p) => p,
         Err(e) => {
-            report.errors.push(e.to_string());
+            report.errors.push(display_chain(&e));
             return;
         }
     };
@@ -423,7 +423,7 @@ async fn check_redis(config: &Config, report: &mut Report) {
     let client = match crate::sink::redis::redis_client(&config.redis) {
         Ok(c) => c,
         Err(e) => {
-            report.errors.push(e.to_string());
+            report.errors.push(display_chain(&e));
             return;
         }
     };

@@ -378,7 +378,8 @@ impl SourceConfig {
         let (config, tls) = parse_source_url(url).map_err(invalid)?;
         // Read the certificate files now, so a wrong path stops walsweep at start-up (and in
         // `check`) rather than at the first connection. They are read again per connection.
-        tls.connector().map_err(|e| invalid(e.to_string()))?;
+        tls.connector()
+            .map_err(|source| ConfigError::SourceTls { source })?;
         Ok(ConnectParams {
             config,
             application_name: self.application_name.clone(),
@@ -422,6 +423,13 @@ pub enum ConfigError {
     Invalid {
         path: Option<PathBuf>,
         problems: Vec<Problem>,
+    },
+    /// The TLS files `source.url` names cannot be used. Worded like an `Invalid` problem
+    /// without a file (`config: key: ...`), the problem being the source.
+    #[error("config: source.url")]
+    SourceTls {
+        #[source]
+        source: crate::pg::tls::TlsError,
     },
 }
 

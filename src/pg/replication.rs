@@ -55,6 +55,8 @@ impl fmt::Display for ServerError {
     }
 }
 
+impl std::error::Error for ServerError {}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     #[error("cannot connect to Postgres at {target}")]
@@ -65,10 +67,16 @@ pub enum ReplicationError {
     },
     #[error("replication connection I/O failed")]
     Io(#[from] io::Error),
-    #[error("Postgres refused: {0}")]
-    Server(ServerError),
+    #[error("Postgres refused")]
+    Server(#[source] ServerError),
     #[error("authentication failed for user {user:?}: {reason}")]
-    Auth { user: String, reason: String },
+    Auth {
+        user: String,
+        reason: &'static str,
+        /// What Postgres or the SCRAM exchange said, when something did.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     #[error("unexpected {got} from Postgres while {during}")]
     UnexpectedMessage {
         got: &'static str,
@@ -329,8 +337,8 @@ impl ReplicationConnection {
         let need_password = || ReplicationError::Auth {
             user: user.to_string(),
             reason: "the server asks for a password and the source URL has none \
-                     (add it to the URL or set WALSWEEP_SOURCE_URL)"
-                .into(),
+                     (add it to the URL or set WALSWEEP_SOURCE_URL)",
+            source: None,
         };
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -366,8 +374,8 @@ impl ReplicationConnection {
                         return Err(ReplicationError::Auth {
                             user: user.to_string(),
                             reason: "the server offers no SASL mechanism walsweep supports \
-                                     (need SCRAM-SHA-256)"
-                                .into(),
+                                     (need SCRAM-SHA-256)",
+                            source: None,
                         });
                     }
                     let state = ScramSha256::new(pw, ChannelBinding::unsupported());
@@ -388,7 +396,8 @@ impl ReplicationConnection {
                         .update(body.data())
                         .map_err(|e| ReplicationError::Auth {
                             user: user.to_string(),
-                            reason: format!("SCRAM exchange failed: {e}"),
+                            reason: "SCRAM exchange failed",
+                            source: Some(e.into()),
                         })?;
                     frontend::sasl_response(state.message(), &mut self.write_buf)?;
                     self.flush().await?;
@@ -402,7 +411,8 @@ impl ReplicationConnection {
                         .finish(body.data())
                         .map_err(|e| ReplicationError::Auth {
                             user: user.to_string(),
-                            reason: format!("server SCRAM signature did not verify: {e}"),
+                            reason: "server SCRAM signature did not verify",
+                            source: Some(e.into()),
                         })?;
                 }
                 Message::ErrorResponse(body) => {
@@ -410,11 +420,9 @@ impl ReplicationConnection {
                     if err.sqlstate.starts_with("28") {
                         return Err(ReplicationError::Auth {
                             user: user.to_string(),
-                            reason: format!(
-                                "{} ({}); check the user and password in the source URL \
-                                 and pg_hba.conf",
-                                err.message, err.sqlstate
-                            ),
+                            reason: "Postgres rejected the login; check the user and password \
+                                     in the source URL and pg_hba.conf",
+                            source: Some(err.into()),
                         });
                     }
                     return Err(ReplicationError::Server(err));
@@ -756,6 +764,24 @@ mod tests {
     fn quoting_escapes_embedded_quotes() {
         assert_eq!(quote_ident("my\"slot"), "\"my\"\"slot\"");
         assert_eq!(quote_literal("a'b"), "'a''b'");
+    }
+
+    #[test]
+    fn the_server_error_is_the_source_not_the_message() {
+        let err = ReplicationError::Server(ServerError {
+            severity: "ERROR".into(),
+            sqlstate: "42704".into(),
+            message: "replication slot \"s\" does not exist".into(),
+            detail: None,
+            hint: Some("create it".into()),
+        });
+        assert_eq!(err.to_string(), "Postgres refused");
+        assert_eq!(
+            crate::telemetry::log::display_chain(&err),
+            "Postgres refused: ERROR 42704: replication slot \"s\" does not exist (hint: create it)"
+        );
+        assert!(!err.is_retryable());
+        assert_eq!(err.kind(), "server");
     }
 
     #[test]

@@ -132,44 +132,57 @@ pub enum TlsError {
     )]
     SystemRootsNeedVerifyFull { mode: SslMode },
     #[error(
-        "cannot read {param} {}: {error}; fix {param}=... in the source URL or make the file \
-         readable by walsweep", path.display()
+        "cannot read {param} {}; fix {param}=... in the source URL or make the file readable by \
+         walsweep", path.display()
     )]
     ReadFile {
         param: &'static str,
         path: PathBuf,
-        error: io::Error,
+        #[source]
+        source: io::Error,
     },
     #[error(
         "{param} {} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
         path.display()
     )]
     NoCertificate { param: &'static str, path: PathBuf },
-    #[error("{param} {} is not a usable PEM certificate file: {detail}", path.display())]
+    #[error("{param} {} is not a usable PEM certificate file", path.display())]
     BadPem {
         param: &'static str,
         path: PathBuf,
-        detail: String,
+        /// The PEM parser's or, for a root, the certificate store's objection.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error(
         "sslkey {} holds no usable private key (expected -----BEGIN PRIVATE KEY-----, RSA \
-         PRIVATE KEY or EC PRIVATE KEY): {detail}", path.display()
+         PRIVATE KEY or EC PRIVATE KEY)", path.display()
     )]
-    BadKey { path: PathBuf, detail: String },
+    BadKey {
+        path: PathBuf,
+        /// None when the file is valid PEM without a key: the message already says so.
+        #[source]
+        source: Option<pem::Error>,
+    },
     #[error(
-        "sslcert {} and sslkey {} do not form a usable client certificate: {detail}",
+        "sslcert {} and sslkey {} do not form a usable client certificate",
         cert.display(), key.display()
     )]
     ClientCert {
         cert: PathBuf,
         key: PathBuf,
-        detail: String,
+        #[source]
+        source: rustls::Error,
     },
     #[error(
-        "no trusted root certificates found in the system trust store{detail}; install the \
+        "no trusted root certificates found in the system trust store; install the \
          ca-certificates package or set sslrootcert=/path/to/ca.pem in the source URL"
     )]
-    SystemRoots { detail: String },
+    SystemRoots {
+        /// None when the store simply holds nothing.
+        #[source]
+        source: Option<SystemRootErrors>,
+    },
     #[error(
         "Postgres at {target} does not accept TLS connections, but sslmode={mode} requires TLS; \
          set ssl = on (with ssl_cert_file and ssl_key_file) in the server's postgresql.conf, or \
@@ -191,16 +204,20 @@ pub enum TlsError {
         target: String,
         mode: SslMode,
         reason: String,
-        hint: String,
+        hint: &'static str,
+        /// rustls' verdict, or why the host is no name to verify against.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("TLS handshake with Postgres at {target} failed: {detail}{hint}")]
+    #[error("TLS handshake with Postgres at {target} failed{hint}")]
     Handshake {
         target: String,
-        detail: String,
-        hint: String,
+        hint: &'static str,
+        #[source]
+        source: rustls::Error,
     },
-    #[error("cannot set up TLS: {0}")]
-    Setup(String),
+    #[error("cannot set up TLS")]
+    Setup(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("TLS negotiation with Postgres at {target} failed")]
     Io {
         target: String,
@@ -208,6 +225,25 @@ pub enum TlsError {
         source: io::Error,
     },
 }
+
+/// Everything that went wrong reading the platform trust store, which may be several
+/// independent failures (one per file or directory), so they cannot form one chain.
+#[derive(Debug, Clone)]
+pub struct SystemRootErrors(Arc<[rustls_native_certs::Error]>);
+
+impl fmt::Display for SystemRootErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SystemRootErrors {}
 
 impl TlsError {
     /// Only a connection that broke mid-negotiation is worth retrying: settings, files,
@@ -397,7 +433,7 @@ fn split_key_values(s: &str, raw: &mut RawTls) -> Option<String> {
 
 /// The platform trust store, read once per process.
 fn system_roots() -> Result<Arc<RootCertStore>, TlsError> {
-    static ROOTS: std::sync::OnceLock<Result<Arc<RootCertStore>, String>> =
+    static ROOTS: std::sync::OnceLock<Result<Arc<RootCertStore>, Option<SystemRootErrors>>> =
         std::sync::OnceLock::new();
     ROOTS
         .get_or_init(|| {
@@ -405,18 +441,13 @@ fn system_roots() -> Result<Arc<RootCertStore>, TlsError> {
             let mut store = RootCertStore::empty();
             store.add_parsable_certificates(found.certs);
             if store.is_empty() {
-                let errors: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
-                Err(if errors.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", errors.join("; "))
-                })
+                Err((!found.errors.is_empty()).then(|| SystemRootErrors(found.errors.into())))
             } else {
                 Ok(Arc::new(store))
             }
         })
         .clone()
-        .map_err(|detail| TlsError::SystemRoots { detail })
+        .map_err(|source| TlsError::SystemRoots { source })
 }
 
 /// The provider walsweep's TLS runs on. Also installed as the process default, for the Redis
@@ -506,7 +537,7 @@ impl TlsSettings {
             (Some(roots), SslMode::VerifyFull) => {
                 WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                     .build()
-                    .map_err(|e| TlsError::Setup(e.to_string()))?
+                    .map_err(|e| TlsError::Setup(e.into()))?
             }
             (Some(roots), _) => Arc::new(ChainOnly {
                 roots,
@@ -518,7 +549,7 @@ impl TlsSettings {
         };
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Setup(e.to_string()))?
+            .map_err(|e| TlsError::Setup(e.into()))?
             .dangerous()
             .with_custom_certificate_verifier(verifier);
         let mut config = match (&self.client_cert, &self.client_key) {
@@ -527,10 +558,10 @@ impl TlsSettings {
                 let key_der = load_key(key)?;
                 builder
                     .with_client_auth_cert(chain, key_der)
-                    .map_err(|e| TlsError::ClientCert {
+                    .map_err(|source| TlsError::ClientCert {
                         cert: cert.clone(),
                         key: key.clone(),
-                        detail: e.to_string(),
+                        source,
                     })?
             }
             _ => builder.with_no_client_auth(),
@@ -545,10 +576,10 @@ impl TlsSettings {
 }
 
 fn read_file(param: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|error| TlsError::ReadFile {
+    std::fs::read(path).map_err(|source| TlsError::ReadFile {
         param,
         path: path.to_path_buf(),
-        error,
+        source,
     })
 }
 
@@ -559,7 +590,7 @@ fn load_certs(param: &'static str, path: &Path) -> Result<Vec<CertificateDer<'st
         .map_err(|e| TlsError::BadPem {
             param,
             path: path.to_path_buf(),
-            detail: e.to_string(),
+            source: e.into(),
         })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate {
@@ -576,7 +607,7 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
         store.add(cert).map_err(|e| TlsError::BadPem {
             param: "sslrootcert",
             path: path.to_path_buf(),
-            detail: e.to_string(),
+            source: e.into(),
         })?;
     }
     Ok(store)
@@ -586,9 +617,9 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read_file("sslkey", path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::BadKey {
         path: path.to_path_buf(),
-        detail: match e {
-            pem::Error::NoItemsFound => "no key found".into(),
-            other => other.to_string(),
+        source: match e {
+            pem::Error::NoItemsFound => None,
+            other => Some(other),
         },
     })
 }
@@ -776,10 +807,10 @@ where
             return Err(TlsError::Verify {
                 target: target.to_string(),
                 mode: settings.mode,
-                reason: format!("host {host:?} is not a valid DNS name or IP address ({e})"),
+                reason: format!("host {host:?} is not a valid DNS name or IP address"),
                 hint: "connect using a host name or IP address listed in the server \
-                       certificate"
-                    .into(),
+                       certificate",
+                source: e.into(),
             })
         }
     };
@@ -795,6 +826,7 @@ fn handshake_error(err: io::Error, connector: &Connector, host: &str, target: &s
     let Some(tls) = err
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .cloned()
     else {
         return TlsError::Io {
             target: target.to_string(),
@@ -802,54 +834,49 @@ fn handshake_error(err: io::Error, connector: &Connector, host: &str, target: &s
         };
     };
     let trust = &connector.trust;
-    let (reason, hint) = match tls {
+    let (reason, hint) = match &tls {
         rustls::Error::InvalidCertificate(cert_err) => match cert_err {
             CertificateError::UnknownIssuer | CertificateError::BadSignature => (
-                format!("the server's certificate is not signed by a CA in {trust} ({cert_err:?})"),
+                format!("the server's certificate is not signed by a CA in {trust}"),
                 "point sslrootcert at the PEM file of the CA that signed the server's \
-                 certificate"
-                    .to_string(),
+                 certificate",
             ),
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
                 (
-                    format!(
-                        "the server's certificate is not valid for host {host:?} ({cert_err:?})"
-                    ),
+                    format!("the server's certificate is not valid for host {host:?}"),
                     "connect using a host name or IP address listed in the certificate's \
-                 subjectAltName, or use sslmode=verify-ca to check only the CA"
-                        .to_string(),
+                     subjectAltName, or use sslmode=verify-ca to check only the CA",
                 )
             }
             CertificateError::Expired
             | CertificateError::ExpiredContext { .. }
             | CertificateError::NotValidYet
             | CertificateError::NotValidYetContext { .. } => (
-                format!("the server's certificate is outside its validity period ({cert_err:?})"),
-                "renew the server's certificate, or check this machine's clock".to_string(),
+                "the server's certificate is outside its validity period".to_string(),
+                "renew the server's certificate, or check this machine's clock",
             ),
-            other => (
-                format!("the server's certificate was rejected ({other:?}), trusting {trust}"),
-                "check the server's certificate and sslrootcert".to_string(),
+            _ => (
+                format!("the server's certificate was rejected, trusting {trust}"),
+                "check the server's certificate and sslrootcert",
             ),
         },
-        rustls::Error::AlertReceived(alert) => {
+        rustls::Error::AlertReceived(_) => {
             return TlsError::Handshake {
                 target: target.to_string(),
-                detail: format!("the server refused the handshake ({alert:?})"),
                 hint: if connector.config.client_auth_cert_resolver.has_certs() {
-                    "; check that the server trusts the CA of sslcert".into()
+                    "; the server refused it; check that the server trusts the CA of sslcert"
                 } else {
-                    "; if the server requires a client certificate, set sslcert and sslkey in \
-                     the source URL"
-                        .into()
+                    "; the server refused it; if the server requires a client certificate, set \
+                     sslcert and sslkey in the source URL"
                 },
+                source: tls,
             }
         }
-        other => {
+        _ => {
             return TlsError::Handshake {
                 target: target.to_string(),
-                detail: other.to_string(),
-                hint: String::new(),
+                hint: "",
+                source: tls,
             }
         }
     };
@@ -858,6 +885,7 @@ fn handshake_error(err: io::Error, connector: &Connector, host: &str, target: &s
         mode: connector.mode,
         reason,
         hint,
+        source: Box::new(tls),
     }
 }
 
@@ -946,9 +974,21 @@ mod tests {
             root_cert: Some(missing.clone()),
             ..Default::default()
         };
-        let err = settings.connector().err().unwrap().to_string();
-        assert!(err.contains(&missing.display().to_string()), "{err}");
-        assert!(err.contains("cannot read sslrootcert"), "{err}");
+        let err = settings.connector().err().unwrap();
+        let message = err.to_string();
+        assert!(
+            message.contains(&missing.display().to_string()),
+            "{message}"
+        );
+        assert!(message.contains("cannot read sslrootcert"), "{message}");
+        // The OS error is the cause, not part of the message: it shows once, at the end.
+        let cause = std::error::Error::source(&err).expect("the read error is the source");
+        assert!(!message.contains(&cause.to_string()), "{message}");
+        assert!(
+            crate::telemetry::log::display_chain(&err).ends_with(&format!(": {cause}")),
+            "{}",
+            crate::telemetry::log::display_chain(&err)
+        );
 
         let not_pem = dir.path().join("ca.pem");
         std::fs::write(&not_pem, "hello\n").unwrap();

@@ -1,4 +1,5 @@
 use walsweep::pg::replication::{ConnectParams, ReplicationConnection, ReplicationError};
+use walsweep::telemetry::log::display_chain;
 
 use crate::support::{self, Postgres, PostgresOptions};
 
@@ -51,7 +52,7 @@ async fn scram_and_md5_users_connect_and_a_wrong_password_is_clear() {
             .expect("wrong password must fail");
         assert!(matches!(err, ReplicationError::Auth { .. }), "{err:?}");
         assert!(!err.is_retryable());
-        let text = err.to_string();
+        let text = display_chain(&err);
         assert!(text.contains(user), "{text}");
         assert!(text.contains("password authentication failed"), "{text}");
         assert!(text.contains("check the user and password"), "{text}");

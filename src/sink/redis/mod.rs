@@ -57,22 +57,26 @@ pub enum RedisClientError {
     #[error("redis.cert_file and redis.key_file go together; set both or neither")]
     ClientCertPair,
     #[error(
-        "cannot read redis.{key} {}: {error}; fix the path in [redis] or make the file readable \
-         by walsweep", path.display()
+        "cannot read redis.{key} {}; fix the path in [redis] or make the file readable by \
+         walsweep", path.display()
     )]
     ReadFile {
         key: &'static str,
         path: std::path::PathBuf,
-        error: std::io::Error,
+        #[source]
+        source: std::io::Error,
     },
-    #[error("redis.{key} {} is not usable: {detail}", path.display())]
+    #[error("redis.{key} {} is not usable: {reason}", path.display())]
     BadFile {
         key: &'static str,
         path: std::path::PathBuf,
-        detail: String,
+        reason: &'static str,
+        /// None when the file is valid PEM without the item: the reason already says so.
+        #[source]
+        source: Option<rustls::pki_types::pem::Error>,
     },
-    #[error("cannot set up TLS for Redis from redis.ca_file / cert_file / key_file: {0}")]
-    Tls(String),
+    #[error("cannot set up TLS for Redis from redis.ca_file / cert_file / key_file")]
+    Tls(#[source] RedisError),
 }
 
 /// The client for `[redis]`: `url`, plus `ca_file` / `cert_file` / `key_file` for a `rediss://`
@@ -80,7 +84,7 @@ pub enum RedisClientError {
 /// probe and `check`, so all three connect the same way.
 pub fn redis_client(redis: &RedisConfig) -> Result<::redis::Client, RedisClientError> {
     use ::redis::{ClientTlsConfig, ConnectionAddr, TlsCertificates};
-    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::pem::{self, PemObject};
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
     let client =
@@ -106,18 +110,21 @@ pub fn redis_client(redis: &RedisConfig) -> Result<::redis::Client, RedisClientE
         }
     }
     let read = |key: &'static str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|error| RedisClientError::ReadFile {
+        std::fs::read(path).map_err(|source| RedisClientError::ReadFile {
             key,
             path: path.to_path_buf(),
-            error,
+            source,
         })
     };
-    let bad =
-        |key: &'static str, path: &std::path::Path, detail: String| RedisClientError::BadFile {
-            key,
-            path: path.to_path_buf(),
-            detail,
-        };
+    let bad = |key: &'static str,
+               path: &std::path::Path,
+               reason: &'static str,
+               source: Option<pem::Error>| RedisClientError::BadFile {
+        key,
+        path: path.to_path_buf(),
+        reason,
+        source,
+    };
     // The redis crate would accept a file without certificates and then fail every handshake;
     // check the PEM here so the message names the file.
     let certs = |key: &'static str, path: &std::path::Path| {
@@ -126,10 +133,11 @@ pub fn redis_client(redis: &RedisConfig) -> Result<::redis::Client, RedisClientE
             Ok(certs) if certs.is_empty() => Err(bad(
                 key,
                 path,
-                "no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)".into(),
+                "no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)",
+                None,
             )),
             Ok(_) => Ok(pem),
-            Err(e) => Err(bad(key, path, format!("invalid PEM: {e}"))),
+            Err(e) => Err(bad(key, path, "invalid PEM", Some(e))),
         }
     };
     let root_cert = match &redis.ca_file {
@@ -144,7 +152,11 @@ pub fn redis_client(redis: &RedisConfig) -> Result<::redis::Client, RedisClientE
                 bad(
                     "key_file",
                     key,
-                    format!("no usable PEM private key in it ({e})"),
+                    "no usable PEM private key in it",
+                    match e {
+                        pem::Error::NoItemsFound => None,
+                        other => Some(other),
+                    },
                 )
             })?;
             Some(ClientTlsConfig {
@@ -162,7 +174,7 @@ pub fn redis_client(redis: &RedisConfig) -> Result<::redis::Client, RedisClientE
             root_cert,
         },
     )
-    .map_err(|e| RedisClientError::Tls(e.to_string()))
+    .map_err(RedisClientError::Tls)
 }
 
 pub struct RedisSink {
