@@ -23,8 +23,11 @@ pub fn reset_plan(config: &Config, rules: &Rules) -> Result<EffectPlan, Pipeline
     Ok(plan)
 }
 
-fn setup(e: impl std::fmt::Display) -> PipelineError {
-    PipelineError::Setup(format!("cannot compile the rules: {e}"))
+fn setup(e: impl std::error::Error + Send + Sync + 'static) -> PipelineError {
+    PipelineError::Compile {
+        what: "rules",
+        source: Box::new(e),
+    }
 }
 
 /// The planner and sink for `config`.

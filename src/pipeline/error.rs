@@ -24,6 +24,13 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error("warm-up failed (the new slot was dropped again, so the next start retries it)")]
     WarmUp(#[from] super::warm_up::SnapshotError),
+    /// The config loaded, but its rules or mirrors do not compile (`walsweep check` says where).
+    #[error("cannot compile the {what}")]
+    Compile {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Something only a human can fix; the message says what to do.
     #[error("{0}")]
     Setup(String),
@@ -47,7 +54,7 @@ impl PipelineError {
     /// The `kind` label of `walsweep_errors_total`.
     pub(crate) fn kind(&self) -> &'static str {
         match self {
-            PipelineError::Config(_) => "config",
+            PipelineError::Config(_) | PipelineError::Compile { .. } => "config",
             PipelineError::Replication(e) => e.kind(),
             PipelineError::Catalog(_) => "catalog",
             PipelineError::Assemble { .. } => "decode",

@@ -324,7 +324,10 @@ async fn relation_info(
 pub async fn run_command(config: &Config) -> Result<WarmUpSummary, crate::pipeline::PipelineError> {
     use crate::pipeline::PipelineError;
     let warm_up = WarmUp::from_config(config)
-        .map_err(|e| PipelineError::Setup(format!("cannot compile the mirrors: {e}")))?
+        .map_err(|e| PipelineError::Compile {
+            what: "mirrors",
+            source: Box::new(e),
+        })?
         .ok_or_else(|| {
             PipelineError::Setup(
                 "no [[table.mirror]] to load (only_if_present mirrors are never warmed up)".into(),
