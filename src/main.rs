@@ -7,14 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use walsweep::cli::check::{self, Report};
-use walsweep::config::{Config, ConfigError};
+use walsweep::cli::{config_failure, init_tracing, load, LogFormat, EXIT_CONFIG};
+use walsweep::config::Config;
 use walsweep::pipeline::{self, PipelineError};
-use walsweep::plan::rules::Rules;
 use walsweep::plan::Op;
 use walsweep::telemetry::log::display_chain;
-
-/// sysexits' EX_CONFIG: the configuration is wrong, retrying will not help.
-const EXIT_CONFIG: u8 = 78;
 
 #[derive(Parser)]
 #[command(
@@ -28,12 +25,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -126,19 +117,6 @@ enum Command {
     },
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
@@ -216,15 +194,6 @@ async fn tail(
             ExitCode::FAILURE
         }
     }
-}
-
-fn load(path: &Path) -> Result<(Config, Rules), ExitCode> {
-    let config = Config::load(path).map_err(|e| config_failure(&e))?;
-    let rules = Rules::from_config(&config).map_err(|e| {
-        eprintln!("walsweep: {}: {e}", path.display());
-        ExitCode::from(EXIT_CONFIG)
-    })?;
-    Ok((config, rules))
 }
 
 async fn run(path: &Path) -> ExitCode {
@@ -455,9 +424,4 @@ async fn status(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn config_failure(err: &ConfigError) -> ExitCode {
-    eprintln!("walsweep: {}", display_chain(err));
-    ExitCode::from(EXIT_CONFIG)
 }
