@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use walsweep::cli;
 use walsweep::cli::check::{self, Report};
 use walsweep::cli::{config_failure, init_tracing, load, LogFormat, EXIT_CONFIG};
 use walsweep::config::Config;
@@ -145,7 +146,7 @@ fn main() -> ExitCode {
             new,
         } => explain(&config, &table, op, old.as_deref(), new.as_deref()),
         Command::Status { config } => runtime.block_on(status(&config)),
-        Command::Snapshot { config } => runtime.block_on(snapshot(&config)),
+        Command::Snapshot { config } => runtime.block_on(cli::snapshot::command(&config)),
         Command::Setup {
             config,
             print,
@@ -263,26 +264,6 @@ fn print_report(report: &Report) {
     }
     for error in &report.errors {
         println!("error: {error}");
-    }
-}
-
-async fn snapshot(path: &Path) -> ExitCode {
-    let (config, _) = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    match walsweep::pipeline::warm_up::run_command(&config).await {
-        Ok(summary) => {
-            for (table, rows) in &summary.tables {
-                println!("{table}: {rows} rows loaded");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(PipelineError::Config(e)) => config_failure(&e),
-        Err(e) => {
-            eprintln!("walsweep snapshot: {}", display_chain(&e));
-            ExitCode::FAILURE
-        }
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod check;
 pub mod explain;
 pub mod setup;
+pub mod snapshot;
 pub mod tail;
 
 use std::path::Path;
