@@ -10,7 +10,6 @@ use walsweep::cli;
 use walsweep::cli::check::{self, Report};
 use walsweep::cli::{config_failure, init_tracing, load, LogFormat, EXIT_CONFIG};
 use walsweep::config::Config;
-use walsweep::pipeline::{self, PipelineError};
 use walsweep::plan::Op;
 use walsweep::telemetry::log::display_chain;
 
@@ -132,7 +131,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { config } => runtime.block_on(run(&config)),
+        Command::Run { config } => runtime.block_on(cli::run::command(&config)),
         Command::Check {
             config,
             no_environment,
@@ -192,64 +191,6 @@ async fn tail(
         Err(walsweep::cli::tail::TailError::Config(e)) => config_failure(&e),
         Err(e) => {
             eprintln!("walsweep tail: {}", display_chain(&e));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(path: &Path) -> ExitCode {
-    let (config, _) = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    for warning in config.warnings() {
-        tracing::warn!("{warning}");
-    }
-    // Build once up front so a broken rule or Redis URL fails before anything listens.
-    if let Err(e) = walsweep::pipeline::daemon::build(&config) {
-        eprintln!("walsweep: {}", display_chain(&e));
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    if !config.metrics.listen.is_empty() {
-        let recorder = walsweep::telemetry::http::install_recorder();
-        match walsweep::telemetry::http::serve(&config.metrics.listen, recorder).await {
-            Ok(addr) => tracing::info!(%addr, "serving /metrics, /healthz and /readyz"),
-            Err(e) => {
-                eprintln!("walsweep: {}", display_chain(&e));
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    tokio::spawn(walsweep::sink::redis::probe::probe_redis(
-        config.redis.clone(),
-        std::time::Duration::from_secs(2),
-    ));
-    let (handle, shutdown) = pipeline::shutdown_channel();
-    tokio::spawn(async move {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            tracing::error!("cannot install the SIGTERM handler");
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            handle.request();
-        }
-    });
-    let result = walsweep::pipeline::daemon::run(&config, shutdown).await;
-    match result {
-        Ok(summary) => {
-            tracing::info!(confirmed_lsn = %summary.confirmed_lsn, "walsweep stopped");
-            ExitCode::SUCCESS
-        }
-        Err(PipelineError::Config(e)) => config_failure(&e),
-        Err(e) => {
-            tracing::error!(error = %display_chain(&e), "walsweep stopped");
-            eprintln!("walsweep: {}", display_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod explain;
+pub mod run;
 pub mod setup;
 pub mod snapshot;
 pub mod tail;
