@@ -144,7 +144,7 @@ fn main() -> ExitCode {
             old,
             new,
         } => explain(&config, &table, op, old.as_deref(), new.as_deref()),
-        Command::Status { config } => runtime.block_on(status(&config)),
+        Command::Status { config } => runtime.block_on(cli::status::command(&config)),
         Command::Snapshot { config } => runtime.block_on(cli::snapshot::command(&config)),
         Command::Setup {
             config,
@@ -299,51 +299,4 @@ async fn setup(path: &Path, print_only: bool, role: &str) -> ExitCode {
     }
     println!("-- done; give the role a password with: ALTER ROLE {role} PASSWORD '...';");
     ExitCode::SUCCESS
-}
-
-async fn status(path: &Path) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => return config_failure(&e),
-    };
-    let params = match config.source.connect_params() {
-        Ok(p) => p,
-        Err(e) => return config_failure(&e),
-    };
-    let sample = match walsweep::pg::catalog::connect(&params).await {
-        Ok(client) => walsweep::pipeline::slot_monitor::sample(&client, &config.source.slot).await,
-        Err(e) => Err(e),
-    };
-    match sample {
-        Ok(Some(s)) => {
-            println!(
-                "slot {}: {}, wal_status {}, safe_wal_size {}",
-                config.source.slot,
-                if s.active { "active" } else { "inactive" },
-                s.wal_status.as_deref().unwrap_or("unknown"),
-                s.safe_wal_size
-                    .map_or("unlimited".to_string(), |b| format!("{b} bytes"))
-            );
-            println!(
-                "confirmed_flush_lsn {}, current WAL {}, lag {} bytes",
-                s.confirmed_flush_lsn
-                    .map_or("none".to_string(), |l| l.to_string()),
-                s.current_wal_lsn,
-                s.lag_bytes()
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(None) => {
-            eprintln!(
-                "walsweep status: slot {:?} does not exist on {} (walsweep run creates it)",
-                config.source.slot,
-                params.target()
-            );
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("walsweep status: {}", display_chain(&e));
-            ExitCode::FAILURE
-        }
-    }
 }

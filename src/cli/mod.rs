@@ -6,6 +6,7 @@ pub mod explain;
 pub mod run;
 pub mod setup;
 pub mod snapshot;
+pub mod status;
 pub mod tail;
 
 use std::path::Path;
