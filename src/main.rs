@@ -7,8 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use walsweep::cli;
-use walsweep::cli::check::{self, Report};
-use walsweep::cli::{config_failure, init_tracing, load, LogFormat, EXIT_CONFIG};
+use walsweep::cli::{config_failure, init_tracing, LogFormat};
 use walsweep::config::Config;
 use walsweep::plan::Op;
 use walsweep::telemetry::log::display_chain;
@@ -136,7 +135,7 @@ fn main() -> ExitCode {
             config,
             no_environment,
             deny_warnings,
-        } => runtime.block_on(check(&config, no_environment, deny_warnings)),
+        } => runtime.block_on(cli::check::command(&config, no_environment, deny_warnings)),
         Command::Explain {
             config,
             table,
@@ -150,7 +149,7 @@ fn main() -> ExitCode {
             config,
             print,
             role,
-        } => runtime.block_on(setup(&config, print, &role)),
+        } => runtime.block_on(cli::setup::command(&config, print, &role)),
         Command::Tail {
             config,
             slot,
@@ -196,45 +195,6 @@ async fn tail(
     }
 }
 
-fn print_report(report: &Report) {
-    for note in &report.notes {
-        println!("note: {note}");
-    }
-    for warning in &report.warnings {
-        println!("warning: {warning}");
-    }
-    for error in &report.errors {
-        println!("error: {error}");
-    }
-}
-
-async fn check(path: &Path, no_environment: bool, deny_warnings: bool) -> ExitCode {
-    let (config, rules) = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let mut report = Report::default();
-    if no_environment {
-        check::check_config(&config, &mut report);
-    } else {
-        check::check_environment(&config, &rules, &mut report).await;
-    }
-    print_report(&report);
-    let failed = !report.errors.is_empty() || (deny_warnings && !report.warnings.is_empty());
-    if failed {
-        println!(
-            "{}: {} error(s), {} warning(s)",
-            path.display(),
-            report.errors.len(),
-            report.warnings.len()
-        );
-        ExitCode::from(EXIT_CONFIG)
-    } else {
-        println!("{}: ok", path.display());
-        ExitCode::SUCCESS
-    }
-}
-
 fn explain(path: &Path, table: &str, op: OpArg, old: Option<&str>, new: Option<&str>) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
@@ -256,47 +216,4 @@ fn explain(path: &Path, table: &str, op: OpArg, old: Option<&str>, new: Option<&
             ExitCode::from(2)
         }
     }
-}
-
-async fn setup(path: &Path, print_only: bool, role: &str) -> ExitCode {
-    let (config, rules) = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    if print_only {
-        for statement in walsweep::cli::setup::statements(&config, None, role, false) {
-            println!("{statement}");
-        }
-        return ExitCode::SUCCESS;
-    }
-    let params = match config.source.connect_params() {
-        Ok(p) => p,
-        Err(e) => return config_failure(&e),
-    };
-    let client = match walsweep::pg::catalog::connect(&params).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("walsweep setup: {}", display_chain(&e));
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut report = Report::default();
-    check::check_environment(&config, &rules, &mut report).await;
-    let exists = walsweep::pg::catalog::publication_exists(&client, &config.source.publication)
-        .await
-        .unwrap_or(false);
-    for statement in walsweep::cli::setup::statements(&config, Some(&report), role, exists) {
-        match client.batch_execute(&statement).await {
-            Ok(()) => println!("{statement}"),
-            Err(e) => {
-                eprintln!(
-                    "walsweep setup: {statement}\n  failed: {}",
-                    display_chain(&e)
-                );
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    println!("-- done; give the role a password with: ALTER ROLE {role} PASSWORD '...';");
-    ExitCode::SUCCESS
 }
