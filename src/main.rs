@@ -10,7 +10,6 @@ use walsweep::cli;
 use walsweep::cli::{config_failure, init_tracing, LogFormat};
 use walsweep::config::Config;
 use walsweep::plan::Op;
-use walsweep::telemetry::log::display_chain;
 
 #[derive(Parser)]
 #[command(
@@ -158,40 +157,9 @@ fn main() -> ExitCode {
             format,
             from_lsn,
             limit,
-        } => runtime.block_on(tail(&config, slot, tables, format, from_lsn, limit)),
-    }
-}
-
-async fn tail(
-    path: &Path,
-    slot: Option<String>,
-    tables: Vec<String>,
-    format: walsweep::cli::tail::TailFormat,
-    from_lsn: Option<walsweep::pg::Lsn>,
-    limit: Option<u64>,
-) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => return config_failure(&e),
-    };
-    let options = walsweep::cli::tail::TailOptions {
-        source: config.source,
-        slot: slot.map_or(
-            walsweep::cli::tail::TailSlot::Temporary,
-            walsweep::cli::tail::TailSlot::Existing,
-        ),
-        tables,
-        format,
-        from_lsn,
-        limit,
-    };
-    match walsweep::cli::tail::run_tail(options, std::io::stdout()).await {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(walsweep::cli::tail::TailError::Config(e)) => config_failure(&e),
-        Err(e) => {
-            eprintln!("walsweep tail: {}", display_chain(&e));
-            ExitCode::FAILURE
-        }
+        } => runtime.block_on(cli::tail_command(
+            &config, slot, tables, format, from_lsn, limit,
+        )),
     }
 }
 
