@@ -1,5 +1,6 @@
-//! The `walsweep` command line: parses arguments, loads config, starts telemetry and hands over
-//! to the library (`pipeline::run`, `check`, `explain`, `setup`).
+//! The `walsweep` command line: parses arguments and hands each subcommand to its handler in
+//! `walsweep::cli`, which owns everything from loading the config to the exit code (explain's
+//! handler is still here until `cli/explain.rs` is split).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

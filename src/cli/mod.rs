@@ -20,7 +20,7 @@ use crate::plan::rules::Rules;
 use crate::telemetry::log::display_chain;
 
 /// sysexits' EX_CONFIG: the configuration is wrong, retrying will not help.
-pub const EXIT_CONFIG: u8 = 78;
+pub(crate) const EXIT_CONFIG: u8 = 78;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum LogFormat {
@@ -49,7 +49,7 @@ pub fn config_failure(err: &ConfigError) -> ExitCode {
 }
 
 /// The config and its compiled rules; a rule that does not compile is a config error too.
-pub fn load(path: &Path) -> Result<(Config, Rules), ExitCode> {
+pub(crate) fn load(path: &Path) -> Result<(Config, Rules), ExitCode> {
     let config = Config::load(path).map_err(|e| config_failure(&e))?;
     let rules = Rules::from_config(&config).map_err(|e| {
         eprintln!("walsweep: {}: {e}", path.display());
