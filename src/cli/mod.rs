@@ -12,8 +12,7 @@ pub mod tail;
 use std::path::Path;
 use std::process::ExitCode;
 
-use tail::{TailError, TailFormat, TailOptions, TailSlot};
-
+use crate::cli::tail::{TailError, TailFormat, TailOptions, TailSlot};
 use crate::config::{Config, ConfigError};
 use crate::pg::Lsn;
 use crate::plan::rules::Rules;
@@ -42,7 +41,7 @@ pub fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Prints the error and returns EX_CONFIG.
+/// Exits EX_CONFIG so that a supervisor does not restart walsweep into the same error.
 pub fn config_failure(err: &ConfigError) -> ExitCode {
     eprintln!("walsweep: {}", display_chain(err));
     ExitCode::from(EXIT_CONFIG)
