@@ -1,20 +1,16 @@
-//! The `walsweep` command line: parses arguments, loads config, starts telemetry and hands over
-//! to the library (`pipeline::run`, `check`, `explain`, `setup`).
+//! The `walsweep` command line: parses arguments and hands each subcommand to its handler in
+//! `walsweep::cli`, which owns everything from loading the config to the exit code (explain's
+//! handler is still here until `cli/explain.rs` is split).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use walsweep::cli::check::{self, Report};
-use walsweep::config::{Config, ConfigError};
-use walsweep::pipeline::{self, PipelineError};
-use walsweep::plan::rules::Rules;
+use walsweep::cli;
+use walsweep::cli::{config_failure, init_tracing, LogFormat};
+use walsweep::config::Config;
 use walsweep::plan::Op;
-use walsweep::telemetry::log::display_chain;
-
-/// sysexits' EX_CONFIG: the configuration is wrong, retrying will not help.
-const EXIT_CONFIG: u8 = 78;
 
 #[derive(Parser)]
 #[command(
@@ -28,12 +24,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -126,19 +116,6 @@ enum Command {
     },
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
@@ -153,12 +130,12 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { config } => runtime.block_on(run(&config)),
+        Command::Run { config } => runtime.block_on(cli::run::command(&config)),
         Command::Check {
             config,
             no_environment,
             deny_warnings,
-        } => runtime.block_on(check(&config, no_environment, deny_warnings)),
+        } => runtime.block_on(cli::check::command(&config, no_environment, deny_warnings)),
         Command::Explain {
             config,
             table,
@@ -166,13 +143,13 @@ fn main() -> ExitCode {
             old,
             new,
         } => explain(&config, &table, op, old.as_deref(), new.as_deref()),
-        Command::Status { config } => runtime.block_on(status(&config)),
-        Command::Snapshot { config } => runtime.block_on(snapshot(&config)),
+        Command::Status { config } => runtime.block_on(cli::status::command(&config)),
+        Command::Snapshot { config } => runtime.block_on(cli::snapshot::command(&config)),
         Command::Setup {
             config,
             print,
             role,
-        } => runtime.block_on(setup(&config, print, &role)),
+        } => runtime.block_on(cli::setup::command(&config, print, &role)),
         Command::Tail {
             config,
             slot,
@@ -181,166 +158,9 @@ fn main() -> ExitCode {
             format,
             from_lsn,
             limit,
-        } => runtime.block_on(tail(&config, slot, tables, format, from_lsn, limit)),
-    }
-}
-
-async fn tail(
-    path: &Path,
-    slot: Option<String>,
-    tables: Vec<String>,
-    format: walsweep::cli::tail::TailFormat,
-    from_lsn: Option<walsweep::pg::Lsn>,
-    limit: Option<u64>,
-) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => return config_failure(&e),
-    };
-    let options = walsweep::cli::tail::TailOptions {
-        source: config.source,
-        slot: slot.map_or(
-            walsweep::cli::tail::TailSlot::Temporary,
-            walsweep::cli::tail::TailSlot::Existing,
-        ),
-        tables,
-        format,
-        from_lsn,
-        limit,
-    };
-    match walsweep::cli::tail::run_tail(options, std::io::stdout()).await {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(walsweep::cli::tail::TailError::Config(e)) => config_failure(&e),
-        Err(e) => {
-            eprintln!("walsweep tail: {}", display_chain(&e));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn load(path: &Path) -> Result<(Config, Rules), ExitCode> {
-    let config = Config::load(path).map_err(|e| config_failure(&e))?;
-    let rules = Rules::from_config(&config).map_err(|e| {
-        eprintln!("walsweep: {}: {e}", path.display());
-        ExitCode::from(EXIT_CONFIG)
-    })?;
-    Ok((config, rules))
-}
-
-async fn run(path: &Path) -> ExitCode {
-    let (config, _) = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    for warning in config.warnings() {
-        tracing::warn!("{warning}");
-    }
-    // Build once up front so a broken rule or Redis URL fails before anything listens.
-    if let Err(e) = walsweep::pipeline::daemon::build(&config) {
-        eprintln!("walsweep: {}", display_chain(&e));
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    if !config.metrics.listen.is_empty() {
-        let recorder = walsweep::telemetry::http::install_recorder();
-        match walsweep::telemetry::http::serve(&config.metrics.listen, recorder).await {
-            Ok(addr) => tracing::info!(%addr, "serving /metrics, /healthz and /readyz"),
-            Err(e) => {
-                eprintln!("walsweep: {}", display_chain(&e));
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    tokio::spawn(walsweep::sink::redis::probe::probe_redis(
-        config.redis.clone(),
-        std::time::Duration::from_secs(2),
-    ));
-    let (handle, shutdown) = pipeline::shutdown_channel();
-    tokio::spawn(async move {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            tracing::error!("cannot install the SIGTERM handler");
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            handle.request();
-        }
-    });
-    let result = walsweep::pipeline::daemon::run(&config, shutdown).await;
-    match result {
-        Ok(summary) => {
-            tracing::info!(confirmed_lsn = %summary.confirmed_lsn, "walsweep stopped");
-            ExitCode::SUCCESS
-        }
-        Err(PipelineError::Config(e)) => config_failure(&e),
-        Err(e) => {
-            tracing::error!(error = %display_chain(&e), "walsweep stopped");
-            eprintln!("walsweep: {}", display_chain(&e));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn print_report(report: &Report) {
-    for note in &report.notes {
-        println!("note: {note}");
-    }
-    for warning in &report.warnings {
-        println!("warning: {warning}");
-    }
-    for error in &report.errors {
-        println!("error: {error}");
-    }
-}
-
-async fn snapshot(path: &Path) -> ExitCode {
-    let (config, _) = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    match walsweep::pipeline::warm_up::run_command(&config).await {
-        Ok(summary) => {
-            for (table, rows) in &summary.tables {
-                println!("{table}: {rows} rows loaded");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(PipelineError::Config(e)) => config_failure(&e),
-        Err(e) => {
-            eprintln!("walsweep snapshot: {}", display_chain(&e));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn check(path: &Path, no_environment: bool, deny_warnings: bool) -> ExitCode {
-    let (config, rules) = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let mut report = Report::default();
-    if no_environment {
-        check::check_config(&config, &mut report);
-    } else {
-        check::check_environment(&config, &rules, &mut report).await;
-    }
-    print_report(&report);
-    let failed = !report.errors.is_empty() || (deny_warnings && !report.warnings.is_empty());
-    if failed {
-        println!(
-            "{}: {} error(s), {} warning(s)",
-            path.display(),
-            report.errors.len(),
-            report.warnings.len()
-        );
-        ExitCode::from(EXIT_CONFIG)
-    } else {
-        println!("{}: ok", path.display());
-        ExitCode::SUCCESS
+        } => runtime.block_on(cli::tail_command(
+            &config, slot, tables, format, from_lsn, limit,
+        )),
     }
 }
 
@@ -365,99 +185,4 @@ fn explain(path: &Path, table: &str, op: OpArg, old: Option<&str>, new: Option<&
             ExitCode::from(2)
         }
     }
-}
-
-async fn setup(path: &Path, print_only: bool, role: &str) -> ExitCode {
-    let (config, rules) = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    if print_only {
-        for statement in walsweep::cli::setup::statements(&config, None, role, false) {
-            println!("{statement}");
-        }
-        return ExitCode::SUCCESS;
-    }
-    let params = match config.source.connect_params() {
-        Ok(p) => p,
-        Err(e) => return config_failure(&e),
-    };
-    let client = match walsweep::pg::catalog::connect(&params).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("walsweep setup: {}", display_chain(&e));
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut report = Report::default();
-    check::check_environment(&config, &rules, &mut report).await;
-    let exists = walsweep::pg::catalog::publication_exists(&client, &config.source.publication)
-        .await
-        .unwrap_or(false);
-    for statement in walsweep::cli::setup::statements(&config, Some(&report), role, exists) {
-        match client.batch_execute(&statement).await {
-            Ok(()) => println!("{statement}"),
-            Err(e) => {
-                eprintln!(
-                    "walsweep setup: {statement}\n  failed: {}",
-                    display_chain(&e)
-                );
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    println!("-- done; give the role a password with: ALTER ROLE {role} PASSWORD '...';");
-    ExitCode::SUCCESS
-}
-
-async fn status(path: &Path) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => return config_failure(&e),
-    };
-    let params = match config.source.connect_params() {
-        Ok(p) => p,
-        Err(e) => return config_failure(&e),
-    };
-    let sample = match walsweep::pg::catalog::connect(&params).await {
-        Ok(client) => walsweep::pipeline::slot_monitor::sample(&client, &config.source.slot).await,
-        Err(e) => Err(e),
-    };
-    match sample {
-        Ok(Some(s)) => {
-            println!(
-                "slot {}: {}, wal_status {}, safe_wal_size {}",
-                config.source.slot,
-                if s.active { "active" } else { "inactive" },
-                s.wal_status.as_deref().unwrap_or("unknown"),
-                s.safe_wal_size
-                    .map_or("unlimited".to_string(), |b| format!("{b} bytes"))
-            );
-            println!(
-                "confirmed_flush_lsn {}, current WAL {}, lag {} bytes",
-                s.confirmed_flush_lsn
-                    .map_or("none".to_string(), |l| l.to_string()),
-                s.current_wal_lsn,
-                s.lag_bytes()
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(None) => {
-            eprintln!(
-                "walsweep status: slot {:?} does not exist on {} (walsweep run creates it)",
-                config.source.slot,
-                params.target()
-            );
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("walsweep status: {}", display_chain(&e));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn config_failure(err: &ConfigError) -> ExitCode {
-    eprintln!("walsweep: {}", display_chain(err));
-    ExitCode::from(EXIT_CONFIG)
 }

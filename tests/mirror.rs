@@ -533,7 +533,7 @@ async fn warm_up_then_stream_loses_nothing(slot: &str, via_command: bool) {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let load_started = std::time::Instant::now();
     if via_command {
-        let summary = walsweep::pipeline::warm_up::run_command(&cfg)
+        let summary = walsweep::cli::snapshot::load_mirrors(&cfg)
             .await
             .expect("walsweep snapshot");
         let items = summary.tables.iter().find(|(t, _)| t == "public.items");
@@ -784,7 +784,7 @@ async fn snapshot_refuses_while_a_daemon_streams_and_without_mirrors() {
     let daemon = start(cfg.clone());
     let client = pg.client("app").await;
     wait_streaming(&client, "busy").await;
-    let err = walsweep::pipeline::warm_up::run_command(&cfg)
+    let err = walsweep::cli::snapshot::load_mirrors(&cfg)
         .await
         .expect_err("the slot is in use");
     let msg = walsweep::telemetry::log::display_chain(&err);
@@ -801,7 +801,7 @@ async fn snapshot_refuses_while_a_daemon_streams_and_without_mirrors() {
         "busy",
         "[[table]]\nname = \"public.items\"\nkeys = [\"item:{id}\"]\n",
     );
-    let err = walsweep::pipeline::warm_up::run_command(&no_mirrors)
+    let err = walsweep::cli::snapshot::load_mirrors(&no_mirrors)
         .await
         .expect_err("nothing to load");
     let msg = walsweep::telemetry::log::display_chain(&err);

@@ -2,9 +2,12 @@
 //! Redis. Collects every finding instead of stopping at the first, like a compiler.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
 
 use tokio_postgres::Client;
 
+use crate::cli::{load, EXIT_CONFIG};
 use crate::config::Config;
 use crate::pg::catalog::{self, qualified_ident, split_table_name};
 use crate::plan::mirror::MirrorRule;
@@ -441,6 +444,47 @@ async fn check_redis(config: &Config, report: &mut Report) {
             "Redis did not answer PING within {} ms; check redis.url (or WALSWEEP_REDIS_URL)",
             config.redis.timeout_ms
         )),
+    }
+}
+
+/// Exits EX_CONFIG when anything is wrong (warnings too with `deny_warnings`): whatever check
+/// finds is fixed in the config or the environment, never by retrying.
+pub async fn command(path: &Path, no_environment: bool, deny_warnings: bool) -> ExitCode {
+    let (config, rules) = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut report = Report::default();
+    if no_environment {
+        check_config(&config, &mut report);
+    } else {
+        check_environment(&config, &rules, &mut report).await;
+    }
+    print_report(&report);
+    let failed = !report.errors.is_empty() || (deny_warnings && !report.warnings.is_empty());
+    if failed {
+        println!(
+            "{}: {} error(s), {} warning(s)",
+            path.display(),
+            report.errors.len(),
+            report.warnings.len()
+        );
+        ExitCode::from(EXIT_CONFIG)
+    } else {
+        println!("{}: ok", path.display());
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_report(report: &Report) {
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    for warning in &report.warnings {
+        println!("warning: {warning}");
+    }
+    for error in &report.errors {
+        println!("error: {error}");
     }
 }
 

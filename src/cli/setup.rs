@@ -1,10 +1,15 @@
 //! `walsweep setup`: the SQL that prepares a database for walsweep (publication, replica
 //! identity where rules need old values, a least-privilege role), printed or executed.
 
-use crate::cli::check::Report;
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::cli::check::{check_environment, Report};
+use crate::cli::{config_failure, load};
 use crate::config::Config;
-use crate::pg::catalog::{create_publication_sql, qualified_ident, split_table_name};
+use crate::pg::catalog::{self, create_publication_sql, qualified_ident, split_table_name};
 use crate::pg::replication::{quote_ident, quote_literal};
+use crate::telemetry::log::display_chain;
 
 /// Statements to run, given what `check` found (`None`: the database was not consulted, so
 /// every statement that might be needed is included).
@@ -70,6 +75,51 @@ pub fn statements(
         ));
     }
     out
+}
+
+/// Executes only what `check` finds missing, so running it again is harmless. `print_only`
+/// needs no database: the SQL can be reviewed and run by someone with the rights.
+pub async fn command(path: &Path, print_only: bool, role: &str) -> ExitCode {
+    let (config, rules) = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if print_only {
+        for statement in statements(&config, None, role, false) {
+            println!("{statement}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let params = match config.source.connect_params() {
+        Ok(p) => p,
+        Err(e) => return config_failure(&e),
+    };
+    let client = match catalog::connect(&params).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("walsweep setup: {}", display_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut report = Report::default();
+    check_environment(&config, &rules, &mut report).await;
+    let exists = catalog::publication_exists(&client, &config.source.publication)
+        .await
+        .unwrap_or(false);
+    for statement in statements(&config, Some(&report), role, exists) {
+        match client.batch_execute(&statement).await {
+            Ok(()) => println!("{statement}"),
+            Err(e) => {
+                eprintln!(
+                    "walsweep setup: {statement}\n  failed: {}",
+                    display_chain(&e)
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("-- done; give the role a password with: ALTER ROLE {role} PASSWORD '...';");
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]
