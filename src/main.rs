@@ -2,14 +2,13 @@
 //! `walsweep::cli`, which owns everything from loading the config to the exit code (explain's
 //! handler is still here until `cli/explain.rs` is split).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 use walsweep::cli;
-use walsweep::cli::{config_failure, init_tracing, LogFormat};
-use walsweep::config::Config;
+use walsweep::cli::{init_tracing, LogFormat};
 use walsweep::plan::Op;
 
 #[derive(Parser)]
@@ -142,7 +141,13 @@ fn main() -> ExitCode {
             op,
             old,
             new,
-        } => explain(&config, &table, op, old.as_deref(), new.as_deref()),
+        } => walsweep::cli::explain::command(
+            &config,
+            &table,
+            op_of(op),
+            old.as_deref(),
+            new.as_deref(),
+        ),
         Command::Status { config } => runtime.block_on(cli::status::command(&config)),
         Command::Snapshot { config } => runtime.block_on(cli::snapshot::command(&config)),
         Command::Setup {
@@ -164,25 +169,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn explain(path: &Path, table: &str, op: OpArg, old: Option<&str>, new: Option<&str>) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => return config_failure(&e),
-    };
-    let op = match op {
+/// Clap's spelling of the operation, as the planner names it.
+fn op_of(op: OpArg) -> Op {
+    match op {
         OpArg::Insert => Op::Insert,
         OpArg::Update => Op::Update,
         OpArg::Delete => Op::Delete,
         OpArg::Truncate => Op::Truncate,
-    };
-    match walsweep::cli::explain::explain(&config, table, op, old, new) {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("walsweep explain: {e}");
-            ExitCode::from(2)
-        }
     }
 }

@@ -42,7 +42,7 @@ pub fn init_tracing(format: LogFormat) {
 }
 
 /// Exits EX_CONFIG so that a supervisor does not restart walsweep into the same error.
-pub fn config_failure(err: &ConfigError) -> ExitCode {
+pub(crate) fn config_failure(err: &ConfigError) -> ExitCode {
     eprintln!("walsweep: {}", display_chain(err));
     ExitCode::from(EXIT_CONFIG)
 }

@@ -147,6 +147,30 @@ pub fn explain(
     Ok(out)
 }
 
+/// `walsweep explain`: prints the report, or says why it cannot (exit 2; 78 for a bad config).
+pub fn command(
+    path: &std::path::Path,
+    table: &str,
+    op: Op,
+    old: Option<&str>,
+    new: Option<&str>,
+) -> std::process::ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return super::config_failure(&e),
+    };
+    match explain(&config, table, op, old, new) {
+        Ok(text) => {
+            print!("{text}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("walsweep explain: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
