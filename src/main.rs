@@ -163,7 +163,7 @@ fn main() -> ExitCode {
             format,
             from_lsn,
             limit,
-        } => runtime.block_on(cli::tail_command(
+        } => runtime.block_on(cli::tail::command(
             &config, slot, tables, format, from_lsn, limit,
         )),
     }

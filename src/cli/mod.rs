@@ -12,9 +12,7 @@ pub mod tail;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::cli::tail::{TailError, TailFormat, TailOptions, TailSlot};
 use crate::config::{Config, ConfigError};
-use crate::pg::Lsn;
 use crate::plan::rules::Rules;
 use crate::telemetry::log::display_chain;
 
@@ -55,36 +53,4 @@ pub(crate) fn load(path: &Path) -> Result<(Config, Rules), ExitCode> {
         ExitCode::from(EXIT_CONFIG)
     })?;
     Ok((config, rules))
-}
-
-/// `walsweep tail`, here rather than in `tail.rs`, which is about the stream, not the process.
-/// Only `[source]` is read: tail needs no valid rules.
-pub async fn tail_command(
-    path: &Path,
-    slot: Option<String>,
-    tables: Vec<String>,
-    format: TailFormat,
-    from_lsn: Option<Lsn>,
-    limit: Option<u64>,
-) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => return config_failure(&e),
-    };
-    let options = TailOptions {
-        source: config.source,
-        slot: slot.map_or(TailSlot::Temporary, TailSlot::Existing),
-        tables,
-        format,
-        from_lsn,
-        limit,
-    };
-    match tail::run_tail(options, std::io::stdout()).await {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(TailError::Config(e)) => config_failure(&e),
-        Err(e) => {
-            eprintln!("walsweep tail: {}", display_chain(&e));
-            ExitCode::FAILURE
-        }
-    }
 }

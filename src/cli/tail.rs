@@ -36,12 +36,17 @@ use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::io::{self, Write};
+use std::path::Path;
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use crate::config::{ConfigError, SourceConfig};
+use crate::config::{Config, ConfigError, SourceConfig};
+use crate::telemetry::log::display_chain;
+
+use super::config_failure;
 use crate::pg::catalog::{self, CatalogError};
 use crate::pg::pgoutput::{ReplicaIdentity, TupleValue};
 use crate::pg::replication::ReplicationError;
@@ -828,6 +833,37 @@ fn pretty_txn(txn: &CommittedTxn<TailPlan>, changes: &[TypedChange<'_>]) -> Stri
     }
     out.push('\n');
     out
+}
+
+/// `walsweep tail`. Only `[source]` is read: tail needs no valid rules.
+pub async fn command(
+    path: &Path,
+    slot: Option<String>,
+    tables: Vec<String>,
+    format: TailFormat,
+    from_lsn: Option<Lsn>,
+    limit: Option<u64>,
+) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return config_failure(&e),
+    };
+    let options = TailOptions {
+        source: config.source,
+        slot: slot.map_or(TailSlot::Temporary, TailSlot::Existing),
+        tables,
+        format,
+        from_lsn,
+        limit,
+    };
+    match run_tail(options, std::io::stdout()).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(TailError::Config(e)) => config_failure(&e),
+        Err(e) => {
+            eprintln!("walsweep tail: {}", display_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]
