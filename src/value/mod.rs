@@ -1,8 +1,8 @@
 //! Typed column values: the one conversion from the text pgoutput sends (each type's output
 //! function, under the replication session's settings) to values with a type, and the two
 //! renderings built on it: JSON ([`Value::to_json`], used by `walsweep tail` and JSON mirrors)
-//! and Python's `str()` ([`python_str`], the form matroska-cache dependency and scope strings
-//! use).
+//! and Python's `str()` and `repr()` ([`python_str`], [`python_repr`], the forms matroska-cache
+//! dependency, scope and key strings use).
 //!
 //! Pure: no I/O. Which type an OID is comes from built-in tables for the common types and, for
 //! everything else (enums, domains, arrays of those), from a [`TypeRegistry`] that the caller
@@ -22,7 +22,7 @@ pub mod time;
 mod types;
 
 pub use json::interval_text;
-pub use python::{python_str, PYTHON_NONE};
+pub use python::{python_repr, python_str, PYTHON_NONE};
 pub use text::{decode_text, ValueError};
 pub use time::iso_utc;
 pub use types::{builtin_array_element, is_builtin, TypeInfo, TypeKind, TypeRegistry};

@@ -1,8 +1,13 @@
-//! Python renderings of a value: `str()` of the value a Python driver (psycopg2) hands the app,
-//! because matroska-cache builds dependency and scope strings with `str()`.
+//! Python renderings of a value, as the app sees the value a Python driver (psycopg2) hands it:
+//! `str()` ([`python_str`]), because matroska-cache builds dependency and scope strings with
+//! `str()`, and `repr()` ([`python_repr`]) for `{column!r}` template segments, because it renders
+//! composite primary keys as `repr()` of the identity tuple, e.g. `pk:Pair:(1, "it's")`.
+//! Enums and domains render through the [`TypeRegistry`] the stream resolves.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+
+use postgres_types::Type;
 
 use super::text::decode_text;
 use super::time::{push_offset, push_ymd};
@@ -190,11 +195,80 @@ fn python_decimal(text: &str) -> String {
     format!("{sign}{intpart}{fracpart}{exponent}")
 }
 
+/// `repr()` for the types whose Python value has a simple repr; other types are rendered as
+/// `repr()` of their text, which matches apps that key on strings.
+pub fn python_repr(type_oid: u32, text: &str, types: &TypeRegistry) -> String {
+    // A domain's Python value is its base type's.
+    let type_oid = types.base_type(type_oid);
+    match Type::from_oid(type_oid) {
+        // For these, repr() and str() agree (repr(float('nan')) is "nan" too).
+        Some(
+            Type::BOOL
+            | Type::INT2
+            | Type::INT4
+            | Type::INT8
+            | Type::OID
+            | Type::FLOAT4
+            | Type::FLOAT8,
+        ) => python_str(type_oid, text, types).into_owned(),
+        // Decimal's repr quotes its str(), which switches to exponent form below 1e-6.
+        Some(Type::NUMERIC) => {
+            format!("Decimal({})", repr_str(&python_str(type_oid, text, types)))
+        }
+        Some(Type::UUID) => format!("UUID({})", repr_str(text)),
+        Some(Type::DATE) => date_repr(text).unwrap_or_else(|| repr_str(text)),
+        _ => repr_str(text),
+    }
+}
+
+/// `datetime.date(2020, 1, 2)` from `2020-01-02`.
+fn date_repr(text: &str) -> Option<String> {
+    let mut parts = text.splitn(3, '-');
+    let y: u32 = parts.next()?.parse().ok()?;
+    let m: u32 = parts.next()?.parse().ok()?;
+    let d: u32 = parts.next()?.parse().ok()?;
+    Some(format!("datetime.date({y}, {m}, {d})"))
+}
+
+/// Python's `repr(str)`: single quotes unless the text has a single quote and no double
+/// quote; backslash, the quote, `\t`, `\n`, `\r` and other control characters escaped.
+/// Non-ASCII printable characters are kept, as Python 3 does; non-printable non-ASCII
+/// characters other than C0/C1 controls are not escaped (rare in keys).
+fn repr_str(text: &str) -> String {
+    let quote = if text.contains('\'') && !text.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push(quote);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || (0x7f..0xa0).contains(&(c as u32)) => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use postgres_types::Type;
-
     use super::*;
+
+    fn py_str(type_oid: u32, text: &str) -> String {
+        python_str(type_oid, text, &TypeRegistry::new()).into_owned()
+    }
 
     /// Where the typed path is right and the text path is not: Python's Decimal switches to
     /// exponent notation below 1e-6 (checked with CPython 3).
@@ -221,5 +295,109 @@ mod tests {
             Cow::Borrowed("x")
         ));
         assert_eq!(Value::Null.python_str().as_deref(), Some("None"));
+    }
+
+    #[test]
+    fn booleans_and_passthrough_types() {
+        assert_eq!(py_str(Type::BOOL.oid(), "t"), "True");
+        assert_eq!(py_str(Type::BOOL.oid(), "f"), "False");
+        assert_eq!(py_str(1700, "1.50"), "1.50");
+        assert_eq!(py_str(1082, "2020-01-02"), "2020-01-02");
+        assert_eq!(py_str(25, "x y"), "x y");
+    }
+
+    #[test]
+    fn floats_follow_python_repr() {
+        for (pg, py) in [
+            ("1.5", "1.5"),
+            ("100", "100.0"),
+            ("1e+15", "1000000000000000.0"),
+            ("1e+16", "1e+16"),
+            ("1.5e+20", "1.5e+20"),
+            ("0.0001", "0.0001"),
+            ("1e-05", "1e-05"),
+            ("-2.5e-07", "-2.5e-07"),
+            ("0", "0.0"),
+            ("-0", "-0.0"),
+            ("NaN", "nan"),
+            ("-Infinity", "-inf"),
+            ("0.1", "0.1"),
+            ("123456.789", "123456.789"),
+        ] {
+            assert_eq!(py_str(Type::FLOAT8.oid(), pg), py, "{pg}");
+        }
+    }
+
+    #[test]
+    fn timestamps_get_six_digit_fractions_and_full_offsets() {
+        assert_eq!(
+            py_str(Type::TIMESTAMPTZ.oid(), "2020-01-02 03:04:05+00"),
+            "2020-01-02 03:04:05+00:00"
+        );
+        assert_eq!(
+            py_str(Type::TIMESTAMPTZ.oid(), "2020-01-02 03:04:05.5+00"),
+            "2020-01-02 03:04:05.500000+00:00"
+        );
+        assert_eq!(
+            py_str(Type::TIMESTAMP.oid(), "2020-01-02 03:04:05.123"),
+            "2020-01-02 03:04:05.123000"
+        );
+        assert_eq!(
+            py_str(Type::TIMESTAMP.oid(), "2020-01-02 03:04:05"),
+            "2020-01-02 03:04:05"
+        );
+        assert_eq!(py_str(Type::TIME.oid(), "03:04:05.25"), "03:04:05.250000");
+        assert_eq!(
+            py_str(Type::TIMESTAMPTZ.oid(), "2020-01-02 03:04:05+05:30"),
+            "2020-01-02 03:04:05+05:30"
+        );
+    }
+
+    #[test]
+    fn strings_quote_and_escape_like_python() {
+        assert_eq!(repr_str("x"), "'x'");
+        assert_eq!(repr_str("it's"), "\"it's\"");
+        assert_eq!(repr_str("both ' and \""), "'both \\' and \"'");
+        assert_eq!(repr_str("back\\slash"), "'back\\\\slash'");
+        assert_eq!(repr_str("tab\there\n"), "'tab\\there\\n'");
+        assert_eq!(repr_str("bell\u{7}"), "'bell\\x07'");
+        assert_eq!(repr_str("héllo"), "'héllo'");
+    }
+
+    #[test]
+    fn typed_values_repr_like_their_python_types() {
+        assert_eq!(
+            python_repr(Type::INT4.oid(), "1", &TypeRegistry::new()),
+            "1"
+        );
+        assert_eq!(
+            python_repr(Type::BOOL.oid(), "t", &TypeRegistry::new()),
+            "True"
+        );
+        assert_eq!(
+            python_repr(Type::FLOAT8.oid(), "100", &TypeRegistry::new()),
+            "100.0"
+        );
+        assert_eq!(
+            python_repr(Type::NUMERIC.oid(), "1.50", &TypeRegistry::new()),
+            "Decimal('1.50')"
+        );
+        assert_eq!(
+            python_repr(Type::NUMERIC.oid(), "0.0000001", &TypeRegistry::new()),
+            "Decimal('1E-7')"
+        );
+        assert_eq!(
+            python_repr(Type::DATE.oid(), "2020-01-02", &TypeRegistry::new()),
+            "datetime.date(2020, 1, 2)"
+        );
+        assert_eq!(
+            python_repr(
+                Type::UUID.oid(),
+                "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+                &TypeRegistry::new()
+            ),
+            "UUID('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11')"
+        );
+        assert_eq!(python_repr(25, "x", &TypeRegistry::new()), "'x'");
     }
 }
