@@ -6,8 +6,6 @@
 
 pub mod effect;
 pub mod hint;
-pub mod pyrepr;
-pub mod pystr;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -16,7 +14,7 @@ use crate::config::template::{Segment, Template, TemplateError};
 use crate::config::{Config, OpName, TableConfig};
 use crate::pg::pgoutput::TupleValue;
 use crate::plan::{Op, Planner, RelationInfo, RowChange};
-use crate::value::TypeRegistry;
+use crate::value::{python_repr, python_str, TypeRegistry, PYTHON_NONE};
 pub use effect::{Effect, EffectPlan, FallbackCause};
 
 /// Prefix of `pg_logical_emit_message` payloads walsweep acts on.
@@ -346,10 +344,10 @@ pub(crate) fn render(
                         .unwrap_or(0)
                 };
                 match cell(change, side, position) {
-                    Cell::Text(t) if *repr => out.push_str(&pyrepr::python_repr(oid(), &t, types)),
-                    Cell::Text(t) if python => out.push_str(&pystr::python_str(oid(), &t, types)),
+                    Cell::Text(t) if *repr => out.push_str(&python_repr(oid(), &t, types)),
+                    Cell::Text(t) if python => out.push_str(&python_str(oid(), &t, types)),
                     Cell::Text(t) => out.push_str(&t),
-                    Cell::Null if python => out.push_str(pystr::NONE),
+                    Cell::Null if python => out.push_str(PYTHON_NONE),
                     Cell::Null => return Rendered::Absent,
                     Cell::Unknown(cause) => return Rendered::Unknown(cause),
                 }
@@ -377,9 +375,9 @@ fn scope_condition(
                     .and_then(|p| type_oids.get(p))
                     .copied()
                     .unwrap_or(0);
-                out.push_str(&pystr::python_str(oid, &t, types));
+                out.push_str(&python_str(oid, &t, types));
             }
-            Cell::Null => out.push_str(pystr::NONE),
+            Cell::Null => out.push_str(PYTHON_NONE),
             Cell::Unknown(cause) => return Err(cause),
         }
         out.push('&');

@@ -3,9 +3,9 @@
 //! than rounded.
 
 use crate::config::score::{BinOp, Node, ScoreExpr, TimeUnit, EXACT_BITS};
-use crate::value::{Date, Time, Timestamp, Value};
+use crate::value::{time, Date, Time, Timestamp, Value};
 
-use super::{time, ScoreError};
+use super::ScoreError;
 
 pub(super) const EXACT_LIMIT: i128 = 1 << EXACT_BITS;
 
@@ -221,8 +221,8 @@ fn truncate(text: &str) -> String {
     }
 }
 
-/// Microseconds since 1970-01-01 00:00:00 UTC of a date or timestamp value; what no calendar
-/// date names (infinities, month 13) is an error naming the column.
+/// Microseconds since 1970-01-01 00:00:00 UTC of a date or timestamp value; an infinity is an
+/// error naming the column.
 fn unix_micros(column: &str, value: &Value) -> Result<i128, ScoreError> {
     let infinite = |value: &'static str| ScoreError::InfiniteTime {
         column: column.to_string(),
@@ -251,20 +251,14 @@ fn unix_micros(column: &str, value: &Value) -> Result<i128, ScoreError> {
             })
         }
     };
-    if !(1..=12).contains(&ymd.month) || !(1..=31).contains(&ymd.day) {
-        return Err(ScoreError::InvalidDate {
-            column: column.to_string(),
-            year: ymd.year,
-            month: ymd.month,
-            day: ymd.day,
-        });
-    }
     let midnight = Time {
         hour: 0,
         minute: 0,
         second: 0,
         micros: 0,
     };
+    // No calendar check here: the callers (the mirror planner, `explain`) read their dates with
+    // `decode_text`, which already refuses dates no calendar has.
     Ok(time::unix_micros(
         *ymd,
         time.copied().unwrap_or(midnight),

@@ -1,6 +1,6 @@
 //! Sorted-set scores from rows: the static proof that an expression stays exact (`width`), its
-//! value for one row (`eval`), the score range retention drops (`retention`), and the calendar
-//! math `epoch()` needs (`time`).
+//! value for one row (`eval`) and the score range retention drops (`retention`). The calendar
+//! math `epoch()` needs is `value::time`'s, shared with the rest of the date handling.
 //!
 //! The expression itself, [`ScoreExpr`], is parsed and validated by `config::score`; these
 //! modules add its row- and type-facing methods (`check_types`, `eval`, `retention_range`) as
@@ -21,7 +21,6 @@
 
 mod eval;
 mod retention;
-mod time;
 mod width;
 
 /// Why one row has no score.
@@ -45,13 +44,6 @@ pub enum ScoreError {
     },
     #[error("column {column} is {value}; a score needs a finite time")]
     InfiniteTime { column: String, value: &'static str },
-    #[error("column {column} holds the invalid date {year}-{month:02}-{day:02}")]
-    InvalidDate {
-        column: String,
-        year: i32,
-        month: u8,
-        day: u8,
-    },
     #[error(
         "{function}({column}): {column} is {value} {unit} from 1970-01-01 00:00:00 UTC, \
          outside [0, 2^{bits}) ({range})"
