@@ -224,9 +224,9 @@ pub async fn run_tail_until(
             }
         }
     };
-    if temporary {
-        wait_slot_gone(&client, &slot_name).await;
-    }
+    // The walsender exits a moment after the stream ends: wait for it, so the slot is gone
+    // (temporary) or free for its next reader (--slot) when tail returns.
+    wait_slot_released(&client, &slot_name, temporary).await;
     result.map_err(TailError::from)?;
     let printed = lock(&printed).clone();
     Ok(TailSummary {
@@ -375,20 +375,22 @@ async fn preflight(client: &Client, options: &TailOptions) -> Result<(), TailErr
     Ok(())
 }
 
-/// Polls until Postgres dropped the temporary slot (it does when the walsender exits).
-async fn wait_slot_gone(client: &Client, slot: &str) {
+/// Polls until Postgres dropped the temporary slot, or no longer shows a borrowed one as
+/// active (it does both when the walsender exits).
+async fn wait_slot_released(client: &Client, slot: &str, temporary: bool) {
     let started = Instant::now();
     while started.elapsed() < SLOT_GONE_TIMEOUT {
         match catalog::slot_state(client, slot).await {
             Ok(None) => return,
+            Ok(Some(state)) if !temporary && !state.active => return,
             Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
             Err(e) => {
-                tracing::debug!(error = %e, "cannot check for the temporary slot");
+                tracing::debug!(error = %display_chain(&e), "cannot check the slot");
                 return;
             }
         }
     }
-    tracing::warn!(%slot, "the temporary slot is still there; Postgres drops it when the walsender exits");
+    tracing::warn!(%slot, temporary, "the slot is still in use; Postgres releases it when the walsender exits");
 }
 
 /// A column value as the planner saw it, owned until the commit.
