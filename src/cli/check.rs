@@ -16,30 +16,30 @@ use crate::plan::Op;
 use crate::telemetry::log::display_chain;
 
 #[derive(Debug, Default, Clone)]
-pub struct Report {
-    pub errors: Vec<String>,
-    pub warnings: Vec<String>,
-    pub notes: Vec<String>,
+pub(crate) struct Report {
+    pub(crate) errors: Vec<String>,
+    pub(crate) warnings: Vec<String>,
+    pub(crate) notes: Vec<String>,
     /// Tables whose rules need REPLICA IDENTITY FULL (for `setup`).
-    pub needs_full_identity: Vec<String>,
+    pub(crate) needs_full_identity: Vec<String>,
     /// Tables not yet in the publication (for `setup`).
-    pub missing_from_publication: Vec<String>,
+    pub(crate) missing_from_publication: Vec<String>,
 }
 
 /// One column of a table as the catalog describes it.
 #[derive(Debug, Clone)]
-pub struct CatalogColumn {
-    pub name: String,
-    pub in_identity: bool,
+pub(crate) struct CatalogColumn {
+    pub(crate) name: String,
+    pub(crate) in_identity: bool,
     /// `pg_attribute.atttypid` (a domain's own OID, not its base type's: pgoutput sends it so).
-    pub type_oid: u32,
+    pub(crate) type_oid: u32,
     /// Storage other than `plain`: the value may be TOASTed, and then an UPDATE that leaves it
     /// unchanged does not send it.
-    pub toastable: bool,
+    pub(crate) toastable: bool,
 }
 
 /// Columns and replica identity of a table; `None` when the table does not exist.
-pub async fn table_shape(
+pub(crate) async fn table_shape(
     client: &Client,
     table: &str,
 ) -> Result<Option<(char, Vec<CatalogColumn>)>, tokio_postgres::Error> {
@@ -151,7 +151,7 @@ fn push_once(list: &mut Vec<String>, item: &str) {
 /// Warnings about the file alone (no database), see `Config::warnings`. Already-present
 /// warnings are not repeated, so calling this both before and inside `check_environment` is
 /// harmless.
-pub fn check_config(config: &Config, report: &mut Report) {
+pub(crate) fn check_config(config: &Config, report: &mut Report) {
     for warning in config.warnings() {
         push_once(&mut report.warnings, &warning);
     }
@@ -268,7 +268,7 @@ fn check_mirrors(
 }
 
 /// Checks against the live database and Redis.
-pub async fn check_environment(config: &Config, rules: &Rules, report: &mut Report) {
+pub(crate) async fn check_environment(config: &Config, rules: &Rules, report: &mut Report) {
     check_config(config, report);
     let params = match config.source.connect_params() {
         Ok(p) => p,

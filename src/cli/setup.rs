@@ -13,7 +13,7 @@ use crate::telemetry::log::display_chain;
 
 /// Statements to run, given what `check` found (`None`: the database was not consulted, so
 /// every statement that might be needed is included).
-pub fn statements(
+pub(crate) fn statements(
     config: &Config,
     found: Option<&Report>,
     role: &str,

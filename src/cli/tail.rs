@@ -161,7 +161,7 @@ pub enum TailError {
 }
 
 /// Runs until `--limit`, Ctrl-C/SIGTERM or a closed output.
-pub async fn run_tail(
+pub(crate) async fn run_tail(
     options: TailOptions,
     out: impl Write + Send + 'static,
 ) -> Result<TailSummary, TailError> {
@@ -275,7 +275,7 @@ impl From<PipelineError> for TailError {
 }
 
 /// Resolves on Ctrl-C or SIGTERM; never when the handlers cannot be installed.
-pub async fn interrupted() {
+pub(crate) async fn interrupted() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -301,7 +301,7 @@ fn temporary_slot_name() -> String {
 }
 
 /// `table` means `public.table`.
-pub fn qualify_table(name: &str) -> String {
+pub(crate) fn qualify_table(name: &str) -> String {
     if name.contains('.') {
         name.to_string()
     } else {
@@ -431,7 +431,7 @@ struct RecordedMessage {
 
 /// Every change and message of a transaction, in order (tail shows rows, so it keeps them).
 #[derive(Debug, Default)]
-pub struct TailPlan {
+pub(crate) struct TailPlan {
     changes: Vec<RecordedChange>,
     messages: Vec<RecordedMessage>,
     /// The types the stream had resolved when these changes were planned (enums, domains).
@@ -452,7 +452,7 @@ impl Plan for TailPlan {
 }
 
 /// Records the changes of the tables asked for.
-pub struct TailPlanner {
+pub(crate) struct TailPlanner {
     /// Qualified names; `None`: every table.
     tables: Option<HashSet<String>>,
     relations: HashMap<u32, Arc<RelationInfo>>,
@@ -460,7 +460,7 @@ pub struct TailPlanner {
 }
 
 impl TailPlanner {
-    pub fn new(tables: &[String]) -> Self {
+    pub(crate) fn new(tables: &[String]) -> Self {
         TailPlanner {
             tables: (!tables.is_empty()).then(|| tables.iter().map(|t| qualify_table(t)).collect()),
             relations: HashMap::new(),

@@ -8,14 +8,14 @@ use crate::config::score::ScoreExpr;
 use crate::config::template::Template;
 
 /// Longest accepted `ttl_seconds` / `retention_seconds` (one year): longer is a typo for "none".
-pub const MAX_WINDOW_SECONDS: u64 = 366 * 24 * 3600;
-pub const DEFAULT_STREAM_MAX_LEN: u64 = 10_000;
-pub const DEFAULT_MAX_CHANGES_PER_MESSAGE: usize = 1_000;
+pub(crate) const MAX_WINDOW_SECONDS: u64 = 366 * 24 * 3600;
+pub(crate) const DEFAULT_STREAM_MAX_LEN: u64 = 10_000;
+pub(crate) const DEFAULT_MAX_CHANGES_PER_MESSAGE: usize = 1_000;
 
 /// How a mirrored row is stored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum MirrorFormat {
+pub(crate) enum MirrorFormat {
     /// One string: a JSON object, column name to typed value (see `value::Value::to_json`).
     #[default]
     Json,
@@ -25,7 +25,7 @@ pub enum MirrorFormat {
 }
 
 impl MirrorFormat {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             MirrorFormat::Json => "json",
             MirrorFormat::Hash => "hash",
@@ -37,69 +37,69 @@ impl MirrorFormat {
 /// DELETE and TRUNCATE, moved when its key changes.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub struct MirrorConfig {
+pub(crate) struct MirrorConfig {
     /// Key template, e.g. `reading:{device_id}:{seq}`; must start with literal text that no
     /// other data in Redis starts with (TRUNCATE removes every key with that prefix).
-    pub key: String,
+    pub(crate) key: String,
     /// `json` (default) or `hash`.
     #[serde(default)]
-    pub format: MirrorFormat,
+    pub(crate) format: MirrorFormat,
     /// Columns stored; default every column.
     #[serde(default)]
-    pub columns: Option<Vec<String>>,
+    pub(crate) columns: Option<Vec<String>>,
     /// Expire each written entry after this many seconds (refreshed by every write). Default:
     /// never.
     #[serde(default)]
-    pub ttl_seconds: Option<u64>,
+    pub(crate) ttl_seconds: Option<u64>,
     /// Only refresh entries that already exist (the app filled them); never create one. Indexes
     /// follow the same rule. Default false. `walsweep snapshot` skips such mirrors.
     #[serde(default)]
-    pub only_if_present: bool,
+    pub(crate) only_if_present: bool,
     /// Sorted-set indexes over the mirrored rows.
     #[serde(default)]
-    pub index: Vec<IndexConfig>,
+    pub(crate) index: Vec<IndexConfig>,
 }
 
 /// `[[table.mirror.index]]`: a sorted set whose members are rows, scored by a column expression.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub struct IndexConfig {
+pub(crate) struct IndexConfig {
     /// Sorted-set key template, e.g. `readings:by_time` or `readings:{device_id}`.
-    pub key: String,
+    pub(crate) key: String,
     /// Member template, e.g. `{device_id}:{seq}` (usually the row's mirror key suffix).
-    pub member: String,
+    pub(crate) member: String,
     /// Score expression (see `config::score`): a column, `epoch(ts)`, `epoch_ms(ts)`,
     /// `bits(col, N)`, integers, `<<`, `|`, `+`, `*`, e.g. `(device_id << 32) | epoch(ts)`.
     /// Must be exact in a 64-bit float (|score| <= 2^53); `check` proves it from column types.
-    pub score: String,
+    pub(crate) score: String,
     /// Drop members whose time part is older than this many seconds before the commit that
     /// writes to their segment. Needs a score with one `epoch()`/`epoch_ms()` term (`epoch(ts)`
     /// or `X | epoch(ts)`). Default: keep everything.
     #[serde(default)]
-    pub retention_seconds: Option<u64>,
+    pub(crate) retention_seconds: Option<u64>,
 }
 
 /// `[broadcast]`: publish one JSON message per committed transaction that changed a followed
 /// table. See the README section "Broadcasts" for the message format and a client.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub struct BroadcastConfig {
+pub(crate) struct BroadcastConfig {
     /// Pub/Sub channel to PUBLISH on, e.g. `walsweep:changes`.
     #[serde(default)]
-    pub channel: Option<String>,
+    pub(crate) channel: Option<String>,
     /// Stream to XADD to (capped at `stream_max_len`, approximately), e.g. `walsweep:stream`.
     #[serde(default)]
-    pub stream: Option<String>,
+    pub(crate) stream: Option<String>,
     /// Approximate most entries the stream keeps. Default 10000.
     #[serde(default = "default_stream_max_len")]
-    pub stream_max_len: u64,
+    pub(crate) stream_max_len: u64,
     /// Tables whose changes are broadcast (`schema.table`); default every `[[table]]`.
     #[serde(default)]
-    pub tables: Option<Vec<String>>,
+    pub(crate) tables: Option<Vec<String>>,
     /// Most changes listed in one message; a larger transaction's message lists none and says
     /// `"truncated": true` with per-table counts, so clients drop those tables. Default 1000.
     #[serde(default = "default_max_changes_per_message")]
-    pub max_changes_per_message: usize,
+    pub(crate) max_changes_per_message: usize,
 }
 
 fn default_stream_max_len() -> u64 {

@@ -12,25 +12,25 @@ use toml::Spanned;
 use crate::pg::replication::ConnectParams;
 
 mod mirror;
-pub mod score;
-pub mod template;
-pub use mirror::{BroadcastConfig, IndexConfig, MirrorConfig, MirrorFormat};
+pub(crate) mod score;
+pub(crate) mod template;
+pub(crate) use mirror::{BroadcastConfig, MirrorConfig, MirrorFormat};
 
-pub const DEFAULT_SLOT: &str = "walsweep";
-pub const DEFAULT_PUBLICATION: &str = "walsweep";
-pub const DEFAULT_APPLICATION_NAME: &str = "walsweep";
-pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 1_000;
-pub const DEFAULT_QUEUE_CAPACITY: usize = 1_024;
-pub const DEFAULT_BATCH_MAX_TXNS: usize = 512;
-pub const DEFAULT_RECONNECT_MIN_MS: u64 = 100;
-pub const DEFAULT_RECONNECT_MAX_MS: u64 = 30_000;
-pub const DEFAULT_RELEASE_SLOT_AFTER_SINK_OUTAGE_MS: u64 = 10_000;
-pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
-pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 5_000;
-pub const DEFAULT_MATROSKA_PREFIX: &str = "cache";
+pub(crate) const DEFAULT_SLOT: &str = "walsweep";
+pub(crate) const DEFAULT_PUBLICATION: &str = "walsweep";
+pub(crate) const DEFAULT_APPLICATION_NAME: &str = "walsweep";
+pub(crate) const DEFAULT_STATUS_INTERVAL_MS: u64 = 1_000;
+pub(crate) const DEFAULT_QUEUE_CAPACITY: usize = 1_024;
+pub(crate) const DEFAULT_BATCH_MAX_TXNS: usize = 512;
+pub(crate) const DEFAULT_RECONNECT_MIN_MS: u64 = 100;
+pub(crate) const DEFAULT_RECONNECT_MAX_MS: u64 = 30_000;
+pub(crate) const DEFAULT_RELEASE_SLOT_AFTER_SINK_OUTAGE_MS: u64 = 10_000;
+pub(crate) const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+pub(crate) const DEFAULT_REDIS_TIMEOUT_MS: u64 = 5_000;
+pub(crate) const DEFAULT_MATROSKA_PREFIX: &str = "cache";
 /// Longest `matroska.reinvalidate_after_ms` accepted (10 minutes).
-pub const MAX_REINVALIDATE_AFTER_MS: u64 = 600_000;
-pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
+pub(crate) const MAX_REINVALIDATE_AFTER_MS: u64 = 600_000;
+pub(crate) const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
 /// Environment variable that replaces `redis.url`.
 pub const REDIS_URL_ENV: &str = "WALSWEEP_REDIS_URL";
 /// Environment variable that replaces `source.url`, so the password can stay out of the file.
@@ -57,7 +57,7 @@ pub struct Config {
     /// One message per committed transaction on a Redis channel and/or stream, for in-process
     /// caches. Default: off.
     #[serde(default)]
-    pub broadcast: Option<BroadcastConfig>,
+    pub(crate) broadcast: Option<BroadcastConfig>,
 }
 
 /// `[redis]`: the cache to keep honest (a single node; cluster is not supported).
@@ -123,12 +123,12 @@ pub struct MatroskaConfig {
     /// The `prefix` the app gave `RedisBackend`: data keys are `{prefix}::data::{key}` and
     /// dependency sets `{prefix}::rdep::{dep}`. Default `cache`.
     #[serde(default = "default_matroska_prefix")]
-    pub prefix: String,
+    pub(crate) prefix: String,
     /// Also delete a dependency set after unlinking its members, as the library does. Default
     /// false: keeping the set lets the next change find an entry written by a reader that raced
     /// the invalidation (measured: fewer stale entries). The app's TTL expires the set.
     #[serde(default)]
-    pub remove_dependency_sets: bool,
+    pub(crate) remove_dependency_sets: bool,
     /// Apply each transaction's invalidations a second time this many ms after Redis confirmed
     /// the first. Default: off. It closes matroska-cache's refill race: a reader that read the
     /// old row before the commit and SETEXes it after walsweep's invalidation leaves a stale
@@ -139,7 +139,7 @@ pub struct MatroskaConfig {
     /// the effects of the last `reinvalidate_after_ms` wait, at most 100000 (beyond that the
     /// oldest are applied early, never dropped silently).
     #[serde(default)]
-    pub reinvalidate_after_ms: Option<u64>,
+    pub(crate) reinvalidate_after_ms: Option<u64>,
 }
 
 impl Default for MatroskaConfig {
@@ -189,10 +189,10 @@ pub struct SourceConfig {
     /// Committed transactions that may wait for the sink. When full, walsweep stops reading the
     /// replication socket (Postgres keeps the WAL) until the sink catches up. Default 1024.
     #[serde(default = "default_queue_capacity")]
-    pub queue_capacity: usize,
+    pub(crate) queue_capacity: usize,
     /// Most committed transactions applied in one sink batch. Default 512.
     #[serde(default = "default_batch_max_txns")]
-    pub batch_max_txns: usize,
+    pub(crate) batch_max_txns: usize,
     /// First reconnect delay after a lost connection, in ms (doubles up to
     /// `reconnect_max_ms`, jittered). Default 100.
     #[serde(default = "default_reconnect_min_ms")]
@@ -233,47 +233,47 @@ pub enum SlotLostPolicy {
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct TableConfig {
     /// `schema.table`; a bare name means `public.name`.
-    pub name: String,
+    pub(crate) name: String,
     /// Key templates such as `article:{id}`: rendered from the old and the new row, and those
     /// keys are UNLINKed. `{column}` takes the column's text as Postgres prints it; `{{` and
     /// `}}` are literal braces.
     #[serde(default)]
-    pub keys: Vec<String>,
+    pub(crate) keys: Vec<String>,
     /// matroska-cache dependency templates such as `id:article:{id}` or `pk:Article:{id}`:
     /// each rendered dependency's set `{prefix}::rdep::{dep}` is invalidated (every member key
     /// unlinked). Values render as Python `str()` would (`True`, `None`, ...).
     #[serde(default)]
-    pub deps: Vec<String>,
+    pub(crate) deps: Vec<String>,
     /// When set, an UPDATE that changes none of these columns invalidates no key and no
     /// dependency (unchanged TOAST counts as unchanged). Scopes use their own columns.
     #[serde(default)]
-    pub columns: Option<Vec<String>>,
+    pub(crate) columns: Option<Vec<String>>,
     /// Operations this table's rules react to: any of `insert`, `update`, `delete`,
     /// `truncate`. Default: all four.
     #[serde(default)]
-    pub ops: Option<Vec<OpName>>,
+    pub(crate) ops: Option<Vec<OpName>>,
     /// matroska-cache `Scopes`, see `ScopeConfig`.
     #[serde(default)]
-    pub scope: Vec<ScopeConfig>,
+    pub(crate) scope: Vec<ScopeConfig>,
     /// Rows kept current in Redis instead of invalidated, see `MirrorConfig`.
     #[serde(default)]
-    pub mirror: Vec<MirrorConfig>,
+    pub(crate) mirror: Vec<MirrorConfig>,
 }
 
 /// `[[table.scope]]`: a matroska-cache `Scopes(name)` described by `columns`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub struct ScopeConfig {
+pub(crate) struct ScopeConfig {
     /// The name given to `Scopes(...)` in the app, e.g. `Article`.
-    pub name: String,
+    pub(crate) name: String,
     /// The described columns (the keys of the app's `condition(...)` call).
-    pub columns: Vec<String>,
+    pub(crate) columns: Vec<String>,
 }
 
 /// An operation name in `ops`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum OpName {
+pub(crate) enum OpName {
     Insert,
     Update,
     Delete,
@@ -344,15 +344,15 @@ impl SourceConfig {
         }
     }
 
-    pub fn status_interval(&self) -> Duration {
+    pub(crate) fn status_interval(&self) -> Duration {
         Duration::from_millis(self.status_interval_ms)
     }
 
-    pub fn reconnect_min(&self) -> Duration {
+    pub(crate) fn reconnect_min(&self) -> Duration {
         Duration::from_millis(self.reconnect_min_ms)
     }
 
-    pub fn reconnect_max(&self) -> Duration {
+    pub(crate) fn reconnect_max(&self) -> Duration {
         Duration::from_millis(self.reconnect_max_ms)
     }
 
@@ -406,9 +406,9 @@ fn parse_source_url(
 #[derive(Debug, Clone, PartialEq)]
 pub struct Problem {
     /// Dotted TOML path, e.g. `source.status_interval_ms` or `table[2].name`.
-    pub key: String,
-    pub line: Option<usize>,
-    pub message: String,
+    pub(crate) key: String,
+    pub(crate) line: Option<usize>,
+    pub(crate) message: String,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -21,7 +21,7 @@
 //! the tree here too: validation refuses `retention_seconds` on any other score.
 
 /// The largest magnitude an f64 holds with every integer below it exact.
-pub const EXACT_BITS: u32 = 53;
+pub(crate) const EXACT_BITS: u32 = 53;
 /// Parse limits: they keep every recursive walk over the tree (and its drop) shallow, so a
 /// hostile config cannot overflow the stack. Real score expressions are a handful of nodes.
 const MAX_NESTING: usize = 32;
@@ -29,7 +29,7 @@ const MAX_NODES: usize = 256;
 
 /// A parsed score expression.
 #[derive(Debug, Clone)]
-pub struct ScoreExpr {
+pub(crate) struct ScoreExpr {
     pub(crate) source: String,
     /// Distinct column names in first-appearance order; `Node` refers to them by index.
     pub(crate) columns: Vec<String>,
@@ -90,12 +90,12 @@ pub(crate) enum Node {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("at {at}: {message}")]
 pub struct ScoreParseError {
-    pub at: usize,
-    pub message: String,
+    pub(crate) at: usize,
+    pub(crate) message: String,
 }
 
 impl ScoreExpr {
-    pub fn parse(source: &str) -> Result<ScoreExpr, ScoreParseError> {
+    pub(crate) fn parse(source: &str) -> Result<ScoreExpr, ScoreParseError> {
         let mut parser = Parser {
             src: source,
             pos: 0,
@@ -115,12 +115,12 @@ impl ScoreExpr {
         })
     }
 
-    pub fn source(&self) -> &str {
+    pub(crate) fn source(&self) -> &str {
         &self.source
     }
 
     /// Distinct column names in first-appearance order. `eval` takes values in this order.
-    pub fn columns(&self) -> &[String] {
+    pub(crate) fn columns(&self) -> &[String] {
         &self.columns
     }
 
@@ -128,7 +128,7 @@ impl ScoreExpr {
     /// `epoch(c)` / `epoch_ms(c)` alone, or a top-level `|` or `+` chain of one such time term
     /// and other terms without one, where those other terms only ever occupy bits above the
     /// time term's (e.g. `(device_id << 32) | epoch(ts)`).
-    pub fn supports_retention(&self) -> bool {
+    pub(crate) fn supports_retention(&self) -> bool {
         self.retention_shape().is_some()
     }
 

@@ -7,7 +7,7 @@
 
 /// One piece of a template.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Segment {
+pub(crate) enum Segment {
     Literal(String),
     /// `{name}`, or `{name!r}` for Python's `repr()` of the value (how matroska-cache writes
     /// the values of a composite primary key: `pk:Pair:(1, 'x')`).
@@ -18,9 +18,9 @@ pub enum Segment {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Template {
-    pub source: String,
-    pub segments: Vec<Segment>,
+pub(crate) struct Template {
+    pub(crate) source: String,
+    pub(crate) segments: Vec<Segment>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,7 +36,7 @@ pub enum TemplateError {
 }
 
 impl Template {
-    pub fn parse(source: &str) -> Result<Template, TemplateError> {
+    pub(crate) fn parse(source: &str) -> Result<Template, TemplateError> {
         if source.is_empty() {
             return Err(TemplateError::Empty);
         }
@@ -92,7 +92,7 @@ impl Template {
         })
     }
 
-    pub fn columns(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn columns(&self) -> impl Iterator<Item = &str> {
         self.segments.iter().filter_map(|s| match s {
             Segment::Column { name, .. } => Some(name.as_str()),
             Segment::Literal(_) => None,
@@ -101,7 +101,7 @@ impl Template {
 
     /// The literal text before the first column: every rendering starts with it, so a
     /// table-wide invalidation can find all of them with `SCAN MATCH prefix*`.
-    pub fn literal_prefix(&self) -> &str {
+    pub(crate) fn literal_prefix(&self) -> &str {
         match self.segments.first() {
             Some(Segment::Literal(l)) => l,
             _ => "",
@@ -110,7 +110,7 @@ impl Template {
 }
 
 /// Escapes Redis glob metacharacters so a literal prefix matches only itself in `SCAN MATCH`.
-pub fn glob_escape(literal: &str) -> String {
+pub(crate) fn glob_escape(literal: &str) -> String {
     let mut out = String::with_capacity(literal.len() + 4);
     for c in literal.chars() {
         if matches!(c, '*' | '?' | '[' | ']' | '\\') {

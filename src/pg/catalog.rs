@@ -79,19 +79,16 @@ fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Catalo
 
 /// What `pg_replication_slots` says about one slot.
 #[derive(Debug, Clone)]
-pub struct SlotState {
-    pub plugin: Option<String>,
-    pub slot_type: String,
-    pub database: Option<String>,
-    pub active: bool,
-    pub active_pid: Option<i32>,
-    pub confirmed_flush_lsn: Option<Lsn>,
-    pub restart_lsn: Option<Lsn>,
+pub(crate) struct SlotState {
+    pub(crate) plugin: Option<String>,
+    pub(crate) active: bool,
+    pub(crate) active_pid: Option<i32>,
+    pub(crate) confirmed_flush_lsn: Option<Lsn>,
     /// `reserved`, `extended`, `unreserved` or `lost` (PG13+).
-    pub wal_status: Option<String>,
+    pub(crate) wal_status: Option<String>,
     /// Bytes of WAL that can still be written before the slot is at risk of being lost
     /// (`max_slot_wal_keep_size`); `None` when unlimited.
-    pub safe_wal_size: Option<i64>,
+    pub(crate) safe_wal_size: Option<i64>,
 }
 
 pub async fn wal_level(client: &Client) -> Result<String, CatalogError> {
@@ -102,7 +99,10 @@ pub async fn wal_level(client: &Client) -> Result<String, CatalogError> {
     Ok(row.get(0))
 }
 
-pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, CatalogError> {
+pub(crate) async fn slot_state(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<SlotState>, CatalogError> {
     let row = client
         .query_opt(
             "SELECT plugin::text, slot_type, database::text, active, active_pid, \
@@ -114,18 +114,18 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
         .map_err(query_err("reading pg_replication_slots"))?;
     Ok(row.map(|r| SlotState {
         plugin: r.get(0),
-        slot_type: r.get(1),
-        database: r.get(2),
         active: r.get(3),
         active_pid: r.get(4),
         confirmed_flush_lsn: r.get::<_, Option<String>>(5).and_then(|t| t.parse().ok()),
-        restart_lsn: r.get::<_, Option<String>>(6).and_then(|t| t.parse().ok()),
         wal_status: r.get(7),
         safe_wal_size: r.get(8),
     }))
 }
 
-pub async fn publication_exists(client: &Client, publication: &str) -> Result<bool, CatalogError> {
+pub(crate) async fn publication_exists(
+    client: &Client,
+    publication: &str,
+) -> Result<bool, CatalogError> {
     let row = client
         .query_opt(
             "SELECT 1 FROM pg_publication WHERE pubname = $1",
@@ -137,7 +137,7 @@ pub async fn publication_exists(client: &Client, publication: &str) -> Result<bo
 }
 
 /// `CREATE PUBLICATION` for the given tables (`schema.table`, already validated names).
-pub async fn create_publication(
+pub(crate) async fn create_publication(
     client: &Client,
     publication: &str,
     tables: &[String],
@@ -149,7 +149,7 @@ pub async fn create_publication(
         .map_err(query_err("creating the publication"))
 }
 
-pub fn create_publication_sql(publication: &str, tables: &[String]) -> String {
+pub(crate) fn create_publication_sql(publication: &str, tables: &[String]) -> String {
     let list = tables
         .iter()
         .map(|t| qualified_ident(t))
@@ -162,16 +162,16 @@ pub fn create_publication_sql(publication: &str, tables: &[String]) -> String {
 }
 
 /// `public.articles` -> `"public"."articles"`; a bare name is taken as `public`.
-pub fn qualified_ident(name: &str) -> String {
+pub(crate) fn qualified_ident(name: &str) -> String {
     let (schema, table) = split_table_name(name);
     format!("{}.{}", quote_ident(schema), quote_ident(table))
 }
 
-pub fn split_table_name(name: &str) -> (&str, &str) {
+pub(crate) fn split_table_name(name: &str) -> (&str, &str) {
     name.split_once('.').unwrap_or(("public", name))
 }
 
-pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), CatalogError> {
+pub(crate) async fn drop_slot(client: &Client, slot: &str) -> Result<(), CatalogError> {
     client
         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await
@@ -180,7 +180,7 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), CatalogError> 
 }
 
 /// Current WAL position of the server (for lag).
-pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, CatalogError> {
+pub(crate) async fn current_wal_lsn(client: &Client) -> Result<Lsn, CatalogError> {
     let row = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await

@@ -8,7 +8,7 @@ use std::str::FromStr;
 pub struct Lsn(pub u64);
 
 impl Lsn {
-    pub const ZERO: Lsn = Lsn(0);
+    pub(crate) const ZERO: Lsn = Lsn(0);
 
     pub fn as_u64(self) -> u64 {
         self.0
@@ -36,7 +36,7 @@ impl fmt::Debug for Lsn {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid LSN {text:?}: expected two hexadecimal halves like 16/B374D848")]
 pub struct ParseLsnError {
-    pub text: String,
+    pub(crate) text: String,
 }
 
 impl FromStr for Lsn {

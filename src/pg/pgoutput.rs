@@ -18,12 +18,12 @@ use std::fmt;
 use crate::pg::Lsn;
 
 /// 2000-01-01 00:00:00 UTC, the zero of every Postgres timestamp, in Unix microseconds.
-pub const POSTGRES_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+pub(crate) const POSTGRES_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 /// Converts a timestamp as sent (microseconds since 2000-01-01) to Unix microseconds.
 ///
 /// Saturates instead of overflowing: the value came off the wire.
-pub fn pg_time_to_unix_micros(t: i64) -> i64 {
+pub(crate) fn pg_time_to_unix_micros(t: i64) -> i64 {
     t.saturating_add(POSTGRES_EPOCH_UNIX_MICROS)
 }
 
@@ -137,44 +137,44 @@ impl PgOutput<'_> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Begin {
     /// LSN of the commit record; equals the matching Commit's `commit_lsn`.
-    pub final_lsn: Lsn,
+    pub(crate) final_lsn: Lsn,
     /// Microseconds since 2000-01-01 UTC, as sent; see [`pg_time_to_unix_micros`].
-    pub commit_time: i64,
+    pub(crate) commit_time: i64,
     pub xid: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Commit {
     /// Unused by the server so far; kept so a future flag is visible rather than dropped.
-    pub flags: u8,
-    pub commit_lsn: Lsn,
+    pub(crate) flags: u8,
+    pub(crate) commit_lsn: Lsn,
     /// The position to confirm once this transaction's effects are durable.
-    pub end_lsn: Lsn,
-    pub commit_time: i64,
+    pub(crate) end_lsn: Lsn,
+    pub(crate) commit_time: i64,
 }
 
 /// The transaction was replayed from another node, named here.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Origin<'a> {
-    pub commit_lsn: Lsn,
-    pub name: &'a str,
+    pub(crate) commit_lsn: Lsn,
+    pub(crate) name: &'a str,
 }
 
 /// The shape of a table, sent before the first change to it and again after any schema change;
 /// tuples that follow are positional against the latest Relation with the same oid.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Relation<'a> {
-    pub xid: Option<u32>,
+    pub(crate) xid: Option<u32>,
     pub oid: u32,
     pub namespace: &'a str,
     pub name: &'a str,
-    pub replica_identity: ReplicaIdentity,
+    pub(crate) replica_identity: ReplicaIdentity,
     pub columns: Vec<RelationColumn<'a>>,
 }
 
 /// Decides what an Update or Delete carries about the old row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplicaIdentity {
+pub(crate) enum ReplicaIdentity {
     /// Primary key columns only, and only when they changed (Update) or always (Delete).
     Default,
     /// No old row at all.
@@ -187,10 +187,10 @@ pub enum ReplicaIdentity {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RelationColumn<'a> {
-    pub flags: u8,
+    pub(crate) flags: u8,
     pub name: &'a str,
     pub type_oid: u32,
-    pub type_modifier: i32,
+    pub(crate) type_modifier: i32,
 }
 
 impl RelationColumn<'_> {
@@ -203,22 +203,22 @@ impl RelationColumn<'_> {
 /// Names a non-built-in column type, since its oid means nothing to the subscriber otherwise.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TypeMessage<'a> {
-    pub xid: Option<u32>,
-    pub oid: u32,
-    pub namespace: &'a str,
-    pub name: &'a str,
+    pub(crate) xid: Option<u32>,
+    pub(crate) oid: u32,
+    pub(crate) namespace: &'a str,
+    pub(crate) name: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Insert<'a> {
-    pub xid: Option<u32>,
+    pub(crate) xid: Option<u32>,
     pub relation_oid: u32,
     pub new: TupleData<'a>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Update<'a> {
-    pub xid: Option<u32>,
+    pub(crate) xid: Option<u32>,
     pub relation_oid: u32,
     /// Old replica identity columns ('K'), other columns NULL; sent only when the identity
     /// changed or cannot be read from `new` (an unchanged value stored out of line).
@@ -232,7 +232,7 @@ pub struct Update<'a> {
 /// IDENTITY NOTHING produces no Delete at all.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delete<'a> {
-    pub xid: Option<u32>,
+    pub(crate) xid: Option<u32>,
     pub relation_oid: u32,
     pub key: Option<TupleData<'a>>,
     pub old: Option<TupleData<'a>>,
@@ -240,8 +240,8 @@ pub struct Delete<'a> {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Truncate {
-    pub xid: Option<u32>,
-    pub options: u8,
+    pub(crate) xid: Option<u32>,
+    pub(crate) options: u8,
     pub relation_oids: Vec<u32>,
 }
 
@@ -259,81 +259,81 @@ impl Truncate {
 /// `messages 'true'`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogicalMessage<'a> {
-    pub xid: Option<u32>,
+    pub(crate) xid: Option<u32>,
     /// Non-transactional messages arrive on their own, outside Begin/Commit, and are not undone
     /// by a rollback.
-    pub transactional: bool,
-    pub lsn: Lsn,
-    pub prefix: &'a str,
-    pub content: &'a [u8],
+    pub(crate) transactional: bool,
+    pub(crate) lsn: Lsn,
+    pub(crate) prefix: &'a str,
+    pub(crate) content: &'a [u8],
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamStart {
-    pub xid: u32,
+    pub(crate) xid: u32,
     /// Segments of different transactions may interleave; this marks where one begins.
-    pub first_segment: bool,
+    pub(crate) first_segment: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamCommit {
-    pub xid: u32,
-    pub flags: u8,
-    pub commit_lsn: Lsn,
-    pub end_lsn: Lsn,
-    pub commit_time: i64,
+    pub(crate) xid: u32,
+    pub(crate) flags: u8,
+    pub(crate) commit_lsn: Lsn,
+    pub(crate) end_lsn: Lsn,
+    pub(crate) commit_time: i64,
 }
 
 /// Discards a streamed transaction (`subxid == xid`) or only the changes of one of its
 /// subtransactions (`subxid != xid`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamAbort {
-    pub xid: u32,
-    pub subxid: u32,
+    pub(crate) xid: u32,
+    pub(crate) subxid: u32,
     /// Sent only with `streaming 'parallel'` (protocol v4), which walsweep never requests.
-    pub abort_lsn: Option<Lsn>,
-    pub abort_time: Option<i64>,
+    pub(crate) abort_lsn: Option<Lsn>,
+    pub(crate) abort_time: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BeginPrepare<'a> {
-    pub prepare_lsn: Lsn,
-    pub end_lsn: Lsn,
-    pub prepare_time: i64,
-    pub xid: u32,
-    pub gid: &'a str,
+    pub(crate) prepare_lsn: Lsn,
+    pub(crate) end_lsn: Lsn,
+    pub(crate) prepare_time: i64,
+    pub(crate) xid: u32,
+    pub(crate) gid: &'a str,
 }
 
 /// Body of both Prepare and StreamPrepare.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prepare<'a> {
-    pub flags: u8,
-    pub prepare_lsn: Lsn,
-    pub end_lsn: Lsn,
-    pub prepare_time: i64,
-    pub xid: u32,
-    pub gid: &'a str,
+    pub(crate) flags: u8,
+    pub(crate) prepare_lsn: Lsn,
+    pub(crate) end_lsn: Lsn,
+    pub(crate) prepare_time: i64,
+    pub(crate) xid: u32,
+    pub(crate) gid: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommitPrepared<'a> {
-    pub flags: u8,
-    pub commit_lsn: Lsn,
-    pub end_lsn: Lsn,
-    pub commit_time: i64,
-    pub xid: u32,
-    pub gid: &'a str,
+    pub(crate) flags: u8,
+    pub(crate) commit_lsn: Lsn,
+    pub(crate) end_lsn: Lsn,
+    pub(crate) commit_time: i64,
+    pub(crate) xid: u32,
+    pub(crate) gid: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RollbackPrepared<'a> {
-    pub flags: u8,
-    pub prepare_end_lsn: Lsn,
-    pub rollback_end_lsn: Lsn,
-    pub prepare_time: i64,
-    pub rollback_time: i64,
-    pub xid: u32,
-    pub gid: &'a str,
+    pub(crate) flags: u8,
+    pub(crate) prepare_end_lsn: Lsn,
+    pub(crate) rollback_end_lsn: Lsn,
+    pub(crate) prepare_time: i64,
+    pub(crate) rollback_time: i64,
+    pub(crate) xid: u32,
+    pub(crate) gid: &'a str,
 }
 
 /// One row image, positional against the relation's columns.

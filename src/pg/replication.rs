@@ -29,17 +29,17 @@ const DEFAULT_PORT: u16 = 5432;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Any byte stream the protocol can run over (plain TCP, a Unix socket, or TLS later).
-pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
 
 /// Fields of a server `ErrorResponse` that callers act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerError {
-    pub severity: String,
-    pub sqlstate: String,
-    pub message: String,
-    pub detail: Option<String>,
-    pub hint: Option<String>,
+    pub(crate) severity: String,
+    pub(crate) sqlstate: String,
+    pub(crate) message: String,
+    pub(crate) detail: Option<String>,
+    pub(crate) hint: Option<String>,
 }
 
 impl fmt::Display for ServerError {
@@ -110,7 +110,7 @@ impl ReplicationError {
     }
 
     /// A short low-cardinality label for metrics and logs.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             ReplicationError::Connect { .. } => "connect",
             ReplicationError::Io(_) => "io",
@@ -207,7 +207,7 @@ pub struct ConnectParams {
 }
 
 impl ConnectParams {
-    pub fn user(&self) -> String {
+    pub(crate) fn user(&self) -> String {
         self.config
             .get_user()
             .map(str::to_owned)
@@ -215,7 +215,7 @@ impl ConnectParams {
             .unwrap_or_else(|| "postgres".into())
     }
 
-    pub fn dbname(&self) -> String {
+    pub(crate) fn dbname(&self) -> String {
         self.config
             .get_dbname()
             .map(str::to_owned)
@@ -223,7 +223,7 @@ impl ConnectParams {
     }
 
     /// `host:port` for messages; never includes the password.
-    pub fn target(&self) -> String {
+    pub(crate) fn target(&self) -> String {
         let host = match self.config.get_hosts().first() {
             Some(Host::Tcp(h)) => h.clone(),
             Some(Host::Unix(p)) => p.display().to_string(),
@@ -248,7 +248,7 @@ pub struct ReplicationConnection {
 }
 
 /// One row of a simple-query result, as text.
-pub type TextRow = Vec<Option<String>>;
+pub(crate) type TextRow = Vec<Option<String>>;
 
 impl ReplicationConnection {
     /// Opens the socket and runs startup and authentication.
@@ -271,7 +271,7 @@ impl ReplicationConnection {
     }
 
     /// A server parameter reported at startup, e.g. `server_version`.
-    pub fn parameter(&self, name: &str) -> Option<&str> {
+    pub(crate) fn parameter(&self, name: &str) -> Option<&str> {
         self.parameters.get(name).map(String::as_str)
     }
 
@@ -439,7 +439,10 @@ impl ReplicationConnection {
 
     /// Runs a replication command (`IDENTIFY_SYSTEM`, `CREATE_REPLICATION_SLOT`, ...) and
     /// returns its rows as text.
-    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<TextRow>, ReplicationError> {
+    pub(crate) async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<TextRow>, ReplicationError> {
         frontend::query(sql, &mut self.write_buf)?;
         self.flush().await?;
         let mut rows = Vec::new();
@@ -501,7 +504,7 @@ impl ReplicationConnection {
     }
 
     /// Creates a pgoutput slot; returns its consistent point.
-    pub async fn create_slot(&mut self, slot: &str) -> Result<Lsn, ReplicationError> {
+    pub(crate) async fn create_slot(&mut self, slot: &str) -> Result<Lsn, ReplicationError> {
         Ok(self.create_slot_with(slot, "NOEXPORT_SNAPSHOT").await?.0)
     }
 
@@ -509,7 +512,7 @@ impl ReplicationConnection {
     /// connection that runs `SET TRANSACTION SNAPSHOT '<name>'` sees exactly the data the
     /// slot's stream continues from. The snapshot lives until this connection runs its next
     /// command or closes, so keep it idle until the importer has started.
-    pub async fn create_slot_exporting_snapshot(
+    pub(crate) async fn create_slot_exporting_snapshot(
         &mut self,
         slot: &str,
     ) -> Result<(Lsn, String), ReplicationError> {
@@ -543,7 +546,7 @@ impl ReplicationConnection {
     }
 
     /// `START_REPLICATION SLOT ... LOGICAL start (options)`; hands the socket to the stream.
-    pub async fn start_replication(
+    pub(crate) async fn start_replication(
         mut self,
         slot: &str,
         start_lsn: Lsn,
@@ -703,14 +706,14 @@ pub struct IdentifySystem {
 }
 
 /// The CopyBoth phase: replication messages in, status updates out.
-pub struct ReplicationStream {
+pub(crate) struct ReplicationStream {
     conn: ReplicationConnection,
 }
 
 impl ReplicationStream {
     /// The next `XLogData` or keepalive. Cancel-safe, so it can sit in a `select!` next to timers.
     /// `Ok(None)` means the server ended the stream (CopyDone).
-    pub async fn next(&mut self) -> Result<Option<WireMessage>, ReplicationError> {
+    pub(crate) async fn next(&mut self) -> Result<Option<WireMessage>, ReplicationError> {
         loop {
             match self.conn.read_message().await? {
                 Incoming::Message(Message::CopyData(body)) => {
@@ -728,7 +731,7 @@ impl ReplicationStream {
         }
     }
 
-    pub async fn send_status(
+    pub(crate) async fn send_status(
         &mut self,
         update: &StandbyStatusUpdate,
     ) -> Result<(), ReplicationError> {
@@ -740,7 +743,7 @@ impl ReplicationStream {
 
     /// Ends the stream politely: CopyDone, then Terminate. Errors are ignored because the
     /// connection is being dropped anyway.
-    pub async fn close(mut self) {
+    pub(crate) async fn close(mut self) {
         frontend::copy_done(&mut self.conn.write_buf);
         frontend::terminate(&mut self.conn.write_buf);
         let _ = self.conn.flush().await;
@@ -748,11 +751,11 @@ impl ReplicationStream {
 }
 
 /// Quotes an identifier for replication commands, which take identifiers in SQL syntax.
-pub fn quote_ident(name: &str) -> String {
+pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-pub fn quote_literal(value: &str) -> String {
+pub(crate) fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 

@@ -41,7 +41,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::config::SslNegotiation;
 
 /// `sslrootcert` value that selects the platform trust store (libpq 16+).
-pub const SYSTEM_ROOTS: &str = "system";
+pub(crate) const SYSTEM_ROOTS: &str = "system";
 /// What the server and libpq 17 agree on for ALPN; required with `sslnegotiation=direct`.
 const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 /// `SSLRequest` answers.
@@ -61,9 +61,9 @@ pub enum SslMode {
 }
 
 impl SslMode {
-    pub const ALLOWED: &'static str = "disable, prefer, require, verify-ca, verify-full";
+    pub(crate) const ALLOWED: &'static str = "disable, prefer, require, verify-ca, verify-full";
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             SslMode::Disable => "disable",
             SslMode::Prefer => "prefer",
@@ -73,7 +73,7 @@ impl SslMode {
         }
     }
 
-    pub fn parse(value: &str) -> Result<SslMode, TlsError> {
+    pub(crate) fn parse(value: &str) -> Result<SslMode, TlsError> {
         Ok(match value {
             "disable" => SslMode::Disable,
             "prefer" => SslMode::Prefer,
@@ -103,13 +103,13 @@ impl fmt::Display for SslMode {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsSettings {
     /// `sslmode`; default `prefer`.
-    pub mode: SslMode,
+    pub(crate) mode: SslMode,
     /// `sslrootcert`: PEM file of the CA certificates to trust, or `system`.
-    pub root_cert: Option<PathBuf>,
+    pub(crate) root_cert: Option<PathBuf>,
     /// `sslcert`: PEM client certificate (chain), for servers that ask for one.
-    pub client_cert: Option<PathBuf>,
+    pub(crate) client_cert: Option<PathBuf>,
     /// `sslkey`: PEM private key of `sslcert`.
-    pub client_key: Option<PathBuf>,
+    pub(crate) client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,7 +248,7 @@ impl std::error::Error for SystemRootErrors {}
 impl TlsError {
     /// Only a connection that broke mid-negotiation is worth retrying: settings, files,
     /// certificates and a server without TLS stay wrong until a human changes them.
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         matches!(self, TlsError::Io { .. })
     }
 }
@@ -258,7 +258,7 @@ impl TlsError {
 /// them, for tokio-postgres. Later occurrences win, as in libpq; an empty value means unset.
 /// Text that is not a well-formed connection string is returned unchanged, for tokio-postgres
 /// to reject. Error messages never contain the string (it may hold a password).
-pub fn split_conninfo(conninfo: &str) -> Result<(TlsSettings, String), TlsError> {
+pub(crate) fn split_conninfo(conninfo: &str) -> Result<(TlsSettings, String), TlsError> {
     let mut raw = RawTls::default();
     let rest = if let Some(rest) = split_url(conninfo, &mut raw)? {
         rest
@@ -452,7 +452,7 @@ fn system_roots() -> Result<Arc<RootCertStore>, TlsError> {
 
 /// The provider walsweep's TLS runs on. Also installed as the process default, for the Redis
 /// client (which builds its rustls configs with the default provider).
-pub fn crypto_provider() -> Arc<CryptoProvider> {
+pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
     static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
     PROVIDER
         .get_or_init(|| {
@@ -500,7 +500,7 @@ impl fmt::Display for Trust {
 
 /// A ready rustls configuration plus what error messages need to know about it.
 #[derive(Clone)]
-pub struct Connector {
+pub(crate) struct Connector {
     config: Arc<ClientConfig>,
     mode: SslMode,
     trust: Trust,
@@ -509,7 +509,7 @@ pub struct Connector {
 impl TlsSettings {
     /// Reads the certificate files and builds the rustls configuration; `None` for
     /// `sslmode=disable`. Run per connection, so rotated files are picked up on reconnect.
-    pub fn connector(&self) -> Result<Option<Connector>, TlsError> {
+    pub(crate) fn connector(&self) -> Result<Option<Connector>, TlsError> {
         if self.mode == SslMode::Disable {
             return Ok(None);
         }
@@ -743,14 +743,14 @@ impl ServerCertVerifier for Unverified {
 }
 
 /// A socket after negotiation.
-pub enum Negotiated<S> {
+pub(crate) enum Negotiated<S> {
     Plain(S),
     Tls(Box<tokio_rustls::client::TlsStream<S>>),
 }
 
 /// Runs the TLS negotiation `settings` ask for on a freshly connected TCP `stream` to `host`
 /// (the name verify-full checks). `target` (host:port/db) is for messages only.
-pub async fn negotiate<S>(
+pub(crate) async fn negotiate<S>(
     mut stream: S,
     settings: &TlsSettings,
     negotiation: SslNegotiation,

@@ -16,38 +16,38 @@ const PRIMARY_KEEPALIVE_LEN: usize = 1 + 8 + 8 + 1;
 
 /// One replication message from the walsender.
 #[derive(Debug, Clone, PartialEq)]
-pub enum WireMessage {
+pub(crate) enum WireMessage {
     XLogData(XLogData),
     PrimaryKeepalive(PrimaryKeepalive),
 }
 
 /// A chunk of decoded WAL: for a logical slot, exactly one pgoutput message.
 #[derive(Debug, Clone, PartialEq)]
-pub struct XLogData {
-    pub wal_start_lsn: Lsn,
+pub(crate) struct XLogData {
+    pub(crate) wal_start_lsn: Lsn,
     /// The server's current end of WAL when it sent this message.
-    pub wal_end_lsn: Lsn,
-    pub send_time: i64,
-    pub data: Bytes,
+    pub(crate) wal_end_lsn: Lsn,
+    pub(crate) send_time: i64,
+    pub(crate) data: Bytes,
 }
 
 /// A heartbeat; `reply_requested` means the server wants a status update now
 /// (it is about to time the connection out otherwise).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PrimaryKeepalive {
-    pub wal_end_lsn: Lsn,
-    pub send_time: i64,
-    pub reply_requested: bool,
+pub(crate) struct PrimaryKeepalive {
+    pub(crate) wal_end_lsn: Lsn,
+    pub(crate) send_time: i64,
+    pub(crate) reply_requested: bool,
 }
 
 /// Positions we report back. `flush_lsn` is what moves the slot's `confirmed_flush_lsn`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StandbyStatusUpdate {
-    pub write_lsn: Lsn,
-    pub flush_lsn: Lsn,
-    pub apply_lsn: Lsn,
-    pub client_time: i64,
-    pub reply_requested: bool,
+pub(crate) struct StandbyStatusUpdate {
+    pub(crate) write_lsn: Lsn,
+    pub(crate) flush_lsn: Lsn,
+    pub(crate) apply_lsn: Lsn,
+    pub(crate) client_time: i64,
+    pub(crate) reply_requested: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -73,7 +73,7 @@ fn read_u64(b: &[u8], at: usize) -> u64 {
 }
 
 /// Parses the payload of one CopyData message. `data` shares the input buffer (no copy).
-pub fn parse_wire_message(buf: Bytes) -> Result<WireMessage, WireError> {
+pub(crate) fn parse_wire_message(buf: Bytes) -> Result<WireMessage, WireError> {
     match buf.first().copied() {
         None => Err(WireError::Empty),
         Some(XLOG_DATA_TAG) => {
@@ -116,7 +116,7 @@ pub fn parse_wire_message(buf: Bytes) -> Result<WireMessage, WireError> {
 }
 
 /// Appends the CopyData payload of a status update (without the CopyData framing).
-pub fn encode_standby_status_update(update: &StandbyStatusUpdate, out: &mut BytesMut) {
+pub(crate) fn encode_standby_status_update(update: &StandbyStatusUpdate, out: &mut BytesMut) {
     out.reserve(34);
     out.put_u8(STANDBY_STATUS_UPDATE_TAG);
     out.put_u64(update.write_lsn.0);
@@ -127,7 +127,7 @@ pub fn encode_standby_status_update(update: &StandbyStatusUpdate, out: &mut Byte
 }
 
 /// Microseconds since 2000-01-01 UTC, the clock the replication protocol speaks.
-pub fn pg_now_micros() -> i64 {
+pub(crate) fn pg_now_micros() -> i64 {
     let unix_micros = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)

@@ -5,7 +5,7 @@ use std::time::Duration;
 use rand::Rng;
 
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     next: Duration,
@@ -13,7 +13,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         let min = min.max(Duration::from_millis(1));
         Backoff {
             min,
@@ -25,7 +25,7 @@ impl Backoff {
 
     /// The delay before the next attempt: uniformly jittered in [d/2, d] ("equal jitter"), so
     /// many instances restarting together do not reconnect in lockstep, then doubled up to max.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let ceiling = self.next;
         self.next = (self.next * 2).min(self.max);
         self.attempts = self.attempts.saturating_add(1);
@@ -35,11 +35,11 @@ impl Backoff {
     }
 
     /// Consecutive failures since the last success.
-    pub fn attempts(&self) -> u32 {
+    pub(crate) fn attempts(&self) -> u32 {
         self.attempts
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.min;
         self.attempts = 0;
     }

@@ -10,7 +10,7 @@ use crate::plan::txn::TxnPlanner;
 use crate::sink::redis::RedisSink;
 
 /// Everything a sink reset clears: every prefix the rules invalidate and every mirror prefix.
-pub fn reset_plan(config: &Config, rules: &Rules) -> Result<EffectPlan, PipelineError> {
+pub(crate) fn reset_plan(config: &Config, rules: &Rules) -> Result<EffectPlan, PipelineError> {
     let mut plan = rules.reset_plan();
     for mirror in crate::plan::mirror::compile_all(&config.tables).map_err(setup)? {
         for prefix in mirror.prefixes() {

@@ -11,21 +11,21 @@
 //! moves the flush position, except when nothing at all is pending: then a keepalive's WAL
 //! end is confirmed, so an idle slot never holds WAL.
 
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod daemon;
 mod error;
 mod shutdown;
 mod sink_task;
-pub mod slot_monitor;
+pub(crate) mod slot_monitor;
 mod source;
 mod stream_task;
-pub mod warm_up;
+pub(crate) mod warm_up;
 
 pub use error::PipelineError;
 pub use shutdown::{shutdown_channel, Shutdown, ShutdownHandle};
-pub use sink_task::{SinkCommand, SinkReport};
-pub use source::{prepare_source, Prepared};
-pub use stream_task::SlotMode;
+pub(crate) use sink_task::{SinkCommand, SinkReport};
+pub(crate) use source::prepare_source;
+pub(crate) use stream_task::SlotMode;
 
 use tokio::sync::{mpsc, watch};
 
@@ -78,7 +78,7 @@ where
 }
 
 /// `run`, loading the mirrors first when this run creates the slot (`source.warm_up`).
-pub async fn run_warming_up<PL, S>(
+pub(crate) async fn run_warming_up<PL, S>(
     source: &SourceConfig,
     tables: &[String],
     planner: PL,
@@ -126,7 +126,7 @@ where
 
 /// Streams from a slot this run does not own (a temporary one, or another reader's, never
 /// confirmed): no source preparation, no slot monitor, no reconnect. `walsweep tail` runs on it.
-pub async fn run_on_slot<PL, S>(
+pub(crate) async fn run_on_slot<PL, S>(
     source: &SourceConfig,
     slot: SlotMode,
     planner: PL,

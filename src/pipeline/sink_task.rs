@@ -15,7 +15,7 @@ use crate::telemetry::metrics as m;
 use super::backoff::Backoff;
 
 /// What the stream task asks of the sink task, in stream order.
-pub enum SinkCommand<P> {
+pub(crate) enum SinkCommand<P> {
     /// Apply a committed transaction.
     Apply(CommittedTxn<P>),
     /// The stream has a gap (the slot was lost and recreated): clear everything the sink
@@ -28,13 +28,13 @@ pub enum SinkCommand<P> {
 
 /// The sink side's state as the stream side sees it; the latest value is all that matters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SinkReport {
+pub(crate) struct SinkReport {
     /// End of the last commit the sink confirmed (`Applied::commit_end_lsn`); never moves back.
-    pub applied_lsn: Lsn,
+    pub(crate) applied_lsn: Lsn,
     /// Since when the sink has been failing, if it is (an outage that lasts releases the slot).
-    pub failing_since: Option<Instant>,
+    pub(crate) failing_since: Option<Instant>,
     /// `Reset` commands completed so far.
-    pub resets_done: u64,
+    pub(crate) resets_done: u64,
 }
 
 /// Applies queued commands until the queue closes or the sink fails for good.

@@ -13,23 +13,23 @@ const CATCHING_UP_BYTES: u64 = 16 * 1024 * 1024;
 
 /// One poll.
 #[derive(Debug, Clone)]
-pub struct SlotSample {
-    pub current_wal_lsn: Lsn,
-    pub confirmed_flush_lsn: Option<Lsn>,
-    pub active: bool,
-    pub wal_status: Option<String>,
-    pub safe_wal_size: Option<i64>,
+pub(crate) struct SlotSample {
+    pub(crate) current_wal_lsn: Lsn,
+    pub(crate) confirmed_flush_lsn: Option<Lsn>,
+    pub(crate) active: bool,
+    pub(crate) wal_status: Option<String>,
+    pub(crate) safe_wal_size: Option<i64>,
 }
 
 impl SlotSample {
-    pub fn lag_bytes(&self) -> u64 {
+    pub(crate) fn lag_bytes(&self) -> u64 {
         self.confirmed_flush_lsn
             .map_or(0, |c| self.current_wal_lsn.bytes_since(c))
     }
 }
 
 /// Reads the slot's state; `Ok(None)` when the slot does not exist.
-pub async fn sample(
+pub(crate) async fn sample(
     client: &tokio_postgres::Client,
     slot: &str,
 ) -> Result<Option<SlotSample>, catalog::CatalogError> {
@@ -48,7 +48,7 @@ pub async fn sample(
 
 /// Polls every `interval` until dropped; failures are logged at debug and retried, since the
 /// replication side already reports outages.
-pub async fn watch_slot(params: ConnectParams, slot: String, interval: Duration) {
+pub(crate) async fn watch_slot(params: ConnectParams, slot: String, interval: Duration) {
     let mut client = None;
     let mut previous: Option<(Instant, u64)> = None;
     let mut lost_reported = false;

@@ -11,11 +11,11 @@ use super::PipelineError;
 
 /// What `prepare_source` did.
 #[derive(Debug, Default)]
-pub struct Prepared {
+pub(crate) struct Prepared {
     /// This run created the slot.
-    pub slot_created: bool,
+    pub(crate) slot_created: bool,
     /// What the warm-up loaded, when it ran.
-    pub warm_up: Option<WarmUpSummary>,
+    pub(crate) warm_up: Option<WarmUpSummary>,
 }
 
 /// Checks what only a human can fix and creates the publication and slot when allowed to.
@@ -23,7 +23,7 @@ pub struct Prepared {
 /// With `warm_up`, a slot created here exports its snapshot and the mirrors are loaded from it
 /// before anything streams; if loading fails the slot is dropped again, so the next attempt
 /// creates it and loads anew instead of streaming into half-loaded mirrors.
-pub async fn prepare_source(
+pub(crate) async fn prepare_source(
     source: &SourceConfig,
     params: &ConnectParams,
     tables: &[String],

@@ -73,7 +73,7 @@ pub(crate) struct Streamer<'a, PL: Planner> {
 
 /// Which slot a run reads, and what it may do with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SlotMode {
+pub(crate) enum SlotMode {
     /// `source.slot`, walsweep's own: checked before each session, recreated when lost
     /// (`on_slot_lost`), shared with standbys, confirmed as the sink applies.
     Owned,

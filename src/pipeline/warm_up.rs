@@ -47,7 +47,7 @@ pub enum SnapshotError {
 }
 
 impl SnapshotError {
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         match self {
             SnapshotError::Catalog(e) => e.is_retryable(),
             SnapshotError::Query { source, .. } => source.is_closed(),
@@ -65,7 +65,7 @@ pub struct WarmUpSummary {
 }
 
 /// The mirrors a warm-up loads and where to.
-pub struct WarmUp {
+pub(crate) struct WarmUp {
     mirrors: Vec<Arc<MirrorRule>>,
     redis: RedisConfig,
     matroska: MatroskaConfig,
@@ -74,7 +74,7 @@ pub struct WarmUp {
 impl WarmUp {
     /// `None` when no mirror can be loaded (none configured, or all `only_if_present`, which
     /// never creates entries).
-    pub fn from_config(
+    pub(crate) fn from_config(
         config: &Config,
     ) -> Result<Option<WarmUp>, crate::plan::mirror::MirrorRuleError> {
         let mirrors: Vec<_> = crate::plan::mirror::compile_all(&config.tables)?
@@ -90,7 +90,7 @@ impl WarmUp {
 
     /// Clears and loads every mirror, inside `snapshot` when given (exported by the slot's
     /// creation), else inside a fresh repeatable-read snapshot.
-    pub async fn load(
+    pub(crate) async fn load(
         &self,
         params: &ConnectParams,
         snapshot: Option<&str>,

@@ -74,7 +74,7 @@ struct ResetBody<'a> {
 
 /// The broadcast part of one transaction's plan.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct BroadcastPlan {
+pub(crate) struct BroadcastPlan {
     /// Each change, in commit order (empty once `truncated`).
     changes: Vec<Change>,
     /// Changes per table, always counted.
@@ -84,11 +84,11 @@ pub struct BroadcastPlan {
 }
 
 impl BroadcastPlan {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.counts.is_empty()
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.changes.len()
     }
 
@@ -107,7 +107,7 @@ impl BroadcastPlan {
         self.changes.push(change());
     }
 
-    pub fn merge(&mut self, later: BroadcastPlan) {
+    pub(crate) fn merge(&mut self, later: BroadcastPlan) {
         if self.limit == 0 {
             self.limit = later.limit;
         }
@@ -129,7 +129,12 @@ impl BroadcastPlan {
     }
 
     /// The message without `prev_lsn` (the Lua script prepends it): `{"lsn":...}`.
-    pub fn message_body(&self, commit_lsn: Lsn, commit_time_unix_micros: i64, xid: u32) -> String {
+    pub(crate) fn message_body(
+        &self,
+        commit_lsn: Lsn,
+        commit_time_unix_micros: i64,
+        xid: u32,
+    ) -> String {
         serde_json::to_string(&MessageBody {
             lsn: commit_lsn.to_string(),
             commit_time: iso_utc(commit_time_unix_micros),
@@ -143,7 +148,7 @@ impl BroadcastPlan {
 }
 
 /// The body of the message sent after a gap in the stream.
-pub fn reset_body(reason: &str) -> String {
+pub(crate) fn reset_body(reason: &str) -> String {
     serde_json::to_string(&ResetBody {
         lsn: (),
         reason,
@@ -154,7 +159,7 @@ pub fn reset_body(reason: &str) -> String {
 
 /// Adds what a broadcast lists for one invalidation: keys and dependencies as rendered,
 /// table-wide ones as `prefix*` (what a client matches its entries against).
-pub fn list_effect(effect: &Effect, keys: &mut Vec<String>, deps: &mut Vec<String>) {
+pub(crate) fn list_effect(effect: &Effect, keys: &mut Vec<String>, deps: &mut Vec<String>) {
     match effect {
         Effect::UnlinkKey(k) => keys.push(k.clone()),
         Effect::InvalidateDep(d) => deps.push(d.clone()),
@@ -175,14 +180,14 @@ fn distinct(items: &[String]) -> Vec<String> {
 }
 
 /// Decides which changes are broadcast and renders each.
-pub struct BroadcastPlanner {
+pub(crate) struct BroadcastPlanner {
     tables: Option<HashSet<String>>,
     limit: usize,
     types: TypeRegistry,
 }
 
 impl BroadcastPlanner {
-    pub fn new(config: &BroadcastConfig) -> Self {
+    pub(crate) fn new(config: &BroadcastConfig) -> Self {
         BroadcastPlanner {
             tables: config.tables.as_ref().map(|t| {
                 t.iter()
@@ -202,7 +207,7 @@ impl BroadcastPlanner {
 
     /// Without `[broadcast] tables`, broadcasts cover the `[[table]]`s (`followed`), never
     /// other tables the publication may hold: their rows are not the config's to publish.
-    pub fn defaulting_to(mut self, followed: &[String]) -> Self {
+    pub(crate) fn defaulting_to(mut self, followed: &[String]) -> Self {
         if self.tables.is_none() {
             self.tables = Some(followed.iter().cloned().collect());
         }
@@ -210,17 +215,17 @@ impl BroadcastPlanner {
     }
 
     /// Enums, domains and arrays of them, so primary keys are typed like built-in values.
-    pub fn register_types(&mut self, types: &TypeRegistry) {
+    pub(crate) fn register_types(&mut self, types: &TypeRegistry) {
         self.types = types.clone();
     }
 
-    pub fn follows(&self, relation: &RelationInfo) -> bool {
+    pub(crate) fn follows(&self, relation: &RelationInfo) -> bool {
         self.tables
             .as_ref()
             .is_none_or(|t| t.contains(&relation.qualified_name))
     }
 
-    pub fn add_change(
+    pub(crate) fn add_change(
         &self,
         change: &RowChange<'_>,
         keys: &[String],
@@ -262,7 +267,7 @@ impl BroadcastPlanner {
         }
     }
 
-    pub fn add_truncate(&self, relation: &RelationInfo, plan: &mut BroadcastPlan) {
+    pub(crate) fn add_truncate(&self, relation: &RelationInfo, plan: &mut BroadcastPlan) {
         plan.limit = self.limit;
         plan.push(&relation.qualified_name, || Change {
             table: relation.qualified_name.clone(),

@@ -5,9 +5,9 @@
 //! never with its rows. Rules (templates, scopes, ...) are one planner; `touched` is a small
 //! one that records touched primary keys, used by tests and benchmarks.
 
-pub mod broadcast;
-pub mod mirror;
-pub mod relation;
+pub(crate) mod broadcast;
+pub(crate) mod mirror;
+pub(crate) mod relation;
 pub mod rules;
 pub mod touched;
 pub mod txn;
@@ -28,7 +28,7 @@ pub enum Op {
 
 impl Op {
     /// Lowercase name, used as a metric label and in config (`ops = ["update"]`).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Op::Insert => "insert",
             Op::Update => "update",
@@ -40,7 +40,7 @@ impl Op {
 
 /// The before image of a changed row, as far as the replica identity lets Postgres send it.
 #[derive(Clone, Copy, Debug)]
-pub enum OldRow<'a> {
+pub(crate) enum OldRow<'a> {
     /// Nothing was sent: an INSERT, or an UPDATE that kept the identity columns unchanged.
     Absent,
     /// Only identity (key) columns are meaningful; other positions are placeholders.
@@ -54,7 +54,7 @@ pub enum OldRow<'a> {
 pub struct RowChange<'a> {
     pub relation: &'a RelationInfo,
     pub op: Op,
-    pub old: OldRow<'a>,
+    pub(crate) old: OldRow<'a>,
     /// The after image for INSERT and UPDATE. Unchanged TOAST columns were filled in from a
     /// full old row when there is one; otherwise they stay `TupleValue::UnchangedToast`.
     pub new: Option<&'a [TupleValue<'a>]>,
@@ -76,13 +76,13 @@ impl<'a> RowChange<'a> {
         }
     }
 
-    pub fn new_value(&self, index: usize) -> Option<&'a TupleValue<'a>> {
+    pub(crate) fn new_value(&self, index: usize) -> Option<&'a TupleValue<'a>> {
         self.new.and_then(|n| n.get(index))
     }
 
     /// Whether column `index` may have changed in this UPDATE. Unknown old values count as
     /// changed, unchanged TOAST counts as unchanged.
-    pub fn column_changed(&self, index: usize) -> bool {
+    pub(crate) fn column_changed(&self, index: usize) -> bool {
         match self.new_value(index) {
             Some(TupleValue::UnchangedToast) => false,
             new => match self.old_value(index) {

@@ -5,25 +5,25 @@ use crate::pg::pgoutput::{Relation, ReplicaIdentity};
 #[derive(Debug, Clone, PartialEq)]
 pub struct ColumnInfo {
     pub name: String,
-    pub type_oid: u32,
-    pub type_modifier: i32,
+    pub(crate) type_oid: u32,
+    pub(crate) type_modifier: i32,
     /// Part of the replica identity (primary key or identity index, or every column with FULL).
-    pub is_key: bool,
+    pub(crate) is_key: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RelationInfo {
-    pub oid: u32,
-    pub namespace: String,
-    pub name: String,
+    pub(crate) oid: u32,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
     /// `schema.table`, the form config uses.
     pub qualified_name: String,
-    pub replica_identity: ReplicaIdentity,
+    pub(crate) replica_identity: ReplicaIdentity,
     pub columns: Vec<ColumnInfo>,
 }
 
 impl RelationInfo {
-    pub fn from_message(rel: &Relation<'_>) -> Self {
+    pub(crate) fn from_message(rel: &Relation<'_>) -> Self {
         RelationInfo {
             oid: rel.oid,
             namespace: rel.namespace.to_string(),
@@ -43,13 +43,13 @@ impl RelationInfo {
         }
     }
 
-    pub fn column_index(&self, name: &str) -> Option<usize> {
+    pub(crate) fn column_index(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c.name == name)
     }
 
     /// Indexes of the identity columns, or of every column when the table has none
     /// (REPLICA IDENTITY NOTHING), so a row can still be told apart by its full contents.
-    pub fn key_indexes(&self) -> Vec<usize> {
+    pub(crate) fn key_indexes(&self) -> Vec<usize> {
         let keys: Vec<usize> = (0..self.columns.len())
             .filter(|&i| self.columns[i].is_key)
             .collect();

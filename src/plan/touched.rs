@@ -17,8 +17,8 @@ pub struct TouchedRow {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct TouchedRows {
     pub rows: BTreeSet<TouchedRow>,
-    pub truncated: BTreeSet<Arc<str>>,
-    pub messages: Vec<(String, Vec<u8>)>,
+    pub(crate) truncated: BTreeSet<Arc<str>>,
+    pub(crate) messages: Vec<(String, Vec<u8>)>,
 }
 
 impl Plan for TouchedRows {

@@ -11,9 +11,9 @@ use crate::value::TypeRegistry;
 
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct TxnPlan {
-    pub invalidate: EffectPlan,
-    pub mirror: MirrorPlan,
-    pub broadcast: BroadcastPlan,
+    pub(crate) invalidate: EffectPlan,
+    pub(crate) mirror: MirrorPlan,
+    pub(crate) broadcast: BroadcastPlan,
 }
 
 impl Plan for TxnPlan {
@@ -29,9 +29,9 @@ impl Plan for TxnPlan {
 }
 
 pub struct TxnPlanner {
-    pub rules: RulesPlanner,
-    pub mirrors: MirrorPlanner,
-    pub broadcast: Option<BroadcastPlanner>,
+    pub(crate) rules: RulesPlanner,
+    pub(crate) mirrors: MirrorPlanner,
+    pub(crate) broadcast: Option<BroadcastPlanner>,
 }
 
 impl TxnPlanner {

@@ -24,9 +24,9 @@ use crate::stream::assembler::CommittedTxn;
 pub struct Applied {
     /// End of the last commit whose effects are all in the destination: the position the
     /// pipeline confirms to Postgres.
-    pub commit_end_lsn: Lsn,
+    pub(crate) commit_end_lsn: Lsn,
     /// Commit time of each applied transaction, in commit order (commit-to-applied latency).
-    pub commit_times_unix_micros: Vec<i64>,
+    pub(crate) commit_times_unix_micros: Vec<i64>,
 }
 
 impl Applied {
@@ -51,7 +51,7 @@ pub struct SinkError {
 }
 
 impl SinkError {
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         self.retryable
     }
 }

@@ -14,13 +14,13 @@ use crate::plan::{OldRow, Op, Plan, Planner, RelationInfo, RowChange};
 /// A transaction whose commit was decoded, ready for the sink.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommittedTxn<P> {
-    pub xid: u32,
+    pub(crate) xid: u32,
     /// LSN of the commit record.
     pub commit_lsn: Lsn,
     /// End of the commit record: the position to confirm once the plan is applied.
     pub end_lsn: Lsn,
     /// Commit time in Unix microseconds.
-    pub commit_time_unix_micros: i64,
+    pub(crate) commit_time_unix_micros: i64,
     /// Row changes that went into the plan (for metrics).
     pub change_count: u64,
     pub plan: P,
@@ -136,24 +136,24 @@ impl<PL: Planner> Assembler<PL> {
     }
 
     /// Non-built-in column types of the Relation message just fed, if it was one.
-    pub fn take_new_type_oids(&mut self) -> Vec<u32> {
+    pub(crate) fn take_new_type_oids(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.new_type_oids)
     }
 
     /// Hands looked-up types to the planner.
-    pub fn register_types(&mut self, types: &crate::value::TypeRegistry) {
+    pub(crate) fn register_types(&mut self, types: &crate::value::TypeRegistry) {
         self.planner.register_types(types);
     }
 
     /// Nothing is half-received: no open, streamed or prepared transaction. Only then may a
     /// keepalive's position be confirmed without a commit behind it.
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.current.is_none() && self.streamed.is_empty() && self.prepared.is_empty()
     }
 
     /// Forgets everything half-received; after a reconnect the server sends it again
     /// (including Relation messages).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.decoder = Decoder::new();
         self.relations.clear();
         self.current = None;

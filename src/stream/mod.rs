@@ -2,5 +2,5 @@
 //! the LSN bookkeeping of what was received and what may be confirmed.
 
 pub mod assembler;
-pub mod progress;
+pub(crate) mod progress;
 pub mod types;

@@ -6,7 +6,7 @@ use crate::pg::Lsn;
 
 /// Why a status update was sent; doubles as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StatusReason {
+pub(crate) enum StatusReason {
     /// The server asked for a reply in a keepalive.
     KeepaliveReply,
     /// The periodic `status_interval` tick.
@@ -16,7 +16,7 @@ pub enum StatusReason {
 }
 
 impl StatusReason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             StatusReason::KeepaliveReply => "keepalive_reply",
             StatusReason::Interval => "interval",
@@ -42,36 +42,37 @@ fn status_reasons_are_the_exported_labels() {
 /// `flushed_lsn`: the furthest position whose effects are applied (or that carries none).
 /// Invariant: `flushed_lsn <= received_lsn`; neither moves backwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Progress {
+pub(crate) struct Progress {
     received_lsn: Lsn,
     flushed_lsn: Lsn,
 }
 
 impl Progress {
     /// Starts from a position already safe to report (the slot's confirmed flush, or ours).
-    pub fn new(start_lsn: Lsn) -> Self {
+    pub(crate) fn new(start_lsn: Lsn) -> Self {
         Progress {
             received_lsn: start_lsn,
             flushed_lsn: start_lsn,
         }
     }
 
-    pub fn received_lsn(&self) -> Lsn {
+    #[cfg(test)]
+    fn received_lsn(&self) -> Lsn {
         self.received_lsn
     }
 
-    pub fn flushed_lsn(&self) -> Lsn {
+    pub(crate) fn flushed_lsn(&self) -> Lsn {
         self.flushed_lsn
     }
 
-    pub fn receive(&mut self, lsn: Lsn) {
+    pub(crate) fn receive(&mut self, lsn: Lsn) {
         self.received_lsn = self.received_lsn.max(lsn);
     }
 
     /// The sink applied everything up to `lsn` (a commit end), or nothing is pending at `lsn`.
     /// Only these two facts may move the flush position. The caller must have received `lsn`
     /// first: a commit's end is received with its commit message.
-    pub fn confirm(&mut self, lsn: Lsn) {
+    pub(crate) fn confirm(&mut self, lsn: Lsn) {
         self.flushed_lsn = self.flushed_lsn.max(lsn);
         // Confirming what was never received would report a flush the server never sent: a
         // caller that records positions in the wrong order.
@@ -83,7 +84,7 @@ impl Progress {
         );
     }
 
-    pub fn status_update(&self) -> StandbyStatusUpdate {
+    pub(crate) fn status_update(&self) -> StandbyStatusUpdate {
         StandbyStatusUpdate {
             write_lsn: self.received_lsn,
             flush_lsn: self.flushed_lsn,

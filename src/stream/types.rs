@@ -11,29 +11,29 @@ use crate::value::{TypeInfo, TypeKind, TypeRegistry};
 /// The types known so far and a catalog connection kept for the rare lookup mid-stream (a type
 /// created after streaming started), so no connection is opened per Relation message.
 #[derive(Default)]
-pub struct TypeResolver {
+pub(crate) struct TypeResolver {
     registry: TypeRegistry,
     client: Option<Client>,
 }
 
 impl TypeResolver {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         TypeResolver::default()
     }
 
-    pub fn registry(&self) -> &TypeRegistry {
+    pub(crate) fn registry(&self) -> &TypeRegistry {
         &self.registry
     }
 
     /// Keeps `client` for later lookups (the session's catalog connection).
-    pub fn keep_connection(&mut self, client: Client) {
+    pub(crate) fn keep_connection(&mut self, client: Client) {
         self.client = Some(client);
     }
 
     /// Every column type of the tables in `publication`, looked up before streaming starts so
     /// the first rows are rendered right without a lookup in the middle of the stream. Returns
     /// whether anything new became known.
-    pub async fn resolve_publication(
+    pub(crate) async fn resolve_publication(
         &mut self,
         client: &Client,
         publication: &str,
@@ -64,7 +64,7 @@ impl TypeResolver {
 
     /// Looks up what `oids` need, over the kept connection (opened again when it closed).
     /// Returns whether anything new became known.
-    pub async fn resolve(
+    pub(crate) async fn resolve(
         &mut self,
         params: &ConnectParams,
         oids: impl IntoIterator<Item = u32>,

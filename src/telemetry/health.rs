@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 static STREAMING: AtomicBool = AtomicBool::new(false);
 static REDIS_UP: AtomicBool = AtomicBool::new(false);
 
-pub fn set_streaming(on: bool) {
+pub(crate) fn set_streaming(on: bool) {
     STREAMING.store(on, Ordering::Relaxed);
     crate::telemetry::metrics::set_streaming(on);
 }
@@ -17,7 +17,7 @@ pub fn set_redis_up(up: bool) {
     crate::telemetry::metrics::set_redis_up(up);
 }
 
-pub fn streaming() -> bool {
+pub(crate) fn streaming() -> bool {
     STREAMING.load(Ordering::Relaxed)
 }
 

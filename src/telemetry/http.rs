@@ -13,9 +13,9 @@ use crate::telemetry::health;
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr} for metrics (set metrics.listen to a free address, or \"\" to disable)")]
 pub struct ListenError {
-    pub addr: String,
+    pub(crate) addr: String,
     #[source]
-    pub source: std::io::Error,
+    pub(crate) source: std::io::Error,
 }
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.

@@ -8,35 +8,35 @@ use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
 
-pub const TRANSACTIONS_COMMITTED_TOTAL: &str = "walsweep_transactions_committed_total";
-pub const CHANGES_DECODED_TOTAL: &str = "walsweep_changes_decoded_total";
-pub const TRANSACTIONS_APPLIED_TOTAL: &str = "walsweep_transactions_applied_total";
-pub const EFFECTS_APPLIED_TOTAL: &str = "walsweep_effects_applied_total";
-pub const KEYS_UNLINKED_TOTAL: &str = "walsweep_keys_unlinked_total";
-pub const FALLBACKS_TOTAL: &str = "walsweep_fallbacks_total";
-pub const HINTS_MALFORMED_TOTAL: &str = "walsweep_hints_malformed_total";
-pub const BATCH_SIZE_TRANSACTIONS: &str = "walsweep_batch_size_transactions";
-pub const BATCH_APPLY_SECONDS: &str = "walsweep_batch_apply_seconds";
-pub const COMMIT_TO_APPLIED_SECONDS: &str = "walsweep_commit_to_applied_seconds";
-pub const REDIS_ROUND_TRIP_SECONDS: &str = "walsweep_redis_round_trip_seconds";
-pub const REDIS_UP: &str = "walsweep_redis_up";
-pub const FLUSHED_LSN: &str = "walsweep_flushed_lsn";
-pub const STREAMING: &str = "walsweep_streaming";
-pub const RECONNECTS_TOTAL: &str = "walsweep_reconnects_total";
-pub const ERRORS_TOTAL: &str = "walsweep_errors_total";
-pub const STATUS_UPDATES_TOTAL: &str = "walsweep_status_updates_total";
-pub const SLOT_LAG_BYTES: &str = "walsweep_slot_lag_bytes";
-pub const LAG_SECONDS: &str = "walsweep_lag_seconds";
-pub const SLOT_WAL_STATUS: &str = "walsweep_slot_wal_status";
-pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "walsweep_slot_safe_wal_size_bytes";
-pub const RECEIVED_LSN: &str = "walsweep_received_lsn";
-pub const REINVALIDATIONS_TOTAL: &str = "walsweep_reinvalidations_total";
-pub const REINVALIDATION_ERRORS_TOTAL: &str = "walsweep_reinvalidation_errors_total";
-pub const SLOTS_RECREATED_TOTAL: &str = "walsweep_slots_recreated_total";
-pub const MIRROR_ROWS_TOTAL: &str = "walsweep_mirror_rows_total";
-pub const MIRROR_KEYS_CLEARED_TOTAL: &str = "walsweep_mirror_keys_cleared_total";
-pub const BROADCASTS_TOTAL: &str = "walsweep_broadcasts_total";
-pub const SNAPSHOT_ROWS_TOTAL: &str = "walsweep_snapshot_rows_total";
+pub(crate) const TRANSACTIONS_COMMITTED_TOTAL: &str = "walsweep_transactions_committed_total";
+pub(crate) const CHANGES_DECODED_TOTAL: &str = "walsweep_changes_decoded_total";
+pub(crate) const TRANSACTIONS_APPLIED_TOTAL: &str = "walsweep_transactions_applied_total";
+pub(crate) const EFFECTS_APPLIED_TOTAL: &str = "walsweep_effects_applied_total";
+pub(crate) const KEYS_UNLINKED_TOTAL: &str = "walsweep_keys_unlinked_total";
+pub(crate) const FALLBACKS_TOTAL: &str = "walsweep_fallbacks_total";
+pub(crate) const HINTS_MALFORMED_TOTAL: &str = "walsweep_hints_malformed_total";
+pub(crate) const BATCH_SIZE_TRANSACTIONS: &str = "walsweep_batch_size_transactions";
+pub(crate) const BATCH_APPLY_SECONDS: &str = "walsweep_batch_apply_seconds";
+pub(crate) const COMMIT_TO_APPLIED_SECONDS: &str = "walsweep_commit_to_applied_seconds";
+pub(crate) const REDIS_ROUND_TRIP_SECONDS: &str = "walsweep_redis_round_trip_seconds";
+pub(crate) const REDIS_UP: &str = "walsweep_redis_up";
+pub(crate) const FLUSHED_LSN: &str = "walsweep_flushed_lsn";
+pub(crate) const STREAMING: &str = "walsweep_streaming";
+pub(crate) const RECONNECTS_TOTAL: &str = "walsweep_reconnects_total";
+pub(crate) const ERRORS_TOTAL: &str = "walsweep_errors_total";
+pub(crate) const STATUS_UPDATES_TOTAL: &str = "walsweep_status_updates_total";
+pub(crate) const SLOT_LAG_BYTES: &str = "walsweep_slot_lag_bytes";
+pub(crate) const LAG_SECONDS: &str = "walsweep_lag_seconds";
+pub(crate) const SLOT_WAL_STATUS: &str = "walsweep_slot_wal_status";
+pub(crate) const SLOT_SAFE_WAL_SIZE_BYTES: &str = "walsweep_slot_safe_wal_size_bytes";
+pub(crate) const RECEIVED_LSN: &str = "walsweep_received_lsn";
+pub(crate) const REINVALIDATIONS_TOTAL: &str = "walsweep_reinvalidations_total";
+pub(crate) const REINVALIDATION_ERRORS_TOTAL: &str = "walsweep_reinvalidation_errors_total";
+pub(crate) const SLOTS_RECREATED_TOTAL: &str = "walsweep_slots_recreated_total";
+pub(crate) const MIRROR_ROWS_TOTAL: &str = "walsweep_mirror_rows_total";
+pub(crate) const MIRROR_KEYS_CLEARED_TOTAL: &str = "walsweep_mirror_keys_cleared_total";
+pub(crate) const BROADCASTS_TOTAL: &str = "walsweep_broadcasts_total";
+pub(crate) const SNAPSHOT_ROWS_TOTAL: &str = "walsweep_snapshot_rows_total";
 
 /// Every exported name, for the endpoint test and the docs.
 pub const ALL: [&str; 29] = [
@@ -73,9 +73,9 @@ pub const ALL: [&str; 29] = [
 
 /// `result` labels of `walsweep_mirror_rows_total`.
 /// `kind` label values of `EFFECTS_APPLIED_TOTAL`.
-pub const EFFECT_KINDS: [&str; 4] = ["key", "dep", "key_prefix", "dep_prefix"];
+pub(crate) const EFFECT_KINDS: [&str; 4] = ["key", "dep", "key_prefix", "dep_prefix"];
 /// `cause` label values of `FALLBACKS_TOTAL` (`plan::rules::FallbackCause::as_str`).
-pub const FALLBACK_CAUSES: [&str; 6] = [
+pub(crate) const FALLBACK_CAUSES: [&str; 6] = [
     "truncate",
     "unknown_old_value",
     "unknown_new_value",
@@ -84,26 +84,26 @@ pub const FALLBACK_CAUSES: [&str; 6] = [
     "non_utf8_value",
 ];
 /// `reason` label values of `STATUS_UPDATES_TOTAL` (`stream::progress::StatusReason::as_str`).
-pub const STATUS_REASONS: [&str; 3] = ["keepalive_reply", "interval", "shutdown"];
-pub const MIRROR_RESULTS: [&str; 4] = ["written", "deleted", "skipped_absent", "incomplete"];
+pub(crate) const STATUS_REASONS: [&str; 3] = ["keepalive_reply", "interval", "shutdown"];
+pub(crate) const MIRROR_RESULTS: [&str; 4] = ["written", "deleted", "skipped_absent", "incomplete"];
 /// `result` labels of `walsweep_broadcasts_total`.
-pub const BROADCAST_RESULTS: [&str; 2] = ["published", "duplicate"];
-pub const LABEL_RESULT: &str = "result";
+pub(crate) const BROADCAST_RESULTS: [&str; 2] = ["published", "duplicate"];
+pub(crate) const LABEL_RESULT: &str = "result";
 
 /// Values of `pg_replication_slots.wal_status`, one `walsweep_slot_wal_status` series each.
-pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
+pub(crate) const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
-pub const LABEL_KIND: &str = "kind";
-pub const LABEL_TABLE: &str = "table";
-pub const LABEL_OP: &str = "op";
-pub const LABEL_REASON: &str = "reason";
-pub const LABEL_CAUSE: &str = "cause";
-pub const LABEL_STATUS: &str = "status";
+pub(crate) const LABEL_KIND: &str = "kind";
+pub(crate) const LABEL_TABLE: &str = "table";
+pub(crate) const LABEL_OP: &str = "op";
+pub(crate) const LABEL_REASON: &str = "reason";
+pub(crate) const LABEL_CAUSE: &str = "cause";
+pub(crate) const LABEL_STATUS: &str = "status";
 
-pub const ERROR_SINK: &str = "sink";
+pub(crate) const ERROR_SINK: &str = "sink";
 /// Every `kind` label `walsweep_errors_total` can carry (`ReplicationError::kind`,
 /// `PipelineError::kind` and the sink's own).
-pub const ERROR_KINDS: [&str; 20] = [
+pub(crate) const ERROR_KINDS: [&str; 20] = [
     "connect",
     "io",
     "server",
@@ -125,25 +125,25 @@ pub const ERROR_KINDS: [&str; 20] = [
     ERROR_MIRROR_SCORE,
     ERROR_MIRROR_VALUE,
 ];
-pub const ERROR_WRONG_TYPE: &str = "redis_wrong_type";
+pub(crate) const ERROR_WRONG_TYPE: &str = "redis_wrong_type";
 /// A row's index score could not be computed (NULL, out of the declared range): left out.
-pub const ERROR_MIRROR_SCORE: &str = "mirror_score";
+pub(crate) const ERROR_MIRROR_SCORE: &str = "mirror_score";
 /// A column's text did not parse as its type: mirrored as a string.
-pub const ERROR_MIRROR_VALUE: &str = "mirror_value";
+pub(crate) const ERROR_MIRROR_VALUE: &str = "mirror_value";
 
 /// Histogram buckets for latencies: 100 µs to 30 s.
-pub const SECONDS_BUCKETS: [f64; 16] = [
+pub(crate) const SECONDS_BUCKETS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     10.0, 30.0,
 ];
 
 /// Histogram buckets for transactions per batch.
-pub const BATCH_SIZE_BUCKETS: [f64; 10] =
+pub(crate) const BATCH_SIZE_BUCKETS: [f64; 10] =
     [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
 
 /// Registers descriptions and units; call once after installing a recorder. Also sets every
 /// metric to zero so dashboards and alerts see it from the first scrape.
-pub fn describe() {
+pub(crate) fn describe() {
     describe_counter!(
         TRANSACTIONS_COMMITTED_TOTAL,
         "Committed transactions decoded from the slot."
@@ -312,17 +312,17 @@ pub fn describe() {
     }
 }
 
-pub fn txn_committed() {
+pub(crate) fn txn_committed() {
     counter!(TRANSACTIONS_COMMITTED_TOTAL).increment(1);
 }
 
 /// The counter of decoded row changes for one table and operation (kept by the caller).
-pub fn changes_decoded(table: &str, op: &'static str) -> metrics::Counter {
+pub(crate) fn changes_decoded(table: &str, op: &'static str) -> metrics::Counter {
     counter!(CHANGES_DECODED_TOTAL, LABEL_TABLE => table.to_string(), LABEL_OP => op)
 }
 
 /// A batch the sink confirmed: the commit time of each of its transactions, in commit order.
-pub fn batch_applied(commit_times_unix_micros: &[i64], elapsed: Duration) {
+pub(crate) fn batch_applied(commit_times_unix_micros: &[i64], elapsed: Duration) {
     let now_micros = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -342,16 +342,16 @@ pub fn batch_applied(commit_times_unix_micros: &[i64], elapsed: Duration) {
     }
 }
 
-pub fn slot_recreated() {
+pub(crate) fn slot_recreated() {
     counter!(SLOTS_RECREATED_TOTAL).increment(1);
 }
 
-pub fn set_received_lsn(lsn: u64) {
+pub(crate) fn set_received_lsn(lsn: u64) {
     gauge!(RECEIVED_LSN).set(lsn as f64);
 }
 
 /// One poll of the slot's state.
-pub fn slot_polled(lag_bytes: u64, wal_status: Option<&str>, safe_wal_size: Option<i64>) {
+pub(crate) fn slot_polled(lag_bytes: u64, wal_status: Option<&str>, safe_wal_size: Option<i64>) {
     gauge!(SLOT_LAG_BYTES).set(lag_bytes as f64);
     for status in WAL_STATUSES {
         let current = wal_status == Some(status);
@@ -361,7 +361,7 @@ pub fn slot_polled(lag_bytes: u64, wal_status: Option<&str>, safe_wal_size: Opti
 }
 
 /// Effects Redis confirmed: how many of each of `EFFECT_KINDS`, in that order.
-pub fn effects_applied(counts: [usize; 4]) {
+pub(crate) fn effects_applied(counts: [usize; 4]) {
     for (kind, n) in EFFECT_KINDS.into_iter().zip(counts) {
         if n > 0 {
             counter!(EFFECTS_APPLIED_TOTAL, LABEL_KIND => kind).increment(n as u64);
@@ -370,26 +370,26 @@ pub fn effects_applied(counts: [usize; 4]) {
 }
 
 /// Effects a delayed second invalidation applied.
-pub fn reinvalidated(effects: u64) {
+pub(crate) fn reinvalidated(effects: u64) {
     counter!(REINVALIDATIONS_TOTAL).increment(effects);
 }
 
 /// A delayed second invalidation failed (one attempt, or a dropped batch).
-pub fn reinvalidation_error() {
+pub(crate) fn reinvalidation_error() {
     counter!(REINVALIDATION_ERRORS_TOTAL).increment(1);
 }
 
-pub fn keys_unlinked(n: u64) {
+pub(crate) fn keys_unlinked(n: u64) {
     counter!(KEYS_UNLINKED_TOTAL).increment(n);
 }
 
 /// One of `FALLBACK_CAUSES`.
-pub fn fallback(cause: &'static str) {
+pub(crate) fn fallback(cause: &'static str) {
     counter!(FALLBACKS_TOTAL, LABEL_CAUSE => cause).increment(1);
 }
 
 /// Mirror rows Redis confirmed, by each of `MIRROR_RESULTS` in order, and keys a clear removed.
-pub fn mirror_applied(rows: [u64; 4], cleared_keys: u64) {
+pub(crate) fn mirror_applied(rows: [u64; 4], cleared_keys: u64) {
     for (result, n) in MIRROR_RESULTS.iter().zip(rows) {
         if n > 0 {
             counter!(MIRROR_ROWS_TOTAL, LABEL_RESULT => *result).increment(n);
@@ -400,44 +400,44 @@ pub fn mirror_applied(rows: [u64; 4], cleared_keys: u64) {
     }
 }
 
-pub fn broadcasts(published: u64, duplicates: u64) {
+pub(crate) fn broadcasts(published: u64, duplicates: u64) {
     counter!(BROADCASTS_TOTAL, LABEL_RESULT => BROADCAST_RESULTS[0]).increment(published);
     counter!(BROADCASTS_TOTAL, LABEL_RESULT => BROADCAST_RESULTS[1]).increment(duplicates);
 }
 
-pub fn snapshot_rows(n: u64) {
+pub(crate) fn snapshot_rows(n: u64) {
     counter!(SNAPSHOT_ROWS_TOTAL).increment(n);
 }
 
-pub fn hint_malformed() {
+pub(crate) fn hint_malformed() {
     counter!(HINTS_MALFORMED_TOTAL).increment(1);
 }
 
-pub fn redis_round_trip(elapsed: Duration) {
+pub(crate) fn redis_round_trip(elapsed: Duration) {
     histogram!(REDIS_ROUND_TRIP_SECONDS).record(elapsed.as_secs_f64());
 }
 
-pub fn set_redis_up(up: bool) {
+pub(crate) fn set_redis_up(up: bool) {
     gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
 }
 
-pub fn set_flushed_lsn(lsn: u64) {
+pub(crate) fn set_flushed_lsn(lsn: u64) {
     gauge!(FLUSHED_LSN).set(lsn as f64);
 }
 
-pub fn set_streaming(on: bool) {
+pub(crate) fn set_streaming(on: bool) {
     gauge!(STREAMING).set(if on { 1.0 } else { 0.0 });
 }
 
-pub fn reconnected() {
+pub(crate) fn reconnected() {
     counter!(RECONNECTS_TOTAL).increment(1);
 }
 
-pub fn error(kind: &'static str) {
+pub(crate) fn error(kind: &'static str) {
     counter!(ERRORS_TOTAL, LABEL_KIND => kind).increment(1);
 }
 
 /// One of `STATUS_REASONS`.
-pub fn status_sent(reason: &'static str) {
+pub(crate) fn status_sent(reason: &'static str) {
     counter!(STATUS_UPDATES_TOTAL, LABEL_REASON => reason).increment(1);
 }

@@ -27,7 +27,7 @@ fn timestamp_json(ts: &Timestamp, offset: Option<i32>) -> String {
 }
 
 /// IntervalStyle `postgres`, as Postgres' EncodeInterval writes it.
-pub fn interval_text(iv: &Interval) -> String {
+pub(crate) fn interval_text(iv: &Interval) -> String {
     if *iv == Interval::INFINITY {
         return "infinity".into();
     }
@@ -127,7 +127,7 @@ impl Value {
     /// | arrays | JSON arrays, nested for more dimensions, `null` elements; lower bounds (`[0:1]=`) are dropped |
     ///
     /// Domains take their base type's form.
-    pub fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         use serde_json::Value as J;
         match self {
             Value::Null => J::Null,

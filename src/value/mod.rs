@@ -18,13 +18,12 @@ mod array;
 mod json;
 mod python;
 mod text;
-pub mod time;
+pub(crate) mod time;
 mod types;
 
-pub use json::interval_text;
-pub use python::{python_repr, python_str, PYTHON_NONE};
+pub(crate) use python::{python_repr, python_str, PYTHON_NONE};
 pub use text::{decode_text, ValueError};
-pub use time::iso_utc;
+pub(crate) use time::iso_utc;
 pub use types::{builtin_array_element, is_builtin, TypeInfo, TypeKind, TypeRegistry};
 
 /// A column value with its type.
@@ -102,12 +101,12 @@ pub struct Interval {
 }
 
 impl Interval {
-    pub const INFINITY: Interval = Interval {
+    pub(crate) const INFINITY: Interval = Interval {
         months: i32::MAX,
         days: i32::MAX,
         micros: i64::MAX,
     };
-    pub const NEG_INFINITY: Interval = Interval {
+    pub(crate) const NEG_INFINITY: Interval = Interval {
         months: i32::MIN,
         days: i32::MIN,
         micros: i64::MIN,

@@ -19,7 +19,7 @@ impl Value {
     /// from Postgres' text: `None` means "use the Postgres text as is" (text, uuid, dates,
     /// intervals, bytea, json and arrays, whose Python objects would print as reprs no cache key
     /// should contain; and dates, which print the same).
-    pub fn python_str(&self) -> Option<String> {
+    pub(crate) fn python_str(&self) -> Option<String> {
         match self {
             Value::Null => Some(PYTHON_NONE.into()),
             Value::Bool(true) => Some("True".into()),
@@ -43,13 +43,13 @@ impl Value {
 }
 
 /// Python's `str(None)`.
-pub const PYTHON_NONE: &str = "None";
+pub(crate) const PYTHON_NONE: &str = "None";
 
 /// Python's `str()` of a column value given as Postgres text, through the typed conversion.
 /// Text that does not parse as its type is returned as is (a key is better than no key; the
 /// typed reading is the one to trust). Types whose Python form is their text (text, uuid,
 /// dates, arrays, ...) are returned without being decoded, so rendering them allocates nothing.
-pub fn python_str<'a>(type_oid: u32, text: &'a str, types: &TypeRegistry) -> Cow<'a, str> {
+pub(crate) fn python_str<'a>(type_oid: u32, text: &'a str, types: &TypeRegistry) -> Cow<'a, str> {
     let passthrough = match types.shape(type_oid, 0) {
         Ok(Shape::Scalar(scalar)) => matches!(
             scalar,
@@ -197,7 +197,7 @@ fn python_decimal(text: &str) -> String {
 
 /// `repr()` for the types whose Python value has a simple repr; other types are rendered as
 /// `repr()` of their text, which matches apps that key on strings.
-pub fn python_repr(type_oid: u32, text: &str, types: &TypeRegistry) -> String {
+pub(crate) fn python_repr(type_oid: u32, text: &str, types: &TypeRegistry) -> String {
     // A domain's Python value is its base type's.
     let type_oid = types.base_type(type_oid);
     match Type::from_oid(type_oid) {

@@ -16,10 +16,10 @@ use super::{Date, Interval, Time, Timestamp, Value, Ymd};
 #[error("invalid {type_name} value {text}: {reason}")]
 pub struct ValueError {
     /// `int4`, `timestamptz`, `public.mood`, `type oid 16384`, ...
-    pub type_name: String,
+    pub(crate) type_name: String,
     /// The offending text, quoted and truncated to a readable length.
-    pub text: String,
-    pub reason: String,
+    pub(crate) text: String,
+    pub(crate) reason: String,
 }
 
 /// Longest piece of offending text an error repeats.
@@ -494,7 +494,7 @@ mod tests {
 
     use super::super::fixtures::{builtin, hms, ok, ymd};
     use super::*;
-    use crate::value::interval_text;
+    use crate::value::json::interval_text;
 
     #[test]
     fn scalars_decode_to_their_types() {

@@ -7,12 +7,12 @@ use std::fmt::Write as _;
 use super::{Time, Ymd};
 
 /// Whether `year` (astronomical: 1 BC is 0) has a February 29.
-pub fn is_leap(year: i32) -> bool {
+pub(crate) fn is_leap(year: i32) -> bool {
     year.rem_euclid(4) == 0 && (year.rem_euclid(100) != 0 || year.rem_euclid(400) == 0)
 }
 
 /// The length of `month` (1..=12) in `year`.
-pub fn days_in_month(year: i32, month: u8) -> u8 {
+pub(crate) fn days_in_month(year: i32, month: u8) -> u8 {
     match month {
         2 if is_leap(year) => 29,
         2 => 28,
@@ -22,7 +22,7 @@ pub fn days_in_month(year: i32, month: u8) -> u8 {
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -39,7 +39,7 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// `days_from_civil` (the inverse of [`civil_from_days`]): counting years from March puts the
 /// leap day at the end of the year, so the day within a year is a fixed function of the month,
 /// and 400-year eras repeat exactly.
-pub fn days_since_epoch(date: Ymd) -> i64 {
+pub(crate) fn days_since_epoch(date: Ymd) -> i64 {
     let month = i64::from(date.month);
     let day = i64::from(date.day);
     // January and February belong to the previous March-based year.
@@ -57,7 +57,7 @@ pub fn days_since_epoch(date: Ymd) -> i64 {
 /// east of UTC; i128 holds every result. `date` is meant to be a real calendar date (every date
 /// [`decode_text`](super::decode_text) reads is one); any other gives a meaningless count, never
 /// a panic.
-pub fn unix_micros(date: Ymd, time: Time, offset: i32) -> i128 {
+pub(crate) fn unix_micros(date: Ymd, time: Time, offset: i32) -> i128 {
     let days = i128::from(days_since_epoch(date));
     let Time {
         hour,
@@ -73,7 +73,7 @@ pub fn unix_micros(date: Ymd, time: Time, offset: i32) -> i128 {
 }
 
 /// Unix microseconds as `2024-01-02T03:04:05.123456Z`.
-pub fn iso_utc(unix_micros: i64) -> String {
+pub(crate) fn iso_utc(unix_micros: i64) -> String {
     let days = unix_micros.div_euclid(86_400_000_000);
     let micros_of_day = unix_micros.rem_euclid(86_400_000_000);
     let (year, month, day) = civil_from_days(days);

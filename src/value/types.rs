@@ -10,8 +10,8 @@ use postgres_types::Type;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TypeInfo {
     /// `schema.name`, for messages.
-    pub name: String,
-    pub kind: TypeKind,
+    pub(crate) name: String,
+    pub(crate) kind: TypeKind,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,25 +149,17 @@ impl TypeRegistry {
         Self::default()
     }
 
-    pub fn insert(&mut self, type_oid: u32, info: TypeInfo) {
+    pub(crate) fn insert(&mut self, type_oid: u32, info: TypeInfo) {
         self.types.insert(type_oid, info);
     }
 
-    pub fn get(&self, type_oid: u32) -> Option<&TypeInfo> {
+    pub(crate) fn get(&self, type_oid: u32) -> Option<&TypeInfo> {
         self.types.get(&type_oid)
-    }
-
-    pub fn len(&self) -> usize {
-        self.types.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.types.is_empty()
     }
 
     /// The OIDs among `oids` that are neither built in nor registered, sorted and without
     /// duplicates: what a caller should look up before decoding.
-    pub fn unresolved(&self, oids: impl IntoIterator<Item = u32>) -> Vec<u32> {
+    pub(crate) fn unresolved(&self, oids: impl IntoIterator<Item = u32>) -> Vec<u32> {
         let mut missing: Vec<u32> = oids
             .into_iter()
             .filter(|o| !is_builtin(*o) && !self.types.contains_key(o))
@@ -178,7 +170,7 @@ impl TypeRegistry {
     }
 
     /// The type a domain stands for (through domains over domains); any other type itself.
-    pub fn base_type(&self, type_oid: u32) -> u32 {
+    pub(crate) fn base_type(&self, type_oid: u32) -> u32 {
         let mut current = type_oid;
         // Bounded like the lookup: a catalog cannot nest domains deeper than it resolved.
         for _ in 0..MAX_TYPE_DEPTH {
@@ -191,7 +183,7 @@ impl TypeRegistry {
     }
 
     /// A readable name: the built-in short name, the registered `schema.name`, or `type oid N`.
-    pub fn type_name(&self, type_oid: u32) -> String {
+    pub(crate) fn type_name(&self, type_oid: u32) -> String {
         if let Some(name) = builtin_name(type_oid) {
             return name;
         }

@@ -21,7 +21,7 @@ use input::{parse_row, row_shape, to_tuple};
 use report::{write_broadcast, write_effects, write_mirrors, write_type_guesses};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ExplainError {
+pub(crate) enum ExplainError {
     #[error("no [[table]] named {0:?} in the config")]
     UnknownTable(String),
     #[error("--{which} is not a JSON object of column values: {reason}")]
@@ -36,7 +36,7 @@ pub enum ExplainError {
 }
 
 /// Renders the effects as lines of text.
-pub fn explain(
+pub(crate) fn explain(
     config: &Config,
     table: &str,
     op: Op,

@@ -62,7 +62,6 @@ pub(super) fn write_effects(
             (RuleRef::Scope(i), Some(r)) => {
                 format!("table[{}].scope[{i}] {:?}", origin.table, r.scopes[*i].name)
             }
-            (RuleRef::Hint, _) => "hint".into(),
             _ => "?".into(),
         };
         let what = match effect {

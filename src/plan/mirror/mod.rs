@@ -12,9 +12,9 @@
 //! - `[[table.mirror.index]]`: a sorted set per rendered index key; member = rendered member
 //!   template, score = the score expression (`score`).
 
-pub mod plan;
-pub mod planner;
-pub mod score;
+pub(crate) mod plan;
+pub(crate) mod planner;
+pub(crate) mod score;
 
 use std::sync::Arc;
 
@@ -22,40 +22,40 @@ use crate::config::score::{ScoreExpr, ScoreParseError};
 use crate::config::template::{Template, TemplateError};
 use crate::config::{MirrorConfig, MirrorFormat, TableConfig};
 
-pub use plan::{IndexAdd, IndexRemove, MirrorOp, MirrorPlan, RowWrite};
-pub use planner::MirrorPlanner;
+pub(crate) use plan::{MirrorOp, MirrorPlan, RowWrite};
+pub(crate) use planner::MirrorPlanner;
 
 /// How the sink writes one mirror's rows (carried with each op, so the sink needs no config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WriteMode {
-    pub format: MirrorFormat,
-    pub only_if_present: bool,
+pub(crate) struct WriteMode {
+    pub(crate) format: MirrorFormat,
+    pub(crate) only_if_present: bool,
     /// 0 = no expiry.
-    pub ttl_seconds: u64,
+    pub(crate) ttl_seconds: u64,
 }
 
 /// A compiled `[[table.mirror.index]]`.
 #[derive(Debug, Clone)]
-pub struct IndexRule {
-    pub index: usize,
-    pub key: Template,
-    pub member: Template,
-    pub score: ScoreExpr,
-    pub retention_seconds: Option<u64>,
+pub(crate) struct IndexRule {
+    pub(crate) index: usize,
+    pub(crate) key: Template,
+    pub(crate) member: Template,
+    pub(crate) score: ScoreExpr,
+    pub(crate) retention_seconds: Option<u64>,
 }
 
 /// A compiled `[[table.mirror]]`.
 #[derive(Debug, Clone)]
-pub struct MirrorRule {
+pub(crate) struct MirrorRule {
     /// Index of the `[[table]]` entry and of the mirror within it.
-    pub table: usize,
-    pub index: usize,
+    pub(crate) table: usize,
+    pub(crate) index: usize,
     /// `schema.table`.
-    pub table_name: String,
-    pub key: Template,
-    pub columns: Option<Vec<String>>,
-    pub mode: WriteMode,
-    pub indexes: Vec<IndexRule>,
+    pub(crate) table_name: String,
+    pub(crate) key: Template,
+    pub(crate) columns: Option<Vec<String>>,
+    pub(crate) mode: WriteMode,
+    pub(crate) indexes: Vec<IndexRule>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +67,7 @@ pub enum MirrorRuleError {
 }
 
 impl MirrorRule {
-    pub fn compile(
+    pub(crate) fn compile(
         table: usize,
         index: usize,
         table_name: &str,
@@ -102,7 +102,7 @@ impl MirrorRule {
     }
 
     /// Every key prefix this mirror writes under: what TRUNCATE and a reset clear.
-    pub fn prefixes(&self) -> Vec<String> {
+    pub(crate) fn prefixes(&self) -> Vec<String> {
         let mut out = vec![self.key.literal_prefix().to_string()];
         out.extend(
             self.indexes
@@ -113,13 +113,13 @@ impl MirrorRule {
     }
 
     /// Every column this mirror reads, with what needs it (for `check`).
-    pub fn referenced_columns(&self) -> Vec<(String, String)> {
+    pub(crate) fn referenced_columns(&self) -> Vec<(String, String)> {
         self.columns_named(true)
     }
 
     /// Columns whose old value must be known to find a row's previous key or index entry on
     /// UPDATE and DELETE: key, index key and member columns (scores are overwritten in place).
-    pub fn identity_columns(&self) -> Vec<(String, String)> {
+    pub(crate) fn identity_columns(&self) -> Vec<(String, String)> {
         self.columns_named(false)
     }
 
@@ -155,7 +155,7 @@ impl MirrorRule {
 }
 
 /// Every mirror of the config, in `[[table]]` order.
-pub fn compile_all(tables: &[TableConfig]) -> Result<Vec<Arc<MirrorRule>>, MirrorRuleError> {
+pub(crate) fn compile_all(tables: &[TableConfig]) -> Result<Vec<Arc<MirrorRule>>, MirrorRuleError> {
     let mut out = Vec::new();
     for (t, table) in tables.iter().enumerate() {
         let name = if table.name.contains('.') {

@@ -13,7 +13,7 @@ use crate::plan::rules::FallbackCause;
 
 /// A row field to write.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Field {
+pub(crate) enum Field {
     /// The stored form: JSON text for `json` mirrors, the field's string for `hash` mirrors.
     Value(String),
     /// NULL: `null` in JSON, no field in a hash.
@@ -25,49 +25,49 @@ pub enum Field {
 
 /// A sorted-set member to add (or re-score).
 #[derive(Debug, Clone, PartialEq)]
-pub struct IndexAdd {
-    pub key: String,
-    pub member: String,
-    pub score: f64,
+pub(crate) struct IndexAdd {
+    pub(crate) key: String,
+    pub(crate) member: String,
+    pub(crate) score: f64,
     /// Retention: the segment's base score and how many score units one second is; the sink
     /// removes `[base, base + (commit_time - window) * units)` from the key.
-    pub retention: Option<Retention>,
+    pub(crate) retention: Option<Retention>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Retention {
+pub(crate) struct Retention {
     /// Lowest score of this member's segment (`-inf` for a plain time score).
-    pub base: f64,
-    pub units_per_second: f64,
-    pub window_seconds: u64,
+    pub(crate) base: f64,
+    pub(crate) units_per_second: f64,
+    pub(crate) window_seconds: u64,
 }
 
 /// A sorted-set member to remove.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct IndexRemove {
-    pub key: String,
-    pub member: String,
+pub(crate) struct IndexRemove {
+    pub(crate) key: String,
+    pub(crate) member: String,
 }
 
 /// Write a row to `key`; `source` is where kept fields come from and is removed afterwards
 /// when it differs (the row's key changed).
 #[derive(Debug, Clone, PartialEq)]
-pub struct RowWrite {
-    pub key: String,
-    pub source: String,
-    pub mode: WriteMode,
+pub(crate) struct RowWrite {
+    pub(crate) key: String,
+    pub(crate) source: String,
+    pub(crate) mode: WriteMode,
     /// The whole stored JSON object, for a `json` mirror with nothing to keep (the common
     /// case: one allocation per pending row instead of one per column); `fields` is then
     /// empty.
-    pub document: Option<String>,
+    pub(crate) document: Option<String>,
     /// In column order; names shared by every row of the relation.
-    pub fields: Vec<(Arc<str>, Field)>,
-    pub index_removes: Vec<IndexRemove>,
-    pub index_adds: Vec<IndexAdd>,
+    pub(crate) fields: Vec<(Arc<str>, Field)>,
+    pub(crate) index_removes: Vec<IndexRemove>,
+    pub(crate) index_adds: Vec<IndexAdd>,
 }
 
 /// `"name"` as a JSON string literal.
-pub fn push_json_name(out: &mut String, name: &str) {
+pub(crate) fn push_json_name(out: &mut String, name: &str) {
     if name
         .bytes()
         .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
@@ -81,7 +81,7 @@ pub fn push_json_name(out: &mut String, name: &str) {
 }
 
 /// The stored JSON object of a row without kept fields.
-pub fn json_document(fields: &[(std::sync::Arc<str>, Field)]) -> String {
+pub(crate) fn json_document(fields: &[(std::sync::Arc<str>, Field)]) -> String {
     let mut out = String::with_capacity(
         2 + fields
             .iter()
@@ -112,7 +112,7 @@ pub fn json_document(fields: &[(std::sync::Arc<str>, Field)]) -> String {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum MirrorOp {
+pub(crate) enum MirrorOp {
     Write(RowWrite),
     /// Remove the row at `key` and its index members.
     Delete {
@@ -138,7 +138,7 @@ impl MirrorOp {
 }
 
 #[derive(Debug, Default, Clone)]
-pub struct MirrorPlan {
+pub(crate) struct MirrorPlan {
     ops: Vec<MirrorOp>,
     /// Hash of a key -> position of the last op on it that a later op may still fold into.
     /// Hashes, not keys, so a pending row's key is stored once; a collision only means an op
@@ -216,15 +216,11 @@ fn key_hash(key: &str) -> u64 {
 }
 
 impl MirrorPlan {
-    pub fn ops(&self) -> &[MirrorOp] {
+    pub(crate) fn ops(&self) -> &[MirrorOp] {
         &self.ops
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
-    }
-
-    pub fn push(&mut self, op: MirrorOp) {
+    pub(crate) fn push(&mut self, op: MirrorOp) {
         match &op {
             MirrorOp::Clear { .. } => {
                 // A barrier: nothing after it may fold into anything before it.
@@ -277,7 +273,7 @@ impl MirrorPlan {
     }
 
     /// Appends `later`'s ops (a later segment or transaction), folding where allowed.
-    pub fn merge(&mut self, later: MirrorPlan) {
+    pub(crate) fn merge(&mut self, later: MirrorPlan) {
         if self.ops.is_empty() {
             *self = later;
             return;
@@ -287,7 +283,7 @@ impl MirrorPlan {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.ops.len()
     }
 }

@@ -69,7 +69,7 @@ impl BoundMirror {
 }
 
 /// Turns changes of mirrored tables into `MirrorOp`s.
-pub struct MirrorPlanner {
+pub(crate) struct MirrorPlanner {
     rules: Vec<Arc<MirrorRule>>,
     bound: HashMap<u32, Vec<BoundMirror>>,
     types: TypeRegistry,
@@ -90,7 +90,7 @@ fn decode(oid: u32, bytes: &[u8], types: &TypeRegistry) -> Result<Value, String>
 }
 
 impl MirrorPlanner {
-    pub fn new(rules: Vec<Arc<MirrorRule>>) -> Self {
+    pub(crate) fn new(rules: Vec<Arc<MirrorRule>>) -> Self {
         MirrorPlanner {
             rules,
             bound: HashMap::new(),
@@ -99,16 +99,16 @@ impl MirrorPlanner {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
 
     /// Enums, domains and arrays of them, so they are typed like built-in values.
-    pub fn register_types(&mut self, types: &TypeRegistry) {
+    pub(crate) fn register_types(&mut self, types: &TypeRegistry) {
         self.types = types.clone();
     }
 
-    pub fn relation_changed(&mut self, relation: &RelationInfo) {
+    pub(crate) fn relation_changed(&mut self, relation: &RelationInfo) {
         let mirrors = self
             .rules
             .iter()
@@ -124,7 +124,7 @@ impl MirrorPlanner {
         }
     }
 
-    pub fn plan_change(&mut self, change: &RowChange<'_>, plan: &mut MirrorPlan) {
+    pub(crate) fn plan_change(&mut self, change: &RowChange<'_>, plan: &mut MirrorPlan) {
         if !self.bound.contains_key(&change.relation.oid) {
             self.relation_changed(change.relation);
         }
@@ -140,7 +140,7 @@ impl MirrorPlanner {
         }
     }
 
-    pub fn plan_truncate(&mut self, relation: &RelationInfo, plan: &mut MirrorPlan) {
+    pub(crate) fn plan_truncate(&mut self, relation: &RelationInfo, plan: &mut MirrorPlan) {
         for rule in self
             .rules
             .iter()

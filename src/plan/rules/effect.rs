@@ -23,7 +23,7 @@ pub enum FallbackCause {
 }
 
 impl FallbackCause {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FallbackCause::Truncate => "truncate",
             FallbackCause::UnknownOldValue => "unknown_old_value",
@@ -55,31 +55,21 @@ pub enum Effect {
     },
 }
 
-impl Effect {
-    /// Metric label.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Effect::UnlinkKey(_) => "key",
-            Effect::InvalidateDep(_) => "dep",
-            Effect::UnlinkKeysWithPrefix { .. } => "key_prefix",
-            Effect::InvalidateDepsWithPrefix { .. } => "dep_prefix",
-        }
-    }
-}
+impl Effect {}
 
 /// Distinct effects of a transaction (or of a batch of them).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct EffectPlan {
     pub keys: HashSet<String>,
-    pub deps: HashSet<String>,
+    pub(crate) deps: HashSet<String>,
     pub key_prefixes: BTreeMap<String, FallbackCause>,
-    pub dep_prefixes: BTreeMap<String, FallbackCause>,
+    pub(crate) dep_prefixes: BTreeMap<String, FallbackCause>,
 }
 
 impl EffectPlan {
     /// Keys, dependency sets, key prefixes and dependency prefixes: the order of
     /// `telemetry::metrics::EFFECT_KINDS`.
-    pub fn counts_by_kind(&self) -> [usize; 4] {
+    pub(crate) fn counts_by_kind(&self) -> [usize; 4] {
         [
             self.keys.len(),
             self.deps.len(),
@@ -105,7 +95,7 @@ impl EffectPlan {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.effect_count() == 0
     }
 }

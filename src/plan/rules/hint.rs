@@ -15,14 +15,14 @@ struct Hint {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum HintError {
+pub(crate) enum HintError {
     #[error("hint is not valid JSON of the form {{\"keys\": [...], \"deps\": [...]}}")]
     Json(#[from] serde_json::Error),
     #[error("hint has an empty key or dependency")]
     Empty,
 }
 
-pub fn parse_hint(content: &[u8]) -> Result<Vec<Effect>, HintError> {
+pub(crate) fn parse_hint(content: &[u8]) -> Result<Vec<Effect>, HintError> {
     let hint: Hint = serde_json::from_slice(content)?;
     if hint.keys.iter().chain(&hint.deps).any(String::is_empty) {
         return Err(HintError::Empty);

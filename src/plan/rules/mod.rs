@@ -4,8 +4,8 @@
 //! Config is compiled once (`Rules`); column positions are bound once per Relation message
 //! (`BoundTable`), so per row there are only index lookups and string building.
 
-pub mod effect;
-pub mod hint;
+pub(crate) mod effect;
+pub(crate) mod hint;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,35 +18,34 @@ use crate::value::{python_repr, python_str, TypeRegistry, PYTHON_NONE};
 pub use effect::{Effect, EffectPlan, FallbackCause};
 
 /// Prefix of `pg_logical_emit_message` payloads walsweep acts on.
-pub const HINT_PREFIX: &str = "walsweep";
+pub(crate) const HINT_PREFIX: &str = "walsweep";
 
 /// Which part of the config produced an effect (for `explain` and logs).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
+pub(crate) struct Origin {
     /// Index of the `[[table]]` entry.
-    pub table: usize,
-    pub rule: RuleRef,
+    pub(crate) table: usize,
+    pub(crate) rule: RuleRef,
     /// Old row, new row, or the whole table.
-    pub side: Side,
+    pub(crate) side: Side,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RuleRef {
+pub(crate) enum RuleRef {
     Key(usize),
     Dep(usize),
     Scope(usize),
-    Hint,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     Old,
     New,
     Table,
 }
 
 impl Side {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Side::Old => "old row",
             Side::New => "new row",
@@ -57,34 +56,34 @@ impl Side {
 
 /// A compiled `[[table.scope]]`.
 #[derive(Debug, Clone)]
-pub struct ScopeRule {
-    pub name: String,
+pub(crate) struct ScopeRule {
+    pub(crate) name: String,
     /// Sorted, as matroska-cache sorts the condition's items.
-    pub columns: Vec<String>,
+    pub(crate) columns: Vec<String>,
 }
 
 impl ScopeRule {
-    pub fn invalidate_all(&self) -> String {
+    pub(crate) fn invalidate_all(&self) -> String {
         format!("condition:{}::InvalidateAll", self.name)
     }
 }
 
 /// A compiled `[[table]]`.
 #[derive(Debug, Clone)]
-pub struct TableRule {
-    pub index: usize,
-    pub name: String,
-    pub keys: Vec<Template>,
-    pub deps: Vec<Template>,
-    pub columns: Option<Vec<String>>,
-    pub ops: HashSet<Op>,
-    pub scopes: Vec<ScopeRule>,
+pub(crate) struct TableRule {
+    pub(crate) index: usize,
+    pub(crate) name: String,
+    pub(crate) keys: Vec<Template>,
+    pub(crate) deps: Vec<Template>,
+    pub(crate) columns: Option<Vec<String>>,
+    pub(crate) ops: HashSet<Op>,
+    pub(crate) scopes: Vec<ScopeRule>,
 }
 
 /// All rules, by qualified table name.
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
-    pub tables: Vec<TableRule>,
+    pub(crate) tables: Vec<TableRule>,
 }
 
 fn op_of(name: OpName) -> Op {
@@ -98,7 +97,7 @@ fn op_of(name: OpName) -> Op {
 
 impl TableRule {
     /// Compiles one entry; templates were validated with the config, so parsing succeeds.
-    pub fn compile(index: usize, table: &TableConfig) -> Result<TableRule, TemplateError> {
+    pub(crate) fn compile(index: usize, table: &TableConfig) -> Result<TableRule, TemplateError> {
         let name = if table.name.contains('.') {
             table.name.clone()
         } else {
@@ -141,7 +140,7 @@ impl TableRule {
     }
 
     /// Every column the rules read from a row, with what needs it (for `check`).
-    pub fn referenced_columns(&self) -> Vec<(String, String)> {
+    pub(crate) fn referenced_columns(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for (i, k) in self.keys.iter().enumerate() {
             for c in k.columns() {
@@ -429,7 +428,7 @@ impl RulesPlanner {
     }
 
     /// Every effect of one change with the rule that produced it.
-    pub fn effects(&mut self, change: &RowChange<'_>, emit: &mut dyn FnMut(Effect, Origin)) {
+    pub(crate) fn effects(&mut self, change: &RowChange<'_>, emit: &mut dyn FnMut(Effect, Origin)) {
         if !self.bound.contains_key(&change.relation.oid) {
             self.bind(change.relation);
         }
@@ -543,7 +542,7 @@ impl RulesPlanner {
     }
 
     /// Effects of a TRUNCATE of `relation`.
-    pub fn truncate_effects(
+    pub(crate) fn truncate_effects(
         &mut self,
         relation: &RelationInfo,
         emit: &mut dyn FnMut(Effect, Origin),

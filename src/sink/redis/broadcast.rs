@@ -17,7 +17,7 @@ static BROADCAST: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/broadcast.lua")));
 
 /// Where the last published LSN is kept: next to the stream, else the channel's name.
-pub fn state_key(config: &BroadcastConfig) -> String {
+pub(crate) fn state_key(config: &BroadcastConfig) -> String {
     let base = config
         .stream
         .as_deref()

@@ -26,16 +26,16 @@ const CALLS_PER_ROUND_TRIP: usize = 64;
 
 /// What applying mirror ops did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct MirrorApplied {
-    pub written: u64,
-    pub deleted: u64,
+pub(crate) struct MirrorApplied {
+    pub(crate) written: u64,
+    pub(crate) deleted: u64,
     /// `only_if_present` rows that were not cached.
-    pub skipped: u64,
+    pub(crate) skipped: u64,
     /// Rows with an unchanged TOAST value and no stored entry to take it from: removed.
-    pub incomplete: u64,
-    pub cleared_keys: u64,
+    pub(crate) incomplete: u64,
+    pub(crate) cleared_keys: u64,
     /// Index keys holding another type (someone else's data): left alone.
-    pub wrong_type: u64,
+    pub(crate) wrong_type: u64,
 }
 
 /// One script call being built.
@@ -218,7 +218,7 @@ fn log_op(op: &MirrorOp) {
 impl RedisSink {
     /// Applies mirror ops in order. `cutoff_unix_secs` is the commit time retention windows
     /// count back from.
-    pub async fn apply_mirror_ops<'a>(
+    pub(crate) async fn apply_mirror_ops<'a>(
         &mut self,
         ops: impl IntoIterator<Item = &'a MirrorOp>,
         cutoff_unix_secs: i64,

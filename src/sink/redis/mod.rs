@@ -12,10 +12,10 @@
 //!
 //! So the sink contract's at-least-once delivery is safe here.
 
-pub mod broadcast;
-pub mod mirror;
+pub(crate) mod broadcast;
+pub(crate) mod mirror;
 pub mod probe;
-pub mod reinvalidate;
+pub(crate) mod reinvalidate;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
@@ -40,7 +40,7 @@ const SETS_PER_SCRIPT_CALL: usize = 256;
 const SCAN_COUNT: usize = 1_000;
 
 /// Where matroska-cache keeps dependency sets.
-pub fn dep_set_key(prefix: &str, dep: &str) -> String {
+pub(crate) fn dep_set_key(prefix: &str, dep: &str) -> String {
     format!("{prefix}::rdep::{dep}")
 }
 
@@ -264,7 +264,7 @@ impl RedisSink {
     }
 
     /// Publishes a message per transaction as `[broadcast]` says.
-    pub fn with_broadcast(mut self, broadcast: Option<BroadcastConfig>) -> Self {
+    pub(crate) fn with_broadcast(mut self, broadcast: Option<BroadcastConfig>) -> Self {
         self.broadcast = broadcast;
         self
     }
@@ -445,7 +445,7 @@ pub(crate) async fn round_trip<T>(
 
 /// Log target for one line per effect (`RUST_LOG=walsweep::effects=debug`): handy to watch,
 /// far too chatty for production.
-pub const EFFECTS_LOG_TARGET: &str = "walsweep::effects";
+pub(crate) const EFFECTS_LOG_TARGET: &str = "walsweep::effects";
 
 fn log_effects(
     keys: &HashSet<&str>,

@@ -36,7 +36,7 @@ use crate::telemetry::metrics as m;
 use super::RedisSink;
 
 /// Effects waiting for their second application before the oldest are applied early.
-pub const MAX_PENDING_EFFECTS: usize = 100_000;
+pub(crate) const MAX_PENDING_EFFECTS: usize = 100_000;
 /// Multiple of the cap at which the oldest entries are dropped (loudly) instead.
 const HARD_LIMIT_FACTOR: usize = 2;
 /// Most effects merged into one application (one applies at least one whole batch).
@@ -81,8 +81,8 @@ pub(crate) enum Next {
 /// Entries dropped by `push` because the queue was at twice its cap.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Dropped {
-    pub batches: usize,
-    pub effects: usize,
+    pub(crate) batches: usize,
+    pub(crate) effects: usize,
 }
 
 impl Queue {

@@ -11,7 +11,7 @@ pub(super) const EXACT_LIMIT: i128 = 1 << EXACT_BITS;
 
 impl ScoreExpr {
     /// Evaluates for one row; `values[i]` is the value of `columns()[i]`.
-    pub fn eval(&self, values: &[&Value]) -> Result<f64, ScoreError> {
+    pub(crate) fn eval(&self, values: &[&Value]) -> Result<f64, ScoreError> {
         self.check_arity(values)?;
         if let Node::Col(i) = self.root {
             if let Value::Float(f) = values[i] {

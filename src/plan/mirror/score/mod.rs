@@ -25,7 +25,7 @@ mod width;
 
 /// Why one row has no score.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ScoreError {
+pub(crate) enum ScoreError {
     #[error("column {column} is NULL; a score needs a value")]
     Null { column: String },
     #[error("column {column} holds {found}; {expected}")]

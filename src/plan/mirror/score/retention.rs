@@ -14,7 +14,7 @@ impl ScoreExpr {
     /// `(-inf, cutoff)`; for `X | T` or `X + T`: `(X, X + cutoff)`, the cutoff in T's unit
     /// (floored, so a member in the cutoff's own second is kept). None when
     /// `!supports_retention()`.
-    pub fn retention_range(
+    pub(crate) fn retention_range(
         &self,
         values: &[&Value],
         cutoff_unix_micros: i64,

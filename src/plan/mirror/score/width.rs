@@ -7,7 +7,7 @@ use postgres_types::Type;
 impl ScoreExpr {
     /// Static check from column type OIDs (`type_of(column)` returns the column's pg_type OID,
     /// None if the table lacks it). The error explains the problem and the fix.
-    pub fn check_types(&self, type_of: &dyn Fn(&str) -> Option<u32>) -> Result<(), String> {
+    pub(crate) fn check_types(&self, type_of: &dyn Fn(&str) -> Option<u32>) -> Result<(), String> {
         let mut types = Vec::with_capacity(self.columns.len());
         for name in &self.columns {
             match type_of(name) {
