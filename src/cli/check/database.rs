@@ -1,13 +1,10 @@
-//! `walsweep check`: offline lint of the config, then checks against the live database and
-//! Redis. Collects every finding instead of stopping at the first, like a compiler.
+//! The checks against the live database: wal_level, publication, tables, columns, replica
+//! identity, and mirrors against each table's catalog shape.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::ExitCode;
 
 use tokio_postgres::Client;
 
-use crate::cli::{load, EXIT_CONFIG};
 use crate::config::Config;
 use crate::pg::catalog::{self, qualified_ident, split_table_name};
 use crate::plan::mirror::MirrorRule;
@@ -15,16 +12,7 @@ use crate::plan::rules::{Rules, TableRule};
 use crate::plan::Op;
 use crate::telemetry::log::display_chain;
 
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Report {
-    pub(crate) errors: Vec<String>,
-    pub(crate) warnings: Vec<String>,
-    pub(crate) notes: Vec<String>,
-    /// Tables whose rules need REPLICA IDENTITY FULL (for `setup`).
-    pub(crate) needs_full_identity: Vec<String>,
-    /// Tables not yet in the publication (for `setup`).
-    pub(crate) missing_from_publication: Vec<String>,
-}
+use super::{push_once, Report};
 
 /// One column of a table as the catalog describes it.
 #[derive(Debug, Clone)]
@@ -142,21 +130,6 @@ fn check_columns_exist(
     }
 }
 
-fn push_once(list: &mut Vec<String>, item: &str) {
-    if !list.iter().any(|i| i == item) {
-        list.push(item.to_string());
-    }
-}
-
-/// Warnings about the file alone (no database), see `Config::warnings`. Already-present
-/// warnings are not repeated, so calling this both before and inside `check_environment` is
-/// harmless.
-pub(crate) fn check_config(config: &Config, report: &mut Report) {
-    for warning in config.warnings() {
-        push_once(&mut report.warnings, &warning);
-    }
-}
-
 /// Mirrors of one table against its catalog shape: named columns exist, scores fit a 64-bit
 /// float exactly for the column types, and the replica identity sends what finding a row's old
 /// entry needs.
@@ -267,27 +240,12 @@ fn check_mirrors(
     }
 }
 
-/// Checks against the live database and Redis.
-pub(crate) async fn check_environment(config: &Config, rules: &Rules, report: &mut Report) {
-    check_config(config, report);
-    let params = match config.source.connect_params() {
-        Ok(p) => p,
-        Err(e) => {
-            report.errors.push(display_chain(&e));
-            return;
-        }
-    };
-    match catalog::connect(&params).await {
-        Err(e) => report.errors.push(format!(
-            "{}; check source.url (or WALSWEEP_SOURCE_URL) and that Postgres is up",
-            display_chain(&e)
-        )),
-        Ok(client) => check_database(config, rules, &client, report).await,
-    }
-    check_redis(config, report).await;
-}
-
-async fn check_database(config: &Config, rules: &Rules, client: &Client, report: &mut Report) {
+pub(super) async fn check_database(
+    config: &Config,
+    rules: &Rules,
+    client: &Client,
+    report: &mut Report,
+) {
     let source = &config.source;
     let mirrors = match crate::plan::mirror::compile_all(&config.tables) {
         Ok(m) => m,
@@ -422,77 +380,12 @@ async fn check_database(config: &Config, rules: &Rules, client: &Client, report:
     }
 }
 
-async fn check_redis(config: &Config, report: &mut Report) {
-    let client = match crate::sink::redis::redis_client(&config.redis) {
-        Ok(c) => c,
-        Err(e) => {
-            report.errors.push(display_chain(&e));
-            return;
-        }
-    };
-    let timeout = std::time::Duration::from_millis(config.redis.timeout_ms);
-    let ping = async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        ::redis::cmd("PING").query_async::<String>(&mut conn).await
-    };
-    match tokio::time::timeout(timeout, ping).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => report.errors.push(format!(
-            "Redis does not answer PING: {e}; check redis.url (or WALSWEEP_REDIS_URL)"
-        )),
-        Err(_) => report.errors.push(format!(
-            "Redis did not answer PING within {} ms; check redis.url (or WALSWEEP_REDIS_URL)",
-            config.redis.timeout_ms
-        )),
-    }
-}
-
-/// Exits EX_CONFIG when anything is wrong (warnings too with `deny_warnings`): whatever check
-/// finds is fixed in the config or the environment, never by retrying.
-pub async fn command(path: &Path, no_environment: bool, deny_warnings: bool) -> ExitCode {
-    let (config, rules) = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let mut report = Report::default();
-    if no_environment {
-        check_config(&config, &mut report);
-    } else {
-        check_environment(&config, &rules, &mut report).await;
-    }
-    print_report(&report);
-    let failed = !report.errors.is_empty() || (deny_warnings && !report.warnings.is_empty());
-    if failed {
-        println!(
-            "{}: {} error(s), {} warning(s)",
-            path.display(),
-            report.errors.len(),
-            report.warnings.len()
-        );
-        ExitCode::from(EXIT_CONFIG)
-    } else {
-        println!("{}: ok", path.display());
-        ExitCode::SUCCESS
-    }
-}
-
-fn print_report(report: &Report) {
-    for note in &report.notes {
-        println!("note: {note}");
-    }
-    for warning in &report.warnings {
-        println!("warning: {warning}");
-    }
-    for error in &report.errors {
-        println!("error: {error}");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::cli::check::check_config;
     use postgres_types::Type;
 
     fn column(name: &str, type_oid: u32, in_identity: bool, toastable: bool) -> CatalogColumn {
