@@ -305,13 +305,7 @@ impl RedisSink {
         let result = self
             .apply_sets(keys, deps, key_prefixes, dep_prefixes)
             .await;
-        if self.reports_health {
-            crate::telemetry::health::set_redis_up(result.is_ok());
-        }
-        if result.is_err() {
-            // Start the next attempt on a fresh connection rather than a wedged one.
-            self.connection = None;
-        }
+        self.observe(&result);
         result
     }
 
@@ -501,17 +495,23 @@ impl Sink<TxnPlan> for RedisSink {
 
     async fn apply(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<Applied, SinkError> {
         let result = self.apply_txn_plans(batch).await;
+        self.observe(&result);
+        result.map(|()| Applied::whole(batch))
+    }
+}
+
+impl RedisSink {
+    /// What a round trip's outcome says about Redis: readiness follows it, and a failed
+    /// attempt starts the next one on a fresh connection rather than a wedged one.
+    fn observe<T>(&mut self, result: &Result<T, SinkError>) {
         if self.reports_health {
             crate::telemetry::health::set_redis_up(result.is_ok());
         }
         if result.is_err() {
             self.connection = None;
         }
-        result.map(|()| Applied::whole(batch))
     }
-}
 
-impl RedisSink {
     /// Invalidations, then mirror writes, then broadcasts: a subscriber that hears of a
     /// transaction finds its effects already in Redis.
     async fn apply_txn_plans(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<(), SinkError> {
