@@ -636,7 +636,7 @@ enum Call {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn parse(s: &str) -> ScoreExpr {
@@ -654,6 +654,18 @@ mod tests {
         assert!(e.supports_retention());
     }
 
+    /// Forms that allow no retention range (shared with the range tests in plan).
+    pub(crate) const WITHOUT_RETENTION: [&str; 8] = [
+        "id",
+        "epoch(a) + epoch(b)",
+        "(epoch(a) << 32) | b",
+        "epoch(a) | b",
+        "(d << 31) | epoch(a)",
+        "(d << 32) + epoch(a) | e",
+        "(d << 32) * 3",
+        "epoch(a) * 2",
+    ];
+
     #[test]
     fn retention_needs_one_time_term_below_the_other_terms() {
         for s in [
@@ -667,16 +679,7 @@ mod tests {
         ] {
             assert!(parse(s).supports_retention(), "{s}");
         }
-        for s in [
-            "id",
-            "epoch(a) + epoch(b)",
-            "(epoch(a) << 32) | b",
-            "epoch(a) | b",
-            "(d << 31) | epoch(a)",
-            "(d << 32) + epoch(a) | e",
-            "(d << 32) * 3",
-            "epoch(a) * 2",
-        ] {
+        for s in WITHOUT_RETENTION {
             assert!(!parse(s).supports_retention(), "{s}");
         }
     }

@@ -112,16 +112,7 @@ mod tests {
             Some((x, x + 1.0))
         );
 
-        for s in [
-            "id",
-            "epoch(a) + epoch(b)",
-            "(epoch(a) << 32) | b",
-            "epoch(a) | b",
-            "(d << 31) | epoch(a)",
-            "(d << 32) + epoch(a) | e",
-            "(d << 32) * 3",
-            "epoch(a) * 2",
-        ] {
+        for s in crate::config::score::tests::WITHOUT_RETENTION {
             let e = parse(s);
             assert!(!e.supports_retention(), "{s}");
             let values: Vec<Value> = e.columns().iter().map(|_| Value::Int(1)).collect();
