@@ -168,7 +168,7 @@ pub(crate) async fn run_tail(
     run_tail_until(options, out, interrupted()).await
 }
 
-/// Like [`run_tail`], but stops when `stop` resolves instead of on signals.
+/// Like `run_tail`, but stops when `stop` resolves instead of on signals.
 pub async fn run_tail_until(
     options: TailOptions,
     out: impl Write + Send + 'static,

@@ -1,7 +1,7 @@
 //! Typed column values: the one conversion from the text pgoutput sends (each type's output
 //! function, under the replication session's settings) to values with a type, and the two
-//! renderings built on it: JSON ([`Value::to_json`], used by `walsweep tail` and JSON mirrors)
-//! and Python's `str()` and `repr()` ([`python_str`], [`python_repr`], the forms matroska-cache
+//! renderings built on it: JSON (`Value::to_json`, used by `walsweep tail` and JSON mirrors)
+//! and Python's `str()` and `repr()` (`python_str`, `python_repr`, the forms matroska-cache
 //! dependency, scope and key strings use).
 //!
 //! Pure: no I/O. Which type an OID is comes from built-in tables for the common types and, for
@@ -11,7 +11,7 @@
 //! This file owns what a value is ([`Value`] and its date and time parts); each idea built on it
 //! has its own file: `types` (which type an OID is), `text` (Postgres text to a value, and why
 //! text is refused), `array` (array literal syntax), `json` and `python` (the renderings) and
-//! [`time`] (calendar math and ISO formatting). Their public names are re-exported here, so
+//! `time` (calendar math and ISO formatting). Their public names are re-exported here, so
 //! callers write `crate::value::X` whichever file `X` lives in.
 
 mod array;
