@@ -1263,3 +1263,78 @@ async fn tail_command_prints_json_lines_and_exits_after_its_limit() {
     })
     .await;
 }
+
+/// `--slot S` reads someone else's slot: when that slot's WAL is gone, tail reports it and
+/// leaves every slot alone, whatever `source.on_slot_lost` says about walsweep's own slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_on_a_lost_borrowed_slot_fails_and_touches_no_slot() {
+    support::init_tracing();
+    let pg = Postgres::start_with(support::PostgresOptions {
+        extra_settings: vec![("max_slot_wal_keep_size".into(), "2MB".into())],
+        ..Default::default()
+    });
+    pg.create_database("app");
+    pg.psql("app", SMALL_SCHEMA);
+    pg.psql("app", "CREATE TABLE filler (id int, pad text)");
+    pg.psql(
+        "app",
+        "SELECT 'x' FROM pg_create_logical_replication_slot('borrowed', 'pgoutput'); \
+         SELECT 'x' FROM pg_create_logical_replication_slot('production', 'pgoutput')",
+    );
+    let client = pg.client("app").await;
+    let production_before = pg.psql(
+        "app",
+        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'production'",
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        pg.psql(
+            "app",
+            "INSERT INTO filler SELECT g, repeat('x', 500) FROM generate_series(1, 5000) g; \
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        );
+        let status = pg.psql(
+            "app",
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'borrowed'",
+        );
+        if status == "lost" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never got lost ({status})");
+    }
+
+    let mut options = TailOptions::new(source(&pg));
+    options.source.slot = "production".into();
+    options.source.on_slot_lost = walsweep::config::SlotLostPolicy::Recreate;
+    options.slot = TailSlot::Existing("borrowed".into());
+    let result = tokio::time::timeout(
+        Duration::from_secs(30),
+        tail::run_tail_until(options, Vec::new(), std::future::pending()),
+    )
+    .await
+    .expect("tail gives up on a lost slot instead of retrying");
+    let err = result.expect_err("a lost slot cannot be read");
+    // Postgres' wording varies by version; the slot's name and "invalidated" do not.
+    let msg = walsweep::telemetry::log::display_chain(&err);
+    assert!(
+        msg.contains("\"borrowed\"") && msg.contains("invalidated"),
+        "{msg}"
+    );
+    assert_eq!(
+        pg.psql(
+            "app",
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'production'",
+        ),
+        production_before,
+        "walsweep's own slot was dropped or moved"
+    );
+    assert_eq!(
+        pg.psql(
+            "app",
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'borrowed'",
+        ),
+        "lost",
+        "the borrowed slot was replaced"
+    );
+    assert_eq!(slot_count(&client).await, 2);
+}

@@ -215,7 +215,10 @@ impl<PL: Planner> Streamer<'_, PL> {
             .await
         {
             Ok(stream) => stream,
-            Err(ReplicationError::Server(e)) if is_slot_invalidated(&e) => {
+            // Only walsweep's own slot is recreated; a slot it merely reads is reported.
+            Err(ReplicationError::Server(e))
+                if self.slot == SlotMode::Owned && is_slot_invalidated(&e) =>
+            {
                 self.slot_lost("was invalidated").await?;
                 return Ok(SessionEnd::Restart);
             }
