@@ -195,10 +195,7 @@ pub async fn run_tail_until(
             false,
         ),
     };
-    let slot_name = match &slot {
-        SlotMode::Temporary { name, .. } | SlotMode::Borrowed { name, .. } => name.clone(),
-        SlotMode::Owned => options.source.slot.clone(),
-    };
+    let slot_name = slot.name(&options.source).to_string();
     tracing::info!(slot = %slot_name, temporary, publication = %options.source.publication, start = %start_lsn, "tailing");
     let (handle, shutdown) = shutdown_channel();
     let printed = Arc::new(Mutex::new(Printed::default()));

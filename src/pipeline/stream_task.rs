@@ -86,7 +86,7 @@ pub(crate) enum SlotMode {
 }
 
 impl SlotMode {
-    fn name<'a>(&'a self, source: &'a SourceConfig) -> &'a str {
+    pub(crate) fn name<'a>(&'a self, source: &'a SourceConfig) -> &'a str {
         match self {
             SlotMode::Owned => &source.slot,
             SlotMode::Temporary { name, .. } | SlotMode::Borrowed { name, .. } => name,
