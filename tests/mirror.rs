@@ -960,3 +960,54 @@ async fn a_failed_warm_up_is_retried_from_a_new_slot_until_it_loads_everything()
     assert_eq!(assert_mirrors_equal_table(&client, &mut conn).await, 500);
     daemon.stop().await;
 }
+
+/// The replication session pins the text forms the decoder reads, so a database whose own
+/// server's defaults differ (`IntervalStyle = iso_8601`, `bytea_output = escape`) mirrors the
+/// same JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_text_form_settings_do_not_change_mirrored_values() {
+    support::init_tracing();
+    let pg = Postgres::start_with(support::PostgresOptions {
+        extra_settings: vec![
+            ("IntervalStyle".into(), "iso_8601".into()),
+            ("bytea_output".into(), "escape".into()),
+        ],
+        ..Default::default()
+    });
+    pg.create_database("app");
+    pg.psql(
+        "app",
+        "CREATE TABLE blobs (id int PRIMARY KEY, span interval, data bytea);
+         CREATE TABLE markers (id int PRIMARY KEY);
+         CREATE PUBLICATION pub FOR TABLE blobs, markers;",
+    );
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let rules = r#"
+[[table]]
+name = "public.blobs"
+[[table.mirror]]
+key = "blob:{id}"
+[[table]]
+name = "public.markers"
+[[table.mirror]]
+key = "marker:{id}"
+"#;
+    let daemon = start(config(&pg, &redis, "app", "styles", rules));
+    let client = pg.client("app").await;
+    wait_streaming(&client, "styles").await;
+    client
+        .batch_execute(
+            "INSERT INTO blobs VALUES (1, interval '1 day 2 hours 3.5 seconds', '\\x00ff41')",
+        )
+        .await
+        .expect("insert");
+    caught_up(&client, &mut conn, 1).await;
+    let stored: Option<String> = conn.get("blob:1").await.expect("GET");
+    let got: Json = serde_json::from_str(&stored.expect("blob:1 mirrored")).expect("JSON");
+    assert_eq!(
+        got,
+        serde_json::json!({"id": 1, "span": "1 day 02:00:03.5", "data": "\\x00ff41"})
+    );
+    daemon.stop().await;
+}

@@ -29,11 +29,6 @@ use super::PipelineError;
 /// How often a standby checks whether the slot's consumer went away.
 const STANDBY_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Settings of the replication session beyond the ones every walsweep connection pins at
-/// startup (TimeZone=UTC, DateStyle=ISO, extra_float_digits=3): the text forms
-/// `value::decode_text` reads, whatever the server's defaults.
-const SESSION_SETTINGS: &[&str] = &["SET IntervalStyle = 'postgres'", "SET bytea_output = 'hex'"];
-
 /// Server versions from which pgoutput speaks protocol 2 (streaming of large transactions).
 pub(crate) const STREAMING_MIN_SERVER_VERSION: u32 = 140_000;
 
@@ -177,9 +172,6 @@ impl<PL: Planner> Streamer<'_, PL> {
         self.types.keep_connection(client);
 
         let mut conn = ReplicationConnection::connect(&self.params).await?;
-        for setting in SESSION_SETTINGS {
-            conn.simple_query(setting).await?;
-        }
         if let SlotMode::Temporary { name, .. } = &self.slot {
             // The slot lives as long as this connection: Postgres drops it when it ends.
             conn.simple_query(&format!(
