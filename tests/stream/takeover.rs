@@ -9,7 +9,6 @@ use crate::support::{self, Postgres, PostgresOptions};
 
 const SCHEMA: &str = "
 CREATE TABLE items (id int PRIMARY KEY, name text);
-CREATE TABLE filler (id int, payload text);
 CREATE PUBLICATION pub FOR TABLE items;
 ";
 
@@ -112,25 +111,7 @@ async fn lost_slot_fails_or_is_recreated_with_a_reset() {
 
     // While walsweep is away, far more WAL than the slot may keep is written and recycled.
     pg.psql("app", "INSERT INTO items VALUES (2, 'missed')");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        pg.psql(
-            "app",
-            "INSERT INTO filler SELECT g, repeat('x', 500) FROM generate_series(1, 5000) g; \
-             SELECT pg_switch_wal(); CHECKPOINT;",
-        );
-        let status = pg.psql(
-            "app",
-            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'fragile'",
-        );
-        if status == "lost" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "slot never got lost (wal_status {status})"
-        );
-    }
+    pg.lose_slot("app", "fragile");
 
     let failing = harness::start(source_with_policy(&pg, SlotLostPolicy::Fail), &[]);
     let err = tokio::time::timeout(Duration::from_secs(30), failing.task)

@@ -190,6 +190,31 @@ impl Postgres {
     }
 
     /// Runs `sql` (may hold several statements and psql meta-commands) through
+    /// Writes and recycles WAL in `db` until `slot` is `lost` (the server must run with a small
+    /// `max_slot_wal_keep_size`), as when a consumer stays away too long. Panics after 60 s.
+    pub fn lose_slot(&self, db: &str, slot: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            self.psql(
+                db,
+                "CREATE TABLE IF NOT EXISTS wal_filler (id int, payload text); \
+                 INSERT INTO wal_filler SELECT g, repeat('x', 500) FROM generate_series(1, 5000) g; \
+                 SELECT pg_switch_wal(); CHECKPOINT;",
+            );
+            let status = self.psql(
+                db,
+                &format!("SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+            );
+            if status == "lost" {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "slot {slot} never got lost (wal_status {status})"
+            );
+        }
+    }
+
     /// `psql -XAtq -v ON_ERROR_STOP=1` as the superuser on `db` and returns its stdout with
     /// trailing newlines trimmed: unaligned, tuples only, so `SHOW wal_level` gives `logical`.
     /// Panics with psql's stderr on any error.
