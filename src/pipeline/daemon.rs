@@ -35,7 +35,11 @@ pub fn build(config: &Config) -> Result<(TxnPlanner, RedisSink), PipelineError> 
     let rules = Rules::from_config(config).map_err(setup)?;
     let sink = RedisSink::new(&config.redis, &config.matroska)?
         .with_reset_plan(reset_plan(config, &rules)?)
-        .with_broadcast(config.broadcast.clone());
+        .with_broadcast(config.broadcast.clone())
+        .with_state_prefix(crate::sink::redis::state_prefix(
+            &config.source.connect_params()?.dbname(),
+            &config.source.slot,
+        ));
     let planner = TxnPlanner::from_config(config, rules).map_err(setup)?;
     Ok((planner, sink))
 }

@@ -191,6 +191,14 @@ pub struct RedisSink {
     reset_plan: EffectPlan,
     /// `[broadcast]`, when on.
     broadcast: Option<BroadcastConfig>,
+    /// Where walsweep keeps its own state for this source and slot (`state_key`).
+    state_prefix: String,
+}
+
+/// The start of every key walsweep keeps its own state under, for one database and slot:
+/// `walsweep:<database>/<slot>:`. Two daemons on different databases or slots never share one.
+pub fn state_prefix(database: &str, slot: &str) -> String {
+    format!("walsweep:{database}/{slot}:")
 }
 
 /// What the invalidations of a batch removed (tests, logs and metrics).
@@ -238,6 +246,7 @@ impl RedisSink {
             reinvalidate: None,
             reports_health: true,
             broadcast: None,
+            state_prefix: state_prefix("postgres", "walsweep"),
         };
         if let Some(ms) = matroska.reinvalidate_after_ms {
             // Its own sink: own connection, same layout, no second-level reinvalidation.
@@ -261,6 +270,17 @@ impl RedisSink {
     pub fn with_reset_plan(mut self, plan: EffectPlan) -> Self {
         self.reset_plan = plan;
         self
+    }
+
+    /// Keeps walsweep's own state under `prefix` (see `state_prefix`).
+    pub fn with_state_prefix(mut self, prefix: String) -> Self {
+        self.state_prefix = prefix;
+        self
+    }
+
+    /// The key of walsweep's own state item `name` (e.g. `recovery`).
+    pub(crate) fn state_key(&self, name: &str) -> String {
+        format!("{}{name}", self.state_prefix)
     }
 
     /// Publishes a message per transaction as `[broadcast]` says.
