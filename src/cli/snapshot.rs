@@ -9,7 +9,7 @@ use crate::cli::{config_failure, load};
 use crate::config::Config;
 use crate::pg::catalog;
 use crate::pipeline::warm_up::{WarmUp, WarmUpSummary};
-use crate::pipeline::{prepare_source, PipelineError};
+use crate::pipeline::{prepare, PipelineError};
 use crate::telemetry::log::display_chain;
 
 /// Creates the publication and slot when the config allows and they are missing (then the load
@@ -44,7 +44,18 @@ pub async fn load_mirrors(config: &Config) -> Result<WarmUpSummary, PipelineErro
         None => {
             drop(client);
             let tables = config.qualified_tables();
-            let loaded = prepare_source(&config.source, &params, &tables, Some(&warm_up)).await?;
+            // The sink restarts its chains behind the new slot, as at a daemon's first start.
+            let (_, mut sink) = crate::pipeline::daemon::build(config)?;
+            let (_handle, shutdown) = crate::pipeline::shutdown_channel();
+            let loaded = prepare::<crate::plan::txn::TxnPlan, _>(
+                &config.source,
+                &params,
+                &tables,
+                Some(&warm_up),
+                &mut sink,
+                shutdown,
+            )
+            .await?;
             loaded.warm_up.ok_or_else(|| {
                 PipelineError::Setup(format!(
                     "replication slot {:?} does not exist and source.create_slot is false; \

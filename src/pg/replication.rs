@@ -503,6 +503,23 @@ impl ReplicationConnection {
         })
     }
 
+    /// `TIMELINE_HISTORY`: the contents of `timeline`'s history file (where each ancestor
+    /// timeline ended).
+    pub(crate) async fn timeline_history(
+        &mut self,
+        timeline: u32,
+    ) -> Result<String, ReplicationError> {
+        let rows = self
+            .simple_query(&format!("TIMELINE_HISTORY {timeline}"))
+            .await?;
+        rows.first()
+            .and_then(|row| row.get(1).cloned().flatten())
+            .ok_or(ReplicationError::UnexpectedMessage {
+                got: "no history file content",
+                during: "TIMELINE_HISTORY",
+            })
+    }
+
     /// Creates a pgoutput slot; returns its consistent point.
     pub(crate) async fn create_slot(&mut self, slot: &str) -> Result<Lsn, ReplicationError> {
         Ok(self.create_slot_with(slot, "NOEXPORT_SNAPSHOT").await?.0)

@@ -22,7 +22,7 @@ pub enum PipelineError {
     },
     #[error("the sink failed and cannot be retried")]
     Sink(#[from] SinkError),
-    #[error("warm-up failed (the new slot was dropped again, so the next start retries it)")]
+    #[error("warm-up failed (the next start loads the mirrors again from a new slot)")]
     WarmUp(#[from] super::warm_up::SnapshotError),
     /// The config loaded, but its rules or mirrors do not compile (`walsweep check` says where).
     #[error("cannot compile the {what}")]
@@ -39,6 +39,10 @@ pub enum PipelineError {
     SinkStopped,
     #[error("internal error: the sink task panicked")]
     SinkPanicked(#[source] tokio::task::JoinError),
+    /// Shutdown was requested while the slot was being recovered; the recovery record stays, so
+    /// the next start finishes the job.
+    #[error("stopped during slot recovery; the next start finishes it")]
+    Interrupted,
 }
 
 impl PipelineError {
@@ -47,6 +51,8 @@ impl PipelineError {
             PipelineError::Replication(e) => e.is_retryable(),
             PipelineError::Catalog(e) => e.is_retryable(),
             PipelineError::WarmUp(e) => e.is_retryable(),
+            // Only before streaming: the sink task retries retryable errors itself.
+            PipelineError::Sink(e) => e.is_retryable(),
             _ => false,
         }
     }
@@ -62,6 +68,7 @@ impl PipelineError {
             PipelineError::Setup(_) => "setup",
             PipelineError::WarmUp(_) => "warm_up",
             PipelineError::SinkStopped | PipelineError::SinkPanicked(_) => "internal",
+            PipelineError::Interrupted => "setup",
         }
     }
 }

@@ -14,6 +14,7 @@
 pub(crate) mod backoff;
 pub mod daemon;
 mod error;
+mod recovery;
 mod shutdown;
 mod sink_task;
 pub(crate) mod slot_monitor;
@@ -23,8 +24,8 @@ pub(crate) mod warm_up;
 
 pub use error::PipelineError;
 pub use shutdown::{shutdown_channel, Shutdown, ShutdownHandle};
-pub(crate) use sink_task::{SinkCommand, SinkReport};
-pub(crate) use source::prepare_source;
+pub(crate) use sink_task::SinkReport;
+use source::{prepare_source, Prepared};
 pub(crate) use stream_task::SlotMode;
 
 use tokio::sync::{mpsc, watch};
@@ -32,13 +33,14 @@ use tokio::sync::{mpsc, watch};
 use crate::config::SourceConfig;
 use crate::pg::replication::ConnectParams;
 use crate::pg::Lsn;
-use crate::plan::Planner;
+use crate::plan::{Plan, Planner};
 use crate::sink::Sink;
 use crate::stream::assembler::Assembler;
 use crate::stream::types::TypeResolver;
 use crate::telemetry::log::display_chain;
 
 use backoff::Backoff;
+use recovery::DirectControl;
 use sink_task::sink_loop;
 use stream_task::Streamer;
 use warm_up::WarmUp;
@@ -91,19 +93,29 @@ where
     S: Sink<PL::Plan>,
 {
     let params = source.connect_params()?;
+    let mut sink = sink;
     let mut backoff = Backoff::new(source.reconnect_min(), source.reconnect_max());
-    // Setup is retried like streaming: the database may simply not be up yet.
-    let prepared = loop {
-        match prepare_source(source, &params, tables, warm_up.as_ref()).await {
-            Ok(prepared) => break prepared,
+    // Setup is retried like streaming: the database or Redis may simply not be up yet.
+    loop {
+        let prepared = prepare(
+            source,
+            &params,
+            tables,
+            warm_up.as_ref(),
+            &mut sink,
+            shutdown.clone(),
+        );
+        match prepared.await {
+            Ok(_) => break,
+            Err(PipelineError::Interrupted) => return Ok(RunSummary::default()),
             Err(e) if e.is_retryable() && shutdown.requests() == 0 => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %display_chain(&e), retry_in_ms = delay.as_millis() as u64, "source not reachable");
+                tracing::warn!(error = %display_chain(&e), retry_in_ms = delay.as_millis() as u64, "source not ready");
                 tokio::time::sleep(delay).await;
             }
             Err(e) => return Err(e),
         }
-    };
+    }
 
     let monitor = tokio::spawn(crate::pipeline::slot_monitor::watch_slot(
         params.clone(),
@@ -119,9 +131,28 @@ where
         sink,
         shutdown,
         warm_up,
-        prepared.slot_created,
     )
     .await
+}
+
+/// `prepare_source` with the sink still in hand: finishes what an earlier run's recovery record
+/// says, creates what is missing. `walsweep run` and `walsweep snapshot` both start with it.
+pub(crate) async fn prepare<P: Plan, S: Sink<P>>(
+    source: &SourceConfig,
+    params: &ConnectParams,
+    tables: &[String],
+    warm_up: Option<&WarmUp>,
+    sink: &mut S,
+    shutdown: Shutdown,
+) -> Result<Prepared, PipelineError> {
+    let pending = sink.pending_recovery().await?;
+    let mut control = DirectControl {
+        sink,
+        backoff: Backoff::new(source.reconnect_min(), source.reconnect_max()),
+        shutdown,
+        plan: std::marker::PhantomData,
+    };
+    prepare_source(source, params, tables, warm_up, &mut control, pending).await
 }
 
 /// Streams from a slot this run does not own (a temporary one, or another reader's, never
@@ -138,7 +169,7 @@ where
     S: Sink<PL::Plan>,
 {
     let params = source.connect_params()?;
-    drive(source, params, slot, planner, sink, shutdown, None, false).await
+    drive(source, params, slot, planner, sink, shutdown, None).await
 }
 
 /// The stream task and the sink task of one run, until shutdown or an error no retry fixes.
@@ -151,7 +182,6 @@ async fn drive<PL, S>(
     sink: S,
     shutdown: Shutdown,
     warm_up: Option<WarmUp>,
-    slot_created: bool,
 ) -> Result<RunSummary, PipelineError>
 where
     PL: Planner,
@@ -166,20 +196,15 @@ where
         source.batch_max_txns,
         Backoff::new(source.reconnect_min(), source.reconnect_max()),
     ));
-    if slot_created {
-        // Ahead of everything the new slot delivers.
-        txn_tx
-            .send(SinkCommand::SlotCreated)
-            .await
-            .map_err(|_| PipelineError::SinkStopped)?;
-    }
     let mut streamer = Streamer {
         source,
         params,
         assembler: Assembler::new(planner),
         queue: txn_tx,
         sink: report_rx,
-        resets_requested: 0,
+        controls_requested: 0,
+        unfinished_recovery: None,
+        history: None,
         enqueued_lsn: Lsn::ZERO,
         keepalive_lsn: Lsn::ZERO,
         shutdown,

@@ -7,7 +7,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::pg::Lsn;
 use crate::plan::Plan;
-use crate::sink::{Applied, Sink, SinkError};
+use crate::sink::{Applied, Recovery, Sink, SinkError};
 use crate::stream::assembler::CommittedTxn;
 use crate::telemetry::log::display_chain;
 use crate::telemetry::metrics as m;
@@ -18,23 +18,56 @@ use super::backoff::Backoff;
 pub(crate) enum SinkCommand<P> {
     /// Apply a committed transaction.
     Apply(CommittedTxn<P>),
-    /// The stream has a gap (the slot was lost and recreated): clear everything the sink
-    /// maintains before applying anything that follows. Completion shows in
-    /// `SinkReport::resets_done`.
+    /// Run a step of slot recovery after everything queued before it; completion shows in
+    /// `SinkReport::controls_done`.
+    Control(Control),
+}
+
+/// The slot-recovery steps the sink takes part in (see `super::recovery`).
+#[derive(Debug, Clone)]
+pub(crate) enum Control {
+    /// `Sink::begin_recovery`.
+    BeginRecovery(Recovery),
+    /// The stream has a gap (the slot was lost and recreated, or the database's history
+    /// changed): clear everything the sink maintains. A new history starts.
     Reset { reason: String },
-    /// The slot was created by this run: see `Sink::slot_created`.
+    /// The slot was created with no history to continue: `Sink::slot_created`. A new history
+    /// starts.
     SlotCreated,
+    /// `Sink::end_recovery`.
+    EndRecovery,
+}
+
+impl Control {
+    /// Runs this step on `sink` once (the caller retries).
+    pub(crate) async fn run_on<P: Plan, S: Sink<P>>(&self, sink: &mut S) -> Result<(), SinkError> {
+        match self {
+            Control::BeginRecovery(steps) => sink.begin_recovery(*steps).await,
+            Control::Reset { reason } => {
+                tracing::warn!(%reason, "clearing everything the sink maintains");
+                sink.reset().await
+            }
+            Control::SlotCreated => sink.slot_created().await,
+            Control::EndRecovery => sink.end_recovery().await,
+        }
+    }
+
+    /// After it, positions of the old history mean nothing.
+    fn starts_new_history(&self) -> bool {
+        matches!(self, Control::Reset { .. } | Control::SlotCreated)
+    }
 }
 
 /// The sink side's state as the stream side sees it; the latest value is all that matters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct SinkReport {
-    /// End of the last commit the sink confirmed (`Applied::commit_end_lsn`); never moves back.
+    /// End of the last commit the sink confirmed (`Applied::commit_end_lsn`). Moves back to zero
+    /// only when a new history starts (a reset): the new slot's LSNs may be lower.
     pub(crate) applied_lsn: Lsn,
     /// Since when the sink has been failing, if it is (an outage that lasts releases the slot).
     pub(crate) failing_since: Option<Instant>,
-    /// `Reset` commands completed so far.
-    pub(crate) resets_done: u64,
+    /// `Control` commands completed so far.
+    pub(crate) controls_done: u64,
 }
 
 /// Applies queued commands until the queue closes or the sink fails for good.
@@ -52,25 +85,20 @@ pub(crate) async fn sink_loop<P: Plan, S: Sink<P>>(
         for command in commands.drain(..) {
             match command {
                 SinkCommand::Apply(txn) => batch.push(txn),
-                SinkCommand::Reset { reason } => {
+                SinkCommand::Control(control) => {
                     apply_batch(&mut sink, &mut batch, &mut retry).await?;
-                    tracing::warn!(%reason, "clearing everything the sink maintains");
                     loop {
-                        match sink.reset().await {
+                        match control.run_on(&mut sink).await {
                             Ok(()) => break retry.succeeded(),
                             Err(e) => retry.failed(e).await?,
                         }
                     }
-                    retry.report.send_modify(|r| r.resets_done += 1);
-                }
-                SinkCommand::SlotCreated => {
-                    apply_batch(&mut sink, &mut batch, &mut retry).await?;
-                    loop {
-                        match sink.slot_created().await {
-                            Ok(()) => break retry.succeeded(),
-                            Err(e) => retry.failed(e).await?,
+                    retry.report.send_modify(|r| {
+                        if control.starts_new_history() {
+                            r.applied_lsn = Lsn::ZERO;
                         }
-                    }
+                        r.controls_done += 1;
+                    });
                 }
             }
         }

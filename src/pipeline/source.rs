@@ -3,31 +3,33 @@
 
 use crate::config::SourceConfig;
 use crate::pg::catalog;
-use crate::pg::replication::{ConnectParams, ReplicationConnection};
-use crate::telemetry::log::display_chain;
+use crate::pg::replication::ConnectParams;
+use crate::sink::Recovery;
 
+use super::recovery::{recreate_slot, SinkControl};
+use super::sink_task::Control;
 use super::warm_up::{WarmUp, WarmUpSummary};
 use super::PipelineError;
 
 /// What `prepare_source` did.
 #[derive(Debug, Default)]
 pub(crate) struct Prepared {
-    /// This run created the slot.
-    pub(crate) slot_created: bool,
     /// What the warm-up loaded, when it ran.
     pub(crate) warm_up: Option<WarmUpSummary>,
 }
 
-/// Checks what only a human can fix and creates the publication and slot when allowed to.
+/// Checks what only a human can fix, creates the publication and slot when allowed to, and
+/// finishes a slot recovery that an earlier run recorded and did not complete (`super::recovery`).
 ///
-/// With `warm_up`, a slot created here exports its snapshot and the mirrors are loaded from it
-/// before anything streams; if loading fails the slot is dropped again, so the next attempt
-/// creates it and loads anew instead of streaming into half-loaded mirrors.
+/// A slot created here restarts the sink's chains and, with `warm_up`, exports its snapshot so
+/// the mirrors are loaded from it before anything streams.
 pub(crate) async fn prepare_source(
     source: &SourceConfig,
     params: &ConnectParams,
     tables: &[String],
     warm_up: Option<&WarmUp>,
+    control: &mut impl SinkControl,
+    pending: Recovery,
 ) -> Result<Prepared, PipelineError> {
     let client = catalog::connect(params).await?;
     let wal_level = catalog::wal_level(&client).await?;
@@ -57,57 +59,63 @@ pub(crate) async fn prepare_source(
         catalog::create_publication(&client, &source.publication, tables).await?;
         tracing::info!(publication = %source.publication, ?tables, "created publication");
     }
-    match catalog::slot_state(&client, &source.slot).await? {
+    let slot = catalog::slot_state(&client, &source.slot).await?;
+    drop(client);
+    match slot {
         Some(slot) if slot.plugin.as_deref() != Some("pgoutput") => {
-            return Err(PipelineError::Setup(format!(
+            Err(PipelineError::Setup(format!(
                 "replication slot {:?} exists but uses plugin {:?}, not pgoutput; drop it \
                  (SELECT pg_drop_replication_slot('{}')) or configure another source.slot",
                 source.slot, slot.plugin, source.slot
-            )));
+            )))
         }
-        Some(_) => {}
-        None if source.create_slot => {
-            let mut conn = ReplicationConnection::connect(params).await?;
-            match warm_up {
-                None => {
-                    let lsn = conn.create_slot(&source.slot).await?;
-                    tracing::info!(slot = %source.slot, consistent_point = %lsn, "created replication slot");
-                    return Ok(Prepared {
-                        slot_created: true,
-                        warm_up: None,
-                    });
-                }
-                Some(warm_up) => {
-                    let (lsn, snapshot) = conn.create_slot_exporting_snapshot(&source.slot).await?;
-                    tracing::info!(slot = %source.slot, consistent_point = %lsn, %snapshot, "created replication slot; warming up the mirrors from its snapshot");
-                    let loaded = warm_up.load(params, Some(&snapshot)).await;
-                    // The exported snapshot lives as long as this connection stays idle.
-                    drop(conn);
-                    match loaded {
-                        Ok(summary) => {
-                            return Ok(Prepared {
-                                slot_created: true,
-                                warm_up: Some(summary),
-                            })
-                        }
-                        Err(e) => {
-                            if let Err(drop_error) = catalog::drop_slot(&client, &source.slot).await
-                            {
-                                tracing::error!(error = %display_chain(&drop_error), slot = %source.slot, "cannot drop the slot after a failed warm-up; drop it by hand before the next start");
-                            }
-                            return Err(e.into());
-                        }
-                    }
-                }
+        Some(_) if pending.is_empty() => Ok(Prepared::default()),
+        Some(_) if pending.load && warm_up.is_some() => {
+            // A warm-up died halfway: only a new slot exports a snapshot to load from, and the
+            // old slot's changes were never streamed, so the caches are cleared too.
+            tracing::warn!(slot = %source.slot, "an earlier warm-up did not finish; recreating the slot and loading again");
+            let steps = Recovery {
+                clear: true,
+                restart_chain: true,
+                load: true,
+            };
+            let reason = "an earlier warm-up did not finish; the slot was recreated";
+            let (_, loaded) =
+                recreate_slot(control, source, params, steps, warm_up, reason).await?;
+            Ok(Prepared { warm_up: loaded })
+        }
+        Some(_) => {
+            // The slot was created, but walsweep died before clearing behind it: clear now,
+            // before anything streams.
+            tracing::warn!(slot = %source.slot, clear = pending.clear, "an earlier slot recovery did not finish; finishing it");
+            if pending.clear || pending.load {
+                control
+                    .run(Control::Reset {
+                        reason: "an earlier slot recovery did not finish".into(),
+                    })
+                    .await?;
+            } else if pending.restart_chain {
+                control.run(Control::SlotCreated).await?;
             }
+            control.run(Control::EndRecovery).await?;
+            Ok(Prepared::default())
         }
-        None => {
-            return Err(PipelineError::Setup(format!(
-                "replication slot {:?} does not exist and source.create_slot is false; create \
-                 it with: SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
-                source.slot, source.slot
-            )));
+        None if source.create_slot => {
+            let steps = Recovery {
+                // Left by a crash between dropping a slot and creating its successor.
+                clear: pending.clear || pending.load,
+                restart_chain: true,
+                load: warm_up.is_some(),
+            };
+            let reason = "an earlier slot recovery did not finish; the slot was created again";
+            let (_, loaded) =
+                recreate_slot(control, source, params, steps, warm_up, reason).await?;
+            Ok(Prepared { warm_up: loaded })
         }
+        None => Err(PipelineError::Setup(format!(
+            "replication slot {:?} does not exist and source.create_slot is false; create \
+             it with: SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+            source.slot, source.slot
+        ))),
     }
-    Ok(Prepared::default())
 }

@@ -14,13 +14,16 @@ use crate::pg::replication::{
 use crate::pg::wire::WireMessage;
 use crate::pg::Lsn;
 use crate::plan::Planner;
+use crate::sink::Recovery;
 use crate::stream::assembler::{Assembler, CommittedTxn};
+use crate::stream::history::{self, HistoryCheck, SourceIdentity};
 use crate::stream::progress::{Progress, StatusReason};
 use crate::stream::types::TypeResolver;
 use crate::telemetry::log::display_chain;
 use crate::telemetry::metrics as m;
 
 use super::backoff::Backoff;
+use super::recovery::{recreate_slot, QueuedControl};
 use super::shutdown::Shutdown;
 use super::sink_task::{SinkCommand, SinkReport};
 use super::warm_up::WarmUp;
@@ -49,8 +52,13 @@ pub(crate) struct Streamer<'a, PL: Planner> {
     pub(crate) queue: mpsc::Sender<SinkCommand<PL::Plan>>,
     /// Everything the sink side reports back.
     pub(crate) sink: watch::Receiver<SinkReport>,
-    /// `Reset` commands sent so far; a recreated slot with warm-up waits for its own.
-    pub(crate) resets_requested: u64,
+    /// `Control` commands sent so far; each recovery step waits for its own.
+    pub(crate) controls_requested: u64,
+    /// A slot recreation that failed halfway (e.g. its warm-up): redone before streaming.
+    pub(crate) unfinished_recovery: Option<Recovery>,
+    /// The server's system and timeline when walsweep last streamed, to tell a database that
+    /// was replaced behind the same URL (`crate::stream::history`).
+    pub(crate) history: Option<SourceIdentity>,
     /// End of the last transaction handed to the sink queue. A reconnect resumes after it, so
     /// nothing reaches the sink twice or out of order while the sink task lives.
     pub(crate) enqueued_lsn: Lsn,
@@ -123,6 +131,7 @@ impl<PL: Planner> Streamer<'_, PL> {
                 Ok(SessionEnd::SinkDown) => {}
                 Ok(SessionEnd::Shutdown) => return Ok(()),
                 Ok(SessionEnd::Restart) => {}
+                Err(PipelineError::Interrupted) => return Ok(()),
                 Err(e)
                     if e.is_retryable()
                         && self.slot.resumable()
@@ -153,6 +162,13 @@ impl<PL: Planner> Streamer<'_, PL> {
 
     async fn session(&mut self) -> Result<SessionEnd, PipelineError> {
         let source = self.source;
+        if let Some(steps) = self.unfinished_recovery {
+            self.recover(
+                steps,
+                "an earlier attempt to recreate the slot did not finish",
+            )
+            .await?;
+        }
         let client = catalog::connect(&self.params).await?;
         let slot_confirmed = match &self.slot {
             SlotMode::Owned => match self.owned_slot_confirmed(&client).await? {
@@ -179,6 +195,14 @@ impl<PL: Planner> Streamer<'_, PL> {
                 crate::pg::replication::quote_ident(name)
             ))
             .await?;
+        }
+        if self.slot == SlotMode::Owned {
+            if let Some(why) = self.history_changed(&mut conn).await? {
+                drop(conn);
+                self.slot_lost(&format!("belongs to another WAL history: {why}"))
+                    .await?;
+                return Ok(SessionEnd::Restart);
+            }
         }
         let version = conn.server_version_num().unwrap_or(0);
         let confirmed_here = self.sink.borrow().applied_lsn;
@@ -373,8 +397,8 @@ impl<PL: Planner> Streamer<'_, PL> {
         }
     }
 
-    /// Applies `source.on_slot_lost`. `Ok` means a new slot exists and a sink reset is queued
-    /// ahead of everything the new slot will deliver.
+    /// Applies `source.on_slot_lost`. `Ok` means a new slot exists, the sink was cleared behind
+    /// it (and the mirrors loaded, with warm-up), and positions start over from the new slot.
     async fn slot_lost(&mut self, what: &str) -> Result<(), PipelineError> {
         let source = self.source;
         m::error("slot_lost");
@@ -388,46 +412,82 @@ impl<PL: Planner> Streamer<'_, PL> {
             )));
         }
         tracing::error!(slot = %source.slot, "replication slot {what}; recreating it and clearing the caches");
-        let client = catalog::connect(&self.params).await?;
-        if catalog::slot_state(&client, &source.slot).await?.is_some() {
-            catalog::drop_slot(&client, &source.slot).await?;
-        }
-        drop(client);
+        let steps = Recovery {
+            clear: true,
+            restart_chain: true,
+            load: self.warm_up.is_some(),
+        };
         let reason = format!(
             "replication slot {:?} {what} and was recreated",
             source.slot
         );
-        let Some(warm_up) = &self.warm_up else {
-            let mut conn = ReplicationConnection::connect(&self.params).await?;
-            let lsn = conn.create_slot(&source.slot).await?;
-            tracing::warn!(slot = %source.slot, consistent_point = %lsn, "recreated replication slot");
-            // The reset goes through the queue, so it runs after everything received before the
-            // gap and before anything the new slot delivers.
-            request_reset(&self.queue, &mut self.resets_requested, reason).await?;
-            m::slot_recreated();
-            return Ok(());
-        };
-        // With warm-up: clear first, then create the slot and load the mirrors from its snapshot.
-        // Changes made in between are in the snapshot; everything after it comes from the slot.
-        request_reset(&self.queue, &mut self.resets_requested, reason).await?;
-        let resets = self.resets_requested;
-        self.sink
-            .wait_for(|r| r.resets_done >= resets)
-            .await
-            .map_err(|_| PipelineError::SinkStopped)?;
-        let mut conn = ReplicationConnection::connect(&self.params).await?;
-        let (lsn, snapshot) = conn.create_slot_exporting_snapshot(&source.slot).await?;
-        tracing::warn!(slot = %source.slot, consistent_point = %lsn, "recreated replication slot; warming up the mirrors from its snapshot");
-        let loaded = warm_up.load(&self.params, Some(&snapshot)).await;
-        drop(conn);
-        if let Err(e) = loaded {
-            // Next session finds no slot and comes back here: clear, create, load again.
-            let client = catalog::connect(&self.params).await?;
-            catalog::drop_slot(&client, &source.slot).await?;
-            return Err(e.into());
-        }
+        self.recover(steps, &reason).await?;
         m::slot_recreated();
         Ok(())
+    }
+
+    /// Recreates the slot with `steps` (`super::recovery`). Until it succeeds, every new session
+    /// starts by trying again.
+    async fn recover(&mut self, steps: Recovery, reason: &str) -> Result<(), PipelineError> {
+        self.unfinished_recovery = Some(steps);
+        let mut control = QueuedControl {
+            queue: &self.queue,
+            report: &mut self.sink,
+            requested: &mut self.controls_requested,
+            shutdown: self.shutdown.clone(),
+        };
+        recreate_slot(
+            &mut control,
+            self.source,
+            &self.params,
+            steps,
+            self.warm_up.as_ref(),
+            reason,
+        )
+        .await?;
+        self.unfinished_recovery = None;
+        // A new history: the sink's reset moved its applied position back to zero, and the new
+        // slot's LSNs may be lower than anything queued before. Resuming past them would skip
+        // every new commit.
+        self.enqueued_lsn = Lsn::ZERO;
+        self.keepalive_lsn = Lsn::ZERO;
+        self.history = None;
+        Ok(())
+    }
+
+    /// Compares the server behind the URL with the one walsweep streamed from before; `Some`
+    /// (why) when its positions do not belong to this server's history.
+    async fn history_changed(
+        &mut self,
+        conn: &mut ReplicationConnection,
+    ) -> Result<Option<String>, PipelineError> {
+        let system = conn.identify_system().await?;
+        let now = SourceIdentity {
+            system_id: system.system_id,
+            timeline: system.timeline,
+            wal_position: system.xlogpos,
+        };
+        let position = self.enqueued_lsn.max(self.sink.borrow().applied_lsn);
+        let verdict = match &self.history {
+            None => None,
+            Some(known) => match history::check(known, &now, position) {
+                HistoryCheck::Continues => None,
+                HistoryCheck::Replaced(why) => Some(why),
+                HistoryCheck::NewTimeline { from, to } => {
+                    let file = conn.timeline_history(to).await?;
+                    let verdict =
+                        history::fork_check(history::switch_point(&file, from), from, to, position);
+                    if verdict.is_none() {
+                        tracing::info!(from, to, "the database switched timelines (a failover); everything walsweep received is in the new history");
+                    }
+                    verdict
+                }
+            },
+        };
+        if verdict.is_none() {
+            self.history = Some(now);
+        }
+        Ok(verdict)
     }
 
     /// Looks up types a Relation message named that are not built in (rare: once per table
@@ -536,21 +596,6 @@ impl<PL: Planner> Streamer<'_, PL> {
         self.confirm(progress, self.sink.borrow().applied_lsn);
         Ok(())
     }
-}
-
-/// Queues a sink reset: it runs after everything received before the gap and before anything
-/// the new slot delivers.
-async fn request_reset<P>(
-    queue: &mpsc::Sender<SinkCommand<P>>,
-    resets_requested: &mut u64,
-    reason: String,
-) -> Result<(), PipelineError> {
-    queue
-        .send(SinkCommand::Reset { reason })
-        .await
-        .map_err(|_| PipelineError::SinkStopped)?;
-    *resets_requested += 1;
-    Ok(())
 }
 
 async fn send_status(

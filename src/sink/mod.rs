@@ -10,6 +10,11 @@
 //! - On error nothing of the batch counts as applied. A retryable error makes the pipeline retry
 //!   the same batch with backoff, forever (nothing is dropped); a non-retryable one stops the
 //!   daemon with its message, without confirming the batch.
+//! - Crash recovery: before the pipeline drops or creates its slot it records, through
+//!   `begin_recovery`, what must follow the new slot's creation (`Recovery`); `end_recovery`
+//!   removes the record once done. A sink whose record survives a crash (the Redis sink keeps it
+//!   in Redis) lets the next start finish the job instead of streaming into a half-cleared or
+//!   half-loaded destination. The default keeps nothing, so a crash in between is not recovered.
 
 pub mod redis;
 
@@ -36,6 +41,56 @@ impl Applied {
             commit_end_lsn: batch.last().map(|t| t.end_lsn).unwrap_or_default(),
             commit_times_unix_micros: batch.iter().map(|t| t.commit_time_unix_micros).collect(),
         }
+    }
+}
+
+/// What must happen after walsweep's slot is (re)created, before anything streams from it:
+/// recorded before the slot is dropped or created, so that a crash in between is finished by
+/// the next start. The order of the steps is fixed: create the slot, `clear` (or restart the
+/// chain), `load`, then remove the record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Clear everything the sink maintains (`Sink::reset`): changes were missed.
+    pub clear: bool,
+    /// Restart cross-transaction chains (`Sink::slot_created`): the stream has a new history.
+    /// Implied by `clear`.
+    pub restart_chain: bool,
+    /// Load the mirrors from the new slot's exported snapshot (`source.warm_up`).
+    pub load: bool,
+}
+
+impl Recovery {
+    pub fn is_empty(&self) -> bool {
+        *self == Recovery::default()
+    }
+
+    /// The stored form: the set steps' names, comma-separated (`clear,chain,load`).
+    pub fn encode(&self) -> String {
+        [
+            (self.clear, "clear"),
+            (self.restart_chain, "chain"),
+            (self.load, "load"),
+        ]
+        .iter()
+        .filter(|(set, _)| *set)
+        .map(|(_, name)| *name)
+        .collect::<Vec<_>>()
+        .join(",")
+    }
+
+    /// Reads `encode`'s form. An unknown step (a newer walsweep wrote it) is taken as `clear`:
+    /// doing more than needed is safe, doing less is not.
+    pub fn decode(stored: &str) -> Recovery {
+        let mut steps = Recovery::default();
+        for step in stored.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match step {
+                "clear" => steps.clear = true,
+                "chain" => steps.restart_chain = true,
+                "load" => steps.load = true,
+                _ => steps.clear = true,
+            }
+        }
+        steps
     }
 }
 
@@ -75,5 +130,47 @@ pub trait Sink<P: Plan>: Send + 'static {
     /// transaction; retried like `apply`.
     fn slot_created(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send {
         async { Ok(()) }
+    }
+
+    /// The recovery a previous run recorded and did not finish (empty when none).
+    fn pending_recovery(&mut self) -> impl Future<Output = Result<Recovery, SinkError>> + Send {
+        async { Ok(Recovery::default()) }
+    }
+
+    /// Records `steps` durably before the slot is dropped or created (see the module docs).
+    fn begin_recovery(
+        &mut self,
+        steps: Recovery,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = steps;
+        async { Ok(()) }
+    }
+
+    /// Removes the record once every step is done.
+    fn end_recovery(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send {
+        async { Ok(()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Recovery;
+
+    #[test]
+    fn recovery_steps_round_trip_and_unknown_steps_mean_clear() {
+        let all = Recovery {
+            clear: true,
+            restart_chain: true,
+            load: true,
+        };
+        assert_eq!(all.encode(), "clear,chain,load");
+        assert_eq!(Recovery::decode(&all.encode()), all);
+        let chain = Recovery {
+            restart_chain: true,
+            ..Recovery::default()
+        };
+        assert_eq!(Recovery::decode("chain"), chain);
+        assert!(Recovery::decode("").is_empty());
+        assert!(Recovery::decode("chain,rebuild").clear);
     }
 }

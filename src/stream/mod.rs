@@ -2,5 +2,6 @@
 //! the LSN bookkeeping of what was received and what may be confirmed.
 
 pub mod assembler;
+pub(crate) mod history;
 pub(crate) mod progress;
 pub mod types;

@@ -285,6 +285,24 @@ impl Postgres {
         self.pg_ctl_start().unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// Replaces the database behind this server's port with a brand-new cluster (fresh from
+    /// the template: same system identifier, timeline 1, WAL from the start, no slots, nothing
+    /// but the default databases), as after a restore or a move to another machine under the
+    /// same address. `opts` as for `start_with`.
+    pub fn replace_with_new_cluster(&mut self, opts: &PostgresOptions) {
+        self.stop(ShutdownMode::Fast);
+        let data = self.data_dir();
+        run(Command::new("rm").arg("-rf").arg(&data))
+            .unwrap_or_else(|e| panic!("removing {}: {e}", data.display()));
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(template_data_dir())
+            .arg(&data))
+        .unwrap_or_else(|e| panic!("copying the initdb template: {e}"));
+        self.write_config(opts);
+        self.pg_ctl_start().unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// Postmaster pid of the current run (of the last run, once stopped).
     pub fn pid(&self) -> u32 {
         self.pid

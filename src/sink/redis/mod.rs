@@ -15,6 +15,7 @@
 pub(crate) mod broadcast;
 pub(crate) mod mirror;
 pub mod probe;
+mod recovery;
 pub(crate) mod reinvalidate;
 
 use std::collections::{BTreeMap, HashSet};
@@ -28,7 +29,7 @@ use crate::config::{BroadcastConfig, MatroskaConfig, RedisConfig};
 use crate::plan::rules::{EffectPlan, FallbackCause};
 use crate::plan::txn::TxnPlan;
 use crate::plan::Plan;
-use crate::sink::{Applied, Sink, SinkError};
+use crate::sink::{Applied, Recovery, Sink, SinkError};
 use crate::stream::assembler::CommittedTxn;
 use crate::telemetry::metrics as m;
 
@@ -513,6 +514,24 @@ impl Sink<TxnPlan> for RedisSink {
             .await
     }
 
+    async fn pending_recovery(&mut self) -> Result<Recovery, SinkError> {
+        let result = self.read_recovery().await;
+        self.observe(&result);
+        result
+    }
+
+    async fn begin_recovery(&mut self, steps: Recovery) -> Result<(), SinkError> {
+        let result = self.write_recovery(steps).await;
+        self.observe(&result);
+        result
+    }
+
+    async fn end_recovery(&mut self) -> Result<(), SinkError> {
+        let result = self.delete_recovery().await;
+        self.observe(&result);
+        result
+    }
+
     async fn apply(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<Applied, SinkError> {
         let result = self.apply_txn_plans(batch).await;
         self.observe(&result);
@@ -571,6 +590,24 @@ impl RedisSink {
 }
 
 impl Sink<EffectPlan> for RedisSink {
+    async fn pending_recovery(&mut self) -> Result<Recovery, SinkError> {
+        let result = self.read_recovery().await;
+        self.observe(&result);
+        result
+    }
+
+    async fn begin_recovery(&mut self, steps: Recovery) -> Result<(), SinkError> {
+        let result = self.write_recovery(steps).await;
+        self.observe(&result);
+        result
+    }
+
+    async fn end_recovery(&mut self) -> Result<(), SinkError> {
+        let result = self.delete_recovery().await;
+        self.observe(&result);
+        result
+    }
+
     async fn reset(&mut self) -> Result<(), SinkError> {
         if self.reset_plan.is_empty() {
             tracing::warn!("sink reset requested, but no rule prefixes are known to clear");
