@@ -276,7 +276,8 @@ pub(crate) fn describe() {
     describe_counter!(
         MIRROR_ROWS_TOTAL,
         "Mirrored rows, by result: written, deleted, skipped_absent (only_if_present and not \
-         cached), incomplete (unchanged TOAST and no stored entry: removed instead)."
+         cached), incomplete (unchanged TOAST and no stored entry, or one without that field: \
+         removed instead)."
     );
     describe_counter!(
         MIRROR_KEYS_CLEARED_TOTAL,

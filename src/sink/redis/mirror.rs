@@ -31,7 +31,8 @@ pub(crate) struct MirrorApplied {
     pub(crate) deleted: u64,
     /// `only_if_present` rows that were not cached.
     pub(crate) skipped: u64,
-    /// Rows with an unchanged TOAST value and no stored entry to take it from: removed.
+    /// Rows with an unchanged TOAST value and no stored entry, or one without that field, to
+    /// take it from: removed.
     pub(crate) incomplete: u64,
     pub(crate) cleared_keys: u64,
     /// Index keys holding another type (someone else's data): left alone.
