@@ -9,7 +9,8 @@ use std::sync::LazyLock;
 use ::redis::aio::ConnectionManager;
 use ::redis::{Script, Value};
 
-use super::{round_trip, RedisSink};
+use super::errors::ScriptCalls;
+use super::{script_round_trip, RedisSink};
 use crate::config::MirrorFormat;
 use crate::plan::mirror::plan::{json_document, push_json_name, Field, IndexAdd};
 use crate::plan::mirror::MirrorOp;
@@ -297,7 +298,15 @@ impl RedisSink {
                 .arg(&call.keys)
                 .arg(&call.args);
         }
-        let replies: Vec<Value> = round_trip("write mirrored rows", pipe.query_async(conn)).await?;
+        let replies: Vec<Value> = script_round_trip(
+            "write mirrored rows",
+            ScriptCalls {
+                script: "mirror_rows.lua",
+                at: 1..usize::MAX,
+            },
+            pipe.query_async(conn),
+        )
+        .await?;
         for reply in replies {
             if let Value::Array(items) = reply {
                 let n = |i: usize| match items.get(i) {

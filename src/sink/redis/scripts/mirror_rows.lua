@@ -77,9 +77,12 @@ local function holds_row(key, want_type)
   return redis.call('TYPE', key).ok == want_type
 end
 
+-- Only WRONGTYPE means that: any other error (an ACL denying the command, say) is raised, so
+-- walsweep stops and says so instead of leaving index entries out in silence.
 local function zcall(...)
   local reply = redis.pcall(...)
   if type(reply) == 'table' and reply.err then
+    if not string.find(reply.err, '^WRONGTYPE') then error(reply) end
     wrong_type = wrong_type + 1
     return false
   end
@@ -151,8 +154,8 @@ while a <= #ARGV do
     elseif fmt == 'j' then
       local kept = {}
       if nkeep > 0 then
-        local ok, doc = pcall(redis.call, 'GET', from)
-        kept = ok and fields_of(doc) or nil
+        -- holds_row made sure `from` is a string.
+        kept = fields_of(redis.call('GET', from))
       end
       if kept == nil then
         incomplete = incomplete + 1
