@@ -9,7 +9,10 @@
 //!   effects must be idempotent.
 //! - On error nothing of the batch counts as applied. A retryable error makes the pipeline retry
 //!   the same batch with backoff, forever (nothing is dropped); a non-retryable one stops the
-//!   daemon with its message, without confirming the batch.
+//!   daemon with its message, without confirming the batch. An error is retryable only when
+//!   waiting can fix it (the destination down, busy, failing over): one that would fail the same
+//!   way forever (a bug, a rejected argument, a permission) is not, and its message says where
+//!   the stream stopped and what to do.
 //! - Crash recovery: before the pipeline drops or creates its slot it records, through
 //!   `begin_recovery`, what must follow the new slot's creation (`Recovery`); `end_recovery`
 //!   removes the record once done. A sink whose record survives a crash (the Redis sink keeps it

@@ -103,7 +103,7 @@ pub(crate) const LABEL_STATUS: &str = "status";
 pub(crate) const ERROR_SINK: &str = "sink";
 /// Every `kind` label `walsweep_errors_total` can carry (`ReplicationError::kind`,
 /// `PipelineError::kind` and the sink's own).
-pub(crate) const ERROR_KINDS: [&str; 20] = [
+pub(crate) const ERROR_KINDS: [&str; 21] = [
     "connect",
     "io",
     "server",
@@ -124,12 +124,15 @@ pub(crate) const ERROR_KINDS: [&str; 20] = [
     ERROR_WRONG_TYPE,
     ERROR_MIRROR_SCORE,
     ERROR_MIRROR_VALUE,
+    ERROR_REDIS_SCRIPT,
 ];
 pub(crate) const ERROR_WRONG_TYPE: &str = "redis_wrong_type";
 /// A row's index score could not be computed (NULL, out of the declared range): left out.
 pub(crate) const ERROR_MIRROR_SCORE: &str = "mirror_score";
 /// A column's text did not parse as its type: mirrored as a string.
 pub(crate) const ERROR_MIRROR_VALUE: &str = "mirror_value";
+/// One of walsweep's Redis scripts raised an error: walsweep stops (`sink::redis::errors`).
+pub(crate) const ERROR_REDIS_SCRIPT: &str = "redis_script";
 
 /// Histogram buckets for latencies: 100 µs to 30 s.
 pub(crate) const SECONDS_BUCKETS: [f64; 16] = [
@@ -276,7 +279,8 @@ pub(crate) fn describe() {
     describe_counter!(
         MIRROR_ROWS_TOTAL,
         "Mirrored rows, by result: written, deleted, skipped_absent (only_if_present and not \
-         cached), incomplete (unchanged TOAST and no stored entry: removed instead)."
+         cached), incomplete (unchanged TOAST and no stored entry, or one without that field: \
+         removed instead)."
     );
     describe_counter!(
         MIRROR_KEYS_CLEARED_TOTAL,

@@ -6,7 +6,8 @@ use std::sync::LazyLock;
 
 use ::redis::{Script, Value};
 
-use super::{round_trip, RedisSink};
+use super::errors::ScriptCalls;
+use super::{script_round_trip, RedisSink};
 use crate::config::BroadcastConfig;
 use crate::plan::txn::TxnPlan;
 use crate::sink::SinkError;
@@ -90,8 +91,15 @@ impl RedisSink {
                 .arg(config.channel.as_deref().unwrap_or(""))
                 .arg(config.stream_max_len);
         }
-        let replies: Vec<Value> =
-            round_trip("publish broadcast messages", pipe.query_async(&mut conn)).await?;
+        let replies: Vec<Value> = script_round_trip(
+            "publish broadcast messages",
+            ScriptCalls {
+                script: "broadcast.lua",
+                at: 1..usize::MAX,
+            },
+            pipe.query_async(&mut conn),
+        )
+        .await?;
         let published = replies
             .iter()
             .filter(|r| matches!(r, Value::Int(1)))

@@ -9,7 +9,8 @@ use std::sync::LazyLock;
 use ::redis::aio::ConnectionManager;
 use ::redis::{Script, Value};
 
-use super::{round_trip, RedisSink};
+use super::errors::ScriptCalls;
+use super::{script_round_trip, RedisSink};
 use crate::config::MirrorFormat;
 use crate::plan::mirror::plan::{json_document, push_json_name, Field, IndexAdd};
 use crate::plan::mirror::MirrorOp;
@@ -31,7 +32,8 @@ pub(crate) struct MirrorApplied {
     pub(crate) deleted: u64,
     /// `only_if_present` rows that were not cached.
     pub(crate) skipped: u64,
-    /// Rows with an unchanged TOAST value and no stored entry to take it from: removed.
+    /// Rows with an unchanged TOAST value and no stored entry, or one without that field, to
+    /// take it from: removed.
     pub(crate) incomplete: u64,
     pub(crate) cleared_keys: u64,
     /// Index keys holding another type (someone else's data): left alone.
@@ -296,7 +298,15 @@ impl RedisSink {
                 .arg(&call.keys)
                 .arg(&call.args);
         }
-        let replies: Vec<Value> = round_trip("write mirrored rows", pipe.query_async(conn)).await?;
+        let replies: Vec<Value> = script_round_trip(
+            "write mirrored rows",
+            ScriptCalls {
+                script: "mirror_rows.lua",
+                at: 1..usize::MAX,
+            },
+            pipe.query_async(conn),
+        )
+        .await?;
         for reply in replies {
             if let Value::Array(items) = reply {
                 let n = |i: usize| match items.get(i) {

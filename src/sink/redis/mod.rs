@@ -13,6 +13,7 @@
 //! So the sink contract's at-least-once delivery is safe here.
 
 pub(crate) mod broadcast;
+pub(crate) mod errors;
 pub(crate) mod mirror;
 pub mod probe;
 mod recovery;
@@ -24,6 +25,8 @@ use std::time::{Duration, Instant};
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{ErrorKind, RedisError, Value};
 
+pub(crate) use self::errors::sink_error;
+use self::errors::{script_sink_error, ScriptCalls};
 use crate::config::template::glob_escape;
 use crate::config::{BroadcastConfig, MatroskaConfig, RedisConfig};
 use crate::plan::rules::{EffectPlan, FallbackCause};
@@ -34,6 +37,8 @@ use crate::stream::assembler::CommittedTxn;
 use crate::telemetry::metrics as m;
 
 const INVALIDATE_DEPS_LUA: &str = include_str!("scripts/invalidate_deps.lua");
+/// How errors name the script.
+const INVALIDATE_DEPS_SCRIPT: &str = "invalidate_deps.lua";
 /// Keys per UNLINK and sets per script call: large enough to amortise, small enough that one
 /// command never blocks Redis for long.
 const KEYS_PER_COMMAND: usize = 1_000;
@@ -209,20 +214,6 @@ pub struct Unlinked {
     pub wrong_type_sets: u64,
 }
 
-pub(crate) fn sink_error(operation: &'static str, err: RedisError) -> SinkError {
-    // Everything but a configuration mistake is retried: Redis down, loading, read-only
-    // replica, out of memory and timeouts all pass, and dropping effects is never an option.
-    let retryable = !matches!(
-        err.kind(),
-        ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig
-    );
-    SinkError {
-        operation,
-        retryable,
-        source: Box::new(err),
-    }
-}
-
 impl RedisSink {
     /// Validates the URL; connects lazily, so Redis being down at start is retried like any
     /// other outage instead of failing the daemon.
@@ -346,11 +337,16 @@ impl RedisSink {
             for chunk in keys.chunks(KEYS_PER_COMMAND) {
                 pipe.cmd("UNLINK").arg(chunk);
             }
+            let unlinks = keys.len().div_ceil(KEYS_PER_COMMAND);
             for chunk in sets.chunks(SETS_PER_SCRIPT_CALL) {
                 self.push_invalidate_sets(&mut pipe, chunk);
             }
-            let replies: Vec<Value> = round_trip(
+            let replies: Vec<Value> = script_round_trip(
                 "unlink keys and invalidate dependency sets",
+                ScriptCalls {
+                    script: INVALIDATE_DEPS_SCRIPT,
+                    at: unlinks..usize::MAX,
+                },
                 pipe.query_async(&mut conn),
             )
             .await?;
@@ -371,8 +367,12 @@ impl RedisSink {
             for chunk in found.chunks(SETS_PER_SCRIPT_CALL) {
                 let mut pipe = ::redis::pipe();
                 self.push_invalidate_sets(&mut pipe, chunk);
-                let replies: Vec<Value> = round_trip(
+                let replies: Vec<Value> = script_round_trip(
                     "invalidate dependency sets table-wide",
+                    ScriptCalls {
+                        script: INVALIDATE_DEPS_SCRIPT,
+                        at: 0..usize::MAX,
+                    },
                     pipe.query_async(&mut conn),
                 )
                 .await?;
@@ -458,6 +458,29 @@ pub(crate) async fn round_trip<T>(
     Ok(reply)
 }
 
+/// `round_trip` for requests that run scripts: an error one of them raises is fatal and names
+/// the script (`errors`).
+pub(crate) async fn script_round_trip<T>(
+    operation: &'static str,
+    calls: ScriptCalls,
+    request: impl std::future::Future<Output = ::redis::RedisResult<T>>,
+) -> Result<T, SinkError> {
+    let started = Instant::now();
+    let reply = request
+        .await
+        .map_err(|e| script_sink_error(operation, &calls, e))?;
+    m::redis_round_trip(started.elapsed());
+    Ok(reply)
+}
+
+/// The commit LSNs of `batch`, for a script error (fatal: it must say where walsweep stopped).
+fn at_commits<P>(err: SinkError, batch: &[CommittedTxn<P>]) -> SinkError {
+    match (batch.first(), batch.last()) {
+        (Some(first), Some(last)) => errors::at_commits(err, first.commit_lsn, last.commit_lsn),
+        _ => err,
+    }
+}
+
 /// Log target for one line per effect (`RUST_LOG=walsweep::effects=debug`): handy to watch,
 /// far too chatty for production.
 pub(crate) const EFFECTS_LOG_TARGET: &str = "walsweep::effects";
@@ -533,7 +556,10 @@ impl Sink<TxnPlan> for RedisSink {
     }
 
     async fn apply(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<Applied, SinkError> {
-        let result = self.apply_txn_plans(batch).await;
+        let result = self
+            .apply_txn_plans(batch)
+            .await
+            .map_err(|e| at_commits(e, batch));
         self.observe(&result);
         result.map(|()| Applied::whole(batch))
     }
@@ -624,7 +650,10 @@ impl Sink<EffectPlan> for RedisSink {
     }
 
     async fn apply(&mut self, batch: &[CommittedTxn<EffectPlan>]) -> Result<Applied, SinkError> {
-        let applied = self.apply_plans(batch.iter().map(|t| &t.plan)).await?;
+        let applied = self
+            .apply_plans(batch.iter().map(|t| &t.plan))
+            .await
+            .map_err(|e| at_commits(e, batch))?;
         if let Some(reinvalidate) = &mut self.reinvalidate {
             // Confirmed: queue the same effects for their delayed second application.
             let mut merged = EffectPlan::default();

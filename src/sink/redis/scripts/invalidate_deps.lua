@@ -13,6 +13,9 @@ for _, set in ipairs(KEYS) do
   -- key reads as an empty set. A key of another type answers WRONGTYPE, caught by pcall.
   local members = redis.pcall('SMEMBERS', set)
   if type(members) == 'table' and members.err then
+    -- Any other error (an ACL denying SMEMBERS, say) is raised: skipping the set in silence
+    -- would leave its entries stale.
+    if not string.find(members.err, '^WRONGTYPE') then error(members) end
     -- Not a set: not ours to interpret. Reported, never fatal, never retried forever.
     wrong_type = wrong_type + 1
   elseif #members > 0 then

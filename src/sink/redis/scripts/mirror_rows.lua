@@ -12,8 +12,8 @@
 --   KEYS: target key, the source key when moved (the row's key changed), removes' index keys,
 --         adds' index keys.
 -- Returns {written, deleted, skipped (only_if_present and absent), incomplete (a kept field
--- had no stored value, so the row was removed instead of half-written), index keys of another
--- type (left alone)}.
+-- had no stored value, so the row was removed instead of half-written, in either format),
+-- index keys of another type (left alone)}.
 
 local function skip_string(s, i)
   local j = i + 1
@@ -77,9 +77,12 @@ local function holds_row(key, want_type)
   return redis.call('TYPE', key).ok == want_type
 end
 
+-- Only WRONGTYPE means that: any other error (an ACL denying the command, say) is raised, so
+-- walsweep stops and says so instead of leaving index entries out in silence.
 local function zcall(...)
   local reply = redis.pcall(...)
   if type(reply) == 'table' and reply.err then
+    if not string.find(reply.err, '^WRONGTYPE') then error(reply) end
     wrong_type = wrong_type + 1
     return false
   end
@@ -151,8 +154,8 @@ while a <= #ARGV do
     elseif fmt == 'j' then
       local kept = {}
       if nkeep > 0 then
-        local ok, doc = pcall(redis.call, 'GET', from)
-        kept = ok and fields_of(doc) or nil
+        -- holds_row made sure `from` is a string.
+        kept = fields_of(redis.call('GET', from))
       end
       if kept == nil then
         incomplete = incomplete + 1
@@ -184,30 +187,42 @@ while a <= #ARGV do
     else
       local pairs_ = {}
       for i = 0, 2 * nfields - 1 do pairs_[#pairs_ + 1] = ARGV[fields_at + i] end
-      if nkeep > 0 and from ~= target then
+      local complete = true
+      if nkeep > 0 then
+        -- A kept value is never NULL (only large values are TOASTed), so a stored hash without
+        -- the field predates it (e.g. the field was added to `columns`): like JSON, the row is
+        -- removed rather than written without it.
         local keep_names = {}
         for i = 0, nkeep - 1 do keep_names[#keep_names + 1] = ARGV[keeps_at + i] end
-        local ok, values = pcall(redis.call, 'HMGET', from, unpack(keep_names))
-        if ok then
-          for i, v in ipairs(values) do
-            if v then
-              pairs_[#pairs_ + 1] = keep_names[i]
-              pairs_[#pairs_ + 1] = v
-            end
+        local values = redis.call('HMGET', from, unpack(keep_names))
+        for i = 1, nkeep do
+          if not values[i] then
+            complete = false
+            break
+          end
+          if from ~= target then
+            pairs_[#pairs_ + 1] = keep_names[i]
+            pairs_[#pairs_ + 1] = values[i]
           end
         end
       end
-      if nkeep == 0 or from ~= target then
+      if not complete then
+        incomplete = incomplete + 1
         redis.call('UNLINK', target)
-      elseif nnull > 0 then
-        local names = {}
-        for i = 0, nnull - 1 do names[#names + 1] = ARGV[nulls_at + i] end
-        redis.call('HDEL', target, unpack(names))
+        if moved then redis.call('UNLINK', source) end
+      else
+        if nkeep == 0 or from ~= target then
+          redis.call('UNLINK', target)
+        elseif nnull > 0 then
+          local names = {}
+          for i = 0, nnull - 1 do names[#names + 1] = ARGV[nulls_at + i] end
+          redis.call('HDEL', target, unpack(names))
+        end
+        if moved then redis.call('UNLINK', source) end
+        if #pairs_ > 0 then redis.call('HSET', target, unpack(pairs_)) end
+        if ttl > 0 then redis.call('EXPIRE', target, ttl) end
+        written = written + 1
       end
-      if moved then redis.call('UNLINK', source) end
-      if #pairs_ > 0 then redis.call('HSET', target, unpack(pairs_)) end
-      if ttl > 0 then redis.call('EXPIRE', target, ttl) end
-      written = written + 1
     end
   end
   if index_it then

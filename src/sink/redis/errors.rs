@@ -1,0 +1,239 @@
+//! Which Redis failures a retry can fix, and what walsweep says about an error raised by one of
+//! its scripts.
+//!
+//! Retried like an outage: I/O errors, timeouts, dropped connections, and the error replies
+//! Redis gives while it cannot serve for now (`TRANSIENT_CODES`). An error raised by a script
+//! is none of those: a bug, an argument Redis rejects, a command walsweep's ACL user may not
+//! run, a key of another type. Retrying the same batch fails the same way forever, and Redis
+//! does not roll back what the script wrote before the error, so walsweep stops instead, with
+//! the script, the commit and what to do.
+
+use std::ops::Range;
+
+use ::redis::{ErrorKind, RedisError};
+
+use crate::pg::Lsn;
+use crate::sink::SinkError;
+use crate::telemetry::metrics as m;
+
+/// Error codes of replies meaning "not now": a script of another client running (BUSY), the
+/// dataset loading after a restart, a replica or a failover in progress, `maxmemory` reached,
+/// snapshots failing to save, too few replicas for `min-replicas-to-write`, and the script cache
+/// flushed by another client between SCRIPT LOAD and EVALSHA. Inside a script Redis refuses
+/// OOM and READONLY at its first write, so a script failing with them wrote nothing.
+const TRANSIENT_CODES: [&str; 10] = [
+    "BUSY",
+    "LOADING",
+    "READONLY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MASTERDOWN",
+    "OOM",
+    "MISCONF",
+    "NOREPLICAS",
+    "NOSCRIPT",
+];
+
+/// The script calls of a round trip: which script, at which positions of the pipeline
+/// (counting ignored commands; a single command is position 0).
+#[derive(Debug, Clone)]
+pub(crate) struct ScriptCalls {
+    pub(crate) script: &'static str,
+    pub(crate) at: Range<usize>,
+}
+
+/// An error raised by a walsweep script in Redis; fatal.
+#[derive(Debug)]
+pub(crate) struct ScriptError {
+    script: &'static str,
+    /// The error reply, as Redis sent it.
+    reply: String,
+    advice: &'static str,
+    /// First and last commit LSN of the transactions being applied (none for a reset or a
+    /// warm-up load).
+    commits: Option<(Lsn, Lsn)>,
+}
+
+impl std::fmt::Display for ScriptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} raised an error in Redis", self.script)?;
+        match self.commits {
+            Some((first, last)) if first == last => write!(f, " at commit {first}")?,
+            Some((first, last)) => write!(f, " at commits {first}..{last}")?,
+            None => {}
+        }
+        write!(
+            f,
+            ": {}. Retrying cannot fix this (it is not an outage), and Redis keeps what the \
+             script wrote before the error, so some keys may be half-updated. {}, then restart \
+             walsweep",
+            self.reply.trim_end_matches('.'),
+            self.advice
+        )?;
+        if let Some((first, _)) = self.commits {
+            write!(
+                f,
+                ": nothing from commit {first} on was confirmed to Postgres, so it applies \
+                 those commits again"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ScriptError {}
+
+/// What to do about an error reply, from its code and text.
+fn advice(code: &str, reply: &str) -> &'static str {
+    if code == "NOPERM" || reply.contains("can't run this command") {
+        "walsweep's Redis user may not run a command the script calls (ACL; `ACL LOG` in \
+         redis-cli names it): allow every command README.md lists under \"Redis permissions\""
+    } else if code == "WRONGTYPE" {
+        "a key the script writes holds another type, so another application uses the same \
+         name: remove that key, or give walsweep's keys a prefix nothing else uses"
+    } else {
+        "this is a walsweep bug or a Redis walsweep does not support: report it with this \
+         message"
+    }
+}
+
+/// Whether retrying can fix `err`, for requests that run no script. Error replies count as
+/// outages too: the commands are walsweep's own, and a reply refusing them at connection set-up
+/// (e.g. `max number of clients reached`) passes.
+fn retryable(err: &RedisError) -> bool {
+    !matches!(
+        err.kind(),
+        ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig
+    )
+}
+
+pub(crate) fn sink_error(operation: &'static str, err: RedisError) -> SinkError {
+    SinkError {
+        operation,
+        retryable: retryable(&err),
+        source: Box::new(err),
+    }
+}
+
+/// Like `sink_error`, for a round trip running `calls`: an error reply to one of them that is
+/// not transient is a `ScriptError`.
+pub(crate) fn script_sink_error(
+    operation: &'static str,
+    calls: &ScriptCalls,
+    err: RedisError,
+) -> SinkError {
+    let raised = err.clone().into_server_errors().and_then(|replies| {
+        replies
+            .iter()
+            .find(|(at, reply)| calls.at.contains(at) && !TRANSIENT_CODES.contains(&reply.code()))
+            .map(|(_, reply)| {
+                let text = match reply.details() {
+                    Some(details) => format!("{} {details}", reply.code()),
+                    None => reply.code().to_string(),
+                };
+                (reply.code().to_string(), text)
+            })
+    });
+    let Some((code, reply)) = raised else {
+        return sink_error(operation, err);
+    };
+    m::error(m::ERROR_REDIS_SCRIPT);
+    SinkError {
+        operation,
+        retryable: false,
+        source: Box::new(ScriptError {
+            script: calls.script,
+            advice: advice(&code, &reply),
+            reply,
+            commits: None,
+        }),
+    }
+}
+
+/// Names the commits being applied in a script error (no-op for any other error).
+pub(crate) fn at_commits(mut err: SinkError, first: Lsn, last: Lsn) -> SinkError {
+    if let Some(script) = err.source.downcast_mut::<ScriptError>() {
+        script.commits = Some((first, last));
+    }
+    err
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ::redis::make_extension_error;
+
+    fn reply(code: &str, detail: &str) -> RedisError {
+        make_extension_error(code.into(), Some(detail.into()))
+    }
+
+    fn calls() -> ScriptCalls {
+        ScriptCalls {
+            script: "mirror_rows.lua",
+            at: 0..1,
+        }
+    }
+
+    #[test]
+    fn errors_raised_by_a_script_are_fatal_and_say_what_to_do() {
+        for (code, detail, says) in [
+            (
+                "ERR",
+                "The user executing the script can't run this command or subcommand script: \
+                 abc, on @user_script:164.",
+                "ACL",
+            ),
+            (
+                "NOPERM",
+                "this user has no permissions to run the 'evalsha' command",
+                "ACL",
+            ),
+            (
+                "WRONGTYPE",
+                "Operation against a key holding the wrong kind of value",
+                "prefix",
+            ),
+            (
+                "ERR",
+                "user_script:1: attempt to compare number with nil",
+                "bug",
+            ),
+            ("mirror_rows:", "malformed row header", "bug"),
+        ] {
+            let err = script_sink_error("write mirrored rows", &calls(), reply(code, detail));
+            assert!(!err.is_retryable(), "{code} {detail}");
+            let err = at_commits(err, Lsn::from(0x16B_3748), Lsn::from(0x16B_3900));
+            let text = err.source.to_string();
+            for needle in [
+                "mirror_rows.lua",
+                detail,
+                "at commits 0/16B3748..0/16B3900",
+                "from commit 0/16B3748 on",
+                says,
+            ] {
+                assert!(text.contains(needle), "{needle:?} missing from {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn replies_meaning_not_now_are_retried() {
+        for code in TRANSIENT_CODES {
+            let err = script_sink_error("write mirrored rows", &calls(), reply(code, "later"));
+            assert!(err.is_retryable(), "{code}");
+        }
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert!(script_sink_error("write mirrored rows", &calls(), io).is_retryable());
+    }
+
+    #[test]
+    fn an_error_reply_outside_the_script_calls_is_not_blamed_on_the_script() {
+        let calls = ScriptCalls {
+            script: "invalidate_deps.lua",
+            at: 1..2,
+        };
+        let err = script_sink_error("unlink keys", &calls, reply("ERR", "max clients"));
+        assert!(err.is_retryable());
+        assert!(err.source.downcast_ref::<ScriptError>().is_none());
+    }
+}
