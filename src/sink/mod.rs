@@ -76,4 +76,15 @@ pub trait Sink<P: Plan>: Send + 'static {
     fn slot_created(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send {
         async { Ok(()) }
     }
+
+    /// Called once by the sink task before any other method, within the runtime: a sink with
+    /// background work (e.g. delayed second applications an earlier run left) starts it here.
+    fn start(&mut self) {}
+
+    /// The stream ended cleanly (shutdown) and everything given to `apply` was applied: a sink
+    /// with background work finishes it here, in a bounded time. Not called when the run ends
+    /// on an error or a second shutdown request; such work must then survive on its own.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
