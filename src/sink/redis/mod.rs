@@ -183,7 +183,7 @@ pub struct RedisSink {
     connection: Option<ConnectionManager>,
     prefix: String,
     remove_sets: bool,
-    /// `matroska.reinvalidate_after_ms`: queues confirmed batches for a second application.
+    /// `matroska.reinvalidate_after_ms`: keeps applied batches for a second application.
     reinvalidate: Option<reinvalidate::Scheduler>,
     /// Whether outcomes set `walsweep_redis_up` (not for the reinvalidation worker's sink).
     reports_health: bool,
@@ -194,6 +194,9 @@ pub struct RedisSink {
     /// Where walsweep keeps its own state for this source and slot (`state_key`).
     state_prefix: String,
 }
+
+/// The state item holding the pending second applications (`reinvalidate`).
+const REINVALIDATE_STATE: &str = "reinvalidate";
 
 /// The start of every key walsweep keeps its own state under, for one database and slot:
 /// `walsweep:<database>/<slot>:`. Two daemons on different databases or slots never share one.
@@ -236,6 +239,7 @@ impl RedisSink {
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1);
+        let state_prefix = state_prefix("postgres", "walsweep");
         let mut sink = RedisSink {
             client,
             config,
@@ -246,7 +250,7 @@ impl RedisSink {
             reinvalidate: None,
             reports_health: true,
             broadcast: None,
-            state_prefix: state_prefix("postgres", "walsweep"),
+            state_prefix,
         };
         if let Some(ms) = matroska.reinvalidate_after_ms {
             // Its own sink: own connection, same layout, no second-level reinvalidation.
@@ -261,6 +265,7 @@ impl RedisSink {
             sink.reinvalidate = Some(reinvalidate::Scheduler::new(
                 Duration::from_millis(ms),
                 worker,
+                sink.state_key(REINVALIDATE_STATE),
             ));
         }
         Ok(sink)
@@ -275,6 +280,10 @@ impl RedisSink {
     /// Keeps walsweep's own state under `prefix` (see `state_prefix`).
     pub fn with_state_prefix(mut self, prefix: String) -> Self {
         self.state_prefix = prefix;
+        let key = self.state_key(REINVALIDATE_STATE);
+        if let Some(reinvalidate) = &mut self.reinvalidate {
+            reinvalidate.set_key(key);
+        }
         self
     }
 
@@ -518,9 +527,59 @@ impl Sink<TxnPlan> for RedisSink {
         self.observe(&result);
         result.map(|()| Applied::whole(batch))
     }
+
+    fn start(&mut self) {
+        self.start_background();
+    }
+
+    async fn finish(&mut self) {
+        self.finish_background().await;
+    }
 }
 
 impl RedisSink {
+    /// Once the whole batch applied, and before `apply` returns (the slot is confirmed right
+    /// after, so a crash must not lose it): keeps the batch's invalidations for their delayed
+    /// second application, in Redis and in the worker's queue. An error keeps nothing and
+    /// fails the batch.
+    async fn keep_second_application<P>(
+        &mut self,
+        batch: &[CommittedTxn<P>],
+        invalidations: impl Fn(&P) -> &EffectPlan,
+    ) -> Result<(), SinkError> {
+        let (Some(_), Some(last)) = (&self.reinvalidate, batch.last()) else {
+            return Ok(());
+        };
+        let end_lsn = last.end_lsn;
+        let mut merged = EffectPlan::default();
+        for txn in batch {
+            merged.merge(invalidations(&txn.plan).clone());
+        }
+        if merged.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.connection().await?;
+        match &mut self.reinvalidate {
+            Some(reinvalidate) => reinvalidate.schedule(&mut conn, end_lsn, merged).await,
+            None => Ok(()),
+        }
+    }
+
+    /// `Sink::start`: the reinvalidation worker starts with the sink, so what an earlier run
+    /// left pending is applied even if no change follows.
+    fn start_background(&mut self) {
+        if let Some(reinvalidate) = &mut self.reinvalidate {
+            reinvalidate.start();
+        }
+    }
+
+    /// `Sink::finish`: pending second applications are applied when due, bounded by the delay.
+    async fn finish_background(&mut self) {
+        if let Some(reinvalidate) = &mut self.reinvalidate {
+            reinvalidate.finish().await;
+        }
+    }
+
     /// What a round trip's outcome says about Redis: readiness follows it, and a failed
     /// attempt starts the next one on a fresh connection rather than a wedged one.
     fn observe<T>(&mut self, result: &Result<T, SinkError>) {
@@ -533,18 +592,12 @@ impl RedisSink {
     }
 
     /// Invalidations, then mirror writes, then broadcasts: a subscriber that hears of a
-    /// transaction finds its effects already in Redis.
+    /// transaction finds its effects already in Redis. Then, with `reinvalidate_after_ms`, the
+    /// second application is kept: only for a batch that applied, once however often retried.
     async fn apply_txn_plans(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<(), SinkError> {
         let applied = self
             .apply_plans(batch.iter().map(|t| &t.plan.invalidate))
             .await?;
-        if let Some(reinvalidate) = &mut self.reinvalidate {
-            let mut merged = EffectPlan::default();
-            for txn in batch {
-                merged.merge(txn.plan.invalidate.clone());
-            }
-            reinvalidate.schedule(merged);
-        }
         // Each transaction's ops are already folded per key; across transactions they are
         // applied as they come, which keeps commit order without copying them.
         let ops: Vec<&crate::plan::mirror::MirrorOp> =
@@ -558,6 +611,8 @@ impl RedisSink {
             self.apply_mirror_ops(ops, newest_commit_secs).await?;
         }
         self.publish(batch).await?;
+        self.keep_second_application(batch, |plan| &plan.invalidate)
+            .await?;
         for txn in batch {
             m::effects_applied(txn.plan.invalidate.counts_by_kind());
         }
@@ -588,14 +643,9 @@ impl Sink<EffectPlan> for RedisSink {
 
     async fn apply(&mut self, batch: &[CommittedTxn<EffectPlan>]) -> Result<Applied, SinkError> {
         let applied = self.apply_plans(batch.iter().map(|t| &t.plan)).await?;
-        if let Some(reinvalidate) = &mut self.reinvalidate {
-            // Confirmed: queue the same effects for their delayed second application.
-            let mut merged = EffectPlan::default();
-            for txn in batch {
-                merged.merge(txn.plan.clone());
-            }
-            reinvalidate.schedule(merged);
-        }
+        let kept = self.keep_second_application(batch, |plan| plan).await;
+        self.observe(&kept);
+        kept?;
         for txn in batch {
             m::effects_applied(txn.plan.counts_by_kind());
         }
@@ -605,5 +655,13 @@ impl Sink<EffectPlan> for RedisSink {
             "batch applied"
         );
         Ok(Applied::whole(batch))
+    }
+
+    fn start(&mut self) {
+        self.start_background();
+    }
+
+    async fn finish(&mut self) {
+        self.finish_background().await;
     }
 }
