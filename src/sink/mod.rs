@@ -10,6 +10,10 @@
 //! - On error nothing of the batch counts as applied. A retryable error makes the pipeline retry
 //!   the same batch with backoff, forever (nothing is dropped); a non-retryable one stops the
 //!   daemon with its message, without confirming the batch.
+//! - Work a sink does in the background (e.g. delayed second applications) starts in `start`;
+//!   a clean stop waits for `finish`, which must end in a bounded time. A crash or a second
+//!   shutdown request skips `finish`, so work that must not be lost is made durable before
+//!   `apply` returns.
 
 pub mod redis;
 
