@@ -35,7 +35,7 @@ use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 
-use support::daemon::{self, exists, wait_gone, wait_streaming, Daemon};
+use support::daemon::{self, exists, wait_for, wait_gone, wait_streaming, Daemon, Process};
 use support::{Postgres, Redis};
 
 /// The delay the "on" run uses: well above the readers' read-to-fill time (0-5 ms plus
@@ -592,5 +592,237 @@ async fn reinvalidation_removes_an_entry_filled_after_the_first_invalidation() {
         exists(&mut conn, &data_key(UNTOUCHED)).await,
         "an unrelated entry was removed"
     );
+    daemon.stop().await;
+}
+
+/// The delay of the stop, crash and retry tests: long enough that the test surely acts between
+/// the first application and the due second one.
+const SLOW_DELAY: Duration = Duration::from_millis(3_000);
+
+/// Where walsweep keeps the pending second applications of database `db` (slot `db`).
+fn pending_key(db: &str) -> String {
+    format!("walsweep:{db}/{db}:reinvalidate")
+}
+
+async fn pending(conn: &mut MultiplexedConnection, db: &str) -> u64 {
+    conn.zcard(pending_key(db)).await.expect("ZCARD")
+}
+
+/// Waits until the slot confirmed everything written so far: a walsweep killed after that has
+/// nothing redelivered, so only a kept second application can remove a refill.
+async fn wait_confirmed(client: &tokio_postgres::Client, slot: &str) {
+    let lsn: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("pg_current_wal_lsn")
+        .get(0);
+    wait_for(30, || async {
+        client
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&slot, &lsn],
+            )
+            .await
+            .map(|row| row.get::<_, Option<bool>>(0) == Some(true))
+            .unwrap_or(false)
+    })
+    .await;
+}
+
+/// Provokes the refill race on row 1 under the `walsweep` process of `db`, and returns an
+/// instant the second application cannot be due before (`SLOW_DELAY` after it), once the slot
+/// confirmed the change.
+async fn provoke_before_due(
+    client: &tokio_postgres::Client,
+    conn: &mut MultiplexedConnection,
+    db: &str,
+) -> Instant {
+    let before = Instant::now();
+    let (_, provoked) = provoke(client, conn, 1, Some(SLOW_DELAY)).await;
+    assert!(
+        provoked,
+        "the refill race was not provoked within {SLOW_DELAY:?}"
+    );
+    wait_confirmed(client, db).await;
+    assert!(
+        before.elapsed() < SLOW_DELAY,
+        "too slow: the second application may already be due"
+    );
+    assert_eq!(pending(conn, db).await, 1, "one pending second application");
+    before
+}
+
+fn process_config(pg: &Postgres, redis: &Redis, db: &str) -> String {
+    daemon::config_text(
+        pg,
+        &redis.url(),
+        db,
+        db,
+        &format!(
+            "[matroska]\nreinvalidate_after_ms = {}\n{RULES}",
+            SLOW_DELAY.as_millis()
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_applies_the_pending_second_application_before_walsweep_exits() {
+    init_logs();
+    let pg = Postgres::start();
+    let client = prepare(&pg, "stopping", 1).await;
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let walsweep = Process::start(&process_config(&pg, &redis, "stopping"));
+    wait_streaming(&client, "stopping").await;
+
+    let before = provoke_before_due(&client, &mut conn, "stopping").await;
+    let status = walsweep.terminate();
+    assert!(status.success(), "walsweep exited with {status}");
+    assert!(
+        !exists(&mut conn, &data_key(1)).await,
+        "the entry filled after the first application survived the stop: the pending second \
+         application was dropped"
+    );
+    assert!(
+        before.elapsed() >= SLOW_DELAY,
+        "walsweep exited before the second application was due: it applied it early, so a \
+         refill after that is not removed"
+    );
+    assert_eq!(
+        pending(&mut conn, "stopping").await,
+        0,
+        "applied, so no longer pending"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_application_pending_when_walsweep_is_killed_is_applied_after_a_restart() {
+    init_logs();
+    let pg = Postgres::start();
+    let client = prepare(&pg, "crashing", 1).await;
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let config = process_config(&pg, &redis, "crashing");
+    let walsweep = Process::start(&config);
+    wait_streaming(&client, "crashing").await;
+
+    let before = provoke_before_due(&client, &mut conn, "crashing").await;
+    walsweep.kill();
+    assert!(
+        exists(&mut conn, &data_key(1)).await,
+        "the refill vanished before the second application was due"
+    );
+    let walsweep = Process::start(&config);
+    let gone = wait_gone(&mut conn, &data_key(1), SLOW_DELAY.as_secs() + 30).await;
+    assert!(
+        gone.duration_since(before) >= SLOW_DELAY,
+        "the restarted walsweep applied the second application {:?} after the change, before \
+         its {SLOW_DELAY:?} delay",
+        gone.duration_since(before)
+    );
+    wait_for(10, || async {
+        pending(&mut redis.connection().await, "crashing").await == 0
+    })
+    .await;
+    assert!(walsweep.terminate().success());
+}
+
+/// A batch whose invalidations applied but whose mirror write keeps failing is retried (each
+/// try applies its invalidations again): its second application must be kept only once the
+/// whole batch applied, and once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_keeps_its_second_application_once_after_it_applied() {
+    init_logs();
+    const DB: &str = "retried";
+    let pg = Postgres::start();
+    let client = prepare(&pg, DB, 1).await;
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    // walsweep's user may touch the cache and its own state, not the mirror: its mirror
+    // writes fail (NOPERM, retried) until the test grants them.
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "walsweep",
+            "on",
+            ">secret",
+            "resetkeys",
+            "~cache::*",
+            "~walsweep:*",
+            "~marker:*",
+            "allchannels",
+            "+@all",
+        ])
+        .query_async(&mut conn)
+        .await
+        .expect("ACL SETUSER");
+    let url = redis
+        .url()
+        .replacen("redis://", "redis://walsweep:secret@", 1);
+    // RULES ends with the markers table: the mirror is its, and the one the ACL refuses.
+    let rules = format!(
+        "[matroska]\nreinvalidate_after_ms = {}\n{RULES}[[table.mirror]]\nkey = \"mirror:{{id}}\"\n",
+        SLOW_DELAY.as_millis()
+    );
+    let text = daemon::config_text(&pg, &url, DB, DB, &rules);
+    let config = walsweep::config::Config::parse(&text).expect("config");
+    let daemon = daemon::start(config);
+    wait_streaming(&client, DB).await;
+
+    let _: () = conn.sadd(dep_set(1), data_key(1)).await.expect("SADD");
+    let _: () = conn.set(data_key(1), "0").await.expect("SET");
+    client
+        .batch_execute(
+            "BEGIN; UPDATE items SET v = v + 1 WHERE id = 1; INSERT INTO markers VALUES (1); \
+             COMMIT",
+        )
+        .await
+        .expect("write");
+    wait_gone(&mut conn, &data_key(1), 30).await;
+    // Long enough for many tries, and for a second application kept by the first one to run.
+    tokio::time::sleep(SLOW_DELAY + Duration::from_secs(1)).await;
+    assert!(
+        !exists(&mut conn, "mirror:1").await,
+        "the mirror write was expected to fail"
+    );
+    assert_eq!(
+        pending(&mut conn, DB).await,
+        0,
+        "a second application was kept for a batch that has not applied"
+    );
+
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "walsweep", "~*"])
+        .query_async(&mut conn)
+        .await
+        .expect("ACL SETUSER");
+    let granted = Instant::now();
+    wait_for(30, || async {
+        exists(&mut redis.connection().await, "mirror:1").await
+    })
+    .await;
+    // The refill, once the batch applied: only the second application can remove it.
+    let _: () = conn.set(data_key(1), "0").await.expect("SET");
+    wait_for(10, || async {
+        pending(&mut redis.connection().await, DB).await > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        pending(&mut conn, DB).await,
+        1,
+        "one second application per batch, however often it was tried"
+    );
+    let gone = wait_gone(&mut conn, &data_key(1), SLOW_DELAY.as_secs() + 30).await;
+    assert!(
+        gone.duration_since(granted) >= SLOW_DELAY,
+        "second application {:?} after the batch applied, before the {SLOW_DELAY:?} delay",
+        gone.duration_since(granted)
+    );
+    wait_for(10, || async {
+        pending(&mut redis.connection().await, DB).await == 0
+    })
+    .await;
     daemon.stop().await;
 }

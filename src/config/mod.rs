@@ -129,15 +129,18 @@ pub struct MatroskaConfig {
     /// the invalidation (measured: fewer stale entries). The app's TTL expires the set.
     #[serde(default)]
     pub(crate) remove_dependency_sets: bool,
-    /// Apply each transaction's invalidations a second time this many ms after Redis confirmed
-    /// the first. Default: off. It closes matroska-cache's refill race: a reader that read the
-    /// old row before the commit and SETEXes it after walsweep's invalidation leaves a stale
-    /// entry; the second invalidation removes it, because the kept dependency set still names
-    /// the entry (so it needs `remove_dependency_sets = false`). Use a bit more than the app's
-    /// longest read-to-fill time, e.g. 500. Best effort and off the main path: it never delays
-    /// confirming the slot; failures are retried a few times, then counted and logged. Memory:
-    /// the effects of the last `reinvalidate_after_ms` wait, at most 100000 (beyond that the
-    /// oldest are applied early, never dropped silently).
+    /// Apply each batch's invalidations a second time this many ms after Redis confirmed the
+    /// whole batch. Default: off. It closes matroska-cache's refill race: a reader that read
+    /// the old row before the commit and SETEXes it after walsweep's invalidation leaves a
+    /// stale entry; the second invalidation removes it, because the kept dependency set still
+    /// names the entry (so it needs `remove_dependency_sets = false`). Use a bit more than the
+    /// app's longest read-to-fill time, e.g. 500. Pending second applications are kept in
+    /// Redis (`walsweep:<database>/<slot>:reinvalidate`, one extra round trip per batch) before
+    /// the slot is confirmed, so a crash does not lose them: the next start applies them. A
+    /// clean stop applies them when due, so it takes up to this delay longer. Failures are
+    /// retried a few times, then counted and logged. Memory: the effects of the last
+    /// `reinvalidate_after_ms` wait, at most 100000 (beyond that the oldest are applied early,
+    /// never dropped silently).
     #[serde(default)]
     pub(crate) reinvalidate_after_ms: Option<u64>,
 }

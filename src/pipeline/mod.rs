@@ -196,6 +196,7 @@ where
         source.batch_max_txns,
         Backoff::new(source.reconnect_min(), source.reconnect_max()),
     ));
+    let mut second_request = shutdown.clone();
     let mut streamer = Streamer {
         source,
         params,
@@ -228,7 +229,19 @@ where
         confirmed_lsn: streamer.sink.borrow().applied_lsn,
         reconnects: streamer.reconnects,
     };
+    // Closes the queue: after a clean end the sink task finishes its own work (bounded, see
+    // `Sink::finish`), unless a second request asks to stop at once. After an error it stops.
     drop(streamer);
-    sink_task.abort();
+    if stream_result.is_ok() {
+        tokio::select! {
+            sink_result = &mut sink_task => match sink_result {
+                Ok(result) => result?,
+                Err(join) => return Err(PipelineError::SinkPanicked(join)),
+            },
+            _ = second_request.at_least(2) => sink_task.abort(),
+        }
+    } else {
+        sink_task.abort();
+    }
     stream_result.map(|()| summary)
 }

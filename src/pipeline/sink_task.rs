@@ -70,7 +70,8 @@ pub(crate) struct SinkReport {
     pub(crate) controls_done: u64,
 }
 
-/// Applies queued commands until the queue closes or the sink fails for good.
+/// Applies queued commands until the queue closes (then lets the sink finish) or the sink
+/// fails for good.
 pub(crate) async fn sink_loop<P: Plan, S: Sink<P>>(
     mut sink: S,
     mut queue: mpsc::Receiver<SinkCommand<P>>,
@@ -81,6 +82,7 @@ pub(crate) async fn sink_loop<P: Plan, S: Sink<P>>(
     let mut retry = Retry { backoff, report };
     let mut commands = Vec::with_capacity(batch_max);
     let mut batch = Vec::with_capacity(batch_max);
+    sink.start();
     while queue.recv_many(&mut commands, batch_max).await > 0 {
         for command in commands.drain(..) {
             match command {
@@ -104,6 +106,7 @@ pub(crate) async fn sink_loop<P: Plan, S: Sink<P>>(
         }
         apply_batch(&mut sink, &mut batch, &mut retry).await?;
     }
+    sink.finish().await;
     Ok(())
 }
 

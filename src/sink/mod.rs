@@ -18,6 +18,10 @@
 //!   removes the record once done. A sink whose record survives a crash (the Redis sink keeps it
 //!   in Redis) lets the next start finish the job instead of streaming into a half-cleared or
 //!   half-loaded destination. The default keeps nothing, so a crash in between is not recovered.
+//! - Work a sink does in the background (e.g. delayed second applications) starts in `start`;
+//!   a clean stop waits for `finish`, which must end in a bounded time. A crash or a second
+//!   shutdown request skips `finish`, so work that must not be lost is made durable before
+//!   `apply` returns.
 
 pub mod redis;
 
@@ -133,6 +137,17 @@ pub trait Sink<P: Plan>: Send + 'static {
     /// transaction; retried like `apply`.
     fn slot_created(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send {
         async { Ok(()) }
+    }
+
+    /// Called once by the sink task before any other method, within the runtime: a sink with
+    /// background work (e.g. delayed second applications an earlier run left) starts it here.
+    fn start(&mut self) {}
+
+    /// The stream ended cleanly (shutdown) and everything given to `apply` was applied: a sink
+    /// with background work finishes it here, in a bounded time. Not called when the run ends
+    /// on an error or a second shutdown request; such work must then survive on its own.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
     }
 
     /// The recovery a previous run recorded and did not finish (empty when none).

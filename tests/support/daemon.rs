@@ -1,6 +1,7 @@
 //! walsweep itself, in-process, with rules into Redis, and the waits tests need around it:
 //! shared by every test binary that runs the daemon against the private servers.
 
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
@@ -9,7 +10,7 @@ use tokio::task::JoinHandle;
 use walsweep::config::Config;
 use walsweep::pipeline::{self, PipelineError, RunSummary, ShutdownHandle};
 
-use super::{Postgres, Redis};
+use super::{scratch, Postgres, Redis};
 
 pub struct Daemon {
     pub shutdown: ShutdownHandle,
@@ -19,13 +20,17 @@ pub struct Daemon {
 /// Parses a config whose `[source]`/`[redis]` point at the test servers (publication `pub`,
 /// fast status updates and reconnects); `rest` is the `[matroska]`/`[[table]]` part.
 pub fn config(pg: &Postgres, redis: &Redis, db: &str, slot: &str, rest: &str) -> Config {
-    let text = format!(
-        "[source]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"pub\"\nstatus_interval_ms = 200\n\
-         reconnect_min_ms = 50\nreconnect_max_ms = 500\n[redis]\nurl = \"{}\"\ntimeout_ms = 2000\n{rest}",
-        pg.url(db),
-        redis.url()
-    );
+    let text = config_text(pg, &redis.url(), db, slot, rest);
     Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
+}
+
+/// The text `config` parses, with Redis at `redis_url` (e.g. with an ACL user in it).
+pub fn config_text(pg: &Postgres, redis_url: &str, db: &str, slot: &str, rest: &str) -> String {
+    format!(
+        "[source]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"pub\"\nstatus_interval_ms = 200\n\
+         reconnect_min_ms = 50\nreconnect_max_ms = 500\n[redis]\nurl = \"{redis_url}\"\ntimeout_ms = 2000\n{rest}",
+        pg.url(db),
+    )
 }
 
 /// Runs walsweep with the config, exactly as `walsweep run` does (`walsweep::pipeline::daemon::run`).
@@ -44,6 +49,84 @@ impl Daemon {
             .expect("walsweep stops within 30s")
             .expect("no panic")
             .expect("no error")
+    }
+}
+
+/// The real `walsweep run` process, for what only a process shows: its exit after SIGTERM,
+/// and SIGKILL (no destructor, no drain). Its log is printed when a test panics.
+pub struct Process {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Process {
+    /// Starts `walsweep run` on `config` (text as `config_text` makes it; the metrics endpoint
+    /// is turned off so parallel tests never compete for its port).
+    pub fn start(config: &str) -> Process {
+        let dir = scratch::instance_dir("walsweep-run", false);
+        let path = dir.path().join("walsweep.toml");
+        std::fs::write(&path, format!("[metrics]\nlisten = \"\"\n{config}"))
+            .expect("write walsweep.toml");
+        let log = std::fs::File::create(dir.path().join("walsweep.log")).expect("walsweep.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_walsweep"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "walsweep=debug")
+            .env_remove(walsweep::config::SOURCE_URL_ENV)
+            .env_remove(walsweep::config::REDIS_URL_ENV)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn walsweep");
+        Process {
+            child: Some(child),
+            dir,
+        }
+    }
+
+    /// SIGTERM, then waits (up to 30 s) for the exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("walsweep runs");
+        scratch::signal(child.id(), "TERM").expect("kill -TERM walsweep");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait walsweep") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "walsweep did not exit within 30s of SIGTERM\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL: no drain, nothing run on the way out (a crash).
+    pub fn kill(mut self) {
+        let mut child = self.child.take().expect("walsweep runs");
+        scratch::signal(child.id(), "KILL").expect("kill -KILL walsweep");
+        let _ = child.wait();
+    }
+
+    pub fn log_tail(&self) -> String {
+        scratch::log_tail(&self.dir.path().join("walsweep.log"), 60)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_tail());
+        }
     }
 }
 

@@ -33,6 +33,19 @@ impl FallbackCause {
             FallbackCause::NonUtf8Value => "non_utf8_value",
         }
     }
+
+    /// The cause `as_str` names (effects kept outside the process, e.g. in Redis).
+    pub(crate) fn parse(name: &str) -> Option<FallbackCause> {
+        Some(match name {
+            "truncate" => FallbackCause::Truncate,
+            "unknown_old_value" => FallbackCause::UnknownOldValue,
+            "unknown_new_value" => FallbackCause::UnknownNewValue,
+            "unknown_column" => FallbackCause::UnknownColumn,
+            "slot_recreated" => FallbackCause::SlotRecreated,
+            "non_utf8_value" => FallbackCause::NonUtf8Value,
+            _ => return None,
+        })
+    }
 }
 
 /// One thing to do in Redis.
@@ -139,5 +152,9 @@ mod tests {
             causes.map(FallbackCause::as_str),
             crate::telemetry::metrics::FALLBACK_CAUSES
         );
+        for cause in causes {
+            assert_eq!(FallbackCause::parse(cause.as_str()), Some(cause));
+        }
+        assert_eq!(FallbackCause::parse("Truncate"), None);
     }
 }

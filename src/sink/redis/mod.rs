@@ -189,7 +189,7 @@ pub struct RedisSink {
     connection: Option<ConnectionManager>,
     prefix: String,
     remove_sets: bool,
-    /// `matroska.reinvalidate_after_ms`: queues confirmed batches for a second application.
+    /// `matroska.reinvalidate_after_ms`: keeps applied batches for a second application.
     reinvalidate: Option<reinvalidate::Scheduler>,
     /// Whether outcomes set `walsweep_redis_up` (not for the reinvalidation worker's sink).
     reports_health: bool,
@@ -200,6 +200,9 @@ pub struct RedisSink {
     /// Where walsweep keeps its own state for this source and slot (`state_key`).
     state_prefix: String,
 }
+
+/// The state item holding the pending second applications (`reinvalidate`).
+const REINVALIDATE_STATE: &str = "reinvalidate";
 
 /// The start of every key walsweep keeps its own state under, for one database and slot:
 /// `walsweep:<database>/<slot>:`. Two daemons on different databases or slots never share one.
@@ -228,6 +231,7 @@ impl RedisSink {
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1);
+        let state_prefix = state_prefix("postgres", "walsweep");
         let mut sink = RedisSink {
             client,
             config,
@@ -238,7 +242,7 @@ impl RedisSink {
             reinvalidate: None,
             reports_health: true,
             broadcast: None,
-            state_prefix: state_prefix("postgres", "walsweep"),
+            state_prefix,
         };
         if let Some(ms) = matroska.reinvalidate_after_ms {
             // Its own sink: own connection, same layout, no second-level reinvalidation.
@@ -253,6 +257,7 @@ impl RedisSink {
             sink.reinvalidate = Some(reinvalidate::Scheduler::new(
                 Duration::from_millis(ms),
                 worker,
+                sink.state_key(REINVALIDATE_STATE),
             ));
         }
         Ok(sink)
@@ -267,6 +272,10 @@ impl RedisSink {
     /// Keeps walsweep's own state under `prefix` (see `state_prefix`).
     pub fn with_state_prefix(mut self, prefix: String) -> Self {
         self.state_prefix = prefix;
+        let key = self.state_key(REINVALIDATE_STATE);
+        if let Some(reinvalidate) = &mut self.reinvalidate {
+            reinvalidate.set_key(key);
+        }
         self
     }
 
@@ -563,9 +572,59 @@ impl Sink<TxnPlan> for RedisSink {
         self.observe(&result);
         result.map(|()| Applied::whole(batch))
     }
+
+    fn start(&mut self) {
+        self.start_background();
+    }
+
+    async fn finish(&mut self) {
+        self.finish_background().await;
+    }
 }
 
 impl RedisSink {
+    /// Once the whole batch applied, and before `apply` returns (the slot is confirmed right
+    /// after, so a crash must not lose it): keeps the batch's invalidations for their delayed
+    /// second application, in Redis and in the worker's queue. An error keeps nothing and
+    /// fails the batch.
+    async fn keep_second_application<P>(
+        &mut self,
+        batch: &[CommittedTxn<P>],
+        invalidations: impl Fn(&P) -> &EffectPlan,
+    ) -> Result<(), SinkError> {
+        let (Some(_), Some(last)) = (&self.reinvalidate, batch.last()) else {
+            return Ok(());
+        };
+        let end_lsn = last.end_lsn;
+        let mut merged = EffectPlan::default();
+        for txn in batch {
+            merged.merge(invalidations(&txn.plan).clone());
+        }
+        if merged.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.connection().await?;
+        match &mut self.reinvalidate {
+            Some(reinvalidate) => reinvalidate.schedule(&mut conn, end_lsn, merged).await,
+            None => Ok(()),
+        }
+    }
+
+    /// `Sink::start`: the reinvalidation worker starts with the sink, so what an earlier run
+    /// left pending is applied even if no change follows.
+    fn start_background(&mut self) {
+        if let Some(reinvalidate) = &mut self.reinvalidate {
+            reinvalidate.start();
+        }
+    }
+
+    /// `Sink::finish`: pending second applications are applied when due, bounded by the delay.
+    async fn finish_background(&mut self) {
+        if let Some(reinvalidate) = &mut self.reinvalidate {
+            reinvalidate.finish().await;
+        }
+    }
+
     /// What a round trip's outcome says about Redis: readiness follows it, and a failed
     /// attempt starts the next one on a fresh connection rather than a wedged one.
     fn observe<T>(&mut self, result: &Result<T, SinkError>) {
@@ -578,18 +637,12 @@ impl RedisSink {
     }
 
     /// Invalidations, then mirror writes, then broadcasts: a subscriber that hears of a
-    /// transaction finds its effects already in Redis.
+    /// transaction finds its effects already in Redis. Then, with `reinvalidate_after_ms`, the
+    /// second application is kept: only for a batch that applied, once however often retried.
     async fn apply_txn_plans(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<(), SinkError> {
         let applied = self
             .apply_plans(batch.iter().map(|t| &t.plan.invalidate))
             .await?;
-        if let Some(reinvalidate) = &mut self.reinvalidate {
-            let mut merged = EffectPlan::default();
-            for txn in batch {
-                merged.merge(txn.plan.invalidate.clone());
-            }
-            reinvalidate.schedule(merged);
-        }
         // Each transaction's ops are already folded per key; across transactions they are
         // applied as they come, which keeps commit order without copying them.
         let ops: Vec<&crate::plan::mirror::MirrorOp> =
@@ -603,6 +656,8 @@ impl RedisSink {
             self.apply_mirror_ops(ops, newest_commit_secs).await?;
         }
         self.publish(batch).await?;
+        self.keep_second_application(batch, |plan| &plan.invalidate)
+            .await?;
         for txn in batch {
             m::effects_applied(txn.plan.invalidate.counts_by_kind());
         }
@@ -654,14 +709,9 @@ impl Sink<EffectPlan> for RedisSink {
             .apply_plans(batch.iter().map(|t| &t.plan))
             .await
             .map_err(|e| at_commits(e, batch))?;
-        if let Some(reinvalidate) = &mut self.reinvalidate {
-            // Confirmed: queue the same effects for their delayed second application.
-            let mut merged = EffectPlan::default();
-            for txn in batch {
-                merged.merge(txn.plan.clone());
-            }
-            reinvalidate.schedule(merged);
-        }
+        let kept = self.keep_second_application(batch, |plan| plan).await;
+        self.observe(&kept);
+        kept?;
         for txn in batch {
             m::effects_applied(txn.plan.counts_by_kind());
         }
@@ -671,5 +721,13 @@ impl Sink<EffectPlan> for RedisSink {
             "batch applied"
         );
         Ok(Applied::whole(batch))
+    }
+
+    fn start(&mut self) {
+        self.start_background();
+    }
+
+    async fn finish(&mut self) {
+        self.finish_background().await;
     }
 }

@@ -1,4 +1,4 @@
-//! `matroska.reinvalidate_after_ms`: a second, delayed application of every confirmed batch.
+//! `matroska.reinvalidate_after_ms`: a second, delayed application of every applied batch.
 //!
 //! # Why
 //! matroska-cache's `put()` does SADD (dependency) and then SETEX (data). A reader that read the
@@ -7,33 +7,52 @@
 //! invalidating it again a little later removes it. `tests/refill_race.rs` measures the effect.
 //!
 //! # How
-//! After the main sink confirmed a batch (and only then), the batch's merged effects are queued
-//! with a due time `now + delay`. The delay is constant, so the queue is in due order. A
-//! background task with its own Redis connection applies due entries (merging those due
-//! together) with the same code as the main path. It never blocks or delays the main stream:
-//! queueing is a push under a short lock, and the slot is confirmed without waiting for it.
+//! Once the main sink applied a whole batch (invalidations, mirrors, broadcasts), and before
+//! its `apply` returns, the batch's merged invalidations are kept in Redis (`entry`: one ZADD
+//! to `walsweep:<database>/<slot>:reinvalidate`, scored by the due time `now + delay`) and
+//! queued in memory. The slot is confirmed right after `apply` returns, so the ZADD must come
+//! first: what a crash interrupts, the next start finds in Redis. A failed batch, or a failed
+//! ZADD, keeps nothing (the batch is retried); a retried batch is kept once, when it applied.
+//!
+//! A background task with its own Redis connection starts with the sink (`Sink::start`), loads
+//! what an earlier run left in the set (past due: applied at once; the rest at their due
+//! time), then applies due entries (merging those due together) with the same code as the
+//! main path, and removes them from the set (ZREM) only once applied. It never blocks or
+//! delays the main stream: queueing is a push under a short lock.
+//!
+//! On a clean stop (`Sink::finish`) no new entries come and the task applies what is queued
+//! at its due time, so walsweep exits at most the delay (plus `FINISH_GRACE`) later. What it
+//! could not apply by then, or what a kill or crash interrupted, stays in the set for the next
+//! start.
 //!
 //! # Best effort, never silent
 //! - A failed application is retried `ATTEMPTS` times with backoff; every failed attempt counts
-//!   in `walsweep_reinvalidation_errors_total` and is logged at warn, as is giving up.
-//! - Memory is bounded by the effects confirmed within one delay window, capped at
+//!   in `walsweep_reinvalidation_errors_total` and is logged at warn, as is giving up (the
+//!   entries stay in Redis: the next start applies them).
+//! - Memory is bounded by the effects applied within one delay window, capped at
 //!   `MAX_PENDING_EFFECTS`: above it, the oldest entries are applied early (less protection,
 //!   still an invalidation). Only if the queue reaches twice the cap, which needs this task's
 //!   Redis calls to fail or stall while the main stream's succeed, are the oldest entries
-//!   dropped: counted as errors and logged at warn.
-//! - When the sink is dropped (walsweep stopping), what is still queued is applied at once.
+//!   dropped from memory: counted as errors and logged at warn (they stay in Redis too).
 
-use std::collections::VecDeque;
+mod entry;
+
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ::redis::aio::ConnectionManager;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
+use crate::pg::Lsn;
 use crate::plan::rules::EffectPlan;
 use crate::plan::Plan;
+use crate::sink::SinkError;
+use crate::telemetry::log::display_chain;
 use crate::telemetry::metrics as m;
 
-use super::RedisSink;
+use super::{round_trip, RedisSink};
 
 /// Effects waiting for their second application before the oldest are applied early.
 pub(crate) const MAX_PENDING_EFFECTS: usize = 100_000;
@@ -44,16 +63,22 @@ const MAX_EFFECTS_PER_APPLICATION: usize = 10_000;
 /// Tries per application before giving it up.
 const ATTEMPTS: u32 = 3;
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
+/// Longest wait between two tries at loading the set at start.
+const MAX_LOAD_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// Shortest time between two "applied early" warnings.
 const EARLY_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+/// How much longer than the delay a clean stop waits for the last applications (their retries).
+const FINISH_GRACE: Duration = Duration::from_secs(5);
 
 struct Pending {
     due: Instant,
     plan: EffectPlan,
     effects: usize,
+    /// The entry's member in the Redis set.
+    member: String,
 }
 
-/// The pending second applications, oldest (earliest due) first.
+/// The pending second applications, earliest due first.
 pub(crate) struct Queue {
     entries: VecDeque<Pending>,
     effects: usize,
@@ -64,11 +89,13 @@ pub(crate) struct Queue {
 /// What the worker should do next.
 #[derive(Debug)]
 pub(crate) enum Next {
-    /// Apply these merged effects now; `early` when some were not due yet (cap or shutdown).
+    /// Apply these merged effects now, then remove `members` from the set; `early` when some
+    /// were not due yet (above the cap).
     Apply {
         plan: EffectPlan,
         effects: usize,
         early: bool,
+        members: Vec<String>,
     },
     /// Nothing is due before this instant.
     WaitUntil(Instant),
@@ -95,8 +122,9 @@ impl Queue {
         }
     }
 
-    /// Queues `plan` for `due`, which must not be earlier than any queued due time.
-    pub(crate) fn push(&mut self, due: Instant, plan: EffectPlan) -> Dropped {
+    /// Queues `plan` (kept in the set as `member`) for `due`. Entries loaded at start may be
+    /// due before queued ones; new batches, with the constant delay, come in due order.
+    pub(crate) fn push(&mut self, due: Instant, plan: EffectPlan, member: String) -> Dropped {
         let effects = plan.effect_count();
         let mut dropped = Dropped::default();
         let hard_limit = self.cap.saturating_mul(HARD_LIMIT_FACTOR);
@@ -110,11 +138,25 @@ impl Queue {
         }
         if effects > 0 {
             self.effects += effects;
-            self.entries.push_back(Pending { due, plan, effects });
+            let at = self
+                .entries
+                .iter()
+                .rposition(|e| e.due <= due)
+                .map_or(0, |i| i + 1);
+            self.entries.insert(
+                at,
+                Pending {
+                    due,
+                    plan,
+                    effects,
+                    member,
+                },
+            );
         }
         dropped
     }
 
+    /// No entries follow; the queue ends (`Done`) once the last one was applied when due.
     pub(crate) fn close(&mut self) {
         self.closed = true;
     }
@@ -137,11 +179,12 @@ impl Queue {
         };
         let front_due = front.due;
         let mut plan = EffectPlan::default();
+        let mut members = Vec::new();
         let mut taken = 0usize;
         let mut early = false;
         while let Some(front) = self.entries.front() {
             let due = front.due <= now;
-            let forced = self.closed || self.effects > self.cap;
+            let forced = self.effects > self.cap;
             if !(due || forced)
                 || (taken > 0 && taken + front.effects > MAX_EFFECTS_PER_APPLICATION)
             {
@@ -152,6 +195,7 @@ impl Queue {
             taken += entry.effects;
             early |= !due;
             plan.merge(entry.plan);
+            members.push(entry.member);
         }
         if taken == 0 {
             Next::WaitUntil(front_due)
@@ -160,6 +204,7 @@ impl Queue {
                 effects: plan.effect_count(),
                 plan,
                 early,
+                members,
             }
         }
     }
@@ -170,36 +215,74 @@ struct Shared {
     notify: Notify,
 }
 
-/// The main sink's handle: queues confirmed batches; the worker starts with the first one.
+/// The main sink's handle: keeps applied batches for their second application, and runs the
+/// worker that applies them.
 pub(crate) struct Scheduler {
     delay: Duration,
+    /// The sorted set of pending entries (`RedisSink::state_key("reinvalidate")`).
+    key: String,
     shared: Arc<Shared>,
     /// The worker's own sink (own connection, no health reporting) until it is spawned.
     worker: Option<Box<RedisSink>>,
+    running: Option<JoinHandle<()>>,
 }
 
 impl Scheduler {
-    pub(crate) fn new(delay: Duration, worker: RedisSink) -> Scheduler {
+    pub(crate) fn new(delay: Duration, worker: RedisSink, key: String) -> Scheduler {
         Scheduler {
             delay,
+            key,
             shared: Arc::new(Shared {
                 queue: Mutex::new(Queue::new(MAX_PENDING_EFFECTS)),
                 notify: Notify::new(),
             }),
             worker: Some(Box::new(worker)),
+            running: None,
         }
     }
 
-    /// Queues a confirmed batch's merged effects for a second application after the delay.
-    /// Never waits for Redis; must be called from within a tokio runtime.
-    pub(crate) fn schedule(&mut self, plan: EffectPlan) {
-        if plan.is_empty() {
-            return;
-        }
+    /// Where the pending entries are kept; only before the worker started.
+    pub(crate) fn set_key(&mut self, key: String) {
+        debug_assert!(self.running.is_none(), "the worker already uses the key");
+        self.key = key;
+    }
+
+    /// Starts the worker (once), which first loads what an earlier run left pending. Must be
+    /// called from within a tokio runtime.
+    pub(crate) fn start(&mut self) {
         if let Some(sink) = self.worker.take() {
-            tokio::spawn(run(self.shared.clone(), *sink, self.delay));
+            self.running = Some(tokio::spawn(run(
+                self.shared.clone(),
+                *sink,
+                self.delay,
+                self.key.clone(),
+            )));
         }
-        let dropped = lock(&self.shared.queue).push(Instant::now() + self.delay, plan);
+    }
+
+    /// Keeps an applied batch's merged invalidations for a second application after the
+    /// delay: in Redis (one round trip on `conn`, the main sink's connection), then queued.
+    /// An error keeps nothing; the caller fails the batch, which is then retried.
+    pub(crate) async fn schedule(
+        &mut self,
+        conn: &mut ConnectionManager,
+        end_lsn: Lsn,
+        plan: EffectPlan,
+    ) -> Result<(), SinkError> {
+        if plan.is_empty() {
+            return Ok(());
+        }
+        self.start();
+        let member = entry::encode(end_lsn, &plan);
+        let due_unix_ms = unix_ms(SystemTime::now() + self.delay);
+        let mut zadd = ::redis::cmd("ZADD");
+        zadd.arg(&self.key).arg(due_unix_ms).arg(&member);
+        let _: i64 = round_trip(
+            "keep the batch's second invalidation pending in Redis",
+            zadd.query_async(conn),
+        )
+        .await?;
+        let dropped = lock(&self.shared.queue).push(Instant::now() + self.delay, plan, member);
         self.shared.notify.notify_one();
         if dropped.batches > 0 {
             m::reinvalidation_error();
@@ -207,8 +290,41 @@ impl Scheduler {
                 batches = dropped.batches,
                 effects = dropped.effects,
                 limit = MAX_PENDING_EFFECTS * HARD_LIMIT_FACTOR,
+                key = %self.key,
                 "reinvalidation queue full (its Redis calls are failing or stalled): dropped the \
-                 oldest second applications; their first application was confirmed"
+                 oldest second applications from memory; they stay in Redis for the next start"
+            );
+        }
+        Ok(())
+    }
+
+    /// Clean stop: no entries follow; waits for the worker to apply what is queued when it is
+    /// due (bounded by the delay plus `FINISH_GRACE`). What is left stays in Redis.
+    pub(crate) async fn finish(&mut self) {
+        let pending = {
+            let mut q = lock(&self.shared.queue);
+            q.close();
+            q.pending_effects()
+        };
+        self.shared.notify.notify_one();
+        let Some(mut worker) = self.running.take() else {
+            return;
+        };
+        let bound = self.delay + FINISH_GRACE;
+        if pending > 0 {
+            tracing::info!(
+                effects = pending,
+                up_to_ms = bound.as_millis() as u64,
+                "walsweep stopping: applying the pending second invalidations when they are due"
+            );
+        }
+        if tokio::time::timeout(bound, &mut worker).await.is_err() {
+            worker.abort();
+            tracing::warn!(
+                effects = lock(&self.shared.queue).pending_effects(),
+                key = %self.key,
+                "walsweep stopping: second invalidations still pending; kept in Redis, the \
+                 next start applies them"
             );
         }
     }
@@ -216,9 +332,16 @@ impl Scheduler {
 
 impl Drop for Scheduler {
     fn drop(&mut self) {
-        lock(&self.shared.queue).close();
-        self.shared.notify.notify_one();
+        // Not a clean stop (`finish` was not reached): the set keeps what is pending.
+        if let Some(worker) = self.running.take() {
+            worker.abort();
+        }
     }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The queue's lock is never held across a call that can panic, but the main path must not
@@ -229,13 +352,14 @@ fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-async fn run(shared: Arc<Shared>, mut sink: RedisSink, delay: Duration) {
+async fn run(shared: Arc<Shared>, mut sink: RedisSink, delay: Duration, key: String) {
+    load(&shared, &mut sink, &key).await;
     let mut last_early_warning: Option<Instant> = None;
     loop {
-        let (next, left, closing) = {
+        let (next, left) = {
             let mut q = lock(&shared.queue);
             let next = q.next(Instant::now());
-            (next, q.pending_effects(), q.is_closed())
+            (next, q.pending_effects())
         };
         match next {
             Next::Done => return,
@@ -250,15 +374,9 @@ async fn run(shared: Arc<Shared>, mut sink: RedisSink, delay: Duration) {
                 plan,
                 effects,
                 early,
+                members,
             } => {
-                if early && closing {
-                    tracing::info!(
-                        effects,
-                        still_pending = left,
-                        "walsweep stopping: applying pending second invalidations now"
-                    );
-                } else if early
-                    && last_early_warning.is_none_or(|t| t.elapsed() >= EARLY_WARNING_INTERVAL)
+                if early && last_early_warning.is_none_or(|t| t.elapsed() >= EARLY_WARNING_INTERVAL)
                 {
                     last_early_warning = Some(Instant::now());
                     tracing::warn!(
@@ -270,13 +388,147 @@ async fn run(shared: Arc<Shared>, mut sink: RedisSink, delay: Duration) {
                          invalidations before their delay"
                     );
                 }
-                apply_with_retries(&mut sink, &plan, effects).await;
+                if apply_with_retries(&mut sink, &plan, effects).await {
+                    forget(&mut sink, &key, &members).await;
+                }
             }
         }
     }
 }
 
-async fn apply_with_retries(sink: &mut RedisSink, plan: &EffectPlan, effects: usize) {
+/// Queues what the set holds: entries an earlier run kept and did not apply (past due ones
+/// are applied at once). Retried until it succeeds or the sink stops.
+async fn load(shared: &Shared, sink: &mut RedisSink, key: &str) {
+    let mut retry_delay = FIRST_RETRY_DELAY;
+    let stored: Vec<(String, f64)> = loop {
+        let result = async {
+            let mut conn = sink.connection().await?;
+            let mut zrange = ::redis::cmd("ZRANGE");
+            zrange.arg(key).arg(0).arg(-1).arg("WITHSCORES");
+            round_trip(
+                "load the pending second invalidations",
+                zrange.query_async(&mut conn),
+            )
+            .await
+        }
+        .await;
+        sink.observe(&result);
+        match result {
+            Ok(stored) => break stored,
+            Err(e) => {
+                m::reinvalidation_error();
+                let closed = lock(&shared.queue).is_closed();
+                tracing::warn!(
+                    error = %display_chain(&e),
+                    %key,
+                    gave_up = closed,
+                    "cannot load the second invalidations an earlier run left pending{}",
+                    if closed { "; walsweep is stopping, they stay for the next start" } else { "; retrying" }
+                );
+                if closed {
+                    return;
+                }
+                tokio::time::sleep(retry_delay).await;
+                retry_delay = (retry_delay * 4).min(MAX_LOAD_RETRY_DELAY);
+            }
+        }
+    };
+    if stored.is_empty() {
+        return;
+    }
+    let now_ms = unix_ms(SystemTime::now());
+    let now = Instant::now();
+    let mut unusable = Vec::new();
+    let mut loaded = 0usize;
+    let mut dropped = Dropped::default();
+    {
+        let mut q = lock(&shared.queue);
+        // What this run kept since it started is in the set too, and already queued.
+        let fresh: Vec<&(String, f64)> = {
+            let queued: HashSet<&str> = q.entries.iter().map(|e| e.member.as_str()).collect();
+            stored
+                .iter()
+                .filter(|(member, _)| !queued.contains(member.as_str()))
+                .collect()
+        };
+        for (member, due_ms) in fresh {
+            match entry::decode(member) {
+                Ok(plan) => {
+                    let wait = Duration::from_millis((*due_ms as u64).saturating_sub(now_ms));
+                    loaded += 1;
+                    let d = q.push(now + wait, plan, member.clone());
+                    dropped.batches += d.batches;
+                    dropped.effects += d.effects;
+                }
+                Err(e) => unusable.push((member.clone(), e)),
+            }
+        }
+    }
+    if dropped.batches > 0 {
+        m::reinvalidation_error();
+        tracing::warn!(
+            batches = dropped.batches,
+            effects = dropped.effects,
+            limit = MAX_PENDING_EFFECTS * HARD_LIMIT_FACTOR,
+            %key,
+            "more second invalidations pending in Redis than fit in memory: the oldest wait \
+             there for the next start"
+        );
+    }
+    shared.notify.notify_one();
+    if loaded > 0 {
+        tracing::info!(
+            batches = loaded,
+            %key,
+            "an earlier run left second invalidations pending: applying them when due"
+        );
+    }
+    for (member, e) in &unusable {
+        m::reinvalidation_error();
+        tracing::warn!(
+            error = %display_chain(e),
+            %key,
+            member = %member.chars().take(200).collect::<String>(),
+            "not a pending second invalidation this walsweep can read (another version or \
+             another program wrote it); removing it"
+        );
+    }
+    let unusable: Vec<String> = unusable.into_iter().map(|(m, _)| m).collect();
+    forget(sink, key, &unusable).await;
+}
+
+/// Removes applied (or unusable) entries from the set. A failure only means they are applied
+/// once more at the next start, which is harmless.
+async fn forget(sink: &mut RedisSink, key: &str, members: &[String]) {
+    if members.is_empty() {
+        return;
+    }
+    let result = async {
+        let mut conn = sink.connection().await?;
+        let mut zrem = ::redis::cmd("ZREM");
+        zrem.arg(key).arg(members);
+        round_trip(
+            "remove applied second invalidations",
+            zrem.query_async::<i64>(&mut conn),
+        )
+        .await
+    }
+    .await;
+    sink.observe(&result);
+    if let Err(e) = result {
+        m::reinvalidation_error();
+        tracing::warn!(
+            error = %display_chain(&e),
+            %key,
+            batches = members.len(),
+            "cannot remove applied second invalidations from Redis; the next start applies \
+             them again"
+        );
+    }
+}
+
+/// Whether the application succeeded (within `ATTEMPTS`).
+async fn apply_with_retries(sink: &mut RedisSink, plan: &EffectPlan, effects: usize) -> bool {
     let mut retry_delay = FIRST_RETRY_DELAY;
     for attempt in 1..=ATTEMPTS {
         match sink.apply_plans(std::iter::once(plan)).await {
@@ -287,27 +539,28 @@ async fn apply_with_retries(sink: &mut RedisSink, plan: &EffectPlan, effects: us
                     keys_unlinked = applied.keys_unlinked,
                     "second invalidation applied"
                 );
-                return;
+                return true;
             }
             Err(e) => {
                 m::reinvalidation_error();
                 let last = attempt == ATTEMPTS || !e.is_retryable();
                 tracing::warn!(
-                    error = %crate::telemetry::log::display_chain(&e),
+                    error = %display_chain(&e),
                     attempt,
                     effects,
                     gave_up = last,
                     "second invalidation failed{}",
-                    if last { "; giving it up (the first application was confirmed)" } else { "; retrying" }
+                    if last { "; giving it up until the next start (it stays in Redis)" } else { "; retrying" }
                 );
                 if last {
-                    return;
+                    return false;
                 }
                 tokio::time::sleep(retry_delay).await;
                 retry_delay *= 4;
             }
         }
     }
+    false
 }
 
 #[cfg(test)]
@@ -318,6 +571,13 @@ mod tests {
         let mut p = EffectPlan::default();
         p.keys.extend(keys.iter().map(|k| k.to_string()));
         p
+    }
+
+    /// A distinct set member per entry, as the LSN prefix makes them.
+    fn member() -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        format!("0/{:X}|{{}}", NEXT.fetch_add(1, Ordering::Relaxed))
     }
 
     fn keys(next: Next) -> (Vec<String>, bool) {
@@ -336,9 +596,9 @@ mod tests {
         let t0 = Instant::now();
         let mut q = Queue::new(100);
         assert!(matches!(q.next(t0), Next::WaitForWork));
-        q.push(t0 + Duration::from_millis(10), plan(&["a"]));
-        q.push(t0 + Duration::from_millis(20), plan(&["b", "a"]));
-        q.push(t0 + Duration::from_millis(30), plan(&["c"]));
+        q.push(t0 + Duration::from_millis(10), plan(&["a"]), member());
+        q.push(t0 + Duration::from_millis(20), plan(&["b", "a"]), member());
+        q.push(t0 + Duration::from_millis(30), plan(&["c"]), member());
         match q.next(t0) {
             Next::WaitUntil(t) => assert_eq!(t, t0 + Duration::from_millis(10)),
             other => panic!("{other:?}"),
@@ -361,7 +621,7 @@ mod tests {
         let later = t0 + Duration::from_secs(60);
         let mut q = Queue::new(3);
         for k in ["a", "b", "c", "d", "e"] {
-            assert_eq!(q.push(later, plan(&[k])), Dropped::default());
+            assert_eq!(q.push(later, plan(&[k]), member()), Dropped::default());
         }
         // 5 pending, cap 3: the two oldest go now, early; the rest wait for their due time.
         assert_eq!(keys(q.next(t0)), (vec!["a".into(), "b".into()], true));
@@ -374,10 +634,10 @@ mod tests {
         let t0 = Instant::now();
         let mut q = Queue::new(2);
         for k in ["a", "b", "c", "d"] {
-            assert_eq!(q.push(t0, plan(&[k])), Dropped::default());
+            assert_eq!(q.push(t0, plan(&[k]), member()), Dropped::default());
         }
         assert_eq!(
-            q.push(t0, plan(&["e", "f"])),
+            q.push(t0, plan(&["e", "f"]), member()),
             Dropped {
                 batches: 2,
                 effects: 2
@@ -391,13 +651,43 @@ mod tests {
     }
 
     #[test]
-    fn closing_applies_everything_left_at_once_then_ends() {
+    fn closing_keeps_due_times_and_ends_once_drained() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(60);
+        let mut q = Queue::new(100);
+        q.push(later, plan(&["a"]), member());
+        q.close();
+        // A clean stop applies what is pending when it is due, not before: a refill between
+        // now and then is what the second application exists to remove.
+        assert!(matches!(q.next(t0), Next::WaitUntil(t) if t == later));
+        assert_eq!(keys(q.next(later)), (vec!["a".into()], false));
+        assert!(matches!(q.next(later), Next::Done));
+    }
+
+    #[test]
+    fn entries_loaded_at_start_take_their_place_by_due_time_and_name_their_members() {
         let t0 = Instant::now();
         let mut q = Queue::new(100);
-        q.push(t0 + Duration::from_secs(60), plan(&["a"]));
-        q.close();
-        assert_eq!(keys(q.next(t0)), (vec!["a".into()], true));
-        assert!(matches!(q.next(t0), Next::Done));
+        q.push(
+            t0 + Duration::from_millis(30),
+            plan(&["new"]),
+            "0/3|new".into(),
+        );
+        // Loaded after the first new batch was queued, though due before it.
+        q.push(t0, plan(&["old"]), "0/1|old".into());
+        q.push(
+            t0 + Duration::from_millis(10),
+            plan(&["older"]),
+            "0/2|older".into(),
+        );
+        match q.next(t0 + Duration::from_millis(10)) {
+            Next::Apply { members, early, .. } => {
+                assert_eq!(members, ["0/1|old", "0/2|older"]);
+                assert!(!early);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(q.next(t0), Next::WaitUntil(t) if t == t0 + Duration::from_millis(30)));
     }
 
     #[test]
@@ -408,8 +698,8 @@ mod tests {
             .map(|i| format!("k{i}"))
             .collect();
         let big_refs: Vec<&str> = big.iter().map(String::as_str).collect();
-        q.push(t0, plan(&big_refs));
-        q.push(t0, plan(&["x"]));
+        q.push(t0, plan(&big_refs), member());
+        q.push(t0, plan(&["x"]), member());
         match q.next(t0) {
             Next::Apply { effects, .. } => assert_eq!(effects, MAX_EFFECTS_PER_APPLICATION + 5),
             other => panic!("{other:?}"),
