@@ -108,6 +108,13 @@ impl MirrorPlanner {
         self.types = types.clone();
     }
 
+    /// Whether a mirror is about this relation.
+    pub(crate) fn names(&self, relation: &RelationInfo) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.table_name == relation.qualified_name)
+    }
+
     pub(crate) fn relation_changed(&mut self, relation: &RelationInfo) {
         let mirrors = self
             .rules

@@ -405,6 +405,11 @@ impl RulesPlanner {
         }
     }
 
+    /// Whether a table rule is about this relation.
+    pub(crate) fn names(&self, relation: &RelationInfo) -> bool {
+        self.rules.iter().any(|r| r.name == relation.qualified_name)
+    }
+
     fn bind(&mut self, relation: &RelationInfo) {
         let tables = self
             .rules
