@@ -143,6 +143,30 @@ pub struct MatroskaConfig {
     /// never dropped silently).
     #[serde(default)]
     pub(crate) reinvalidate_after_ms: Option<u64>,
+    /// The `TimeZone` the app's database connections run with, as an IANA name, e.g.
+    /// `America/New_York`. Default `UTC`. psycopg2 hands the app timestamptz values in that
+    /// zone, so `str()` of one (in a dependency or scope string) carries the zone's offset at
+    /// that instant, DST included; walsweep renders timestamptz the same way. Zone rules come
+    /// from the tz database built into walsweep, not from the host.
+    #[serde(default = "default_timezone")]
+    pub(crate) timezone: String,
+}
+
+fn default_timezone() -> String {
+    "UTC".into()
+}
+
+impl MatroskaConfig {
+    /// The zone `timezone` names, or what to write instead.
+    pub fn timezone(&self) -> Result<jiff::tz::TimeZone, String> {
+        jiff::tz::TimeZone::get(&self.timezone).map_err(|_| {
+            format!(
+                "{:?} is not an IANA time zone name; use the TimeZone the app's connections \
+                 run with, e.g. \"America/New_York\" or \"UTC\"",
+                self.timezone
+            )
+        })
+    }
 }
 
 impl Default for MatroskaConfig {
@@ -151,6 +175,7 @@ impl Default for MatroskaConfig {
             prefix: default_matroska_prefix(),
             remove_dependency_sets: false,
             reinvalidate_after_ms: None,
+            timezone: default_timezone(),
         }
     }
 }
@@ -638,6 +663,9 @@ impl Config {
                 );
             }
         }
+        if let Err(message) = self.matroska.timezone() {
+            problem("matroska.timezone", message);
+        }
         for (i, table) in self.tables.iter().enumerate() {
             let parts: Vec<&str> = table.name.split('.').collect();
             if table.name.is_empty() || parts.len() > 2 || parts.iter().any(|p| p.is_empty()) {
@@ -884,6 +912,11 @@ mod tests {
             (
                 "[source]\nurl = \"postgres://u@h/db\"\n[matroska]\nreinvalidate_after_ms = 0\n",
                 "config:4: matroska.reinvalidate_after_ms: must be between 1 and 600000",
+            ),
+            (
+                "[source]\nurl = \"postgres://u@h/db\"\n[matroska]\ntimezone = \"EST5EDT-ish\"\n",
+                "config:4: matroska.timezone: \"EST5EDT-ish\" is not an IANA time zone name; use \
+                 the TimeZone the app's connections run with, e.g. \"America/New_York\"",
             ),
             (
                 "[source]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"http://x\"\n",

@@ -13,6 +13,7 @@
 //! front of the data messages, and nothing in those messages says so. The caller has to know,
 //! hence the `in_stream` argument of [`parse_message`] and the [`Decoder`] that tracks it.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::pg::Lsn;
@@ -163,13 +164,19 @@ pub struct Origin<'a> {
 /// The shape of a table, sent before the first change to it and again after any schema change;
 /// tuples that follow are positional against the latest Relation with the same oid.
 #[derive(Debug, Clone, PartialEq)]
+///
+/// Names are C strings in the database encoding, and a SQL_ASCII database can hold any bytes:
+/// such a relation still decodes, with lossy names and `undecodable` set, so that whoever
+/// follows it decides whether it can be skipped.
 pub struct Relation<'a> {
     pub(crate) xid: Option<u32>,
     pub oid: u32,
-    pub namespace: &'a str,
-    pub name: &'a str,
+    pub namespace: Cow<'a, str>,
+    pub name: Cow<'a, str>,
     pub(crate) replica_identity: ReplicaIdentity,
     pub columns: Vec<RelationColumn<'a>>,
+    /// The first name (namespace, relation or column) that is not valid UTF-8.
+    pub(crate) undecodable: Option<DecodeError>,
 }
 
 /// Decides what an Update or Delete carries about the old row.
@@ -188,7 +195,7 @@ pub(crate) enum ReplicaIdentity {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RelationColumn<'a> {
     pub(crate) flags: u8,
-    pub name: &'a str,
+    pub name: Cow<'a, str>,
     pub type_oid: u32,
     pub(crate) type_modifier: i32,
 }
@@ -201,12 +208,14 @@ impl RelationColumn<'_> {
 }
 
 /// Names a non-built-in column type, since its oid means nothing to the subscriber otherwise.
+/// Names are lossy: walsweep looks types up by oid, and a type with a non-UTF-8 name (a
+/// SQL_ASCII database) must not stop the stream for a table no rule names.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TypeMessage<'a> {
     pub(crate) xid: Option<u32>,
     pub(crate) oid: u32,
-    pub(crate) namespace: &'a str,
-    pub(crate) name: &'a str,
+    pub(crate) namespace: Cow<'a, str>,
+    pub(crate) name: Cow<'a, str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -546,8 +555,8 @@ pub fn parse_message(buf: &[u8], in_stream: bool) -> Result<PgOutput<'_>, Decode
         TAG_TYPE => PgOutput::Type(TypeMessage {
             xid: r.stream_xid(in_stream)?,
             oid: r.u32("type oid")?,
-            namespace: r.cstr("namespace")?,
-            name: r.cstr("type name")?,
+            namespace: r.cstr_lossy("namespace", &mut None)?,
+            name: r.cstr_lossy("type name", &mut None)?,
         }),
         TAG_INSERT => PgOutput::Insert(parse_insert(&mut r, in_stream)?),
         TAG_UPDATE => PgOutput::Update(parse_update(&mut r, in_stream)?),
@@ -633,8 +642,9 @@ impl Decoder {
 fn parse_relation<'a>(r: &mut Reader<'a>, in_stream: bool) -> Result<Relation<'a>, DecodeError> {
     let xid = r.stream_xid(in_stream)?;
     let oid = r.u32("relation oid")?;
-    let namespace = r.cstr("namespace")?;
-    let name = r.cstr("relation name")?;
+    let mut undecodable = None;
+    let namespace = r.cstr_lossy("namespace", &mut undecodable)?;
+    let name = r.cstr_lossy("relation name", &mut undecodable)?;
     let identity_offset = r.pos;
     let replica_identity = match r.u8("replica identity")? {
         REPLICA_IDENTITY_DEFAULT => ReplicaIdentity::Default,
@@ -662,7 +672,7 @@ fn parse_relation<'a>(r: &mut Reader<'a>, in_stream: bool) -> Result<Relation<'a
         };
         columns.push(RelationColumn {
             flags: r.u8(field("flags"))?,
-            name: r.cstr(field("name"))?,
+            name: r.cstr_lossy(field("name"), &mut undecodable)?,
             type_oid: r.u32(field("type oid"))?,
             type_modifier: r.i32(field("type modifier"))?,
         });
@@ -674,6 +684,7 @@ fn parse_relation<'a>(r: &mut Reader<'a>, in_stream: bool) -> Result<Relation<'a
         name,
         replica_identity,
         columns,
+        undecodable,
     })
 }
 
@@ -950,23 +961,49 @@ impl<'a> Reader<'a> {
     /// A NUL-terminated name. Names are identifiers we match configuration against, so unlike
     /// column values they must be UTF-8.
     fn cstr(&mut self, field: impl Into<Field>) -> Result<&'a str, DecodeError> {
+        let field = field.into();
+        let start = self.pos;
+        let bytes = self.cstr_bytes(field)?;
+        std::str::from_utf8(bytes).map_err(|e| self.invalid_utf8(start, e, field))
+    }
+
+    /// A NUL-terminated name that may not be UTF-8, replaced lossily; the first invalid one is
+    /// kept in `first_error` so the caller can still refuse it where it matters.
+    fn cstr_lossy(
+        &mut self,
+        field: impl Into<Field>,
+        first_error: &mut Option<DecodeError>,
+    ) -> Result<Cow<'a, str>, DecodeError> {
+        let field = field.into();
+        let start = self.pos;
+        let bytes = self.cstr_bytes(field)?;
+        if let Err(e) = std::str::from_utf8(bytes) {
+            let error = self.invalid_utf8(start, e, field);
+            first_error.get_or_insert(error);
+        }
+        Ok(String::from_utf8_lossy(bytes))
+    }
+
+    fn cstr_bytes(&mut self, field: Field) -> Result<&'a [u8], DecodeError> {
         let start = self.pos;
         let rest = self.rest();
         let Some(nul) = rest.iter().position(|&b| b == 0) else {
             return Err(DecodeError::MissingNul {
                 message: self.message,
                 offset: start,
-                field: field.into(),
+                field,
             });
         };
-        let bytes = rest.get(..nul).unwrap_or_default();
-        let name = std::str::from_utf8(bytes).map_err(|e| DecodeError::InvalidUtf8 {
+        self.pos = start.saturating_add(nul).saturating_add(1);
+        Ok(rest.get(..nul).unwrap_or_default())
+    }
+
+    fn invalid_utf8(&self, start: usize, e: std::str::Utf8Error, field: Field) -> DecodeError {
+        DecodeError::InvalidUtf8 {
             message: self.message,
             offset: start.saturating_add(e.valid_up_to()),
-            field: field.into(),
-        })?;
-        self.pos = start.saturating_add(nul).saturating_add(1);
-        Ok(name)
+            field,
+        }
     }
 
     /// An Int32 length or count; the server never sends a negative one outside NULL markers,
@@ -1181,7 +1218,7 @@ mod tests {
     fn column(flags: u8, name: &str, type_oid: u32) -> RelationColumn<'_> {
         RelationColumn {
             flags,
-            name,
+            name: name.into(),
             type_oid,
             type_modifier: -1,
         }
@@ -1198,7 +1235,7 @@ mod tests {
         let begin = expect!(w, Begin);
         let items = expect!(w, Relation);
         assert_eq!(
-            (items.xid, items.namespace, items.name),
+            (items.xid, &*items.namespace, &*items.name),
             (None, "public", "items")
         );
         assert_eq!(items.replica_identity, ReplicaIdentity::Default);
@@ -1245,11 +1282,11 @@ mod tests {
         let begin = expect!(w, Begin);
         let mood = expect!(w, Type);
         assert_eq!(
-            (mood.xid, mood.namespace, mood.name),
+            (mood.xid, &*mood.namespace, &*mood.name),
             (None, "public", "mood")
         );
         let audit = expect!(w, Relation);
-        assert_eq!((audit.namespace, audit.name), ("public", "audit"));
+        assert_eq!((&*audit.namespace, &*audit.name), ("public", "audit"));
         assert_eq!(audit.replica_identity, ReplicaIdentity::Full);
         // With REPLICA IDENTITY FULL every column is part of the identity.
         assert_eq!(
@@ -1333,7 +1370,7 @@ mod tests {
         // ALTER TABLE items ADD COLUMN extra int; INSERT INTO items VALUES (3, 'after-alter', 'b', 42)
         let begin = expect!(w, Begin);
         let altered = expect!(w, Relation);
-        assert_eq!((altered.oid, altered.name), (items.oid, "items"));
+        assert_eq!((altered.oid, &*altered.name), (items.oid, "items"));
         assert_eq!(altered.columns.len(), 4);
         assert_eq!(altered.columns[3], column(0, "extra", Type::INT4.oid()));
         let insert = expect!(w, Insert);
@@ -1383,7 +1420,7 @@ mod tests {
         let xid = start.xid;
         assert!(start.first_segment);
         let bulk = expect!(w, Relation);
-        assert_eq!((bulk.xid, bulk.name), (Some(xid), "bulk"));
+        assert_eq!((bulk.xid, &*bulk.name), (Some(xid), "bulk"));
         let mut rows = (1..=1000).map(|g| (g, format!("row-{g}")));
         let (row_xids, boundaries) = w.bulk_inserts(xid, bulk.oid, &mut rows);
         assert_eq!(row_xids, [xid; 1000]);
@@ -1778,6 +1815,58 @@ mod tests {
         assert_eq!(pg_time_to_unix_micros(i64::MAX), i64::MAX);
     }
 
+    /// A SQL_ASCII database can name things with any bytes: the Relation still decodes, so the
+    /// assembler can skip a table nobody follows, and keeps the first error for one it cannot.
+    #[test]
+    fn non_utf8_relation_names_decode_lossily_keeping_the_first_error() {
+        let relation_head = || Msg::new(b'R').u32(16_384).cstr("public");
+        let odd_table = relation_head()
+            .raw(b"caf\xe9\0")
+            .u8(b'f')
+            .i16(1)
+            .u8(1)
+            .raw(b"\xc3(\0")
+            .u32(23)
+            .i32(-1)
+            .0;
+        let PgOutput::Relation(rel) = Decoder::new().decode(&odd_table).expect("decodes") else {
+            panic!("not a Relation");
+        };
+        assert_eq!((&*rel.namespace, &*rel.name), ("public", "caf\u{fffd}"));
+        assert_eq!(rel.columns[0].name, "\u{fffd}(");
+        assert_eq!(
+            rel.undecodable.map(|e| e.to_string()).as_deref(),
+            Some("pgoutput Relation: relation name is not valid UTF-8 at offset 15")
+        );
+
+        let odd_column = relation_head()
+            .cstr("items")
+            .u8(b'f')
+            .i16(1)
+            .u8(1)
+            .raw(b"\xc3(\0")
+            .u32(23)
+            .i32(-1)
+            .0;
+        let PgOutput::Relation(rel) = Decoder::new().decode(&odd_column).expect("decodes") else {
+            panic!("not a Relation");
+        };
+        assert_eq!(
+            rel.undecodable.map(|e| e.to_string()).as_deref(),
+            Some("pgoutput Relation: column 0 name is not valid UTF-8 at offset 22")
+        );
+
+        let odd_type = Msg::new(b'Y')
+            .u32(16_390)
+            .raw(b"pub\xfflic\0")
+            .cstr("mood")
+            .0;
+        let PgOutput::Type(ty) = Decoder::new().decode(&odd_type).expect("decodes") else {
+            panic!("not a Type");
+        };
+        assert_eq!((&*ty.namespace, &*ty.name), ("pub\u{fffd}lic", "mood"));
+    }
+
     #[test]
     fn malformed_messages_name_message_offset_and_field() {
         let commit = Msg::new(b'C').u8(0).i64(LSN_A).i64(LSN_B).i64(TIME_A);
@@ -1870,18 +1959,6 @@ mod tests {
                 Msg::new(b'M').u8(1).i64(LSN_A).cstr("walsweep").i32(100).raw(b"{}").0,
                 false,
                 "pgoutput Message: truncated at offset 23 reading content (need 100 bytes, 2 left)",
-            ),
-            (
-                "invalid UTF-8 in a name",
-                Msg::new(b'R').u32(16_384).raw(b"pub\xfflic\0").cstr("items").0,
-                false,
-                "pgoutput Relation: namespace is not valid UTF-8 at offset 8",
-            ),
-            (
-                "invalid UTF-8 in a column name",
-                relation_head().u8(b'f').i16(1).u8(1).raw(b"\xc3(\0").u32(23).i32(-1).0,
-                false,
-                "pgoutput Relation: column 0 name is not valid UTF-8 at offset 22",
             ),
             (
                 "missing NUL",

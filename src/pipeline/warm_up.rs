@@ -315,5 +315,6 @@ async fn relation_info(
                 is_key: false,
             })
             .collect(),
+        undecodable: None,
     })
 }

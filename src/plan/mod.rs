@@ -119,6 +119,13 @@ pub trait Planner: Send + 'static {
     /// cache per-relation lookups rebuild them here, once per relation, not once per row.
     fn relation_changed(&mut self, _relation: &RelationInfo) {}
 
+    /// Whether this planner could draw any effect from the relation. Only asked about a
+    /// relation whose names cannot be decoded: one nobody needs is skipped, one somebody needs
+    /// stops the stream. Planners that take every table keep the default.
+    fn needs(&self, _relation: &RelationInfo) -> bool {
+        true
+    }
+
     /// What the non-built-in types (enums, domains, arrays of them) of the relations seen so
     /// far are, looked up in `pg_type` after each Relation message that names new ones, before
     /// any row of it is planned. Planners that type values (mirrors, broadcasts) keep a copy.

@@ -1,6 +1,6 @@
 //! What walsweep knows about a published table, from pgoutput Relation messages.
 
-use crate::pg::pgoutput::{Relation, ReplicaIdentity};
+use crate::pg::pgoutput::{DecodeError, Relation, ReplicaIdentity};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ColumnInfo {
@@ -20,6 +20,10 @@ pub struct RelationInfo {
     pub qualified_name: String,
     pub(crate) replica_identity: ReplicaIdentity,
     pub columns: Vec<ColumnInfo>,
+    /// Set when a name is not valid UTF-8 (the names above are then lossy): no rule can be
+    /// matched against it reliably, so its changes are skipped, or the stream stops if a
+    /// planner needs the relation anyway.
+    pub(crate) undecodable: Option<DecodeError>,
 }
 
 impl RelationInfo {
@@ -40,6 +44,7 @@ impl RelationInfo {
                     is_key: c.is_key(),
                 })
                 .collect(),
+            undecodable: rel.undecodable.clone(),
         }
     }
 

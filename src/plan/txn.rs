@@ -96,6 +96,12 @@ impl Planner for TxnPlanner {
         self.mirrors.relation_changed(relation);
     }
 
+    fn needs(&self, relation: &RelationInfo) -> bool {
+        self.rules.names(relation)
+            || self.mirrors.names(relation)
+            || self.broadcast.as_ref().is_some_and(|b| b.follows(relation))
+    }
+
     fn register_types(&mut self, types: &TypeRegistry) {
         self.rules.register_types(types);
         self.mirrors.register_types(types);

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use crate::pg::pgoutput::{self, DecodeError, Decoder, PgOutput, TupleData, TupleValue};
 use crate::pg::Lsn;
 use crate::plan::{OldRow, Op, Plan, Planner, RelationInfo, RowChange};
+use crate::telemetry::metrics::SKIP_UNDECODABLE_RELATION;
 
 /// A transaction whose commit was decoded, ready for the sink.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +39,18 @@ pub enum AssembleError {
     UnknownStream { message: &'static str, xid: u32 },
     #[error("{message} for prepared transaction {gid:?}, which was never prepared on this stream")]
     UnknownPrepared { message: &'static str, gid: String },
+    #[error(
+        "relation {relation} (oid {oid}) is named in the config, but a name in its Relation \
+         message is not valid UTF-8 (the database encoding lets names hold any bytes, e.g. \
+         SQL_ASCII): rename the table or column to a UTF-8 name, or remove it from the config"
+    )]
+    UndecodableRelation {
+        relation: String,
+        oid: u32,
+        /// Boxed: a rare error that should not grow every `Result` the assembler returns.
+        #[source]
+        source: Box<DecodeError>,
+    },
     #[error("{message}: tuple has {got} columns, relation {relation} has {expected}")]
     ColumnCount {
         message: &'static str,
@@ -186,6 +199,9 @@ impl<PL: Planner> Assembler<PL> {
                 let info = RelationInfo::from_message(&rel);
                 // A renamed table gets fresh counter labels.
                 self.decoded.retain(|(oid, _), _| *oid != info.oid);
+                if let Some(error) = &info.undecodable {
+                    return self.undecodable_relation(info.clone(), error.clone());
+                }
                 self.planner.relation_changed(&info);
                 self.new_type_oids = info
                     .columns
@@ -243,6 +259,10 @@ impl<PL: Planner> Assembler<PL> {
                                 message: "Truncate",
                                 oid: *oid,
                             })?;
+                    if relation.undecodable.is_some() {
+                        crate::telemetry::metrics::change_skipped(SKIP_UNDECODABLE_RELATION);
+                        continue;
+                    }
                     self.decoded
                         .entry((*oid, Op::Truncate))
                         .or_insert_with(|| {
@@ -253,6 +273,9 @@ impl<PL: Planner> Assembler<PL> {
                         })
                         .increment(1);
                     relations.push(relation);
+                }
+                if relations.is_empty() {
+                    return Ok(None);
                 }
                 let (plan, count) =
                     plan_slot(&mut self.current, &mut self.streamed, target, "Truncate")?;
@@ -358,6 +381,30 @@ impl<PL: Planner> Assembler<PL> {
         }
     }
 
+    /// A relation with a name that is not UTF-8: remembered so its changes are skipped, unless
+    /// a planner needs it, since skipping would then miss invalidations.
+    fn undecodable_relation(
+        &mut self,
+        info: RelationInfo,
+        error: DecodeError,
+    ) -> Result<Option<CommittedTxn<PL::Plan>>, AssembleError> {
+        if self.planner.needs(&info) {
+            return Err(AssembleError::UndecodableRelation {
+                relation: info.qualified_name,
+                oid: info.oid,
+                source: Box::new(error),
+            });
+        }
+        tracing::warn!(
+            relation = %info.qualified_name,
+            oid = info.oid,
+            error = %error,
+            "skipping changes to a relation whose name is not valid UTF-8; no rule names it"
+        );
+        self.relations.insert(info.oid, info);
+        Ok(None)
+    }
+
     fn target(&self, message: &'static str, xid: Option<u32>) -> Result<Target, AssembleError> {
         match (self.stream_xid, xid) {
             (Some(top_xid), Some(subxid)) => Ok(Target::Streamed { top_xid, subxid }),
@@ -385,6 +432,10 @@ impl<PL: Planner> Assembler<PL> {
             .relations
             .get(&oid)
             .ok_or(AssembleError::UnknownRelation { message, oid })?;
+        if relation.undecodable.is_some() {
+            crate::telemetry::metrics::change_skipped(SKIP_UNDECODABLE_RELATION);
+            return Ok(None);
+        }
         self.decoded
             .entry((oid, op))
             .or_insert_with(|| {

@@ -37,9 +37,10 @@ pub(crate) const MIRROR_ROWS_TOTAL: &str = "walsweep_mirror_rows_total";
 pub(crate) const MIRROR_KEYS_CLEARED_TOTAL: &str = "walsweep_mirror_keys_cleared_total";
 pub(crate) const BROADCASTS_TOTAL: &str = "walsweep_broadcasts_total";
 pub(crate) const SNAPSHOT_ROWS_TOTAL: &str = "walsweep_snapshot_rows_total";
+pub(crate) const SKIPPED_CHANGES_TOTAL: &str = "walsweep_skipped_changes_total";
 
 /// Every exported name, for the endpoint test and the docs.
-pub const ALL: [&str; 29] = [
+pub const ALL: [&str; 30] = [
     TRANSACTIONS_COMMITTED_TOTAL,
     CHANGES_DECODED_TOTAL,
     TRANSACTIONS_APPLIED_TOTAL,
@@ -69,6 +70,7 @@ pub const ALL: [&str; 29] = [
     MIRROR_KEYS_CLEARED_TOTAL,
     BROADCASTS_TOTAL,
     SNAPSHOT_ROWS_TOTAL,
+    SKIPPED_CHANGES_TOTAL,
 ];
 
 /// `result` labels of `walsweep_mirror_rows_total`.
@@ -83,6 +85,10 @@ pub(crate) const FALLBACK_CAUSES: [&str; 6] = [
     "slot_recreated",
     "non_utf8_value",
 ];
+/// `reason` label values of `SKIPPED_CHANGES_TOTAL`.
+pub(crate) const SKIP_REASONS: [&str; 1] = [SKIP_UNDECODABLE_RELATION];
+/// A change to a relation whose name is not valid UTF-8 and that nothing in the config names.
+pub(crate) const SKIP_UNDECODABLE_RELATION: &str = "undecodable_relation";
 /// `reason` label values of `STATUS_UPDATES_TOTAL` (`stream::progress::StatusReason::as_str`).
 pub(crate) const STATUS_REASONS: [&str; 3] = ["keepalive_reply", "interval", "shutdown"];
 pub(crate) const MIRROR_RESULTS: [&str; 4] = ["written", "deleted", "skipped_absent", "incomplete"];
@@ -238,6 +244,14 @@ pub(crate) fn describe() {
     for kind in ERROR_KINDS {
         counter!(ERRORS_TOTAL, LABEL_KIND => kind).absolute(0);
     }
+    describe_counter!(
+        SKIPPED_CHANGES_TOTAL,
+        "Row changes (and truncated tables) left unplanned, by reason: undecodable_relation (a \
+         table whose name is not valid UTF-8 and that no rule, mirror or broadcast names)."
+    );
+    for reason in SKIP_REASONS {
+        counter!(SKIPPED_CHANGES_TOTAL, LABEL_REASON => reason).absolute(0);
+    }
     for reason in STATUS_REASONS {
         counter!(STATUS_UPDATES_TOTAL, LABEL_REASON => reason).absolute(0);
     }
@@ -381,6 +395,11 @@ pub(crate) fn reinvalidated(effects: u64) {
 /// A delayed second invalidation failed (one attempt, or a dropped batch).
 pub(crate) fn reinvalidation_error() {
     counter!(REINVALIDATION_ERRORS_TOTAL).increment(1);
+}
+
+/// One of `SKIP_REASONS`.
+pub(crate) fn change_skipped(reason: &'static str) {
+    counter!(SKIPPED_CHANGES_TOTAL, LABEL_REASON => reason).increment(1);
 }
 
 pub(crate) fn keys_unlinked(n: u64) {

@@ -7,10 +7,11 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
+use jiff::tz::TimeZone;
 use postgres_types::Type;
 
 use super::text::decode_text;
-use super::time::{push_offset, push_ymd};
+use super::time::{in_zone, push_offset, push_ymd};
 use super::types::{Scalar, Shape, TypeRegistry};
 use super::{Time, Timestamp, Value, Ymd};
 
@@ -19,7 +20,8 @@ impl Value {
     /// from Postgres' text: `None` means "use the Postgres text as is" (text, uuid, dates,
     /// intervals, bytea, json and arrays, whose Python objects would print as reprs no cache key
     /// should contain; and dates, which print the same).
-    pub(crate) fn python_str(&self) -> Option<String> {
+    /// A timestamptz is shown in `zone`, as psycopg2 converts it to the session's TimeZone.
+    pub(crate) fn python_str(&self, zone: &TimeZone) -> Option<String> {
         match self {
             Value::Null => Some(PYTHON_NONE.into()),
             Value::Bool(true) => Some("True".into()),
@@ -35,7 +37,9 @@ impl Value {
             }
             Value::Timestamp(Timestamp::At(date, time)) => Some(python_datetime(date, time, None)),
             Value::TimestampTz(Timestamp::At(date, time), offset) => {
-                Some(python_datetime(date, time, Some(*offset)))
+                let (date, time, offset) =
+                    in_zone(*date, *time, *offset, zone).unwrap_or((*date, *time, *offset));
+                Some(python_datetime(&date, &time, Some(offset)))
             }
             _ => None,
         }
@@ -49,7 +53,13 @@ pub(crate) const PYTHON_NONE: &str = "None";
 /// Text that does not parse as its type is returned as is (a key is better than no key; the
 /// typed reading is the one to trust). Types whose Python form is their text (text, uuid,
 /// dates, arrays, ...) are returned without being decoded, so rendering them allocates nothing.
-pub(crate) fn python_str<'a>(type_oid: u32, text: &'a str, types: &TypeRegistry) -> Cow<'a, str> {
+/// `zone` is the app's session TimeZone (`matroska.timezone`), for timestamptz values.
+pub(crate) fn python_str<'a>(
+    type_oid: u32,
+    text: &'a str,
+    types: &TypeRegistry,
+    zone: &TimeZone,
+) -> Cow<'a, str> {
     let passthrough = match types.shape(type_oid, 0) {
         Ok(Shape::Scalar(scalar)) => matches!(
             scalar,
@@ -66,7 +76,7 @@ pub(crate) fn python_str<'a>(type_oid: u32, text: &'a str, types: &TypeRegistry)
         return Cow::Borrowed(text);
     }
     match decode_text(type_oid, text.as_bytes(), types) {
-        Ok(value) => match value.python_str() {
+        Ok(value) => match value.python_str(zone) {
             Some(s) => Cow::Owned(s),
             None => Cow::Borrowed(text),
         },
@@ -197,6 +207,7 @@ fn python_decimal(text: &str) -> String {
 
 /// `repr()` for the types whose Python value has a simple repr; other types are rendered as
 /// `repr()` of their text, which matches apps that key on strings.
+/// Only numbers reach `python_str` from here, so no zone is needed.
 pub(crate) fn python_repr(type_oid: u32, text: &str, types: &TypeRegistry) -> String {
     // A domain's Python value is its base type's.
     let type_oid = types.base_type(type_oid);
@@ -210,10 +221,13 @@ pub(crate) fn python_repr(type_oid: u32, text: &str, types: &TypeRegistry) -> St
             | Type::OID
             | Type::FLOAT4
             | Type::FLOAT8,
-        ) => python_str(type_oid, text, types).into_owned(),
+        ) => python_str(type_oid, text, types, &TimeZone::UTC).into_owned(),
         // Decimal's repr quotes its str(), which switches to exponent form below 1e-6.
         Some(Type::NUMERIC) => {
-            format!("Decimal({})", repr_str(&python_str(type_oid, text, types)))
+            format!(
+                "Decimal({})",
+                repr_str(&python_str(type_oid, text, types, &TimeZone::UTC))
+            )
         }
         Some(Type::UUID) => format!("UUID({})", repr_str(text)),
         Some(Type::DATE) => date_repr(text).unwrap_or_else(|| repr_str(text)),
@@ -267,7 +281,59 @@ mod tests {
     use super::*;
 
     fn py_str(type_oid: u32, text: &str) -> String {
-        python_str(type_oid, text, &TypeRegistry::new()).into_owned()
+        python_str(type_oid, text, &TypeRegistry::new(), &TimeZone::UTC).into_owned()
+    }
+
+    fn py_str_in(zone: &str, text: &str) -> String {
+        let zone = TimeZone::get(zone).expect("bundled tzdb");
+        python_str(Type::TIMESTAMPTZ.oid(), text, &TypeRegistry::new(), &zone).into_owned()
+    }
+
+    /// psycopg2 hands the app a datetime in its session's TimeZone, so `str()` carries that
+    /// zone's offset at that instant: EST before 2024-03-10 07:00 UTC, EDT after, and back on
+    /// 2024-11-03 06:00 UTC, where 01:30 local happens twice (checked with CPython 3.11 and
+    /// psycopg2 2.9 on `SET TimeZone = 'America/New_York'`).
+    #[test]
+    fn timestamptz_renders_in_the_configured_zone_across_dst() {
+        for (utc, local) in [
+            ("2024-03-10 06:59:59+00", "2024-03-10 01:59:59-05:00"),
+            ("2024-03-10 07:00:00+00", "2024-03-10 03:00:00-04:00"),
+            (
+                "2024-07-01 12:00:00.25+00",
+                "2024-07-01 08:00:00.250000-04:00",
+            ),
+            ("2024-11-03 05:30:00+00", "2024-11-03 01:30:00-04:00"),
+            ("2024-11-03 06:30:00+00", "2024-11-03 01:30:00-05:00"),
+            ("2024-12-31 23:00:00-02", "2024-12-31 20:00:00-05:00"),
+            // Before standard time: local mean time, an offset with seconds.
+            ("1800-01-01 12:00:00+00", "1800-01-01 07:03:58-04:56:02"),
+        ] {
+            assert_eq!(py_str_in("America/New_York", utc), local, "{utc}");
+        }
+        assert_eq!(
+            py_str_in("Asia/Kolkata", "2024-03-10 07:00:00+00"),
+            "2024-03-10 12:30:00+05:30"
+        );
+        assert_eq!(
+            py_str_in("UTC", "2020-01-02 03:04:05+05:30"),
+            "2020-01-01 21:34:05+00:00"
+        );
+        // Outside what a zone database covers (and Python's datetime): left as Postgres sent it.
+        assert_eq!(
+            py_str_in("America/New_York", "20000-01-01 00:00:00+00"),
+            "20000-01-01 00:00:00+00:00"
+        );
+        // Only timestamptz is an instant; a timestamp or timetz is shown as stored.
+        let zone = TimeZone::get("America/New_York").expect("bundled tzdb");
+        let types = TypeRegistry::new();
+        assert_eq!(
+            python_str(Type::TIMESTAMP.oid(), "2024-07-01 12:00:00", &types, &zone),
+            "2024-07-01 12:00:00"
+        );
+        assert_eq!(
+            python_str(Type::TIMETZ.oid(), "12:00:00+00", &types, &zone),
+            "12:00:00+00:00"
+        );
     }
 
     /// Where the typed path is right and the text path is not: Python's Decimal switches to
@@ -275,6 +341,7 @@ mod tests {
     #[test]
     fn python_str_of_numeric_follows_decimal() {
         let types = TypeRegistry::new();
+        let utc = TimeZone::UTC;
         for (pg, py) in [
             ("1.50", "1.50"),
             ("-123.4500", "-123.4500"),
@@ -287,14 +354,21 @@ mod tests {
             ("NaN", "NaN"),
             ("Infinity", "Infinity"),
         ] {
-            assert_eq!(python_str(Type::NUMERIC.oid(), pg, &types), py, "{pg}");
+            assert_eq!(
+                python_str(Type::NUMERIC.oid(), pg, &types, &utc),
+                py,
+                "{pg}"
+            );
         }
-        assert_eq!(python_str(Type::FLOAT8.oid(), "garbage", &types), "garbage");
+        assert_eq!(
+            python_str(Type::FLOAT8.oid(), "garbage", &types, &utc),
+            "garbage"
+        );
         assert!(matches!(
-            python_str(Type::TEXT.oid(), "x", &types),
+            python_str(Type::TEXT.oid(), "x", &types, &utc),
             Cow::Borrowed("x")
         ));
-        assert_eq!(Value::Null.python_str().as_deref(), Some("None"));
+        assert_eq!(Value::Null.python_str(&utc).as_deref(), Some("None"));
     }
 
     #[test]
@@ -347,10 +421,6 @@ mod tests {
             "2020-01-02 03:04:05"
         );
         assert_eq!(py_str(Type::TIME.oid(), "03:04:05.25"), "03:04:05.250000");
-        assert_eq!(
-            py_str(Type::TIMESTAMPTZ.oid(), "2020-01-02 03:04:05+05:30"),
-            "2020-01-02 03:04:05+05:30"
-        );
     }
 
     #[test]

@@ -698,6 +698,7 @@ mod tests {
             Type::UUID.oid(),
             Type::JSONB_ARRAY.oid(),
         ];
+        let zone = jiff::tz::TimeZone::get("America/New_York").expect("bundled tzdb");
         for _ in 0..50_000 {
             let len = (next() % 24) as usize;
             let text: Vec<u8> = (0..len)
@@ -706,7 +707,7 @@ mod tests {
             let type_oid = oids[(next() % oids.len() as u64) as usize];
             if let Ok(v) = decode_text(type_oid, &text, &TypeRegistry::new()) {
                 let _ = v.to_json();
-                let _ = v.python_str();
+                let _ = v.python_str(&zone);
             }
         }
     }

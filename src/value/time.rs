@@ -1,8 +1,11 @@
 //! Calendar math on the proleptic Gregorian calendar (leap years, month lengths, dates to and
 //! from days since 1970-01-01, instants as Unix microseconds) and the ISO 8601 pieces the
-//! renderings print dates, times and UTC offsets with.
+//! renderings print dates, times and UTC offsets with; the one thing it does not compute itself
+//! is a zone's offset at an instant (DST rules), which comes from jiff's bundled tz database.
 
 use std::fmt::Write as _;
+
+use jiff::tz::TimeZone;
 
 use super::{Time, Ymd};
 
@@ -70,6 +73,35 @@ pub(crate) fn unix_micros(date: Ymd, time: Time, offset: i32) -> i128 {
         - i128::from(offset)
         + i128::from(second);
     seconds * 1_000_000 + i128::from(micros)
+}
+
+/// The same instant as `date` at `time` (`offset` seconds east of UTC) on the wall clock of
+/// `zone`, with the offset `zone` has then (its DST rules). `None` outside the years a zone
+/// database covers (-9999..=9999), where Python has no datetime either.
+pub(crate) fn in_zone(
+    date: Ymd,
+    time: Time,
+    offset: i32,
+    zone: &TimeZone,
+) -> Option<(Ymd, Time, i32)> {
+    let micros = i64::try_from(unix_micros(date, time, offset)).ok()?;
+    let instant = jiff::Timestamp::from_microsecond(micros).ok()?;
+    let local_offset = zone.to_offset(instant).seconds();
+    let local = micros.checked_add(i64::from(local_offset) * 1_000_000)?;
+    let (year, month, day) = civil_from_days(local.div_euclid(86_400_000_000));
+    let of_day = local.rem_euclid(86_400_000_000);
+    let date = Ymd {
+        year: i32::try_from(year).ok()?,
+        month: u8::try_from(month).ok()?,
+        day: u8::try_from(day).ok()?,
+    };
+    let time = Time {
+        hour: u8::try_from(of_day / 3_600_000_000).ok()?,
+        minute: u8::try_from(of_day / 60_000_000 % 60).ok()?,
+        second: u8::try_from(of_day / 1_000_000 % 60).ok()?,
+        micros: u32::try_from(of_day % 1_000_000).ok()?,
+    };
+    Some((date, time, local_offset))
 }
 
 /// Unix microseconds as `2024-01-02T03:04:05.123456Z`.

@@ -5,6 +5,10 @@ against the library's own key layout and dependency strings, not against our rea
     matroska_compat.py put   <redis-port>
         Fills the cache the way an app does; prints one line per entry:
         <cache key> TAB <dependency> TAB <dependency> ...
+    matroska_compat.py put-events <redis-port> <postgres-url> <time-zone>
+        Loads the `events` rows through SQLAlchemy and psycopg2 on connections whose TimeZone
+        is <time-zone>, and caches one listing per row under its `starts_at` scope; prints
+        what `put` prints.
     matroska_compat.py check <redis-port> --gone KEY... --kept KEY...
         After walsweep applied the changes: every --gone entry is missing (has() is False,
         get() raises NotInCache), every --kept entry still holds what `put` stored, and the
@@ -20,8 +24,8 @@ try:
     from matroska_cache import MatroskaCache, NotInCache, dep
     from matroska_cache.backends.redis import RedisBackend
     from matroska_cache.sa_tools import sa_dependencies
-    from sqlalchemy import Boolean, Column, Integer, Text
-    from sqlalchemy.orm import declarative_base, make_transient_to_detached
+    from sqlalchemy import Boolean, Column, DateTime, Integer, Text, create_engine
+    from sqlalchemy.orm import Session, declarative_base, make_transient_to_detached
 except ImportError as e:
     sys.exit(
         f"matroska_compat.py: {e} (interpreter {sys.executable}); "
@@ -81,6 +85,21 @@ def task_listing(task, **info):
     return {"state": task.state, "active": task.active}
 
 
+class Event(Base):
+    __tablename__ = "events"
+    id = Column(Integer, primary_key=True)
+    # psycopg2 hands the app a datetime in the session's TimeZone; its str() is in the scope.
+    starts_at = Column(DateTime(timezone=True))
+
+
+event_scopes = dep.Scopes("Event", production_mode=False)
+
+
+@event_scopes.describes("starts_at")
+def event_listing(event, **info):
+    return {"starts_at": event.starts_at}
+
+
 def value_for(key):
     """What `put` stores under `key` and `check` expects back."""
     return {"key": key, "payload": [1, "two", None]}
@@ -128,6 +147,24 @@ def put(port):
         got = cache.get(key)
         if got != value_for(key):
             fail(f"get({key!r}) returned {got!r} right after put, expected {value_for(key)!r}")
+
+
+def put_events(port, url, zone):
+    """Caches, for every event, the listing of events starting when it does, as an app whose
+    connections run with TimeZone = `zone` would."""
+    _, cache = connect(port)
+    # SQLAlchemy 1.4 dropped the postgres:// alias.
+    url = "postgresql+psycopg2://" + url.split("://", 1)[1]
+    engine = create_engine(url, connect_args={"options": f"-c TimeZone={zone}"})
+    with Session(engine) as session:
+        events = session.query(Event).order_by(Event.id).all()
+    for event in events:
+        key = f"events-at-{event.id}"
+        deps = event_scopes.condition(starts_at=event.starts_at)
+        cache.put(key, value_for(key), *deps, expires=EXPIRES)
+        if not cache.has(key):
+            fail(f"has({key!r}) is False right after put")
+        print("\t".join([key] + [d.key() for d in deps]))
 
 
 def check(port, gone, kept):
@@ -179,11 +216,16 @@ def split_lists(args):
 def main(argv):
     if len(argv) == 3 and argv[1] == "put":
         put(argv[2])
+    elif len(argv) == 5 and argv[1] == "put-events":
+        put_events(argv[2], argv[3], argv[4])
     elif len(argv) >= 3 and argv[1] == "check":
         gone, kept = split_lists(argv[3:])
         check(argv[2], gone, kept)
     else:
-        fail("usage: matroska_compat.py put <redis-port> | check <redis-port> --gone KEY... --kept KEY...")
+        fail(
+            "usage: matroska_compat.py put <redis-port> | put-events <redis-port> <postgres-url> "
+            "<time-zone> | check <redis-port> --gone KEY... --kept KEY..."
+        )
 
 
 if __name__ == "__main__":

@@ -166,3 +166,83 @@ async fn entries_written_by_matroska_cache_are_invalidated_exactly() {
     }
     daemon.stop().await;
 }
+
+const EVENTS_SCHEMA: &str = "
+CREATE TABLE events (id int PRIMARY KEY, starts_at timestamptz);
+ALTER TABLE events REPLICA IDENTITY FULL;
+INSERT INTO events VALUES
+    (1, '2024-03-10 01:30:00-05'),  -- New York standard time, just before clocks go forward
+    (2, '2024-03-10 03:30:00-04'),  -- daylight time, just after
+    (3, '2024-11-03 01:30:00-04'),  -- clocks go back: 01:30 happens twice, EDT first ...
+    (4, '2024-11-03 01:30:00-05'),  -- ... then EST
+    (5, '2024-07-01 12:00:00-04');
+CREATE TABLE markers (id int PRIMARY KEY);
+CREATE PUBLICATION pub FOR TABLE events, markers;
+";
+
+const EVENTS_RULES: &str = r#"
+[matroska]
+timezone = "America/New_York"
+[[table]]
+name = "public.events"
+[[table.scope]]
+name = "Event"
+columns = ["starts_at"]
+[[table]]
+name = "public.markers"
+keys = ["marker:{id}"]
+"#;
+
+/// An app whose connections run with `TimeZone = 'America/New_York'` gets timestamptz values
+/// with New York's offset at that instant, so its scope strings differ from UTC ones; with
+/// `matroska.timezone` set alike, walsweep's invalidations reach its entries on both sides of
+/// both DST changes, and the untouched event's listing stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamptz_scopes_follow_the_apps_time_zone_across_dst_changes() {
+    let python = python("the matroska-cache compatibility test needs a Python with matroska-cache");
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", EVENTS_SCHEMA);
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let daemon = start(config(&pg, &redis, "app", "compat_tz", EVENTS_RULES));
+    let client = pg.client("app").await;
+    harness::wait_streaming(&client, "compat_tz").await;
+
+    let port = redis.port().to_string();
+    let written = run_script(
+        &python,
+        &[
+            "put-events".into(),
+            port.clone(),
+            pg.url("app"),
+            "America/New_York".into(),
+        ],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("matroska-cache wrote (key, dependencies...):\n{written}");
+    assert!(
+        written.contains("-05:00") && written.contains("-04:00"),
+        "the app should see New York offsets:\n{written}"
+    );
+
+    pg.psql(
+        "app",
+        "UPDATE events SET starts_at = starts_at + interval '48 hours' WHERE id <= 4",
+    );
+    set_keys(&mut conn, &["marker:1"]).await;
+    pg.psql("app", "INSERT INTO markers VALUES (1)");
+    wait_gone(&mut conn, "marker:1", 20).await;
+
+    let gone = ["events-at-1", "events-at-2", "events-at-3", "events-at-4"];
+    let mut args = vec!["check".to_string(), port, "--gone".into()];
+    args.extend(strings(&gone));
+    args.push("--kept".into());
+    args.push("events-at-5".into());
+    if let Err(e) = run_script(&python, &args).await {
+        panic!("{e}\nthe library wrote:\n{written}");
+    }
+    daemon.stop().await;
+}

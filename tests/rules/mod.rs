@@ -3,6 +3,7 @@
 
 mod compat;
 mod invalidation;
+mod undecodable;
 
 use redis::AsyncCommands;
 

@@ -130,6 +130,40 @@ fn check_columns_exist(
     }
 }
 
+/// The timestamptz columns whose values deps and scopes render (Python's `str()`), so the
+/// app's session TimeZone shows in their strings: each is named with what uses it and the zone
+/// walsweep renders it in. Keys print Postgres text, which the zone does not change.
+fn timezone_notes(
+    label: &str,
+    rule: &TableRule,
+    columns: &[CatalogColumn],
+    timezone: &str,
+    report: &mut Report,
+) {
+    let mut affected: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (column, used_by) in rule.referenced_columns() {
+        let rendered_by_python = used_by.starts_with("deps[") || used_by.starts_with("scope[");
+        let is_timestamptz = columns
+            .iter()
+            .any(|c| c.name == column && c.type_oid == postgres_types::Type::TIMESTAMPTZ.oid());
+        if rendered_by_python && is_timestamptz {
+            let users = affected.entry(column).or_default();
+            if !users.contains(&used_by) {
+                users.push(used_by);
+            }
+        }
+    }
+    for (column, users) in affected {
+        report.notes.push(format!(
+            "{label}: timestamptz column {column} (used by {}) renders in matroska.timezone \
+             {timezone:?}, as str() of what psycopg2 hands an app whose connections run with \
+             TimeZone '{timezone}'; if the app's connections use another TimeZone, set \
+             matroska.timezone to it, or invalidations will miss",
+            users.join(", ")
+        ));
+    }
+}
+
 /// Mirrors of one table against its catalog shape: named columns exist, scores fit a 64-bit
 /// float exactly for the column types, and the replica identity sends what finding a row's old
 /// entry needs.
@@ -326,6 +360,7 @@ pub(super) async fn check_database(
         };
         let (identity, columns) = shape;
         check_columns_exist(&label, &rule.referenced_columns(), &columns, report);
+        timezone_notes(&label, rule, &columns, &config.matroska.timezone, report);
         let weak: Vec<String> = unsent_old_values(&columns, old_row_columns(rule))
             .into_iter()
             .map(|(column, used_by)| format!("{column} (used by {})", used_by.join(", ")))
@@ -441,6 +476,35 @@ key = "readings:all"
 member = "{id}"
 score = "(device_id << 32) | epoch(ts)"
 "#;
+
+    #[test]
+    fn timestamptz_in_deps_and_scopes_is_named_with_the_zone() {
+        let config = Config::parse(
+            "[source]\nurl = \"postgres://u@h/db\"\n[matroska]\ntimezone = \"Europe/Paris\"\n\
+             [[table]]\nname = \"public.readings\"\nkeys = [\"r:{ts}\"]\ndeps = [\"d:{ts}\"]\n\
+             [[table.scope]]\nname = \"Reading\"\ncolumns = [\"ts\", \"seq\"]\n",
+        )
+        .unwrap();
+        let rules = Rules::from_config(&config).unwrap();
+        let mut report = Report::default();
+        timezone_notes(
+            "table[0] (public.readings)",
+            &rules.tables[0],
+            &readings(Type::INT4.oid(), 'f'),
+            &config.matroska.timezone,
+            &mut report,
+        );
+        assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
+        let note = &report.notes[0];
+        for part in [
+            "table[0] (public.readings): timestamptz column ts",
+            "deps[0] \"d:{ts}\", scope[0] \"Reading\"",
+            "matroska.timezone \"Europe/Paris\"",
+        ] {
+            assert!(note.contains(part), "{part:?} not in {note}");
+        }
+        assert!(!note.contains("keys[0]"), "{note}");
+    }
 
     #[test]
     fn score_must_be_exact_for_the_column_types() {

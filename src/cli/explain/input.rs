@@ -111,6 +111,7 @@ pub(super) fn row_shape(
         qualified_name: qualified.to_string(),
         replica_identity: ReplicaIdentity::Full,
         columns,
+        undecodable: None,
     };
     (relation, old_text, new_text)
 }

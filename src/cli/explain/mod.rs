@@ -91,6 +91,7 @@ pub(crate) fn explain(
     let new_tuple = to_tuple(&new_text);
     let mut planner = RulesPlanner::new(Rules {
         tables: rule_set.clone(),
+        timezone: rules.timezone.clone(),
     });
     let mut lines = Vec::new();
     let mut emit = |effect: Effect, origin: Origin| lines.push((effect, origin));

@@ -4,6 +4,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use jiff::tz::TimeZone;
+
 use super::plan::{
     json_document, Field, IndexAdd, IndexRemove, MirrorOp, MirrorPlan, Retention, RowWrite,
 };
@@ -108,6 +110,13 @@ impl MirrorPlanner {
         self.types = types.clone();
     }
 
+    /// Whether a mirror is about this relation.
+    pub(crate) fn names(&self, relation: &RelationInfo) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.table_name == relation.qualified_name)
+    }
+
     pub(crate) fn relation_changed(&mut self, relation: &RelationInfo) {
         let mirrors = self
             .rules
@@ -181,7 +190,18 @@ fn plan_mirror(
         ));
         plan.push(MirrorOp::Clear { prefixes, cause });
     };
-    let key_of = |side: Side| render(&mirror.key, change, side, &mirror.type_oids, types, false);
+    // Mirror keys are Postgres text (`python` false), so no zone is ever consulted.
+    let key_of = |side: Side| {
+        render(
+            &mirror.key,
+            change,
+            side,
+            &mirror.type_oids,
+            types,
+            &TimeZone::UTC,
+            false,
+        )
+    };
     let old_key = match change.op {
         Op::Update | Op::Delete => key_of(Side::Old),
         _ => Rendered::Absent,
@@ -304,8 +324,24 @@ fn index_member(
     mirror: &BoundMirror,
     types: &TypeRegistry,
 ) -> Result<Option<IndexRemove>, FallbackCause> {
-    let key = render(&index.key, change, side, &mirror.type_oids, types, false);
-    let member = render(&index.member, change, side, &mirror.type_oids, types, false);
+    let key = render(
+        &index.key,
+        change,
+        side,
+        &mirror.type_oids,
+        types,
+        &TimeZone::UTC,
+        false,
+    );
+    let member = render(
+        &index.member,
+        change,
+        side,
+        &mirror.type_oids,
+        types,
+        &TimeZone::UTC,
+        false,
+    );
     match (key, member) {
         (Rendered::Unknown(c), _) | (_, Rendered::Unknown(c)) => Err(c),
         (Rendered::Value(key), Rendered::Value(member)) => Ok(Some(IndexRemove { key, member })),

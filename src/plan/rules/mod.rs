@@ -16,6 +16,7 @@ use crate::pg::pgoutput::TupleValue;
 use crate::plan::{Op, Planner, RelationInfo, RowChange};
 use crate::value::{python_repr, python_str, TypeRegistry, PYTHON_NONE};
 pub use effect::{Effect, EffectPlan, FallbackCause};
+use jiff::tz::TimeZone;
 
 /// Prefix of `pg_logical_emit_message` payloads walsweep acts on.
 pub(crate) const HINT_PREFIX: &str = "walsweep";
@@ -81,9 +82,29 @@ pub(crate) struct TableRule {
 }
 
 /// All rules, by qualified table name.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Rules {
     pub(crate) tables: Vec<TableRule>,
+    /// The app's session TimeZone (`matroska.timezone`), for timestamptz in scopes and deps.
+    pub(crate) timezone: TimeZone,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            tables: Vec::new(),
+            timezone: TimeZone::UTC,
+        }
+    }
+}
+
+/// Why the rules of a config do not compile.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error("matroska.timezone: {0}")]
+    TimeZone(String),
 }
 
 fn op_of(name: OpName) -> Op {
@@ -165,7 +186,7 @@ impl TableRule {
 }
 
 impl Rules {
-    pub fn from_config(config: &Config) -> Result<Rules, TemplateError> {
+    pub fn from_config(config: &Config) -> Result<Rules, RulesError> {
         Ok(Rules {
             tables: config
                 .tables
@@ -173,6 +194,7 @@ impl Rules {
                 .enumerate()
                 .map(|(i, t)| TableRule::compile(i, t))
                 .collect::<Result<_, _>>()?,
+            timezone: config.matroska.timezone().map_err(RulesError::TimeZone)?,
         })
     }
 }
@@ -327,6 +349,7 @@ pub(crate) fn render(
     side: Side,
     type_oids: &[u32],
     types: &TypeRegistry,
+    zone: &TimeZone,
     python: bool,
 ) -> Rendered {
     let mut out = String::with_capacity(bound.template.source.len() + 16);
@@ -344,7 +367,7 @@ pub(crate) fn render(
                 };
                 match cell(change, side, position) {
                     Cell::Text(t) if *repr => out.push_str(&python_repr(oid(), &t, types)),
-                    Cell::Text(t) if python => out.push_str(&python_str(oid(), &t, types)),
+                    Cell::Text(t) if python => out.push_str(&python_str(oid(), &t, types, zone)),
                     Cell::Text(t) => out.push_str(&t),
                     Cell::Null if python => out.push_str(PYTHON_NONE),
                     Cell::Null => return Rendered::Absent,
@@ -363,6 +386,7 @@ fn scope_condition(
     side: Side,
     type_oids: &[u32],
     types: &TypeRegistry,
+    zone: &TimeZone,
 ) -> Result<String, FallbackCause> {
     let mut out = format!("condition:{}:&", scope.rule.name);
     for (column, position) in scope.rule.columns.iter().zip(&scope.positions) {
@@ -374,7 +398,7 @@ fn scope_condition(
                     .and_then(|p| type_oids.get(p))
                     .copied()
                     .unwrap_or(0);
-                out.push_str(&python_str(oid, &t, types));
+                out.push_str(&python_str(oid, &t, types, zone));
             }
             Cell::Null => out.push_str(PYTHON_NONE),
             Cell::Unknown(cause) => return Err(cause),
@@ -393,6 +417,7 @@ pub struct RulesPlanner {
     /// Enums and domains the stream resolved: a scope value of a domain over `boolean` renders
     /// `True` as the app's driver hands it, not Postgres's `t`.
     types: TypeRegistry,
+    timezone: TimeZone,
 }
 
 impl RulesPlanner {
@@ -402,7 +427,13 @@ impl RulesPlanner {
             bound: HashMap::new(),
             warned: HashSet::new(),
             types: TypeRegistry::new(),
+            timezone: rules.timezone,
         }
+    }
+
+    /// Whether a table rule is about this relation.
+    pub(crate) fn names(&self, relation: &RelationInfo) -> bool {
+        self.rules.iter().any(|r| r.name == relation.qualified_name)
     }
 
     fn bind(&mut self, relation: &RelationInfo) {
@@ -466,8 +497,15 @@ impl RulesPlanner {
                                 },
                                 side,
                             };
-                            match render(bound, change, side, &table.type_oids, &self.types, python)
-                            {
+                            match render(
+                                bound,
+                                change,
+                                side,
+                                &table.type_oids,
+                                &self.types,
+                                &self.timezone,
+                                python,
+                            ) {
                                 Rendered::Value(v) if python => {
                                     emit(Effect::InvalidateDep(v), origin)
                                 }
@@ -515,7 +553,14 @@ impl RulesPlanner {
                         rule: RuleRef::Scope(scope.index),
                         side,
                     };
-                    match scope_condition(scope, change, side, &table.type_oids, &self.types) {
+                    match scope_condition(
+                        scope,
+                        change,
+                        side,
+                        &table.type_oids,
+                        &self.types,
+                        &self.timezone,
+                    ) {
                         Ok(condition) => emit(Effect::InvalidateDep(condition), origin),
                         Err(cause) => {
                             fallbacks.push((
