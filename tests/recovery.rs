@@ -331,7 +331,7 @@ async fn a_crash_before_the_chain_restart_still_restarts_it_on_a_restored_databa
         .expect("insert");
     wait_for(30, || {
         let mut conn = conn.clone();
-        async move { conn.xlen::<_, u64>("changes").await.unwrap_or(0) >= 1 }
+        async move { daemon::exists(&mut conn, "changes:last_lsn").await }
     })
     .await;
     walsweep.terminate();
