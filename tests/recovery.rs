@@ -4,16 +4,12 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 
-use support::daemon::{self, wait_for, wait_streaming};
-use support::{scratch, Postgres, PostgresOptions, Redis};
-
-const BIN: &str = env!("CARGO_BIN_EXE_walsweep");
+use support::daemon::{self, wait_for, wait_streaming, Process};
+use support::{Postgres, PostgresOptions, Redis};
 
 const SCHEMA: &str = "
 CREATE TABLE items (id int PRIMARY KEY, name text, body text);
@@ -144,80 +140,6 @@ async fn writes_after_the_database_is_replaced_behind_the_same_url_are_all_seen(
     running.stop().await;
 }
 
-/// The real binary with a config file, killed or stopped by the test.
-struct Binary {
-    config: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-    _dir: tempfile::TempDir,
-}
-
-impl Binary {
-    fn new(config_text: &str) -> Binary {
-        let dir = scratch::instance_dir("recovery-", false);
-        let config = dir.path().join("walsweep.toml");
-        std::fs::write(&config, config_text).expect("write config");
-        Binary {
-            config,
-            log: dir.path().join("walsweep.log"),
-            child: None,
-            _dir: dir,
-        }
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open log");
-        let child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("RUST_LOG", "walsweep=info")
-            .env_remove(walsweep::config::SOURCE_URL_ENV)
-            .env_remove(walsweep::config::REDIS_URL_ENV)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn walsweep");
-        self.child = Some(child);
-    }
-
-    fn kill(&mut self) {
-        let mut child = self.child.take().expect("walsweep runs");
-        scratch::signal(child.id(), "KILL").expect("kill -KILL walsweep");
-        let _ = child.wait();
-    }
-
-    fn terminate(&mut self) {
-        let mut child = self.child.take().expect("walsweep runs");
-        scratch::signal(child.id(), "TERM").expect("kill -TERM walsweep");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while child.try_wait().expect("try_wait").is_none() {
-            assert!(Instant::now() < deadline, "walsweep ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        scratch::log_tail(&self.log, 40)
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("{}", self.log_tail());
-        }
-    }
-}
-
 fn config_file(
     pg: &Postgres,
     redis: &Redis,
@@ -249,15 +171,8 @@ async fn a_warm_up_killed_halfway_is_loaded_again_at_the_next_start() {
     let redis = Redis::start();
     let mut conn = redis.connection().await;
     let slot = "halfway";
-    let mut walsweep = Binary::new(&config_file(
-        &pg,
-        &redis,
-        "app",
-        slot,
-        "warm_up = true",
-        RULES,
-    ));
-    walsweep.start();
+    let text = config_file(&pg, &redis, "app", slot, "warm_up = true", RULES);
+    let walsweep = Process::start(&text);
     // Kill it as soon as some rows, not all, are in Redis.
     let deadline = Instant::now() + Duration::from_secs(60);
     let loaded = loop {
@@ -266,11 +181,9 @@ async fn a_warm_up_killed_halfway_is_loaded_again_at_the_next_start() {
             walsweep.kill();
             break keys.len();
         }
-        assert!(
-            Instant::now() < deadline,
-            "the warm-up never started\n{}",
-            walsweep.log_tail()
-        );
+        if Instant::now() > deadline {
+            panic!("the warm-up never started\n{}", walsweep.log_tail());
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let after_kill: Vec<String> = conn.keys("item:*").await.expect("KEYS");
@@ -289,7 +202,7 @@ async fn a_warm_up_killed_halfway_is_loaded_again_at_the_next_start() {
          DELETE FROM items WHERE id > 19900;",
     );
 
-    walsweep.start();
+    let walsweep = Process::start(&text);
     let client = pg.client("app").await;
     wait_streaming(&client, slot).await;
     pg.psql(
@@ -305,7 +218,7 @@ async fn a_warm_up_killed_halfway_is_loaded_again_at_the_next_start() {
     })
     .await;
     assert_eq!(assert_mirror_equals_table(&client, &mut conn).await, 19_900);
-    walsweep.terminate();
+    assert!(walsweep.terminate().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,9 +233,15 @@ async fn a_crash_before_the_chain_restart_still_restarts_it_on_a_restored_databa
     let conn = redis.connection().await;
     let slot = "chained";
     let broadcast = "[broadcast]\nstream = \"changes\"\n";
-    let text = config_file(&pg, &redis, db, slot, "", &format!("{broadcast}{RULES}"));
-    let mut walsweep = Binary::new(&text);
-    walsweep.start();
+    let text = config_file(
+        &pg,
+        &redis,
+        db,
+        slot,
+        "on_slot_lost = \"recreate\"",
+        &format!("{broadcast}{RULES}"),
+    );
+    let walsweep = Process::start(&text);
     let client = pg.client(db).await;
     wait_streaming(&client, slot).await;
     client
@@ -334,7 +253,7 @@ async fn a_crash_before_the_chain_restart_still_restarts_it_on_a_restored_databa
         async move { daemon::exists(&mut conn, "changes:last_lsn").await }
     })
     .await;
-    walsweep.terminate();
+    assert!(walsweep.terminate().success());
     drop(client);
 
     // The database is restored from an old copy: LSNs start over, far below the chain's.
@@ -344,7 +263,7 @@ async fn a_crash_before_the_chain_restart_still_restarts_it_on_a_restored_databa
     // (the reset message is the first thing it writes after creating the slot). Redis keeps
     // its data across the outage, the chain's last LSN included.
     redis.stop();
-    walsweep.start();
+    let walsweep = Process::start(&text);
     tokio::time::sleep(Duration::from_secs(3)).await;
     walsweep.kill();
     redis.restart();
@@ -355,7 +274,7 @@ async fn a_crash_before_the_chain_restart_still_restarts_it_on_a_restored_databa
         "the outage lost the chain's state; the test shows nothing"
     );
 
-    walsweep.start();
+    let walsweep = Process::start(&text);
     let client = pg.client(db).await;
     wait_streaming(&client, slot).await;
     client
@@ -374,5 +293,91 @@ async fn a_crash_before_the_chain_restart_still_restarts_it_on_a_restored_databa
         }
     })
     .await;
-    walsweep.terminate();
+    assert!(walsweep.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_while_walsweep_is_stopped_is_a_lost_slot_not_a_first_start() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let slot = "dropped";
+    let client = pg.client("app").await;
+    let running = daemon::start(daemon::config(&pg, &redis, "app", slot, RULES));
+    wait_streaming(&client, slot).await;
+    client
+        .batch_execute("INSERT INTO items VALUES (1, 'seen', '')")
+        .await
+        .expect("insert");
+    wait_for(30, || {
+        let mut conn = conn.clone();
+        async move { daemon::exists(&mut conn, "item:1").await }
+    })
+    .await;
+    running.stop().await;
+
+    // While walsweep is stopped: the slot goes, the app caches a row, and the row changes.
+    pg.psql("app", &format!("SELECT pg_drop_replication_slot('{slot}')"));
+    let _: () = conn.set("itemkey:1", "cached").await.expect("SET");
+    client
+        .batch_execute("UPDATE items SET name = 'changed while the slot was gone' WHERE id = 1")
+        .await
+        .expect("update");
+
+    // on_slot_lost = "fail" (the default): stop, saying what happened and how to recover.
+    let failing = daemon::start(daemon::config(&pg, &redis, "app", slot, RULES));
+    let outcome = tokio::time::timeout(Duration::from_secs(30), failing.task)
+        .await
+        .expect("walsweep stops by itself")
+        .expect("no panic");
+    let message = match outcome {
+        Ok(summary) => panic!("walsweep took the dropped slot for a first start: {summary:?}"),
+        Err(e) => walsweep::telemetry::log::display_chain(&e),
+    };
+    for expected in [
+        "dropped while walsweep was stopped",
+        "on_slot_lost = \"recreate\"",
+        "redis-cli DEL walsweep:app/dropped:source",
+    ] {
+        assert!(
+            message.contains(expected),
+            "{expected:?} missing from: {message}"
+        );
+    }
+    assert!(
+        daemon::exists(&mut conn, "itemkey:1").await,
+        "nothing is cleared when walsweep stops instead"
+    );
+    assert_eq!(
+        pg.psql(
+            "app",
+            &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'")
+        ),
+        "0",
+        "the fail policy creates no slot"
+    );
+
+    // on_slot_lost = "recreate": the new slot, then everything the rules maintain cleared.
+    let mut cfg = daemon::config(&pg, &redis, "app", slot, RULES);
+    cfg.source.on_slot_lost = walsweep::config::SlotLostPolicy::Recreate;
+    let recreated = daemon::start(cfg);
+    wait_streaming(&client, slot).await;
+    wait_for(30, || {
+        let mut conn = conn.clone();
+        async move { !daemon::exists(&mut conn, "itemkey:1").await }
+    })
+    .await;
+    client
+        .batch_execute("INSERT INTO items VALUES (2, 'after the recreation', '')")
+        .await
+        .expect("insert");
+    wait_for(30, || {
+        let mut conn = conn.clone();
+        async move { daemon::exists(&mut conn, "item:2").await }
+    })
+    .await;
+    recreated.stop().await;
 }

@@ -36,6 +36,7 @@ use crate::pg::Lsn;
 use crate::plan::{Plan, Planner};
 use crate::sink::Sink;
 use crate::stream::assembler::Assembler;
+use crate::stream::history::RecordedSource;
 use crate::stream::types::TypeResolver;
 use crate::telemetry::log::display_chain;
 
@@ -96,7 +97,7 @@ where
     let mut sink = sink;
     let mut backoff = Backoff::new(source.reconnect_min(), source.reconnect_max());
     // Setup is retried like streaming: the database or Redis may simply not be up yet.
-    loop {
+    let recorded = loop {
         let prepared = prepare(
             source,
             &params,
@@ -106,7 +107,7 @@ where
             shutdown.clone(),
         );
         match prepared.await {
-            Ok(_) => break,
+            Ok(prepared) => break prepared.recorded,
             Err(PipelineError::Interrupted) => return Ok(RunSummary::default()),
             Err(e) if e.is_retryable() && shutdown.requests() == 0 => {
                 let delay = backoff.next_delay();
@@ -115,7 +116,7 @@ where
             }
             Err(e) => return Err(e),
         }
-    }
+    };
 
     let monitor = tokio::spawn(crate::pipeline::slot_monitor::watch_slot(
         params.clone(),
@@ -131,6 +132,7 @@ where
         sink,
         shutdown,
         warm_up,
+        recorded,
     )
     .await
 }
@@ -146,13 +148,23 @@ pub(crate) async fn prepare<P: Plan, S: Sink<P>>(
     shutdown: Shutdown,
 ) -> Result<Prepared, PipelineError> {
     let pending = sink.pending_recovery().await?;
+    let recorded = sink.recorded_source().await?;
     let mut control = DirectControl {
         sink,
         backoff: Backoff::new(source.reconnect_min(), source.reconnect_max()),
         shutdown,
         plan: std::marker::PhantomData,
     };
-    prepare_source(source, params, tables, warm_up, &mut control, pending).await
+    prepare_source(
+        source,
+        params,
+        tables,
+        warm_up,
+        &mut control,
+        pending,
+        recorded,
+    )
+    .await
 }
 
 /// Streams from a slot this run does not own (a temporary one, or another reader's, never
@@ -169,7 +181,7 @@ where
     S: Sink<PL::Plan>,
 {
     let params = source.connect_params()?;
-    drive(source, params, slot, planner, sink, shutdown, None).await
+    drive(source, params, slot, planner, sink, shutdown, None, None).await
 }
 
 /// The stream task and the sink task of one run, until shutdown or an error no retry fixes.
@@ -182,6 +194,7 @@ async fn drive<PL, S>(
     sink: S,
     shutdown: Shutdown,
     warm_up: Option<WarmUp>,
+    recorded: Option<RecordedSource>,
 ) -> Result<RunSummary, PipelineError>
 where
     PL: Planner,
@@ -205,7 +218,8 @@ where
         sink: report_rx,
         controls_requested: 0,
         unfinished_recovery: None,
-        history: None,
+        history: recorded.as_ref().map(RecordedSource::identity),
+        recorded_position: recorded.map(|r| r.confirmed_lsn).unwrap_or_default(),
         enqueued_lsn: Lsn::ZERO,
         keepalive_lsn: Lsn::ZERO,
         shutdown,

@@ -9,6 +9,7 @@ use crate::pg::Lsn;
 use crate::plan::Plan;
 use crate::sink::{Applied, Recovery, Sink, SinkError};
 use crate::stream::assembler::CommittedTxn;
+use crate::stream::history::RecordedSource;
 use crate::telemetry::log::display_chain;
 use crate::telemetry::metrics as m;
 
@@ -36,6 +37,8 @@ pub(crate) enum Control {
     SlotCreated,
     /// `Sink::end_recovery`.
     EndRecovery,
+    /// `Sink::record_source`.
+    RecordSource(RecordedSource),
 }
 
 impl Control {
@@ -49,6 +52,7 @@ impl Control {
             }
             Control::SlotCreated => sink.slot_created().await,
             Control::EndRecovery => sink.end_recovery().await,
+            Control::RecordSource(source) => sink.record_source(source.clone()).await,
         }
     }
 

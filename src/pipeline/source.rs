@@ -1,10 +1,11 @@
 //! Before streaming: what only a human can fix is checked, and the publication and slot are
 //! created when the config allows it (with the warm-up when the slot is new).
 
-use crate::config::SourceConfig;
+use crate::config::{SlotLostPolicy, SourceConfig};
 use crate::pg::catalog;
 use crate::pg::replication::ConnectParams;
 use crate::sink::Recovery;
+use crate::stream::history::RecordedSource;
 
 use super::recovery::{recreate_slot, SinkControl};
 use super::sink_task::Control;
@@ -16,6 +17,8 @@ use super::PipelineError;
 pub(crate) struct Prepared {
     /// What the warm-up loaded, when it ran.
     pub(crate) warm_up: Option<WarmUpSummary>,
+    /// What an earlier run recorded of the source, when the slot it describes still exists.
+    pub(crate) recorded: Option<RecordedSource>,
 }
 
 /// Checks what only a human can fix, creates the publication and slot when allowed to, and
@@ -30,6 +33,7 @@ pub(crate) async fn prepare_source(
     warm_up: Option<&WarmUp>,
     control: &mut impl SinkControl,
     pending: Recovery,
+    recorded: Option<RecordedSource>,
 ) -> Result<Prepared, PipelineError> {
     let client = catalog::connect(params).await?;
     let wal_level = catalog::wal_level(&client).await?;
@@ -69,7 +73,10 @@ pub(crate) async fn prepare_source(
                 source.slot, slot.plugin, source.slot
             )))
         }
-        Some(_) if pending.is_empty() => Ok(Prepared::default()),
+        Some(_) if pending.is_empty() => Ok(Prepared {
+            warm_up: None,
+            recorded,
+        }),
         Some(_) if pending.load && warm_up.is_some() => {
             // A warm-up died halfway: only a new slot exports a snapshot to load from, and the
             // old slot's changes were never streamed, so the caches are cleared too.
@@ -82,7 +89,10 @@ pub(crate) async fn prepare_source(
             let reason = "an earlier warm-up did not finish; the slot was recreated";
             let (_, loaded) =
                 recreate_slot(control, source, params, steps, warm_up, reason).await?;
-            Ok(Prepared { warm_up: loaded })
+            Ok(Prepared {
+                warm_up: loaded,
+                recorded: None,
+            })
         }
         Some(_) => {
             // The slot was created, but walsweep died before clearing behind it: clear now,
@@ -98,7 +108,37 @@ pub(crate) async fn prepare_source(
                 control.run(Control::SlotCreated).await?;
             }
             control.run(Control::EndRecovery).await?;
-            Ok(Prepared::default())
+            Ok(Prepared {
+                warm_up: None,
+                recorded,
+            })
+        }
+        None if source.create_slot && recorded.is_some() => {
+            // Not a first start: walsweep streamed from this slot before, so whatever changed
+            // since it last ran was never seen.
+            let what = lost_slot_story(source, params, recorded.as_ref());
+            if source.on_slot_lost == SlotLostPolicy::Fail {
+                return Err(PipelineError::Setup(format!(
+                    "{what}. Either set source.on_slot_lost = \"recreate\" (walsweep creates \
+                     the slot and clears every key and dependency set its rules maintain), or \
+                     clear the caches yourself and delete walsweep's record of the slot \
+                     (redis-cli DEL {}) before starting again",
+                    source_record_key(source, params)
+                )));
+            }
+            tracing::error!(slot = %source.slot, "{what}; recreating it and clearing the caches");
+            crate::telemetry::metrics::error("slot_lost");
+            let steps = Recovery {
+                clear: true,
+                restart_chain: true,
+                load: warm_up.is_some(),
+            };
+            let (_, loaded) = recreate_slot(control, source, params, steps, warm_up, &what).await?;
+            crate::telemetry::metrics::slot_recreated();
+            Ok(Prepared {
+                warm_up: loaded,
+                recorded: None,
+            })
         }
         None if source.create_slot => {
             let steps = Recovery {
@@ -110,7 +150,10 @@ pub(crate) async fn prepare_source(
             let reason = "an earlier slot recovery did not finish; the slot was created again";
             let (_, loaded) =
                 recreate_slot(control, source, params, steps, warm_up, reason).await?;
-            Ok(Prepared { warm_up: loaded })
+            Ok(Prepared {
+                warm_up: loaded,
+                recorded: None,
+            })
         }
         None => Err(PipelineError::Setup(format!(
             "replication slot {:?} does not exist and source.create_slot is false; create \
@@ -118,4 +161,34 @@ pub(crate) async fn prepare_source(
             source.slot, source.slot
         ))),
     }
+}
+
+/// Where the Redis sink keeps its record of the source (for the operator's recovery command).
+fn source_record_key(source: &SourceConfig, params: &ConnectParams) -> String {
+    format!(
+        "{}source",
+        crate::sink::redis::state_prefix(&params.dbname(), &source.slot)
+    )
+}
+
+fn lost_slot_story(
+    source: &SourceConfig,
+    params: &ConnectParams,
+    recorded: Option<&RecordedSource>,
+) -> String {
+    let position = recorded
+        .map(|r| {
+            format!(
+                " (it had confirmed up to {} when walsweep last started)",
+                r.confirmed_lsn
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "replication slot {:?} does not exist, but walsweep streamed from it before{position}, \
+         as its record in Redis ({}) says: the slot was dropped while walsweep was stopped, and \
+         the changes made since were never seen, so caches may be stale",
+        source.slot,
+        source_record_key(source, params)
+    )
 }

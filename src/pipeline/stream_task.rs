@@ -16,15 +16,16 @@ use crate::pg::Lsn;
 use crate::plan::Planner;
 use crate::sink::Recovery;
 use crate::stream::assembler::{Assembler, CommittedTxn};
-use crate::stream::history::{self, HistoryCheck, SourceIdentity};
+use crate::stream::history::{self, HistoryCheck, RecordedSource, SourceIdentity};
 use crate::stream::progress::{Progress, StatusReason};
 use crate::stream::types::TypeResolver;
 use crate::telemetry::log::display_chain;
 use crate::telemetry::metrics as m;
 
 use super::backoff::Backoff;
-use super::recovery::{recreate_slot, QueuedControl};
+use super::recovery::{recreate_slot, QueuedControl, SinkControl};
 use super::shutdown::Shutdown;
+use super::sink_task::Control;
 use super::sink_task::{SinkCommand, SinkReport};
 use super::warm_up::WarmUp;
 use super::PipelineError;
@@ -59,6 +60,9 @@ pub(crate) struct Streamer<'a, PL: Planner> {
     /// The server's system and timeline when walsweep last streamed, to tell a database that
     /// was replaced behind the same URL (`crate::stream::history`).
     pub(crate) history: Option<SourceIdentity>,
+    /// The slot's confirmed position an earlier run recorded: what walsweep applied then counts
+    /// as received when checking the server's history.
+    pub(crate) recorded_position: Lsn,
     /// End of the last transaction handed to the sink queue. A reconnect resumes after it, so
     /// nothing reaches the sink twice or out of order while the sink task lives.
     pub(crate) enqueued_lsn: Lsn,
@@ -203,6 +207,7 @@ impl<PL: Planner> Streamer<'_, PL> {
                     .await?;
                 return Ok(SessionEnd::Restart);
             }
+            self.record_source(slot_confirmed).await?;
         }
         let version = conn.server_version_num().unwrap_or(0);
         let confirmed_here = self.sink.borrow().applied_lsn;
@@ -452,7 +457,28 @@ impl<PL: Planner> Streamer<'_, PL> {
         self.enqueued_lsn = Lsn::ZERO;
         self.keepalive_lsn = Lsn::ZERO;
         self.history = None;
+        self.recorded_position = Lsn::ZERO;
         Ok(())
+    }
+
+    /// Keeps, next to the data, which source and slot walsweep streams from, so that a later
+    /// start tells a slot dropped meanwhile from a first start.
+    async fn record_source(&mut self, confirmed_lsn: Lsn) -> Result<(), PipelineError> {
+        let Some(identity) = &self.history else {
+            return Ok(());
+        };
+        let record = RecordedSource {
+            system_id: identity.system_id.clone(),
+            timeline: identity.timeline,
+            confirmed_lsn,
+        };
+        let mut control = QueuedControl {
+            queue: &self.queue,
+            report: &mut self.sink,
+            requested: &mut self.controls_requested,
+            shutdown: self.shutdown.clone(),
+        };
+        control.run(Control::RecordSource(record)).await
     }
 
     /// Compares the server behind the URL with the one walsweep streamed from before; `Some`
@@ -467,7 +493,10 @@ impl<PL: Planner> Streamer<'_, PL> {
             timeline: system.timeline,
             wal_position: system.xlogpos,
         };
-        let position = self.enqueued_lsn.max(self.sink.borrow().applied_lsn);
+        let position = self
+            .enqueued_lsn
+            .max(self.sink.borrow().applied_lsn)
+            .max(self.recorded_position);
         let verdict = match &self.history {
             None => None,
             Some(known) => match history::check(known, &now, position) {

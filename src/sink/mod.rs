@@ -30,6 +30,7 @@ use std::future::Future;
 use crate::pg::Lsn;
 use crate::plan::Plan;
 use crate::stream::assembler::CommittedTxn;
+use crate::stream::history::RecordedSource;
 
 /// What the destination confirmed of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +167,23 @@ pub trait Sink<P: Plan>: Send + 'static {
 
     /// Removes the record once every step is done.
     fn end_recovery(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// The source walsweep streamed from before (`record_source`), if the sink keeps it.
+    fn recorded_source(
+        &mut self,
+    ) -> impl Future<Output = Result<Option<RecordedSource>, SinkError>> + Send {
+        async { Ok(None) }
+    }
+
+    /// Keeps `source` durably: from now on a missing slot is a lost slot, never a first start,
+    /// and another database behind the URL is another history.
+    fn record_source(
+        &mut self,
+        source: RecordedSource,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = source;
         async { Ok(()) }
     }
 }

@@ -17,6 +17,28 @@ pub(crate) struct SourceIdentity {
     pub(crate) wal_position: Lsn,
 }
 
+/// What walsweep keeps of the source between runs (next to the data it maintains, so that a
+/// restarted walsweep tells a lost slot from a first start, and a replaced database from the
+/// one it streamed from).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedSource {
+    pub system_id: String,
+    pub timeline: u32,
+    /// The slot's confirmed position when walsweep last started streaming from it.
+    pub confirmed_lsn: Lsn,
+}
+
+impl RecordedSource {
+    /// As it was last seen: the server's WAL ended no earlier than the confirmed position.
+    pub(crate) fn identity(&self) -> SourceIdentity {
+        SourceIdentity {
+            system_id: self.system_id.clone(),
+            timeline: self.timeline,
+            wal_position: self.confirmed_lsn,
+        }
+    }
+}
+
 /// How the server's history relates to the one walsweep streamed before.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum HistoryCheck {

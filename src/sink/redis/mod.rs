@@ -34,6 +34,7 @@ use crate::plan::txn::TxnPlan;
 use crate::plan::Plan;
 use crate::sink::{Applied, Recovery, Sink, SinkError};
 use crate::stream::assembler::CommittedTxn;
+use crate::stream::history::RecordedSource;
 use crate::telemetry::metrics as m;
 
 const INVALIDATE_DEPS_LUA: &str = include_str!("scripts/invalidate_deps.lua");
@@ -564,6 +565,18 @@ impl Sink<TxnPlan> for RedisSink {
         result
     }
 
+    async fn recorded_source(&mut self) -> Result<Option<RecordedSource>, SinkError> {
+        let result = self.read_source().await;
+        self.observe(&result);
+        result
+    }
+
+    async fn record_source(&mut self, source: RecordedSource) -> Result<(), SinkError> {
+        let result = self.write_source(&source).await;
+        self.observe(&result);
+        result
+    }
+
     async fn apply(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<Applied, SinkError> {
         let result = self
             .apply_txn_plans(batch)
@@ -685,6 +698,18 @@ impl Sink<EffectPlan> for RedisSink {
 
     async fn end_recovery(&mut self) -> Result<(), SinkError> {
         let result = self.delete_recovery().await;
+        self.observe(&result);
+        result
+    }
+
+    async fn recorded_source(&mut self) -> Result<Option<RecordedSource>, SinkError> {
+        let result = self.read_source().await;
+        self.observe(&result);
+        result
+    }
+
+    async fn record_source(&mut self, source: RecordedSource) -> Result<(), SinkError> {
+        let result = self.write_source(&source).await;
         self.observe(&result);
         result
     }
