@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 
-use support::daemon::{self, wait_for, wait_streaming, Process};
+use support::daemon::{self, wait_for, wait_gone, wait_streaming, Process};
 use support::{Postgres, PostgresOptions, Redis};
 
 const SCHEMA: &str = "
@@ -53,6 +53,14 @@ async fn assert_mirror_equals_table(
         "mirror entries without a row remain"
     );
     rows.len()
+}
+
+async fn wait_present(conn: &mut redis::aio::MultiplexedConnection, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon::exists(conn, key).await {
+        assert!(Instant::now() < deadline, "{key} never appeared");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Fills WAL so that LSNs are far ahead of a fresh cluster's.
@@ -119,13 +127,7 @@ async fn writes_after_the_database_is_replaced_behind_the_same_url_are_all_seen(
         .await
         .expect("writes after the move");
     for id in 1..=50 {
-        let key = format!("itemkey:{id}");
-        wait_for(30, || {
-            let mut conn = conn.clone();
-            let key = key.clone();
-            async move { !daemon::exists(&mut conn, &key).await }
-        })
-        .await;
+        wait_gone(&mut conn, &format!("itemkey:{id}"), 30).await;
     }
     wait_for(30, || {
         let mut conn = conn.clone();
@@ -230,7 +232,7 @@ async fn a_crash_before_the_chain_restart_still_restarts_it_on_a_restored_databa
     pg.psql(db, SCHEMA);
     advance_wal(&pg, db);
     let mut redis = Redis::start_persistent();
-    let conn = redis.connection().await;
+    let mut conn = redis.connection().await;
     let slot = "chained";
     let broadcast = "[broadcast]\nstream = \"changes\"\n";
     let text = config_file(
@@ -248,11 +250,7 @@ async fn a_crash_before_the_chain_restart_still_restarts_it_on_a_restored_databa
         .batch_execute("INSERT INTO items VALUES (1, 'old history', '')")
         .await
         .expect("insert");
-    wait_for(30, || {
-        let mut conn = conn.clone();
-        async move { daemon::exists(&mut conn, "changes:last_lsn").await }
-    })
-    .await;
+    wait_present(&mut conn, "changes:last_lsn").await;
     assert!(walsweep.terminate().success());
     drop(client);
 
@@ -312,11 +310,7 @@ async fn a_slot_dropped_while_walsweep_is_stopped_is_a_lost_slot_not_a_first_sta
         .batch_execute("INSERT INTO items VALUES (1, 'seen', '')")
         .await
         .expect("insert");
-    wait_for(30, || {
-        let mut conn = conn.clone();
-        async move { daemon::exists(&mut conn, "item:1").await }
-    })
-    .await;
+    wait_present(&mut conn, "item:1").await;
     running.stop().await;
 
     // While walsweep is stopped: the slot goes, the app caches a row, and the row changes.
@@ -365,19 +359,11 @@ async fn a_slot_dropped_while_walsweep_is_stopped_is_a_lost_slot_not_a_first_sta
     cfg.source.on_slot_lost = walsweep::config::SlotLostPolicy::Recreate;
     let recreated = daemon::start(cfg);
     wait_streaming(&client, slot).await;
-    wait_for(30, || {
-        let mut conn = conn.clone();
-        async move { !daemon::exists(&mut conn, "itemkey:1").await }
-    })
-    .await;
+    wait_gone(&mut conn, "itemkey:1", 30).await;
     client
         .batch_execute("INSERT INTO items VALUES (2, 'after the recreation', '')")
         .await
         .expect("insert");
-    wait_for(30, || {
-        let mut conn = conn.clone();
-        async move { daemon::exists(&mut conn, "item:2").await }
-    })
-    .await;
+    wait_present(&mut conn, "item:2").await;
     recreated.stop().await;
 }

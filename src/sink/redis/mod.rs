@@ -533,6 +533,41 @@ fn count_replies(replies: &[Value], applied: &mut Unlinked) {
     }
 }
 
+/// The `Sink` methods that keep walsweep's own state (`recovery`), the same for every plan type.
+macro_rules! state_hooks {
+    () => {
+        async fn pending_recovery(&mut self) -> Result<Recovery, SinkError> {
+            let result = self.read_recovery().await;
+            self.observe(&result);
+            result
+        }
+
+        async fn begin_recovery(&mut self, steps: Recovery) -> Result<(), SinkError> {
+            let result = self.write_recovery(steps).await;
+            self.observe(&result);
+            result
+        }
+
+        async fn end_recovery(&mut self) -> Result<(), SinkError> {
+            let result = self.delete_recovery().await;
+            self.observe(&result);
+            result
+        }
+
+        async fn recorded_source(&mut self) -> Result<Option<RecordedSource>, SinkError> {
+            let result = self.read_source().await;
+            self.observe(&result);
+            result
+        }
+
+        async fn record_source(&mut self, source: RecordedSource) -> Result<(), SinkError> {
+            let result = self.write_source(&source).await;
+            self.observe(&result);
+            result
+        }
+    };
+}
+
 impl Sink<TxnPlan> for RedisSink {
     async fn reset(&mut self) -> Result<(), SinkError> {
         <Self as Sink<EffectPlan>>::reset(self).await?;
@@ -547,35 +582,7 @@ impl Sink<TxnPlan> for RedisSink {
             .await
     }
 
-    async fn pending_recovery(&mut self) -> Result<Recovery, SinkError> {
-        let result = self.read_recovery().await;
-        self.observe(&result);
-        result
-    }
-
-    async fn begin_recovery(&mut self, steps: Recovery) -> Result<(), SinkError> {
-        let result = self.write_recovery(steps).await;
-        self.observe(&result);
-        result
-    }
-
-    async fn end_recovery(&mut self) -> Result<(), SinkError> {
-        let result = self.delete_recovery().await;
-        self.observe(&result);
-        result
-    }
-
-    async fn recorded_source(&mut self) -> Result<Option<RecordedSource>, SinkError> {
-        let result = self.read_source().await;
-        self.observe(&result);
-        result
-    }
-
-    async fn record_source(&mut self, source: RecordedSource) -> Result<(), SinkError> {
-        let result = self.write_source(&source).await;
-        self.observe(&result);
-        result
-    }
+    state_hooks!();
 
     async fn apply(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<Applied, SinkError> {
         let result = self
@@ -684,35 +691,7 @@ impl RedisSink {
 }
 
 impl Sink<EffectPlan> for RedisSink {
-    async fn pending_recovery(&mut self) -> Result<Recovery, SinkError> {
-        let result = self.read_recovery().await;
-        self.observe(&result);
-        result
-    }
-
-    async fn begin_recovery(&mut self, steps: Recovery) -> Result<(), SinkError> {
-        let result = self.write_recovery(steps).await;
-        self.observe(&result);
-        result
-    }
-
-    async fn end_recovery(&mut self) -> Result<(), SinkError> {
-        let result = self.delete_recovery().await;
-        self.observe(&result);
-        result
-    }
-
-    async fn recorded_source(&mut self) -> Result<Option<RecordedSource>, SinkError> {
-        let result = self.read_source().await;
-        self.observe(&result);
-        result
-    }
-
-    async fn record_source(&mut self, source: RecordedSource) -> Result<(), SinkError> {
-        let result = self.write_source(&source).await;
-        self.observe(&result);
-        result
-    }
+    state_hooks!();
 
     async fn reset(&mut self) -> Result<(), SinkError> {
         if self.reset_plan.is_empty() {
