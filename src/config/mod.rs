@@ -229,9 +229,11 @@ pub struct SourceConfig {
     #[serde(default = "default_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
     /// What to do when the slot is lost (Postgres removed WAL it needed, past
-    /// `max_slot_wal_keep_size`) or dropped: `fail` (default) stops with instructions;
-    /// `recreate` creates a new slot and then clears every key and dependency set the rules
-    /// maintain, the only honest recovery for a cache that missed changes.
+    /// `max_slot_wal_keep_size`), dropped (while walsweep runs, or while it is stopped: its
+    /// record of the source in Redis tells that from a first start), or belongs to another WAL
+    /// history (the database was replaced behind the URL): `fail` (default) stops with
+    /// instructions; `recreate` creates a new slot and then clears every key and dependency set
+    /// the rules maintain, the only honest recovery for a cache that missed changes.
     #[serde(default)]
     pub on_slot_lost: SlotLostPolicy,
     /// When the sink (Redis) has been failing this long, in ms, walsweep closes the replication
