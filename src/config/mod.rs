@@ -187,6 +187,10 @@ impl Default for MatroskaConfig {
 pub struct SourceConfig {
     /// `postgres://user[:password]@host[:port]/database[?sslmode=verify-full&sslrootcert=...]`
     /// or a key=value string. Overridden by the `WALSWEEP_SOURCE_URL` environment variable.
+    /// Settings it leaves out come from the libpq variables (`PGHOST`, `PGPORT`, `PGUSER`,
+    /// `PGDATABASE`, `PGPASSWORD`, `PGSSLMODE`, ...) and the password file, as for psql (see
+    /// `libpq`); without a URL, those alone say where to connect. Several hosts with
+    /// `target_session_attrs=read-write` find the primary after a failover.
     /// Never logged (only host, port and database). TLS for both Postgres connections, as in
     /// libpq: `sslmode` = `disable`, `prefer` (default), `require`, `verify-ca` or
     /// `verify-full`; `sslrootcert` = CA PEM file (default `~/.postgresql/root.crt`, else the
@@ -995,5 +999,32 @@ mod tests {
             .to_string();
         assert!(err.contains("source.url"), "{err}");
         assert!(!err.contains("hunter2"), "password leaked: {err}");
+    }
+
+    #[test]
+    fn without_a_url_the_libpq_variables_say_where_to_connect() {
+        let c = Config::parse("[source]\n").unwrap();
+        let err = c
+            .source
+            .resolve_connection(&|k| (k == "HOME").then(|| "/home/op".into()))
+            .err()
+            .expect("no URL and no PG* variables must fail")
+            .to_string();
+        assert!(
+            err.contains(SOURCE_URL_ENV) && err.contains("PGHOST"),
+            "{err}"
+        );
+        let env = |k: &str| match k {
+            "PGHOST" => Some("db.internal".to_string()),
+            "PGUSER" => Some("walsweep".to_string()),
+            _ => None,
+        };
+        let resolved = c.source.resolve_connection(&env).unwrap();
+        assert_eq!(resolved.params.target(), "db.internal:5432/walsweep");
+        assert!(
+            resolved.describe().contains("host db.internal (PGHOST)"),
+            "{}",
+            resolved.describe()
+        );
     }
 }
