@@ -18,12 +18,15 @@ fn write_config(dir: &tempfile::TempDir, text: &str) -> PathBuf {
 }
 
 fn walsweep(args: &[&str]) -> Output {
-    Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .args(args)
         .env_remove("WALSWEEP_SOURCE_URL")
-        .env_remove("WALSWEEP_REDIS_URL")
-        .output()
-        .expect("run walsweep")
+        .env_remove("WALSWEEP_REDIS_URL");
+    for var in LIBPQ_ENV {
+        command.env_remove(var);
+    }
+    command.output().expect("run walsweep")
 }
 
 fn text(out: &Output) -> String {
@@ -269,4 +272,298 @@ fn explain_prints_effects_and_rejects_bad_rows() {
         "{}",
         text(&out)
     );
+}
+
+/// A password that needs every escape: `:` and `\` in a password file, percent-encoding in a
+/// URL.
+const SCRAM_PASSWORD: &str = "s3:cr\\et-pw";
+
+/// The libpq environment variables walsweep honours; a test sets the ones it means and clears
+/// the rest, so the machine's own never leak in.
+const LIBPQ_ENV: &[&str] = &[
+    "PGHOST",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
+    "PGAPPNAME",
+    "PGCONNECT_TIMEOUT",
+    "PGTARGETSESSIONATTRS",
+];
+
+/// A server where `scram_user` must log in with SCRAM over TCP and may replicate.
+fn scram_server(extra_settings: &[(&str, &str)]) -> Postgres {
+    let pg = Postgres::start_with(support::PostgresOptions {
+        hba_extra: vec!["host all scram_user 127.0.0.1/32 scram-sha-256".into()],
+        password_encryption: Some("scram-sha-256".into()),
+        extra_settings: extra_settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    });
+    // psql runs each statement on its own, so the SET covers the CREATE even on a server
+    // whose default is read-only.
+    pg.psql(
+        "postgres",
+        &format!(
+            "SET default_transaction_read_only = off;
+             CREATE ROLE scram_user LOGIN REPLICATION PASSWORD '{}';",
+            SCRAM_PASSWORD.replace('\'', "''")
+        ),
+    );
+    pg
+}
+
+/// `walsweep <cmd> --config <path>` with exactly `env` of the libpq variables and `HOME`.
+fn walsweep_with_env(
+    cmd: &str,
+    path: &std::path::Path,
+    home: &std::path::Path,
+    env: &[(&str, String)],
+) -> Output {
+    let mut command = Command::new(BIN);
+    command
+        .args([cmd, "--config", path.to_str().unwrap()])
+        .env_remove("WALSWEEP_SOURCE_URL")
+        .env_remove("WALSWEEP_REDIS_URL")
+        .env("HOME", home);
+    for var in LIBPQ_ENV {
+        command.env_remove(var);
+    }
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("run walsweep")
+}
+
+fn source_only_config(dir: &tempfile::TempDir, url: Option<&str>) -> PathBuf {
+    let url = url.map(|u| format!("url = \"{u}\"\n")).unwrap_or_default();
+    write_config(
+        dir,
+        &format!(
+            "[source]\n{url}slot = \"cli\"\npublication = \"pub\"\n[redis]\n\
+             url = \"redis://127.0.0.1:{}/0\"\ntimeout_ms = 200\n",
+            support::scratch::free_port()
+        ),
+    )
+}
+
+#[test]
+fn status_and_check_connect_with_only_libpq_environment_variables() {
+    support::init_tracing();
+    let pg = scram_server(&[]);
+    pg.psql(
+        "postgres",
+        "SELECT 1 FROM pg_create_logical_replication_slot('cli', 'pgoutput')",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = source_only_config(&dir, None);
+    let env = [
+        ("PGHOST", pg.host().to_string()),
+        ("PGPORT", pg.port().to_string()),
+        ("PGUSER", "scram_user".to_string()),
+        ("PGDATABASE", "postgres".to_string()),
+        ("PGPASSWORD", SCRAM_PASSWORD.to_string()),
+        ("PGAPPNAME", "from-pgappname".to_string()),
+    ];
+    let out = walsweep_with_env("status", &path, dir.path(), &env);
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{msg}");
+    assert!(msg.contains("slot cli: inactive"), "{msg}");
+
+    // check says where each setting came from (Redis is down on purpose: only the source
+    // matters here), and never shows the password.
+    let out = walsweep_with_env("check", &path, dir.path(), &env);
+    let msg = text(&out);
+    assert!(!msg.contains("cannot open a SQL connection"), "{msg}");
+    for expected in [
+        &format!("host {} (PGHOST)", pg.host()),
+        &format!("port {} (PGPORT)", pg.port()),
+        "user scram_user (PGUSER)",
+        "database postgres (PGDATABASE)",
+        "password (PGPASSWORD)",
+        "application_name from-pgappname (PGAPPNAME)",
+        "sslmode prefer (default)",
+    ] {
+        assert!(msg.contains(expected), "missing {expected:?} in:\n{msg}");
+    }
+    assert!(!msg.contains(SCRAM_PASSWORD), "{msg}");
+
+    // Without a password anywhere, the error says where one could come from.
+    let out = walsweep_with_env("status", &path, dir.path(), &env[..4]);
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(msg.contains("PGPASSWORD"), "{msg}");
+}
+
+#[test]
+fn status_reads_the_password_from_a_password_file_unless_others_can_read_it() {
+    use std::os::unix::fs::PermissionsExt;
+    support::init_tracing();
+    let pg = scram_server(&[]);
+    pg.psql(
+        "postgres",
+        "SELECT 1 FROM pg_create_logical_replication_slot('cli', 'pgoutput')",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("postgres://scram_user@{}:{}/postgres", pg.host(), pg.port());
+    let path = source_only_config(&dir, Some(&url));
+    let escaped = SCRAM_PASSWORD.replace('\\', "\\\\").replace(':', "\\:");
+    let pgpass = dir.path().join(".pgpass");
+    std::fs::write(
+        &pgpass,
+        format!(
+            "# other servers first: the first matching line wins\n\
+             {host}:1:*:scram_user:wrong-port\n\
+             {host}:{port}:otherdb:scram_user:wrong-db\n\
+             *:{port}:*:scram_user:{escaped}\n\
+             *:*:*:*:too-late\n",
+            host = pg.host(),
+            port = pg.port()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // ~/.pgpass by default.
+    let out = walsweep_with_env("status", &path, dir.path(), &[]);
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{msg}");
+    assert!(msg.contains("slot cli: inactive"), "{msg}");
+
+    // PGPASSFILE names another file.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let moved = elsewhere.path().join("passwords");
+    std::fs::rename(&pgpass, &moved).unwrap();
+    let out = walsweep_with_env(
+        "status",
+        &path,
+        dir.path(),
+        &[("PGPASSFILE", moved.display().to_string())],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // Readable by others: ignored with a warning, as libpq does.
+    std::fs::set_permissions(&moved, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = walsweep_with_env(
+        "status",
+        &path,
+        dir.path(),
+        &[("PGPASSFILE", moved.display().to_string())],
+    );
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(msg.contains("group or world access"), "{msg}");
+    assert!(msg.contains(&moved.display().to_string()), "{msg}");
+    assert!(
+        !msg.contains(SCRAM_PASSWORD) && !msg.contains(&escaped),
+        "{msg}"
+    );
+}
+
+#[test]
+fn the_source_url_beats_libpq_environment_variables() {
+    support::init_tracing();
+    let pg = scram_server(&[]);
+    pg.psql(
+        "postgres",
+        "SELECT 1 FROM pg_create_logical_replication_slot('cli', 'pgoutput')",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "{}?sslmode=disable",
+        pg.url_as("scram_user", SCRAM_PASSWORD, "postgres")
+    );
+    let path = source_only_config(&dir, Some(&url));
+    // Every one of these would make the connection fail if it were used.
+    let dead_port = support::scratch::free_port().to_string();
+    let env = [
+        ("PGHOST", "192.0.2.1".to_string()),
+        ("PGPORT", dead_port),
+        ("PGUSER", "nobody".to_string()),
+        ("PGDATABASE", "nowhere".to_string()),
+        ("PGPASSWORD", "wrong".to_string()),
+        ("PGSSLMODE", "require".to_string()),
+    ];
+    let out = walsweep_with_env("status", &path, dir.path(), &env);
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{msg}");
+    assert!(msg.contains("slot cli: inactive"), "{msg}");
+
+    // The environment fills in only what the URL leaves out.
+    let partial = format!("postgres://{}:{}/postgres", pg.host(), pg.port());
+    let path = source_only_config(&dir, Some(&partial));
+    let env = [
+        ("PGHOST", "192.0.2.1".to_string()),
+        ("PGUSER", "scram_user".to_string()),
+        ("PGPASSWORD", SCRAM_PASSWORD.to_string()),
+    ];
+    let out = walsweep_with_env("status", &path, dir.path(), &env);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[test]
+fn run_skips_a_read_only_first_host_and_streams_from_the_writable_one() {
+    support::init_tracing();
+    let read_only = scram_server(&[("default_transaction_read_only", "on")]);
+    let primary = scram_server(&[]);
+    primary.psql(
+        "postgres",
+        "CREATE TABLE articles (id int PRIMARY KEY, slug text, category text);
+         ALTER TABLE articles REPLICA IDENTITY FULL;
+         CREATE PUBLICATION pub FOR TABLE articles;",
+    );
+    let redis = Redis::start();
+    let url = format!(
+        "postgres://scram_user:{}@{host}:{},{host}:{}/postgres?target_session_attrs=read-write",
+        pg_encode(SCRAM_PASSWORD),
+        read_only.port(),
+        primary.port(),
+        host = primary.host(),
+    );
+    let config = format!(
+        "[source]\nurl = \"{url}\"\nslot = \"cli\"\npublication = \"pub\"\n\
+         create_publication = false\n[redis]\nurl = \"{}\"\n{RULES}",
+        redis.url()
+    );
+    let daemon = support::daemon::Process::start(&config);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while primary.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'walsweep' \
+         AND state = 'streaming'",
+    ) != "1"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "walsweep never streamed from the writable server\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        read_only.psql("postgres", "SELECT count(*) FROM pg_replication_slots"),
+        "0"
+    );
+    let (status, log) = daemon.terminate_with_log();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("read-only"), "{log}");
+    assert!(!log.contains(SCRAM_PASSWORD), "{log}");
+    assert!(!log.contains(&pg_encode(SCRAM_PASSWORD)), "{log}");
+}
+
+/// Percent-encoding for a URL's password.
+fn pg_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }

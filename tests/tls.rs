@@ -149,7 +149,7 @@ fn url(host: &str, pg: &Postgres, query: &str) -> String {
 /// `ConnectParams` the way the daemon gets them: from `source.url` through the config.
 fn params(url: &str, application_name: &str) -> ConnectParams {
     let mut source = SourceConfig::new(url);
-    source.application_name = application_name.into();
+    source.application_name = Some(application_name.into());
     source
         .connect_params()
         .unwrap_or_else(|e| panic!("connect_params: {e}"))
@@ -536,7 +536,7 @@ async fn the_pipeline_streams_over_verify_full() {
     let mut source = SourceConfig::new(verify_full(&pg, &pki.path("ca.pem")));
     source.slot = "tls_slot".into();
     source.publication = "pub".into();
-    source.application_name = "tls-pipeline".into();
+    source.application_name = Some("tls-pipeline".into());
     source.status_interval_ms = 200;
     let (tx, mut applied) = mpsc::unbounded_channel();
     let (shutdown, signal) = pipeline::shutdown_channel();

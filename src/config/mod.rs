@@ -11,6 +11,7 @@ use toml::Spanned;
 
 use crate::pg::replication::ConnectParams;
 
+mod libpq;
 mod mirror;
 pub(crate) mod score;
 pub(crate) mod template;
@@ -186,6 +187,10 @@ impl Default for MatroskaConfig {
 pub struct SourceConfig {
     /// `postgres://user[:password]@host[:port]/database[?sslmode=verify-full&sslrootcert=...]`
     /// or a key=value string. Overridden by the `WALSWEEP_SOURCE_URL` environment variable.
+    /// Settings it leaves out come from the libpq variables (`PGHOST`, `PGPORT`, `PGUSER`,
+    /// `PGDATABASE`, `PGPASSWORD`, `PGSSLMODE`, ...) and the password file, as for psql (see
+    /// `libpq`); without a URL, those alone say where to connect. Several hosts with
+    /// `target_session_attrs=read-write` find the primary after a failover.
     /// Never logged (only host, port and database). TLS for both Postgres connections, as in
     /// libpq: `sslmode` = `disable`, `prefer` (default), `require`, `verify-ca` or
     /// `verify-full`; `sslrootcert` = CA PEM file (default `~/.postgresql/root.crt`, else the
@@ -211,9 +216,10 @@ pub struct SourceConfig {
     /// Default 1000. Keep it well below the server's `wal_sender_timeout` (default 60 s).
     #[serde(default = "default_status_interval_ms")]
     pub status_interval_ms: u64,
-    /// `application_name` of walsweep's connections (shown in `pg_stat_replication`).
-    #[serde(default = "default_application_name")]
-    pub application_name: String,
+    /// `application_name` of walsweep's connections (shown in `pg_stat_replication`). Default:
+    /// the URL's `application_name`, else `PGAPPNAME`, else `walsweep`.
+    #[serde(default)]
+    pub application_name: Option<String>,
     /// Committed transactions that may wait for the sink. When full, walsweep stops reading the
     /// replication socket (Postgres keeps the WAL) until the sink catches up. Default 1024.
     #[serde(default = "default_queue_capacity")]
@@ -331,9 +337,6 @@ fn default_slot() -> String {
 fn default_publication() -> String {
     DEFAULT_PUBLICATION.into()
 }
-fn default_application_name() -> String {
-    DEFAULT_APPLICATION_NAME.into()
-}
 fn default_true() -> bool {
     true
 }
@@ -363,7 +366,7 @@ impl SourceConfig {
             create_slot: true,
             create_publication: true,
             status_interval_ms: DEFAULT_STATUS_INTERVAL_MS,
-            application_name: default_application_name(),
+            application_name: None,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             batch_max_txns: DEFAULT_BATCH_MAX_TXNS,
             reconnect_min_ms: DEFAULT_RECONNECT_MIN_MS,
@@ -386,17 +389,20 @@ impl SourceConfig {
         Duration::from_millis(self.reconnect_max_ms)
     }
 
+    /// The connection settings, from the URL and the process's libpq environment.
     pub fn connect_params(&self) -> Result<ConnectParams, ConfigError> {
-        let url = self.url.as_deref().ok_or_else(|| ConfigError::Invalid {
-            path: None,
-            problems: vec![Problem {
-                key: "source.url".into(),
-                line: None,
-                message: format!(
-                    "no source URL: set source.url or the {SOURCE_URL_ENV} environment variable"
-                ),
-            }],
-        })?;
+        Ok(self
+            .resolve_connection(&|name| std::env::var(name).ok())?
+            .params)
+    }
+
+    /// The connection settings, from the URL and `env` (see `libpq`), and where each came
+    /// from. Reads the certificate files now, so a wrong path stops walsweep at start-up (and
+    /// in `check`) rather than at the first connection; they are read again per connection.
+    pub(crate) fn resolve_connection(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<libpq::Resolved, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: None,
             problems: vec![Problem {
@@ -405,32 +411,36 @@ impl SourceConfig {
                 message,
             }],
         };
-        let (config, tls) = parse_source_url(url).map_err(invalid)?;
-        // Read the certificate files now, so a wrong path stops walsweep at start-up (and in
-        // `check`) rather than at the first connection. They are read again per connection.
-        tls.connector()
+        // Without a URL, walsweep connects as psql would only when the libpq variables say
+        // where to: the defaults alone (localhost as the OS user) are more likely a forgotten
+        // URL than an intent.
+        if self.url.is_none()
+            && LIBPQ_TARGET_ENV
+                .iter()
+                .all(|v| env(v).is_none_or(|v| v.is_empty()))
+        {
+            return Err(invalid(format!(
+                "no source: set source.url, the {SOURCE_URL_ENV} environment variable, or the \
+                 libpq variables ({})",
+                LIBPQ_TARGET_ENV.join(", ")
+            )));
+        }
+        let resolved = libpq::resolve(self.url.as_deref(), self.application_name.as_deref(), env)
+            .map_err(|e| match e {
+            libpq::ResolveError::Invalid(message) => invalid(message),
+            libpq::ResolveError::Tls(source) => ConfigError::SourceTls { source },
+        })?;
+        resolved
+            .params
+            .tls
+            .connector()
             .map_err(|source| ConfigError::SourceTls { source })?;
-        Ok(ConnectParams {
-            config,
-            application_name: self.application_name.clone(),
-            tls,
-        })
+        Ok(resolved)
     }
 }
 
-/// Splits the TLS parameters off a source URL (see `pg::tls`) and parses the rest. Errors
-/// never echo the URL: it may hold a password.
-fn parse_source_url(
-    url: &str,
-) -> Result<(tokio_postgres::Config, crate::pg::tls::TlsSettings), String> {
-    let (tls, rest) = crate::pg::tls::split_conninfo(url).map_err(|e| e.to_string())?;
-    let config = rest.parse().map_err(|_| {
-        "source.url is not a valid Postgres connection string; expected \
-         postgres://user:password@host:port/database"
-            .to_string()
-    })?;
-    Ok((config, tls))
-}
+/// libpq variables that say which server to connect to: one of them (or a URL) is needed.
+const LIBPQ_TARGET_ENV: &[&str] = &["PGHOST", "PGPORT", "PGUSER", "PGDATABASE"];
 
 /// One problem found in a config file.
 #[derive(Debug, Clone, PartialEq)]
@@ -592,8 +602,11 @@ impl Config {
             );
         }
         if let Some(url) = &s.url {
-            if let Err(message) = parse_source_url(url) {
-                problem("source.url", message);
+            // The file alone, without the environment: what the URL itself gets wrong.
+            match libpq::resolve(Some(url), None, &|_| None) {
+                Err(libpq::ResolveError::Invalid(message)) => problem("source.url", message),
+                Err(libpq::ResolveError::Tls(e)) => problem("source.url", e.to_string()),
+                Ok(_) => {}
             }
         }
         match ::redis::Client::open(self.redis.url.as_str()) {
@@ -988,5 +1001,32 @@ mod tests {
             .to_string();
         assert!(err.contains("source.url"), "{err}");
         assert!(!err.contains("hunter2"), "password leaked: {err}");
+    }
+
+    #[test]
+    fn without_a_url_the_libpq_variables_say_where_to_connect() {
+        let c = Config::parse("[source]\n").unwrap();
+        let err = c
+            .source
+            .resolve_connection(&|k| (k == "HOME").then(|| "/home/op".into()))
+            .err()
+            .expect("no URL and no PG* variables must fail")
+            .to_string();
+        assert!(
+            err.contains(SOURCE_URL_ENV) && err.contains("PGHOST"),
+            "{err}"
+        );
+        let env = |k: &str| match k {
+            "PGHOST" => Some("db.internal".to_string()),
+            "PGUSER" => Some("walsweep".to_string()),
+            _ => None,
+        };
+        let resolved = c.source.resolve_connection(&env).unwrap();
+        assert_eq!(resolved.params.target(), "db.internal:5432/walsweep");
+        assert!(
+            resolved.describe().contains("host db.internal (PGHOST)"),
+            "{}",
+            resolved.describe()
+        );
     }
 }

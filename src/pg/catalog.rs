@@ -3,7 +3,8 @@
 
 use tokio_postgres::{Client, NoTls};
 
-use super::replication::{open_transport, quote_ident, ConnectParams, ReplicationError};
+use super::connect::{self, open_transport, Attempt};
+use super::replication::{quote_ident, ConnectParams, ReplicationError};
 use super::Lsn;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +22,19 @@ pub enum CatalogError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The server asked for a password and none was given anywhere.
+    #[error(
+        "cannot open a SQL connection to {target}: the server asks for a password for user \
+         {user:?} and none was given; {hint}"
+    )]
+    NoPassword {
+        target: String,
+        user: String,
+        hint: String,
+    },
+    /// No host of a list would do (see `ReplicationError::NoSuitableHost`).
+    #[error("cannot open a SQL connection")]
+    NoHost(#[source] Box<ReplicationError>),
     #[error("catalog query failed: {what}")]
     Query {
         what: &'static str,
@@ -40,37 +54,88 @@ impl CatalogError {
                 None => true,
             },
             CatalogError::Query { source, .. } => source.is_closed(),
+            CatalogError::NoPassword { .. } => false,
+            CatalogError::NoHost(source) => source.is_retryable(),
         }
     }
 }
 
-/// Opens a SQL connection and drives it on a background task. The socket, and TLS as
-/// `params.tls` says, come from the replication connection's `open_transport`, so both
-/// connections reach the same host with the same TLS; tokio-postgres runs the protocol on top
-/// (hence `NoTls` and `sslmode=disable` here: the stream is already negotiated).
+impl From<ReplicationError> for CatalogError {
+    fn from(source: ReplicationError) -> Self {
+        CatalogError::NoHost(Box::new(source))
+    }
+}
+
+/// Opens a SQL connection and drives it on a background task, on the first host of the list
+/// that is up and the kind `target_session_attrs` asks for. The socket, and TLS as
+/// `params.tls` says, come from `connect::open_transport`, as for the replication connection,
+/// so both reach hosts the same way; tokio-postgres runs the protocol on top (hence `NoTls`
+/// and `sslmode=disable` here: the stream is already negotiated).
 pub async fn connect(params: &ConnectParams) -> Result<Client, CatalogError> {
-    let mut config = params.config.clone();
-    config.application_name(format!("{}-catalog", params.application_name));
-    config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-    let transport = open_transport(params)
-        .await
-        .map_err(|source| CatalogError::Open {
-            target: params.target(),
-            source: Box::new(source),
-        })?;
-    let (client, connection) = config
-        .connect_raw(transport, NoTls)
-        .await
-        .map_err(|source| CatalogError::Connect {
-            target: params.target(),
-            source,
-        })?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(error = %err, "catalog connection ended");
+    connect::first_acceptable(params, |endpoint| async move {
+        let target = params.target_of(&endpoint);
+        let mut config = params.config.clone();
+        config.application_name(format!("{}-catalog", params.application_name));
+        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        config.user(params.user());
+        config.dbname(params.dbname());
+        // tokio-postgres asks for the password only up front: give it the one the password
+        // file has for this host, if any.
+        let password = params.password_for(&endpoint);
+        if let Some(password) = &password {
+            config.password(password.clone());
         }
-    });
-    Ok(client)
+        let transport =
+            open_transport(params, &endpoint)
+                .await
+                .map_err(|source| CatalogError::Open {
+                    target: target.clone(),
+                    source: Box::new(source),
+                })?;
+        let (client, connection) = match config.connect_raw(transport, NoTls).await {
+            Ok(pair) => pair,
+            // tokio-postgres says only "password missing" (an error without a kind to match);
+            // say where one could come from.
+            Err(source)
+                if password.is_none()
+                    && source.as_db_error().is_none()
+                    && crate::telemetry::log::display_chain(&source)
+                        .contains("password missing") =>
+            {
+                return Err(CatalogError::NoPassword {
+                    target,
+                    user: params.user(),
+                    hint: params.no_password_hint(),
+                })
+            }
+            Err(source) => return Err(CatalogError::Connect { target, source }),
+        };
+        let reported = connect::reported_read_only(|name| connection.parameter(name));
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "catalog connection ended");
+            }
+        });
+        if !params.checks_session() {
+            return Ok(Attempt::Accepted(client));
+        }
+        let read_only = match reported {
+            Some(read_only) => read_only,
+            None => {
+                let row = client
+                    .query_one("SHOW transaction_read_only", &[])
+                    .await
+                    .map_err(query_err("reading transaction_read_only"))?;
+                row.get::<_, String>(0) == "on"
+            }
+        };
+        Ok(if params.accepts(read_only) {
+            Attempt::Accepted(client)
+        } else {
+            Attempt::WrongSession { read_only }
+        })
+    })
+    .await
 }
 
 fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {

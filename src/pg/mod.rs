@@ -1,8 +1,10 @@
 //! Everything that speaks to Postgres: byte codecs (pure) and the connections that carry them.
 
 pub mod catalog;
+pub(crate) mod connect;
 pub(crate) mod lsn;
 pub mod pgoutput;
+pub(crate) mod pgpass;
 pub mod replication;
 pub(crate) mod tls;
 pub(crate) mod wire;

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
@@ -17,16 +16,13 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use postgres_protocol::message::backend::{self, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_postgres::config::Host;
 
-use super::tls::{self, Negotiated, TlsError, TlsSettings};
+use super::connect::{self, open_transport, Attempt, Endpoint};
+use super::tls::TlsError;
 use super::wire::{self, StandbyStatusUpdate, WireMessage};
 use super::Lsn;
 
 const COPY_BOTH_RESPONSE_TAG: u8 = b'W';
-const DEFAULT_PORT: u16 = 5432;
-const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Any byte stream the protocol can run over (plain TCP, a Unix socket, or TLS later).
 pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -86,6 +82,11 @@ pub enum ReplicationError {
     Closed,
     #[error("unsupported connection setting: {0}")]
     Unsupported(String),
+    #[error(
+        "no Postgres server in the source's host list is {wanted} (target_session_attrs): \
+         {tried}"
+    )]
+    NoSuitableHost { wanted: &'static str, tried: String },
     #[error("malformed replication message")]
     Wire(#[from] wire::WireError),
     #[error(transparent)]
@@ -100,7 +101,9 @@ impl ReplicationError {
             ReplicationError::Connect { .. }
             | ReplicationError::Io(_)
             | ReplicationError::Closed
-            | ReplicationError::UnexpectedMessage { .. } => true,
+            | ReplicationError::UnexpectedMessage { .. }
+            // During a failover, no node may be the primary for a moment.
+            | ReplicationError::NoSuitableHost { .. } => true,
             ReplicationError::Server(e) => is_retryable_sqlstate(&e.sqlstate),
             ReplicationError::Tls(e) => e.is_retryable(),
             ReplicationError::Auth { .. }
@@ -119,6 +122,7 @@ impl ReplicationError {
             ReplicationError::UnexpectedMessage { .. } => "protocol",
             ReplicationError::Closed => "closed",
             ReplicationError::Unsupported(_) => "unsupported",
+            ReplicationError::NoSuitableHost { .. } => "no_suitable_host",
             ReplicationError::Wire(_) => "wire",
             ReplicationError::Tls(_) => "tls",
         }
@@ -196,48 +200,7 @@ enum Incoming {
     CopyBothResponse,
 }
 
-/// Where and as whom to connect, taken from a `postgres://` URL or key=value string.
-#[derive(Clone)]
-pub struct ConnectParams {
-    /// Everything but the TLS parameters (tokio-postgres rejects most of those).
-    pub config: tokio_postgres::Config,
-    pub application_name: String,
-    /// `sslmode`, `sslrootcert`, `sslcert`, `sslkey`: used by both connections.
-    pub tls: TlsSettings,
-}
-
-impl ConnectParams {
-    pub(crate) fn user(&self) -> String {
-        self.config
-            .get_user()
-            .map(str::to_owned)
-            .or_else(|| std::env::var("USER").ok())
-            .unwrap_or_else(|| "postgres".into())
-    }
-
-    pub(crate) fn dbname(&self) -> String {
-        self.config
-            .get_dbname()
-            .map(str::to_owned)
-            .unwrap_or_else(|| self.user())
-    }
-
-    /// `host:port` for messages; never includes the password.
-    pub(crate) fn target(&self) -> String {
-        let host = match self.config.get_hosts().first() {
-            Some(Host::Tcp(h)) => h.clone(),
-            Some(Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".into(),
-        };
-        let port = self
-            .config
-            .get_ports()
-            .first()
-            .copied()
-            .unwrap_or(DEFAULT_PORT);
-        format!("{host}:{port}/{}", self.dbname())
-    }
-}
+pub use super::connect::ConnectParams;
 
 /// An authenticated replication connection (before `START_REPLICATION`).
 pub struct ReplicationConnection {
@@ -251,16 +214,45 @@ pub struct ReplicationConnection {
 pub(crate) type TextRow = Vec<Option<String>>;
 
 impl ReplicationConnection {
-    /// Opens the socket and runs startup and authentication.
+    /// Opens the socket and runs startup and authentication, on the first host of the list
+    /// that is up and the kind `target_session_attrs` asks for.
     pub async fn connect(params: &ConnectParams) -> Result<Self, ReplicationError> {
-        let transport = open_transport(params).await?;
+        connect::first_acceptable(params, |endpoint| async move {
+            let mut conn = Self::connect_to(params, &endpoint).await?;
+            if !params.checks_session() {
+                return Ok(Attempt::Accepted(conn));
+            }
+            let read_only = match connect::reported_read_only(|name| conn.parameter(name)) {
+                Some(read_only) => read_only,
+                None => {
+                    let rows = conn.simple_query("SHOW transaction_read_only").await?;
+                    rows.first()
+                        .and_then(|r| r.first().cloned().flatten())
+                        .as_deref()
+                        == Some("on")
+                }
+            };
+            Ok(if params.accepts(read_only) {
+                Attempt::Accepted(conn)
+            } else {
+                Attempt::WrongSession { read_only }
+            })
+        })
+        .await
+    }
+
+    async fn connect_to(
+        params: &ConnectParams,
+        endpoint: &Endpoint,
+    ) -> Result<Self, ReplicationError> {
+        let transport = open_transport(params, endpoint).await?;
         let mut conn = ReplicationConnection {
             transport,
             read_buf: BytesMut::with_capacity(64 * 1024),
             write_buf: BytesMut::with_capacity(1024),
             parameters: HashMap::new(),
         };
-        conn.startup(params).await?;
+        conn.startup(params, endpoint).await?;
         // A SQL_ASCII database may hold any bytes; converting them to UTF8 fails the walsender
         // on every attempt. Take the bytes as they are (rules treat invalid UTF-8 explicitly).
         if conn.parameter("server_encoding") == Some("SQL_ASCII") {
@@ -290,7 +282,11 @@ impl ReplicationConnection {
         })
     }
 
-    async fn startup(&mut self, params: &ConnectParams) -> Result<(), ReplicationError> {
+    async fn startup(
+        &mut self,
+        params: &ConnectParams,
+        endpoint: &Endpoint,
+    ) -> Result<(), ReplicationError> {
         let user = params.user();
         let dbname = params.dbname();
         // Text values in pgoutput are rendered with the walsender's settings: pin the ones that
@@ -309,7 +305,7 @@ impl ReplicationConnection {
         ];
         frontend::startup_message(startup.iter().copied(), &mut self.write_buf)?;
         self.flush().await?;
-        self.authenticate(params, &user).await?;
+        self.authenticate(params, endpoint, &user).await?;
         loop {
             match self.read_message().await? {
                 Incoming::Message(Message::ParameterStatus(body)) => {
@@ -331,14 +327,20 @@ impl ReplicationConnection {
     async fn authenticate(
         &mut self,
         params: &ConnectParams,
+        endpoint: &Endpoint,
         user: &str,
     ) -> Result<(), ReplicationError> {
-        let password = params.config.get_password();
-        let need_password = || ReplicationError::Auth {
-            user: user.to_string(),
-            reason: "the server asks for a password and the source URL has none \
-                     (add it to the URL or set WALSWEEP_SOURCE_URL)",
-            source: None,
+        // Looked up only when the server asks, so a trusted login never reads the file.
+        let mut password: Option<Option<Vec<u8>>> = None;
+        let mut password = || {
+            password
+                .get_or_insert_with(|| params.password_for(endpoint))
+                .clone()
+                .ok_or_else(|| ReplicationError::Auth {
+                    user: user.to_string(),
+                    reason: "the server asks for a password and none was given",
+                    source: Some(params.no_password_hint().into()),
+                })
         };
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -349,22 +351,22 @@ impl ReplicationConnection {
             match msg {
                 Message::AuthenticationOk => return Ok(()),
                 Message::AuthenticationCleartextPassword => {
-                    let pw = password.ok_or_else(need_password)?;
-                    frontend::password_message(pw, &mut self.write_buf)?;
+                    let pw = password()?;
+                    frontend::password_message(&pw, &mut self.write_buf)?;
                     self.flush().await?;
                 }
                 Message::AuthenticationMd5Password(body) => {
-                    let pw = password.ok_or_else(need_password)?;
+                    let pw = password()?;
                     let hash = postgres_protocol::authentication::md5_hash(
                         user.as_bytes(),
-                        pw,
+                        &pw,
                         body.salt(),
                     );
                     frontend::password_message(hash.as_bytes(), &mut self.write_buf)?;
                     self.flush().await?;
                 }
                 Message::AuthenticationSasl(body) => {
-                    let pw = password.ok_or_else(need_password)?;
+                    let pw = password()?;
                     let mut mechanisms = body.mechanisms();
                     let mut has_scram = false;
                     while let Some(m) = mechanisms.next()? {
@@ -378,7 +380,7 @@ impl ReplicationConnection {
                             source: None,
                         });
                     }
-                    let state = ScramSha256::new(pw, ChannelBinding::unsupported());
+                    let state = ScramSha256::new(&pw, ChannelBinding::unsupported());
                     frontend::sasl_initial_response(
                         SCRAM_SHA_256,
                         state.message(),
@@ -421,7 +423,8 @@ impl ReplicationConnection {
                         return Err(ReplicationError::Auth {
                             user: user.to_string(),
                             reason: "Postgres rejected the login; check the user and password \
-                                     in the source URL and pg_hba.conf",
+                                     (source URL, PGPASSWORD or the password file) and \
+                                     pg_hba.conf",
                             source: Some(err.into()),
                         });
                     }
@@ -644,72 +647,6 @@ fn unexpected(msg: &Incoming, during: &'static str) -> ReplicationError {
             got: "CopyBothResponse",
             during,
         },
-    }
-}
-
-/// Connects to the first host and negotiates TLS as `params.tls` says (TCP only: Unix sockets
-/// never use TLS, as with libpq). The SQL connection (`catalog::connect`) runs over this too,
-/// so both connections always agree on host and TLS.
-pub(crate) async fn open_transport(
-    params: &ConnectParams,
-) -> Result<Box<dyn Transport>, ReplicationError> {
-    let host = params
-        .config
-        .get_hosts()
-        .first()
-        .cloned()
-        .unwrap_or(Host::Tcp("localhost".into()));
-    let port = params
-        .config
-        .get_ports()
-        .first()
-        .copied()
-        .unwrap_or(DEFAULT_PORT);
-    let timeout = params
-        .config
-        .get_connect_timeout()
-        .copied()
-        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-    let connect_err = |source: io::Error| ReplicationError::Connect {
-        target: params.target(),
-        source,
-    };
-    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
-    match host {
-        Host::Tcp(h) => {
-            let stream = tokio::time::timeout(timeout, TcpStream::connect((h.as_str(), port)))
-                .await
-                .map_err(|_| connect_err(timed_out()))?
-                .map_err(connect_err)?;
-            stream.set_nodelay(true).map_err(connect_err)?;
-            let negotiation = params.config.get_ssl_negotiation();
-            let target = params.target();
-            // A server that accepts the connection but never answers must not hang us either.
-            let negotiated = tokio::time::timeout(
-                timeout,
-                tls::negotiate(stream, &params.tls, negotiation, &h, &target),
-            )
-            .await
-            .map_err(|_| {
-                connect_err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "TLS negotiation timed out",
-                ))
-            })??;
-            Ok(match negotiated {
-                Negotiated::Plain(stream) => Box::new(stream),
-                Negotiated::Tls(stream) => Box::new(stream),
-            })
-        }
-        #[cfg(unix)]
-        Host::Unix(dir) => {
-            let path = dir.join(format!(".s.PGSQL.{port}"));
-            let stream = tokio::time::timeout(timeout, tokio::net::UnixStream::connect(path))
-                .await
-                .map_err(|_| connect_err(timed_out()))?
-                .map_err(connect_err)?;
-            Ok(Box::new(stream))
-        }
     }
 }
 

@@ -258,24 +258,33 @@ impl TlsError {
 /// them, for tokio-postgres. Later occurrences win, as in libpq; an empty value means unset.
 /// Text that is not a well-formed connection string is returned unchanged, for tokio-postgres
 /// to reject. Error messages never contain the string (it may hold a password).
+#[cfg(test)]
 pub(crate) fn split_conninfo(conninfo: &str) -> Result<(TlsSettings, String), TlsError> {
+    let (raw, rest) = split_conninfo_raw(conninfo)?;
+    Ok((raw.into_settings()?, rest))
+}
+
+/// `split_conninfo` before validation, so values the string leaves out can still come from
+/// the libpq environment (`PGSSLMODE`, ...).
+pub(crate) fn split_conninfo_raw(conninfo: &str) -> Result<(RawTls, String), TlsError> {
     let mut raw = RawTls::default();
     let rest = if let Some(rest) = split_url(conninfo, &mut raw)? {
         rest
     } else if let Some(rest) = split_key_values(conninfo, &mut raw) {
         rest
     } else {
-        return Ok((TlsSettings::default(), conninfo.to_string()));
+        return Ok((raw, conninfo.to_string()));
     };
-    Ok((raw.into_settings()?, rest))
+    Ok((raw, rest))
 }
 
+/// The TLS parameters as written, `None` where the string has none (or an empty value).
 #[derive(Default)]
-struct RawTls {
-    mode: Option<String>,
-    root_cert: Option<String>,
-    client_cert: Option<String>,
-    client_key: Option<String>,
+pub(crate) struct RawTls {
+    pub(crate) mode: Option<String>,
+    pub(crate) root_cert: Option<String>,
+    pub(crate) client_cert: Option<String>,
+    pub(crate) client_key: Option<String>,
 }
 
 impl RawTls {
@@ -292,7 +301,7 @@ impl RawTls {
         true
     }
 
-    fn into_settings(self) -> Result<TlsSettings, TlsError> {
+    pub(crate) fn into_settings(self) -> Result<TlsSettings, TlsError> {
         let mode = match &self.mode {
             Some(m) => SslMode::parse(m)?,
             None => SslMode::default(),

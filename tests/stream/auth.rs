@@ -8,6 +8,7 @@ fn params(url: &str) -> ConnectParams {
         config: url.parse().expect("url"),
         application_name: "walsweep-test".into(),
         tls: Default::default(),
+        passfile: None,
     }
 }
 
@@ -65,5 +66,6 @@ async fn scram_and_md5_users_connect_and_a_wrong_password_is_clear() {
     .await
     .err()
     .expect("missing password must fail");
-    assert!(err.to_string().contains("has none"), "{err}");
+    assert!(err.to_string().contains("none was given"), "{err}");
+    assert!(display_chain(&err).contains("set PGPASSWORD"), "{err}");
 }

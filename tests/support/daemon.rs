@@ -74,6 +74,18 @@ impl Process {
             .env("RUST_LOG", "walsweep=debug")
             .env_remove(walsweep::config::SOURCE_URL_ENV)
             .env_remove(walsweep::config::REDIS_URL_ENV)
+            // The config says everything; the machine's libpq settings must not leak in.
+            .env_remove("PGHOST")
+            .env_remove("PGPORT")
+            .env_remove("PGUSER")
+            .env_remove("PGDATABASE")
+            .env_remove("PGPASSWORD")
+            .env_remove("PGPASSFILE")
+            .env_remove("PGSSLMODE")
+            .env_remove("PGSSLROOTCERT")
+            .env_remove("PGAPPNAME")
+            .env_remove("PGCONNECT_TIMEOUT")
+            .env_remove("PGTARGETSESSIONATTRS")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -87,6 +99,16 @@ impl Process {
 
     /// SIGTERM, then waits (up to 30 s) for the exit.
     pub fn terminate(mut self) -> ExitStatus {
+        self.stop()
+    }
+
+    /// `terminate`, and the whole log (for what the daemon must never print).
+    pub fn terminate_with_log(mut self) -> (ExitStatus, String) {
+        let status = self.stop();
+        (status, self.log())
+    }
+
+    fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("walsweep runs");
         scratch::signal(child.id(), "TERM").expect("kill -TERM walsweep");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -111,6 +133,10 @@ impl Process {
         let mut child = self.child.take().expect("walsweep runs");
         scratch::signal(child.id(), "KILL").expect("kill -KILL walsweep");
         let _ = child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("walsweep.log")).unwrap_or_default()
     }
 
     pub fn log_tail(&self) -> String {

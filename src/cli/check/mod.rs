@@ -42,16 +42,24 @@ pub(crate) fn check_config(config: &Config, report: &mut Report) {
 /// Checks against the live database and Redis.
 pub(crate) async fn check_environment(config: &Config, rules: &Rules, report: &mut Report) {
     check_config(config, report);
-    let params = match config.source.connect_params() {
-        Ok(p) => p,
+    let resolved = match config
+        .source
+        .resolve_connection(&|name| std::env::var(name).ok())
+    {
+        Ok(r) => r,
         Err(e) => {
             report.errors.push(display_chain(&e));
             return;
         }
     };
+    // The URL, the libpq variables and the password file all feed the connection: say which
+    // one each setting came from, so a surprise from the environment is visible.
+    report.notes.push(resolved.describe());
+    let params = resolved.params;
     match catalog::connect(&params).await {
         Err(e) => report.errors.push(format!(
-            "{}; check source.url (or WALSWEEP_SOURCE_URL) and that Postgres is up",
+            "{}; check source.url (or WALSWEEP_SOURCE_URL, or the PG* variables) and that \
+             Postgres is up",
             display_chain(&e)
         )),
         Ok(client) => database::check_database(config, rules, &client, report).await,
