@@ -647,7 +647,9 @@ async fn rediss_with_ca_file_applies_plans_and_a_wrong_ca_fails() {
         .expect("MGET");
     assert_eq!(left, vec![None, None, Some("c".to_string())]);
 
-    // Another CA, or the system store (no ca_file): the handshake fails.
+    // Another CA, or the system store (no ca_file): a configuration error, not an outage,
+    // naming the server, rustls' verdict and the setting to fix.
+    let target = format!("127.0.0.1:{}", redis.port());
     for ca_file in [Some(other.path("other-ca.pem")), None] {
         let bad = redis_config(&redis, ca_file.clone());
         let mut sink = RedisSink::new(&bad, &MatroskaConfig::default()).expect("sink");
@@ -657,10 +659,15 @@ async fn rediss_with_ca_file_applies_plans_and_a_wrong_ca_fails() {
             .err()
             .unwrap_or_else(|| panic!("ca_file {ca_file:?} accepted the server"));
         let message = display_chain(&err);
-        assert!(
-            message.contains("invalid peer certificate") && message.contains("UnknownIssuer"),
-            "{message}"
-        );
+        for needle in [
+            "certificate verification failed",
+            &format!("Redis at {target}"),
+            "invalid peer certificate: UnknownIssuer",
+            "redis.ca_file",
+        ] {
+            assert!(message.contains(needle), "missing {needle:?} in: {message}");
+        }
+        assert!(!err.retryable, "a wrong CA does not fix itself: {message}");
     }
 
     // The readiness probe uses the same client: up with the right CA, down with a wrong one.
@@ -677,6 +684,82 @@ async fn rediss_with_ca_file_applies_plans_and_a_wrong_ca_fails() {
     ));
     wait_until(10, || !walsweep::telemetry::health::redis_up()).await;
     probe.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_certificate_from_another_ca_stops_the_daemon_and_check_names_it() {
+    support::init_tracing();
+    let pki = Pki::new("ca");
+    let other = Pki::new("other-ca");
+    let (cert, key) = pki.server_cert("redis", &["127.0.0.1"]);
+    let redis = Redis::start_tls(&cert, &key, &pki.path("ca.pem"));
+    let pg = Postgres::start();
+    pg.psql(
+        "postgres",
+        "CREATE TABLE items (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE items;",
+    );
+    let target = format!("127.0.0.1:{}", redis.port());
+    let rest = format!(
+        "ca_file = \"{}\"\n[[table]]\nname = \"public.items\"\nkeys = [\"item:{{id}}\"]\n",
+        other.path("other-ca.pem").display()
+    );
+    let needles = [
+        "certificate verification failed".to_string(),
+        format!("Redis at {target}"),
+        "invalid peer certificate: UnknownIssuer".to_string(),
+        "redis.ca_file".to_string(),
+    ];
+
+    // The daemon stops with the message instead of retrying forever.
+    let daemon = support::daemon::start(support::daemon::config(
+        &pg,
+        &redis,
+        "postgres",
+        "tls_redis",
+        &rest,
+    ));
+    let Err(err) = tokio::time::timeout(Duration::from_secs(30), daemon.task)
+        .await
+        .expect("walsweep kept retrying a Redis certificate it cannot verify")
+        .expect("no panic")
+    else {
+        panic!("walsweep must fail");
+    };
+    let message = display_chain(&err);
+    for needle in &needles {
+        assert!(
+            message.contains(needle.as_str()),
+            "missing {needle:?} in: {message}"
+        );
+    }
+
+    // `walsweep check` says the same.
+    let dir = scratch::instance_dir("check-", false);
+    let path = dir.path().join("walsweep.toml");
+    std::fs::write(
+        &path,
+        support::daemon::config_text(&pg, &redis.url(), "postgres", "tls_redis", &rest),
+    )
+    .expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walsweep"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env_remove(walsweep::config::SOURCE_URL_ENV)
+        .env_remove(walsweep::config::REDIS_URL_ENV)
+        .output()
+        .expect("run walsweep check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    for needle in &needles {
+        assert!(
+            text.contains(needle.as_str()),
+            "missing {needle:?} in: {text}"
+        );
+    }
 }
 
 async fn wait_until(secs: u64, cond: impl Fn() -> bool) {
