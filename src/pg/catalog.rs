@@ -1,9 +1,12 @@
 //! Ordinary SQL against the source database (over tokio-postgres): server facts, slot and
 //! publication state, and creating the publication when configured to.
 
-use tokio_postgres::{Client, NoTls};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_postgres::config::{ChannelBinding, SslMode, SslNegotiation};
+use tokio_postgres::{Client, Connection, NoTls};
 
-use super::replication::{open_transport, quote_ident, ConnectParams, ReplicationError};
+use super::channel_binding::{AlreadyTls, EndPoint, RequireRefused, Unbound};
+use super::replication::{open_transport, quote_ident, ConnectParams, ReplicationError, Transport};
 use super::Lsn;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,24 +50,61 @@ impl CatalogError {
 /// Opens a SQL connection and drives it on a background task. The socket, and TLS as
 /// `params.tls` says, come from the replication connection's `open_transport`, so both
 /// connections reach the same host with the same TLS; tokio-postgres runs the protocol on top
-/// (hence `NoTls` and `sslmode=disable` here: the stream is already negotiated).
+/// without negotiating again, and binds SCRAM to the TLS session as `channel_binding` says.
 pub async fn connect(params: &ConnectParams) -> Result<Client, CatalogError> {
     let mut config = params.config.clone();
     config.application_name(format!("{}-catalog", params.application_name));
-    config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-    let transport = open_transport(params)
-        .await
-        .map_err(|source| CatalogError::Open {
-            target: params.target(),
-            source: Box::new(source),
-        })?;
-    let (client, connection) = config
-        .connect_raw(transport, NoTls)
-        .await
-        .map_err(|source| CatalogError::Connect {
-            target: params.target(),
+    let target = params.target();
+    let open_err = |source: ReplicationError| CatalogError::Open {
+        target: target.clone(),
+        source: Box::new(source),
+    };
+    let transport = open_transport(params).await.map_err(open_err)?;
+    let mode = config.get_channel_binding();
+    let binding = EndPoint::of(Transport::as_any(&*transport))
+        .usable(mode, &target)
+        .map_err(|e| open_err(e.into()))?;
+    let connected = match binding {
+        // tokio-postgres binds only on a TLS stream: hand it the negotiated socket as one,
+        // with direct negotiation so it sends no second SSLRequest.
+        Some(end_point) => {
+            config
+                .ssl_mode(SslMode::Require)
+                .ssl_negotiation(SslNegotiation::Direct);
+            spawn(config.connect_raw(transport, AlreadyTls(end_point)).await)
+        }
+        None => {
+            config.ssl_mode(SslMode::Disable);
+            spawn(config.connect_raw(transport, NoTls).await)
+        }
+    };
+    connected.map_err(|source| {
+        // tokio-postgres refuses a login without binding under require, saying only that.
+        if mode == ChannelBinding::Require && source.as_db_error().is_none() {
+            return open_err(
+                RequireRefused {
+                    target: target.clone(),
+                    why: Unbound::NotBound,
+                }
+                .into(),
+            );
+        }
+        CatalogError::Connect {
+            target: target.clone(),
             source,
-        })?;
+        }
+    })
+}
+
+/// Drives a connected client's connection on a background task.
+fn spawn<S, T>(
+    connected: Result<(Client, Connection<S, T>), tokio_postgres::Error>,
+) -> Result<Client, tokio_postgres::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (client, connection) = connected?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(error = %err, "catalog connection ended");

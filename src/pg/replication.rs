@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS};
 use postgres_protocol::message::backend::{self, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::config::Host;
 
+use super::channel_binding::{self, EndPoint, RequireRefused, Unbound};
 use super::tls::{self, Negotiated, TlsError, TlsSettings};
 use super::wire::{self, StandbyStatusUpdate, WireMessage};
 use super::Lsn;
@@ -28,9 +29,17 @@ const COPY_BOTH_RESPONSE_TAG: u8 = b'W';
 const DEFAULT_PORT: u16 = 5432;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Any byte stream the protocol can run over (plain TCP, a Unix socket, or TLS later).
-pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+/// Any byte stream the protocol can run over (plain TCP, a Unix socket, or TLS).
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The concrete stream, for what only a TLS session knows (channel binding data). Call as
+    /// `Transport::as_any(&*boxed)`: on the box itself it would be the box.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
 
 /// Fields of a server `ErrorResponse` that callers act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +99,8 @@ pub enum ReplicationError {
     Wire(#[from] wire::WireError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    ChannelBinding(#[from] RequireRefused),
 }
 
 impl ReplicationError {
@@ -104,6 +115,7 @@ impl ReplicationError {
             ReplicationError::Server(e) => is_retryable_sqlstate(&e.sqlstate),
             ReplicationError::Tls(e) => e.is_retryable(),
             ReplicationError::Auth { .. }
+            | ReplicationError::ChannelBinding(_)
             | ReplicationError::Unsupported(_)
             | ReplicationError::Wire(_) => false,
         }
@@ -115,7 +127,7 @@ impl ReplicationError {
             ReplicationError::Connect { .. } => "connect",
             ReplicationError::Io(_) => "io",
             ReplicationError::Server(_) => "server",
-            ReplicationError::Auth { .. } => "auth",
+            ReplicationError::Auth { .. } | ReplicationError::ChannelBinding(_) => "auth",
             ReplicationError::UnexpectedMessage { .. } => "protocol",
             ReplicationError::Closed => "closed",
             ReplicationError::Unsupported(_) => "unsupported",
@@ -340,6 +352,20 @@ impl ReplicationConnection {
                      (add it to the URL or set WALSWEEP_SOURCE_URL)",
             source: None,
         };
+        let mode = params.config.get_channel_binding();
+        let target = params.target();
+        let binding = EndPoint::of(Transport::as_any(&*self.transport)).usable(mode, &target)?;
+        // channel_binding=require accepts only a login that went through SCRAM-SHA-256-PLUS.
+        let unbound = |why| -> Result<(), ReplicationError> {
+            if mode == tokio_postgres::config::ChannelBinding::Require {
+                return Err(RequireRefused {
+                    target: target.clone(),
+                    why,
+                }
+                .into());
+            }
+            Ok(())
+        };
         let mut scram: Option<ScramSha256> = None;
         loop {
             let msg = match self.read_message().await? {
@@ -347,13 +373,20 @@ impl ReplicationConnection {
                 other => return Err(unexpected(&other, "authenticating")),
             };
             match msg {
-                Message::AuthenticationOk => return Ok(()),
+                Message::AuthenticationOk => {
+                    if scram.is_none() {
+                        unbound(Unbound::NoPassword)?;
+                    }
+                    return Ok(());
+                }
                 Message::AuthenticationCleartextPassword => {
+                    unbound(Unbound::Cleartext)?;
                     let pw = password.ok_or_else(need_password)?;
                     frontend::password_message(pw, &mut self.write_buf)?;
                     self.flush().await?;
                 }
                 Message::AuthenticationMd5Password(body) => {
+                    unbound(Unbound::Md5)?;
                     let pw = password.ok_or_else(need_password)?;
                     let hash = postgres_protocol::authentication::md5_hash(
                         user.as_bytes(),
@@ -367,10 +400,12 @@ impl ReplicationConnection {
                     let pw = password.ok_or_else(need_password)?;
                     let mut mechanisms = body.mechanisms();
                     let mut has_scram = false;
+                    let mut has_scram_plus = false;
                     while let Some(m) = mechanisms.next()? {
                         has_scram |= m == SCRAM_SHA_256;
+                        has_scram_plus |= m == SCRAM_SHA_256_PLUS;
                     }
-                    if !has_scram {
+                    if !has_scram && !has_scram_plus {
                         return Err(ReplicationError::Auth {
                             user: user.to_string(),
                             reason: "the server offers no SASL mechanism walsweep supports \
@@ -378,9 +413,15 @@ impl ReplicationConnection {
                             source: None,
                         });
                     }
-                    let state = ScramSha256::new(pw, ChannelBinding::unsupported());
+                    let (mechanism, binding) = channel_binding::scram_mechanism(
+                        mode,
+                        binding.clone(),
+                        has_scram_plus,
+                        &target,
+                    )?;
+                    let state = ScramSha256::new(pw, binding);
                     frontend::sasl_initial_response(
-                        SCRAM_SHA_256,
+                        mechanism,
                         state.message(),
                         &mut self.write_buf,
                     )?;
