@@ -1,9 +1,12 @@
 //! TLS against private servers with certificates made at test time: both Postgres connections
-//! under every sslmode that matters, the pipeline streaming over verify-full, and `rediss://`
-//! with `[redis] ca_file`.
+//! under every sslmode that matters, SCRAM channel binding, the pipeline streaming over
+//! verify-full, and `rediss://` with `[redis] ca_file` (a certificate that does not verify
+//! stops walsweep).
 //!
 //! The TLS Postgres servers reject every non-TLS connection (`hostnossl ... reject`), so a
 //! successful connection there is a TLS one; `pg_stat_ssl` confirms it from the server side.
+//! The channel binding server (`scram_postgres`) also takes plain SCRAM logins, to show what
+//! `channel_binding=require` refuses.
 
 mod support;
 
@@ -507,6 +510,185 @@ async fn client_certificates_are_sent_with_sslcert_and_sslkey() {
     );
 }
 
+/// A Postgres with TLS (certificate for 127.0.0.1) where `scram_user` logs in with SCRAM over
+/// TLS or plain TCP, `md5_user` with an MD5 password, and `postgres` by trust.
+fn scram_postgres(pki: &Pki) -> Postgres {
+    let (cert, key) = pki.server_cert("pg", &["127.0.0.1"]);
+    let pg = Postgres::start_with(PostgresOptions {
+        extra_settings: vec![
+            ("ssl".into(), "on".into()),
+            ("ssl_cert_file".into(), cert.display().to_string()),
+            ("ssl_key_file".into(), key.display().to_string()),
+        ],
+        hba_extra: vec![
+            "hostssl all scram_user 127.0.0.1/32 scram-sha-256".into(),
+            "host all scram_user 127.0.0.1/32 scram-sha-256".into(),
+            "hostssl all md5_user 127.0.0.1/32 md5".into(),
+        ],
+        password_encryption: Some("scram-sha-256".into()),
+    });
+    pg.psql(
+        "postgres",
+        "CREATE ROLE scram_user LOGIN SUPERUSER REPLICATION PASSWORD 's3cret';
+         SET password_encryption = 'md5';
+         CREATE ROLE md5_user LOGIN REPLICATION PASSWORD 'md5pass';",
+    );
+    pg
+}
+
+fn scram_url(user: &str, password: &str, pg: &Postgres, query: &str) -> String {
+    format!(
+        "postgres://{user}:{password}@127.0.0.1:{}/postgres?{query}",
+        pg.port()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_binding_require_binds_scram_to_tls_and_streams() {
+    support::init_tracing();
+    let pki = Pki::new("ca");
+    let pg = scram_postgres(&pki);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE items (id int PRIMARY KEY, name text);
+         CREATE PUBLICATION pub FOR TABLE items;",
+    );
+    let ca = encode(&pki.path("ca.pem").display().to_string());
+    let require = scram_url(
+        "scram_user",
+        "s3cret",
+        &pg,
+        &format!("sslmode=verify-full&sslrootcert={ca}&channel_binding=require"),
+    );
+
+    // Both connections log in: require refuses anything but SCRAM-SHA-256-PLUS over TLS (see
+    // the refusals below), and the server checks the binding data against its certificate.
+    let mut repl = ReplicationConnection::connect(&params(&require, "cb-require"))
+        .await
+        .unwrap_or_else(|e| panic!("replication with channel binding: {}", display_chain(&e)));
+    repl.identify_system().await.expect("IDENTIFY_SYSTEM");
+    let sql = catalog::connect(&params(&require, "cb-require"))
+        .await
+        .unwrap_or_else(|e| panic!("SQL with channel binding: {}", display_chain(&e)));
+    assert!(backend_uses_tls(&sql, "cb-require").await);
+    assert!(backend_uses_tls(&sql, "cb-require-catalog").await);
+    drop(repl);
+
+    // The daemon streams with it.
+    let mut source = SourceConfig::new(require.clone());
+    source.slot = "cb_slot".into();
+    source.publication = "pub".into();
+    source.application_name = Some("cb-pipeline".into());
+    source.status_interval_ms = 200;
+    let (tx, mut applied) = mpsc::unbounded_channel();
+    let (shutdown, signal) = pipeline::shutdown_channel();
+    let task = tokio::spawn(async move {
+        pipeline::run(
+            &source,
+            &["public.items".to_string()],
+            TouchedRowsPlanner::default(),
+            ChannelSink(tx),
+            signal,
+        )
+        .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sql
+        .query_opt(
+            "SELECT 1 FROM pg_stat_replication WHERE application_name = 'cb-pipeline' \
+             AND state = 'streaming' AND usename = 'scram_user'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_replication")
+        .is_none()
+    {
+        assert!(!task.is_finished(), "pipeline stopped: {:?}", task.await);
+        assert!(Instant::now() < deadline, "never streaming");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pg.psql("postgres", "INSERT INTO items VALUES (7, 'bound')");
+    let txn = tokio::time::timeout(Duration::from_secs(20), applied.recv())
+        .await
+        .expect("no transaction within 20s")
+        .expect("pipeline stopped");
+    assert_eq!(txn.plan.rows.len(), 1);
+    shutdown.request();
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("pipeline did not stop")
+        .expect("pipeline panicked")
+        .unwrap_or_else(|e| panic!("pipeline failed: {}", display_chain(&e)));
+
+    // prefer and disable log in over TLS too, and prefer over plain TCP.
+    for query in [
+        format!("sslmode=verify-full&sslrootcert={ca}&channel_binding=prefer"),
+        format!("sslmode=verify-full&sslrootcert={ca}&channel_binding=disable"),
+        "sslmode=disable&channel_binding=prefer".to_string(),
+        "sslmode=disable".to_string(),
+    ] {
+        let url = scram_url("scram_user", "s3cret", &pg, &query);
+        let mut repl = ReplicationConnection::connect(&params(&url, "cb-other"))
+            .await
+            .unwrap_or_else(|e| panic!("{query}: {}", display_chain(&e)));
+        repl.identify_system().await.expect("IDENTIFY_SYSTEM");
+        catalog::connect(&params(&url, "cb-other"))
+            .await
+            .unwrap_or_else(|e| panic!("{query} SQL: {}", display_chain(&e)));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_binding_require_refuses_what_cannot_bind() {
+    support::init_tracing();
+    let pki = Pki::new("ca");
+    let pg = scram_postgres(&pki);
+    let ca = encode(&pki.path("ca.pem").display().to_string());
+    let tls = format!("sslmode=verify-full&sslrootcert={ca}&channel_binding=require");
+    for (url, says) in [
+        // SCRAM, but without TLS there is nothing to bind to.
+        (
+            scram_url(
+                "scram_user",
+                "s3cret",
+                &pg,
+                "sslmode=disable&channel_binding=require",
+            ),
+            "not TLS",
+        ),
+        // TLS, but an MD5 password cannot bind.
+        (scram_url("md5_user", "md5pass", &pg, &tls), "MD5"),
+        // TLS, but trust lets walsweep in without any exchange to bind.
+        (
+            format!("postgres://postgres@127.0.0.1:{}/postgres?{tls}", pg.port()),
+            "without a password",
+        ),
+    ] {
+        let err = ReplicationConnection::connect(&params(&url, "cb-refused"))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{says}: channel_binding=require accepted"));
+        let message = display_chain(&err);
+        for needle in ["channel_binding=require", "SCRAM-SHA-256-PLUS", says] {
+            assert!(message.contains(needle), "missing {needle:?} in: {message}");
+        }
+        assert!(!message.contains("s3cret") && !message.contains("md5pass"));
+        assert!(!err.is_retryable(), "{message}");
+
+        let err = catalog::connect(&params(&url, "cb-refused"))
+            .await
+            .expect_err("SQL refused too");
+        let message = display_chain(&err);
+        for needle in ["channel_binding=require", "SCRAM-SHA-256-PLUS"] {
+            assert!(
+                message.contains(needle),
+                "missing {needle:?} in SQL: {message}"
+            );
+        }
+        assert!(!err.is_retryable(), "{message}");
+    }
+}
+
 /// Forwards applied transactions to the test.
 struct ChannelSink(mpsc::UnboundedSender<CommittedTxn<TouchedRows>>);
 
@@ -647,7 +829,9 @@ async fn rediss_with_ca_file_applies_plans_and_a_wrong_ca_fails() {
         .expect("MGET");
     assert_eq!(left, vec![None, None, Some("c".to_string())]);
 
-    // Another CA, or the system store (no ca_file): the handshake fails.
+    // Another CA, or the system store (no ca_file): a configuration error, not an outage,
+    // naming the server, rustls' verdict and the setting to fix.
+    let target = format!("127.0.0.1:{}", redis.port());
     for ca_file in [Some(other.path("other-ca.pem")), None] {
         let bad = redis_config(&redis, ca_file.clone());
         let mut sink = RedisSink::new(&bad, &MatroskaConfig::default()).expect("sink");
@@ -657,10 +841,15 @@ async fn rediss_with_ca_file_applies_plans_and_a_wrong_ca_fails() {
             .err()
             .unwrap_or_else(|| panic!("ca_file {ca_file:?} accepted the server"));
         let message = display_chain(&err);
-        assert!(
-            message.contains("invalid peer certificate") && message.contains("UnknownIssuer"),
-            "{message}"
-        );
+        for needle in [
+            "certificate verification failed",
+            &format!("Redis at {target}"),
+            "invalid peer certificate: UnknownIssuer",
+            "redis.ca_file",
+        ] {
+            assert!(message.contains(needle), "missing {needle:?} in: {message}");
+        }
+        assert!(!err.retryable, "a wrong CA does not fix itself: {message}");
     }
 
     // The readiness probe uses the same client: up with the right CA, down with a wrong one.
@@ -677,6 +866,82 @@ async fn rediss_with_ca_file_applies_plans_and_a_wrong_ca_fails() {
     ));
     wait_until(10, || !walsweep::telemetry::health::redis_up()).await;
     probe.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_certificate_from_another_ca_stops_the_daemon_and_check_names_it() {
+    support::init_tracing();
+    let pki = Pki::new("ca");
+    let other = Pki::new("other-ca");
+    let (cert, key) = pki.server_cert("redis", &["127.0.0.1"]);
+    let redis = Redis::start_tls(&cert, &key, &pki.path("ca.pem"));
+    let pg = Postgres::start();
+    pg.psql(
+        "postgres",
+        "CREATE TABLE items (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE items;",
+    );
+    let target = format!("127.0.0.1:{}", redis.port());
+    let rest = format!(
+        "ca_file = \"{}\"\n[[table]]\nname = \"public.items\"\nkeys = [\"item:{{id}}\"]\n",
+        other.path("other-ca.pem").display()
+    );
+    let needles = [
+        "certificate verification failed".to_string(),
+        format!("Redis at {target}"),
+        "invalid peer certificate: UnknownIssuer".to_string(),
+        "redis.ca_file".to_string(),
+    ];
+
+    // The daemon stops with the message instead of retrying forever.
+    let daemon = support::daemon::start(support::daemon::config(
+        &pg,
+        &redis,
+        "postgres",
+        "tls_redis",
+        &rest,
+    ));
+    let Err(err) = tokio::time::timeout(Duration::from_secs(30), daemon.task)
+        .await
+        .expect("walsweep kept retrying a Redis certificate it cannot verify")
+        .expect("no panic")
+    else {
+        panic!("walsweep must fail");
+    };
+    let message = display_chain(&err);
+    for needle in &needles {
+        assert!(
+            message.contains(needle.as_str()),
+            "missing {needle:?} in: {message}"
+        );
+    }
+
+    // `walsweep check` says the same.
+    let dir = scratch::instance_dir("check-", false);
+    let path = dir.path().join("walsweep.toml");
+    std::fs::write(
+        &path,
+        support::daemon::config_text(&pg, &redis.url(), "postgres", "tls_redis", &rest),
+    )
+    .expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walsweep"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env_remove(walsweep::config::SOURCE_URL_ENV)
+        .env_remove(walsweep::config::REDIS_URL_ENV)
+        .output()
+        .expect("run walsweep check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    for needle in &needles {
+        assert!(
+            text.contains(needle.as_str()),
+            "missing {needle:?} in: {text}"
+        );
+    }
 }
 
 async fn wait_until(secs: u64, cond: impl Fn() -> bool) {

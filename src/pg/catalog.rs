@@ -1,10 +1,13 @@
 //! Ordinary SQL against the source database (over tokio-postgres): server facts, slot and
 //! publication state, and creating the publication when configured to.
 
-use tokio_postgres::{Client, NoTls};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_postgres::config::{ChannelBinding, SslMode, SslNegotiation};
+use tokio_postgres::{Client, Connection, NoTls};
 
+use super::channel_binding::{AlreadyTls, EndPoint, RequireRefused, Unbound};
 use super::connect::{self, open_transport, Attempt};
-use super::replication::{quote_ident, ConnectParams, ReplicationError};
+use super::replication::{quote_ident, ConnectParams, ReplicationError, Transport};
 use super::Lsn;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,14 +72,13 @@ impl From<ReplicationError> for CatalogError {
 /// Opens a SQL connection and drives it on a background task, on the first host of the list
 /// that is up and the kind `target_session_attrs` asks for. The socket, and TLS as
 /// `params.tls` says, come from `connect::open_transport`, as for the replication connection,
-/// so both reach hosts the same way; tokio-postgres runs the protocol on top (hence `NoTls`
-/// and `sslmode=disable` here: the stream is already negotiated).
+/// so both reach hosts the same way; tokio-postgres runs the protocol on top without
+/// negotiating again, and binds SCRAM to the TLS session as `channel_binding` says.
 pub async fn connect(params: &ConnectParams) -> Result<Client, CatalogError> {
     connect::first_acceptable(params, |endpoint| async move {
         let target = params.target_of(&endpoint);
         let mut config = params.config.clone();
         config.application_name(format!("{}-catalog", params.application_name));
-        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
         config.user(params.user());
         config.dbname(params.dbname());
         // tokio-postgres asks for the password only up front: give it the one the password
@@ -85,15 +87,31 @@ pub async fn connect(params: &ConnectParams) -> Result<Client, CatalogError> {
         if let Some(password) = &password {
             config.password(password.clone());
         }
-        let transport =
-            open_transport(params, &endpoint)
-                .await
-                .map_err(|source| CatalogError::Open {
-                    target: target.clone(),
-                    source: Box::new(source),
-                })?;
-        let (client, connection) = match config.connect_raw(transport, NoTls).await {
-            Ok(pair) => pair,
+        let open_err = |source: ReplicationError| CatalogError::Open {
+            target: target.clone(),
+            source: Box::new(source),
+        };
+        let transport = open_transport(params, &endpoint).await.map_err(open_err)?;
+        let mode = config.get_channel_binding();
+        let binding = EndPoint::of(Transport::as_any(&*transport))
+            .usable(mode, &target)
+            .map_err(|e| open_err(e.into()))?;
+        let connected = match binding {
+            // tokio-postgres binds only on a TLS stream: hand it the negotiated socket as one,
+            // with direct negotiation so it sends no second SSLRequest.
+            Some(end_point) => {
+                config
+                    .ssl_mode(SslMode::Require)
+                    .ssl_negotiation(SslNegotiation::Direct);
+                spawn(config.connect_raw(transport, AlreadyTls(end_point)).await)
+            }
+            None => {
+                config.ssl_mode(SslMode::Disable);
+                spawn(config.connect_raw(transport, NoTls).await)
+            }
+        };
+        let (client, reported) = match connected {
+            Ok(connected) => connected,
             // tokio-postgres says only "password missing" (an error without a kind to match);
             // say where one could come from.
             Err(source)
@@ -108,14 +126,18 @@ pub async fn connect(params: &ConnectParams) -> Result<Client, CatalogError> {
                     hint: params.no_password_hint(),
                 })
             }
+            // tokio-postgres refuses a login without binding under require, saying only that.
+            Err(source) if mode == ChannelBinding::Require && source.as_db_error().is_none() => {
+                return Err(open_err(
+                    RequireRefused {
+                        target: target.clone(),
+                        why: Unbound::NotBound,
+                    }
+                    .into(),
+                ))
+            }
             Err(source) => return Err(CatalogError::Connect { target, source }),
         };
-        let reported = connect::reported_read_only(|name| connection.parameter(name));
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "catalog connection ended");
-            }
-        });
         if !params.checks_session() {
             return Ok(Attempt::Accepted(client));
         }
@@ -136,6 +158,25 @@ pub async fn connect(params: &ConnectParams) -> Result<Client, CatalogError> {
         })
     })
     .await
+}
+
+/// Drives a connected client's connection on a background task; returns the client and
+/// whether the server reported itself read-only at login (`None`: it did not say).
+fn spawn<S, T>(
+    connected: Result<(Client, Connection<S, T>), tokio_postgres::Error>,
+) -> Result<(Client, Option<bool>), tokio_postgres::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (client, connection) = connected?;
+    let reported = connect::reported_read_only(|name| connection.parameter(name));
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %err, "catalog connection ended");
+        }
+    });
+    Ok((client, reported))
 }
 
 fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {

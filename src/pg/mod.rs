@@ -1,6 +1,7 @@
 //! Everything that speaks to Postgres: byte codecs (pure) and the connections that carry them.
 
 pub mod catalog;
+pub(crate) mod channel_binding;
 pub(crate) mod connect;
 pub(crate) mod lsn;
 pub mod pgoutput;

@@ -12,11 +12,12 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS};
 use postgres_protocol::message::backend::{self, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::channel_binding::{self, EndPoint, RequireRefused, Unbound};
 use super::connect::{self, open_transport, Attempt, Endpoint};
 use super::tls::TlsError;
 use super::wire::{self, StandbyStatusUpdate, WireMessage};
@@ -24,9 +25,17 @@ use super::Lsn;
 
 const COPY_BOTH_RESPONSE_TAG: u8 = b'W';
 
-/// Any byte stream the protocol can run over (plain TCP, a Unix socket, or TLS later).
-pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+/// Any byte stream the protocol can run over (plain TCP, a Unix socket, or TLS).
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The concrete stream, for what only a TLS session knows (channel binding data). Call as
+    /// `Transport::as_any(&*boxed)`: on the box itself it would be the box.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
 
 /// Fields of a server `ErrorResponse` that callers act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +100,8 @@ pub enum ReplicationError {
     Wire(#[from] wire::WireError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    ChannelBinding(#[from] RequireRefused),
 }
 
 impl ReplicationError {
@@ -107,6 +118,7 @@ impl ReplicationError {
             ReplicationError::Server(e) => is_retryable_sqlstate(&e.sqlstate),
             ReplicationError::Tls(e) => e.is_retryable(),
             ReplicationError::Auth { .. }
+            | ReplicationError::ChannelBinding(_)
             | ReplicationError::Unsupported(_)
             | ReplicationError::Wire(_) => false,
         }
@@ -118,7 +130,7 @@ impl ReplicationError {
             ReplicationError::Connect { .. } => "connect",
             ReplicationError::Io(_) => "io",
             ReplicationError::Server(_) => "server",
-            ReplicationError::Auth { .. } => "auth",
+            ReplicationError::Auth { .. } | ReplicationError::ChannelBinding(_) => "auth",
             ReplicationError::UnexpectedMessage { .. } => "protocol",
             ReplicationError::Closed => "closed",
             ReplicationError::Unsupported(_) => "unsupported",
@@ -342,6 +354,20 @@ impl ReplicationConnection {
                     source: Some(params.no_password_hint().into()),
                 })
         };
+        let mode = params.config.get_channel_binding();
+        let target = params.target_of(endpoint);
+        let binding = EndPoint::of(Transport::as_any(&*self.transport)).usable(mode, &target)?;
+        // channel_binding=require accepts only a login that went through SCRAM-SHA-256-PLUS.
+        let unbound = |why| -> Result<(), ReplicationError> {
+            if mode == tokio_postgres::config::ChannelBinding::Require {
+                return Err(RequireRefused {
+                    target: target.clone(),
+                    why,
+                }
+                .into());
+            }
+            Ok(())
+        };
         let mut scram: Option<ScramSha256> = None;
         loop {
             let msg = match self.read_message().await? {
@@ -349,13 +375,20 @@ impl ReplicationConnection {
                 other => return Err(unexpected(&other, "authenticating")),
             };
             match msg {
-                Message::AuthenticationOk => return Ok(()),
+                Message::AuthenticationOk => {
+                    if scram.is_none() {
+                        unbound(Unbound::NoPassword)?;
+                    }
+                    return Ok(());
+                }
                 Message::AuthenticationCleartextPassword => {
+                    unbound(Unbound::Cleartext)?;
                     let pw = password()?;
                     frontend::password_message(&pw, &mut self.write_buf)?;
                     self.flush().await?;
                 }
                 Message::AuthenticationMd5Password(body) => {
+                    unbound(Unbound::Md5)?;
                     let pw = password()?;
                     let hash = postgres_protocol::authentication::md5_hash(
                         user.as_bytes(),
@@ -369,10 +402,12 @@ impl ReplicationConnection {
                     let pw = password()?;
                     let mut mechanisms = body.mechanisms();
                     let mut has_scram = false;
+                    let mut has_scram_plus = false;
                     while let Some(m) = mechanisms.next()? {
                         has_scram |= m == SCRAM_SHA_256;
+                        has_scram_plus |= m == SCRAM_SHA_256_PLUS;
                     }
-                    if !has_scram {
+                    if !has_scram && !has_scram_plus {
                         return Err(ReplicationError::Auth {
                             user: user.to_string(),
                             reason: "the server offers no SASL mechanism walsweep supports \
@@ -380,9 +415,15 @@ impl ReplicationConnection {
                             source: None,
                         });
                     }
-                    let state = ScramSha256::new(&pw, ChannelBinding::unsupported());
+                    let (mechanism, binding) = channel_binding::scram_mechanism(
+                        mode,
+                        binding.clone(),
+                        has_scram_plus,
+                        &target,
+                    )?;
+                    let state = ScramSha256::new(&pw, binding);
                     frontend::sasl_initial_response(
-                        SCRAM_SHA_256,
+                        mechanism,
                         state.message(),
                         &mut self.write_buf,
                     )?;

@@ -22,8 +22,8 @@
 //! stops passive eavesdropping, not an active man in the middle. Use `verify-full`.
 //!
 //! Unix-domain sockets never use TLS (libpq does not either). A failed handshake with `prefer`
-//! is an error, not a silent fallback to plain text. Channel binding (SCRAM-SHA-256-PLUS) is
-//! not offered; SCRAM runs without it.
+//! is an error, not a silent fallback to plain text. SCRAM over the TLS session binds to the
+//! server's certificate as `channel_binding` says (see `channel_binding`).
 
 use std::fmt;
 use std::io;

@@ -1,6 +1,8 @@
-//! The check against the live Redis: it answers PING within `redis.timeout_ms`.
+//! The check against the live Redis: it answers PING within `redis.timeout_ms`, and a TLS
+//! certificate it cannot verify is reported as the daemon would stop on it.
 
 use crate::config::Config;
+use crate::sink::redis::certificate::CertificateRejected;
 use crate::telemetry::log::display_chain;
 
 use super::Report;
@@ -20,9 +22,17 @@ pub(super) async fn check_redis(config: &Config, report: &mut Report) {
     };
     match tokio::time::timeout(timeout, ping).await {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => report.errors.push(format!(
-            "Redis does not answer PING: {e}; check redis.url (or WALSWEEP_REDIS_URL)"
-        )),
+        Ok(Err(e)) => {
+            let target = client.get_connection_info().addr().to_string();
+            report
+                .errors
+                .push(match CertificateRejected::find(&e, Some(target)) {
+                    Some(rejected) => rejected.to_string(),
+                    None => format!(
+                        "Redis does not answer PING: {e}; check redis.url (or WALSWEEP_REDIS_URL)"
+                    ),
+                })
+        }
         Err(_) => report.errors.push(format!(
             "Redis did not answer PING within {} ms; check redis.url (or WALSWEEP_REDIS_URL)",
             config.redis.timeout_ms

@@ -1,7 +1,7 @@
 //! Which Redis failures a retry can fix, and what walsweep says about an error raised by one of
 //! its scripts.
 //!
-//! Retried like an outage: I/O errors, timeouts, dropped connections, and the error replies
+//! Retried like an outage: I/O errors (but a refused TLS certificate, see `certificate`), timeouts, dropped connections, and the error replies
 //! Redis gives while it cannot serve for now (`TRANSIENT_CODES`). An error raised by a script
 //! is none of those: a bug, an argument Redis rejects, a command walsweep's ACL user may not
 //! run, a key of another type. Retrying the same batch fails the same way forever, and Redis
@@ -12,6 +12,7 @@ use std::ops::Range;
 
 use ::redis::{ErrorKind, RedisError};
 
+use super::certificate::CertificateRejected;
 use crate::pg::Lsn;
 use crate::sink::SinkError;
 use crate::telemetry::metrics as m;
@@ -108,6 +109,23 @@ fn retryable(err: &RedisError) -> bool {
 }
 
 pub(crate) fn sink_error(operation: &'static str, err: RedisError) -> SinkError {
+    sink_error_at(operation, None, err)
+}
+
+/// `sink_error` for a request to Redis at `target` (`host:port`), which a refused certificate
+/// names.
+pub(crate) fn sink_error_at(
+    operation: &'static str,
+    target: Option<String>,
+    err: RedisError,
+) -> SinkError {
+    if let Some(rejected) = CertificateRejected::find(&err, target) {
+        return SinkError {
+            operation,
+            retryable: false,
+            source: Box::new(rejected),
+        };
+    }
     SinkError {
         operation,
         retryable: retryable(&err),

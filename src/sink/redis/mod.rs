@@ -13,6 +13,7 @@
 //! So the sink contract's at-least-once delivery is safe here.
 
 pub(crate) mod broadcast;
+pub mod certificate;
 pub(crate) mod errors;
 pub(crate) mod mirror;
 pub mod probe;
@@ -26,7 +27,7 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{ErrorKind, RedisError, Value};
 
 pub(crate) use self::errors::sink_error;
-use self::errors::{script_sink_error, ScriptCalls};
+use self::errors::{script_sink_error, sink_error_at, ScriptCalls};
 use crate::config::template::glob_escape;
 use crate::config::{BroadcastConfig, MatroskaConfig, RedisConfig};
 use crate::plan::rules::{EffectPlan, FallbackCause};
@@ -291,13 +292,18 @@ impl RedisSink {
         self
     }
 
+    /// `host:port` of the Redis server, for messages (never the password).
+    fn target(&self) -> String {
+        self.client.get_connection_info().addr().to_string()
+    }
+
     async fn connection(&mut self) -> Result<ConnectionManager, SinkError> {
         if let Some(c) = &self.connection {
             return Ok(c.clone());
         }
         let c = ConnectionManager::new_with_config(self.client.clone(), self.config.clone())
             .await
-            .map_err(|e| sink_error("connect to Redis", e))?;
+            .map_err(|e| sink_error_at("connect to Redis", Some(self.target()), e))?;
         self.connection = Some(c.clone());
         Ok(c)
     }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::certificate::CertificateRejected;
 use crate::config::RedisConfig;
 
 /// Pings Redis every `interval` so readiness reflects an outage even while no change flows.
@@ -13,6 +14,7 @@ pub async fn probe_redis(redis: RedisConfig, interval: Duration) {
         return;
     };
     let mut connection = None;
+    let mut told = false;
     loop {
         let ping = async {
             if connection.is_none() {
@@ -21,7 +23,19 @@ pub async fn probe_redis(redis: RedisConfig, interval: Duration) {
             let conn = connection.as_mut().expect("set above");
             ::redis::cmd("PING").query_async::<String>(conn).await
         };
-        let up = matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)));
+        let outcome = tokio::time::timeout(timeout, ping).await;
+        let up = matches!(outcome, Ok(Ok(_)));
+        if let Ok(Err(e)) = &outcome {
+            // The sink stops the daemon on this; said once here too, for a probe that runs
+            // before the sink first connects (readiness alone would not say why).
+            let target = client.get_connection_info().addr().to_string();
+            if let Some(rejected) = CertificateRejected::find(e, Some(target)) {
+                if !told {
+                    tracing::error!(error = %rejected, "Redis health probe");
+                    told = true;
+                }
+            }
+        }
         if !up {
             connection = None;
         }
