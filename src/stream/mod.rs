@@ -3,4 +3,5 @@
 
 pub mod assembler;
 pub(crate) mod progress;
+pub(crate) mod streamed;
 pub mod types;
