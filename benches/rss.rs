@@ -19,6 +19,12 @@
 //!   messages. (Not 100 rows x N/100 statements: every statement of a transaction re-reads
 //!   every row version the transaction made so far, which costs Postgres O(N^2 / rows per
 //!   statement): over ten minutes at N = 1M with 100 rows, almost three with 1000.)
+//! - `savepoint-per-row`: the `100keys` rows, each INSERTed in its own subtransaction by a
+//!   PL/pgSQL loop with a `BEGIN ... EXCEPTION` block per row: N subtransactions of one
+//!   transaction, 100 effects; ratio ~1 = flat in the number of subtransactions.
+//! - `truncate-prefix`: N keys `hit:<n>` in a private Redis, then `TRUNCATE hits` (one
+//!   change), drained by the rules planner into the real Redis sink (rule `hit:{page}`): the
+//!   table-wide fallback SCANs and UNLINKs all N keys; ratio ~1 = flat in the number of keys.
 //!
 //! And in two ways of delivery: `streamed` (logical_decoding_work_mem = 64kB, so Postgres
 //! streams the transaction while it is in progress and walsweep holds it in flight) and
@@ -27,9 +33,10 @@
 //!
 //! Run: `cargo bench --bench rss`
 //! Knobs: `WALSWEEP_BENCH_RSS_ROWS` (N, default 1000000), `WALSWEEP_BENCH_RSS_WORKLOADS`
-//! (comma-separated subset of `distinct,100keys,update10k`, default all), `WALSWEEP_BENCH_PLAN`
-//! (`touched`, the default, or `mirror`: the daemon's planner with a JSON mirror of every
-//! table, still into a null sink, to see what a transaction's pending mirror writes cost).
+//! (comma-separated subset of `distinct,100keys,update10k,savepoint-per-row,truncate-prefix`,
+//! default all), `WALSWEEP_BENCH_PLAN` (`touched`, the default, or `mirror`: the daemon's
+//! planner with a JSON mirror of every table, still into a null sink, to see what a
+//! transaction's pending mirror writes cost; `truncate-prefix` always uses its rules).
 
 #[allow(unused_imports)]
 #[path = "../tests/support/mod.rs"]
@@ -44,7 +51,7 @@ use std::time::{Duration, Instant};
 use walsweep::pg::Lsn;
 
 use common::{drain_with_walsweep, env_usize, source, wait_for_flush};
-use support::{Postgres, PostgresOptions};
+use support::{Postgres, PostgresOptions, Redis};
 
 const DB: &str = "bench";
 const SLOT: &str = "rss";
@@ -70,6 +77,15 @@ fn mirror_plan() -> bool {
 const CHILD_ENV: &str = "WALSWEEP_BENCH_RSS_CHILD";
 const CHILD_URL_ENV: &str = "WALSWEEP_BENCH_RSS_URL";
 const CHILD_EXPECT_ENV: &str = "WALSWEEP_BENCH_RSS_EXPECT";
+/// Set for `truncate-prefix`: the Redis the child's sink unlinks from.
+const CHILD_REDIS_ENV: &str = "WALSWEEP_BENCH_RSS_REDIS";
+
+/// `truncate-prefix`: the rule whose table-wide fallback unlinks every `hit:*` key.
+const PREFIX_RULES: &str = r#"
+[[table]]
+name = "public.hits"
+keys = ["hit:{page}"]
+"#;
 
 const SCHEMA: &str = "
 CREATE TABLE items (id int PRIMARY KEY, name text, n int);
@@ -86,6 +102,8 @@ enum Workload {
     Distinct,
     HundredKeys,
     Update10k,
+    SavepointPerRow,
+    TruncatePrefix,
 }
 
 impl Workload {
@@ -94,6 +112,8 @@ impl Workload {
             Workload::Distinct => "distinct",
             Workload::HundredKeys => "100keys",
             Workload::Update10k => "update10k",
+            Workload::SavepointPerRow => "savepoint-per-row",
+            Workload::TruncatePrefix => "truncate-prefix",
         }
     }
 
@@ -110,13 +130,17 @@ impl Workload {
                 let (keys, statements) = Self::update_shape(rows);
                 keys * statements
             }
+            Workload::TruncatePrefix => 1,
             _ => rows,
         }
     }
 
     /// Untimed set-up before the slot is created.
-    fn prepare(self, pg: &Postgres, rows: usize) {
+    fn prepare(self, pg: &Postgres, redis: Option<&Redis>, rows: usize) {
         pg.psql(DB, "TRUNCATE items, hits");
+        if self == Workload::TruncatePrefix {
+            fill_redis(redis.expect("truncate-prefix starts Redis"), rows);
+        }
         if self == Workload::Update10k {
             let (keys, _) = Self::update_shape(rows);
             pg.psql(
@@ -139,6 +163,16 @@ impl Workload {
                 "INSERT INTO hits SELECT g % 100, 'page-' || (g % 100), 0 \
                  FROM generate_series(1, {rows}) g"
             ),
+            // Each BEGIN ... EXCEPTION block is a subtransaction with its own xid.
+            Workload::SavepointPerRow => format!(
+                "DO $$ BEGIN FOR g IN 1..{rows} LOOP \
+                   BEGIN \
+                     INSERT INTO hits VALUES (g % 100, 'page-' || (g % 100), 0); \
+                   EXCEPTION WHEN unique_violation THEN NULL; \
+                   END; \
+                 END LOOP; END $$"
+            ),
+            Workload::TruncatePrefix => "TRUNCATE hits".into(),
             // One DO block is one transaction.
             Workload::Update10k => {
                 let (keys, statements) = Self::update_shape(rows);
@@ -190,6 +224,8 @@ fn main() {
         Workload::Distinct,
         Workload::HundredKeys,
         Workload::Update10k,
+        Workload::SavepointPerRow,
+        Workload::TruncatePrefix,
     ];
     let workloads: Vec<Workload> = match std::env::var("WALSWEEP_BENCH_RSS_WORKLOADS") {
         Ok(list) if !list.trim().is_empty() => list
@@ -214,6 +250,9 @@ fn main() {
     });
     pg.create_database(DB);
     pg.psql(DB, SCHEMA);
+    let redis = workloads
+        .contains(&Workload::TruncatePrefix)
+        .then(Redis::start);
     let version = pg.psql(DB, "SHOW server_version");
     println!(
         "rss: Postgres {version} (private, port {}); each figure is the peak RSS (VmHWM) of a \
@@ -229,7 +268,7 @@ fn main() {
 
     let mut results = Vec::new();
     // The floor: a process that drained a 1-row transaction.
-    let floor = measure(&pg, &DELIVERIES[0], Workload::Distinct, 1);
+    let floor = measure(&pg, None, &DELIVERIES[0], Workload::Distinct, 1);
     report(&DELIVERIES[0], Workload::Distinct, 1, &floor);
     for delivery in &DELIVERIES {
         pg.psql(
@@ -242,7 +281,7 @@ fn main() {
         for &workload in &workloads {
             let mut pair = Vec::new();
             for rows in [small, big] {
-                let m = measure(&pg, delivery, workload, rows);
+                let m = measure(&pg, redis.as_ref(), delivery, workload, rows);
                 report(delivery, workload, rows, &m);
                 pair.push(m.peak_kib);
             }
@@ -282,6 +321,14 @@ fn main() {
                 "  update10k : the same 10000 keyed rows UPDATEd txn_rows/10000 times in one \
                  transaction (10000 effects); ratio ~1 = flat in transaction size."
             ),
+            Workload::SavepointPerRow => println!(
+                "  savepoint-per-row: the 100keys rows, each in its own subtransaction (PL/pgSQL \
+                 EXCEPTION block); ratio ~1 = flat in the number of subtransactions."
+            ),
+            Workload::TruncatePrefix => println!(
+                "  truncate-prefix: txn_rows = keys `hit:<n>` in Redis; TRUNCATE makes the rules \
+                 sink SCAN+UNLINK them all; ratio ~1 = flat in the number of keys."
+            ),
         }
     }
     println!(
@@ -310,8 +357,14 @@ fn report(delivery: &Delivery, workload: Workload, rows: usize, m: &Measured) {
 }
 
 /// Commits the workload's transaction behind a fresh slot and has a child drain it.
-fn measure(pg: &Postgres, delivery: &Delivery, workload: Workload, rows: usize) -> Measured {
-    workload.prepare(pg, rows);
+fn measure(
+    pg: &Postgres,
+    redis: Option<&Redis>,
+    delivery: &Delivery,
+    workload: Workload,
+    rows: usize,
+) -> Measured {
+    workload.prepare(pg, redis, rows);
     pg.psql(
         DB,
         &format!("SELECT pg_create_logical_replication_slot('{SLOT}', 'pgoutput')"),
@@ -330,7 +383,11 @@ fn measure(pg: &Postgres, delivery: &Delivery, workload: Workload, rows: usize) 
     wait_for_flush(|sql| pg.psql(DB, sql), target);
 
     let exe = std::env::current_exe().expect("current_exe");
-    let out = Command::new(&exe)
+    let mut child = Command::new(&exe);
+    if workload == Workload::TruncatePrefix {
+        child.env(CHILD_REDIS_ENV, redis.expect("Redis").url());
+    }
+    let out = child
         .env(CHILD_ENV, "1")
         .env(CHILD_URL_ENV, pg.url(DB))
         .env(CHILD_EXPECT_ENV, workload.changes(rows).to_string())
@@ -364,6 +421,12 @@ fn measure(pg: &Postgres, delivery: &Delivery, workload: Workload, rows: usize) 
         delivery: String::new(),
         written_secs,
     };
+    if workload == Workload::TruncatePrefix {
+        let client = ::redis::Client::open(redis.expect("Redis").url()).expect("Redis client");
+        let mut conn = client.get_connection().expect("Redis connection");
+        let left: u64 = ::redis::cmd("DBSIZE").query(&mut conn).expect("DBSIZE");
+        assert_eq!(left, 0, "TRUNCATE left {left} of {rows} hit:* keys");
+    }
     let measured = Measured {
         delivery: drop_slot(pg),
         ..measured
@@ -422,7 +485,22 @@ fn child() {
     let runtime = common::runtime();
     let startup_kib = proc_status_kib("VmHWM");
     let source = source(&url, SLOT, PUBLICATION);
-    let drained = if mirror_plan() {
+    let drained = if let Ok(redis_url) = std::env::var(CHILD_REDIS_ENV) {
+        let config = walsweep::config::Config::parse(&format!(
+            "[source]\nurl = \"{url}\"\n[redis]\nurl = \"{redis_url}\"\n{PREFIX_RULES}"
+        ))
+        .expect("bench rules");
+        let rules = walsweep::plan::rules::Rules::from_config(&config).expect("rules");
+        let sink = walsweep::sink::redis::RedisSink::new(&config.redis, &config.matroska)
+            .expect("Redis sink");
+        runtime.block_on(common::drain_with(
+            source,
+            walsweep::plan::rules::RulesPlanner::new(rules),
+            sink,
+            expect,
+            Duration::from_secs(600),
+        ))
+    } else if mirror_plan() {
         let config =
             walsweep::config::Config::parse(&format!("[source]\nurl = \"{url}\"\n{MIRRORS}"))
                 .expect("bench mirrors");
@@ -450,4 +528,21 @@ fn child() {
         drained.elapsed.as_secs_f64(),
         drained.max_effects
     );
+}
+
+/// `keys` keys `hit:<n>` (what `TRUNCATE hits` must remove), written in pipelined batches.
+fn fill_redis(redis: &Redis, keys: usize) {
+    let client = ::redis::Client::open(redis.url()).expect("Redis client");
+    let mut conn = client.get_connection().expect("Redis connection");
+    let _: () = ::redis::cmd("FLUSHALL").query(&mut conn).expect("FLUSHALL");
+    for start in (0..keys).step_by(10_000) {
+        let mut pipe = ::redis::pipe();
+        for n in start..(start + 10_000).min(keys) {
+            pipe.cmd("SET")
+                .arg(format!("hit:{n}"))
+                .arg("cached")
+                .ignore();
+        }
+        let _: () = pipe.query(&mut conn).expect("filling Redis");
+    }
 }

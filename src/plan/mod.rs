@@ -102,6 +102,22 @@ pub trait Plan: Default + Send + Sync + 'static {
 
     /// How many distinct effects the plan holds (memory and batch-size accounting).
     fn effect_count(&self) -> usize;
+
+    /// Whether merging `later` into this plan would leave it unchanged: every effect of
+    /// `later` is here already. A streamed transaction then drops `later`'s subtransaction
+    /// segment, which keeps a savepoint per row from holding a plan per row.
+    ///
+    /// Say yes only for parts that are sets (order and repetition mean nothing): the answer is
+    /// also asked of a plan holding just some earlier segments' `absorbing_part`s. `false` is
+    /// always safe.
+    fn absorbs(&self, _later: &Self) -> bool {
+        false
+    }
+
+    /// A copy of the parts `absorbs` looks at (the rest left empty).
+    fn absorbing_part(&self) -> Self {
+        Self::default()
+    }
 }
 
 /// Turns row changes into effects.

@@ -31,6 +31,21 @@ impl Plan for TouchedRows {
     fn effect_count(&self) -> usize {
         self.rows.len() + self.truncated.len() + self.messages.len()
     }
+
+    fn absorbs(&self, later: &Self) -> bool {
+        // Messages are a sequence: each one counts.
+        later.messages.is_empty()
+            && later.rows.is_subset(&self.rows)
+            && later.truncated.is_subset(&self.truncated)
+    }
+
+    fn absorbing_part(&self) -> Self {
+        TouchedRows {
+            rows: self.rows.clone(),
+            truncated: self.truncated.clone(),
+            messages: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]

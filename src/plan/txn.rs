@@ -26,6 +26,21 @@ impl Plan for TxnPlan {
     fn effect_count(&self) -> usize {
         self.invalidate.effect_count() + self.mirror.len() + self.broadcast.len()
     }
+
+    fn absorbs(&self, later: &Self) -> bool {
+        // Mirror writes are ordered (last write wins) and a broadcast lists every change: only
+        // a segment without either can add nothing.
+        later.mirror.len() == 0
+            && later.broadcast.is_empty()
+            && self.invalidate.absorbs(&later.invalidate)
+    }
+
+    fn absorbing_part(&self) -> Self {
+        TxnPlan {
+            invalidate: self.invalidate.absorbing_part(),
+            ..TxnPlan::default()
+        }
+    }
 }
 
 pub struct TxnPlanner {

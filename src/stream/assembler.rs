@@ -2,14 +2,16 @@
 //! hands out committed transactions, in commit order, each carrying its deduplicated plan.
 //!
 //! Nothing leaves here before its commit is decoded. A streamed (in-progress) transaction is
-//! kept as plan segments per subtransaction, so a `StreamAbort` of a subtransaction drops just
-//! its part. Rows are never kept: only what the planner folds them into.
+//! kept as plan segments per subtransaction (`streamed`), so a `StreamAbort` of a
+//! subtransaction drops just its part. Rows are never kept: only what the planner folds them
+//! into.
 
 use std::collections::HashMap;
 
 use crate::pg::pgoutput::{self, DecodeError, Decoder, PgOutput, TupleData, TupleValue};
 use crate::pg::Lsn;
 use crate::plan::{OldRow, Op, Plan, Planner, RelationInfo, RowChange};
+use crate::stream::streamed::StreamedTxn;
 use crate::telemetry::metrics::SKIP_UNDECODABLE_RELATION;
 
 /// A transaction whose commit was decoded, ready for the sink.
@@ -76,6 +78,16 @@ impl<P: Plan> OpenTxn<P> {
         }
     }
 
+    /// A streamed transaction's segments merged in order, as one transaction.
+    fn streamed(xid: u32, txn: StreamedTxn<P>) -> Self {
+        let (plan, change_count) = txn.into_plan();
+        OpenTxn {
+            xid,
+            plan,
+            change_count,
+        }
+    }
+
     /// The committed transaction; Commit, StreamCommit and CommitPrepared all end here.
     fn commit(self, commit_lsn: Lsn, end_lsn: Lsn, commit_time: i64) -> CommittedTxn<P> {
         CommittedTxn {
@@ -85,27 +97,6 @@ impl<P: Plan> OpenTxn<P> {
             commit_time_unix_micros: pgoutput::pg_time_to_unix_micros(commit_time),
             change_count: self.change_count,
             plan: self.plan,
-        }
-    }
-}
-
-/// A streamed transaction: plan segments in arrival order, each owned by one (sub)xid.
-struct StreamedTxn<P> {
-    segments: Vec<(u32, P)>,
-    change_count: u64,
-}
-
-impl<P: Plan> StreamedTxn<P> {
-    /// Its segments merged in order, as one transaction.
-    fn into_open(self, xid: u32) -> OpenTxn<P> {
-        let mut plan = P::default();
-        for (_, segment) in self.segments {
-            plan.merge(segment);
-        }
-        OpenTxn {
-            xid,
-            plan,
-            change_count: self.change_count,
         }
     }
 }
@@ -304,10 +295,7 @@ impl<PL: Planner> Assembler<PL> {
                 self.stream_xid = Some(start.xid);
                 self.streamed
                     .entry(start.xid)
-                    .or_insert_with(|| StreamedTxn {
-                        segments: Vec::new(),
-                        change_count: 0,
-                    });
+                    .or_insert_with(|| StreamedTxn::new(start.xid));
                 Ok(None)
             }
             PgOutput::StreamStop => {
@@ -322,7 +310,7 @@ impl<PL: Planner> Assembler<PL> {
                             message: "StreamCommit",
                             xid: commit.xid,
                         })?;
-                let txn = txn.into_open(commit.xid);
+                let txn = OpenTxn::streamed(commit.xid, txn);
                 Ok(Some(txn.commit(
                     commit.commit_lsn,
                     commit.end_lsn,
@@ -333,7 +321,7 @@ impl<PL: Planner> Assembler<PL> {
                 if abort.xid == abort.subxid {
                     self.streamed.remove(&abort.xid);
                 } else if let Some(txn) = self.streamed.get_mut(&abort.xid) {
-                    txn.segments.retain(|(subxid, _)| *subxid != abort.subxid);
+                    txn.abort(abort.subxid);
                 }
                 Ok(None)
             }
@@ -358,7 +346,7 @@ impl<PL: Planner> Assembler<PL> {
                             xid: prepare.xid,
                         })?;
                 self.prepared
-                    .insert(prepare.gid.to_string(), txn.into_open(prepare.xid));
+                    .insert(prepare.gid.to_string(), OpenTxn::streamed(prepare.xid, txn));
                 Ok(None)
             }
             PgOutput::CommitPrepared(commit) => {
@@ -515,15 +503,7 @@ fn plan_slot<'s, P: Plan>(
                     message,
                     xid: top_xid,
                 })?;
-            let StreamedTxn {
-                segments,
-                change_count,
-            } = txn;
-            if segments.last().map(|(x, _)| *x) != Some(subxid) {
-                segments.push((subxid, P::default()));
-            }
-            let last = segments.len() - 1;
-            Ok((&mut segments[last].1, change_count))
+            Ok(txn.plan_for(subxid))
         }
     }
 }

@@ -4,4 +4,5 @@
 pub mod assembler;
 pub(crate) mod history;
 pub(crate) mod progress;
+pub(crate) mod streamed;
 pub mod types;

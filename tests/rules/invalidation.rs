@@ -32,7 +32,7 @@ const SCOPE_Z: &str = "condition:Article:&category=z&published=True&";
 
 struct Fixture {
     pg: Postgres,
-    _redis: Redis,
+    redis: Redis,
     conn: redis::aio::MultiplexedConnection,
     daemon: super::Daemon,
     markers: i32,
@@ -51,7 +51,7 @@ impl Fixture {
         harness::wait_streaming(&client, slot).await;
         Fixture {
             pg,
-            _redis: redis,
+            redis,
             conn,
             daemon,
             markers: 0,
@@ -401,4 +401,98 @@ async fn a_dependency_key_of_another_type_is_reported_and_left_alone() {
         exists(&mut conn, "cache::rdep::id:article:1").await,
         "sets are kept"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_wide_invalidation_of_many_keys_unlinks_page_by_page() {
+    use futures_util::StreamExt;
+
+    const KEYS: usize = 20_000;
+    const ENTRIES: usize = 5_000;
+    let mut f = Fixture::new("rules_wide_many").await;
+    let mut pipe = redis::pipe();
+    for i in 0..KEYS {
+        pipe.cmd("SET")
+            .arg(format!("article:{i}"))
+            .arg("cached")
+            .ignore();
+    }
+    for i in 0..ENTRIES {
+        pipe.cmd("SADD")
+            .arg(format!("cache::rdep::id:article:{i}"))
+            .arg(format!("cache::data::e{i}"))
+            .ignore();
+        pipe.cmd("SET")
+            .arg(format!("cache::data::e{i}"))
+            .arg("s1")
+            .ignore();
+    }
+    pipe.cmd("SET").arg("unrelated").arg("cached").ignore();
+    let _: () = pipe.query_async(&mut f.conn).await.expect("fill");
+
+    // Every command Redis runs, in order, to see whether removals start before the SCAN ends.
+    let client = redis::Client::open(f.redis.url()).expect("client");
+    let monitor = client.get_async_monitor().await.expect("MONITOR");
+    let log = tokio::spawn(async move {
+        let mut lines: Vec<String> = Vec::new();
+        let mut stream = monitor.into_on_message::<String>();
+        while let Some(line) = stream.next().await {
+            let done = line.contains("\"done-marker\"");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines
+    });
+
+    f.pg.psql("app", "TRUNCATE articles");
+    f.barrier().await;
+    let _: () = redis::cmd("GET")
+        .arg("done-marker")
+        .query_async(&mut f.conn)
+        .await
+        .expect("GET");
+    let lines = tokio::time::timeout(Duration::from_secs(20), log)
+        .await
+        .expect("MONITOR saw the marker")
+        .expect("monitor task");
+
+    for (pattern, expected) in [("article:*", 0), ("cache::data::e*", 0), ("unrelated", 1)] {
+        let left: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut f.conn)
+            .await
+            .expect("KEYS");
+        assert_eq!(
+            left.len(),
+            expected,
+            "keys matching {pattern} after TRUNCATE"
+        );
+    }
+
+    let position = |what: &str, needle: &str, last: bool| {
+        let mut hits = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains(what) && l.contains(needle))
+            .map(|(i, _)| i);
+        let found = if last { hits.next_back() } else { hits.next() };
+        found.unwrap_or_else(|| panic!("no {what} with {needle} in {} commands", lines.len()))
+    };
+    let last_scan = position("\"SCAN\"", "\"article:*\"", true);
+    let first_unlink = position("\"UNLINK\"", "\"article:", false);
+    assert!(
+        first_unlink < last_scan,
+        "keys are unlinked while the SCAN goes on (first UNLINK at {first_unlink}, last SCAN at \
+         {last_scan}), so memory holds one page, not every matching key"
+    );
+    let last_scan = position("\"SCAN\"", "\"cache::rdep::id:article:*\"", true);
+    let first_eval = position("\"EVAL\"", "\"cache::rdep::id:article:", false);
+    assert!(
+        first_eval < last_scan,
+        "dependency sets are invalidated while their SCAN goes on (first EVAL at {first_eval}, \
+         last SCAN at {last_scan})"
+    );
+    f.daemon.stop().await;
 }

@@ -240,3 +240,70 @@ async fn large_transactions_stream_and_apply_once_at_commit() {
     );
     run.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_savepoint_per_row_applies_exactly_the_rows_not_rolled_back() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    let mut run = harness::start(harness::source(&pg, "app", "s_sp"), &[]);
+    let client = pg.client("app").await;
+    harness::wait_streaming(&client, "s_sp").await;
+
+    // Each row in its own subtransaction (an EXCEPTION block), every 7th rolled back after
+    // its INSERT; the whole first loop rolled back to an outer savepoint. Far beyond
+    // logical_decoding_work_mem, so Postgres streams it (and its subtransaction aborts).
+    let each_row = |base: u32| {
+        format!(
+            "DO $$ BEGIN FOR i IN 1..3000 LOOP
+               BEGIN
+                 INSERT INTO items (id, name) VALUES ({base} + i, repeat('s', 200));
+                 IF i % 7 = 0 THEN RAISE EXCEPTION 'skip'; END IF;
+               EXCEPTION WHEN raise_exception THEN NULL;
+               END;
+             END LOOP; END $$;"
+        )
+    };
+    pg.psql(
+        "app",
+        &format!(
+            "BEGIN;
+             SAVEPOINT outer_sp;
+             {}
+             ROLLBACK TO SAVEPOINT outer_sp;
+             {}
+             COMMIT;",
+            each_row(200_000),
+            each_row(100_000)
+        ),
+    );
+    let txn = run.next_txn(60).await;
+    let mut ids: Vec<i64> = txn
+        .plan
+        .changes
+        .iter()
+        .filter_map(|c| match c.new_value("id") {
+            Some(V::T(s)) => s.parse().ok(),
+            _ => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    let expected: Vec<i64> = (1..=3000)
+        .filter(|i| i % 7 != 0)
+        .map(|i| 100_000 + i)
+        .collect();
+    assert_eq!(ids.len(), expected.len());
+    assert_eq!(ids, expected);
+
+    let row = client
+        .query_one(
+            "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = 's_sp'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let stream_txns: i64 = row.get(0);
+    assert!(stream_txns >= 1, "expected a streamed transaction");
+    run.stop().await;
+}

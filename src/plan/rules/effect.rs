@@ -132,6 +132,24 @@ impl Plan for EffectPlan {
     fn effect_count(&self) -> usize {
         self.keys.len() + self.deps.len() + self.key_prefixes.len() + self.dep_prefixes.len()
     }
+
+    fn absorbs(&self, later: &Self) -> bool {
+        // A prefix already here keeps its cause, so only the prefix itself matters.
+        later.keys.is_subset(&self.keys)
+            && later.deps.is_subset(&self.deps)
+            && later
+                .key_prefixes
+                .keys()
+                .all(|p| self.key_prefixes.contains_key(p))
+            && later
+                .dep_prefixes
+                .keys()
+                .all(|p| self.dep_prefixes.contains_key(p))
+    }
+
+    fn absorbing_part(&self) -> Self {
+        self.clone()
+    }
 }
 
 #[cfg(test)]

@@ -379,20 +379,22 @@ impl RedisSink {
         }
         for prefix in dep_prefixes.into_keys() {
             let pattern = format!("{}*", glob_escape(&dep_set_key(&self.prefix, prefix)));
-            let found = self.scan(&mut conn, &pattern).await?;
-            for chunk in found.chunks(SETS_PER_SCRIPT_CALL) {
-                let mut pipe = ::redis::pipe();
-                self.push_invalidate_sets(&mut pipe, chunk);
-                let replies: Vec<Value> = script_round_trip(
-                    "invalidate dependency sets table-wide",
-                    ScriptCalls {
-                        script: INVALIDATE_DEPS_SCRIPT,
-                        at: 0..usize::MAX,
-                    },
-                    pipe.query_async(&mut conn),
-                )
-                .await?;
-                count_replies(&replies, &mut applied);
+            let mut scan = Scan::new(pattern, "scan for a table-wide dependency invalidation");
+            while let Some(page) = scan.next_page(&mut conn).await? {
+                for chunk in page.chunks(SETS_PER_SCRIPT_CALL) {
+                    let mut pipe = ::redis::pipe();
+                    self.push_invalidate_sets(&mut pipe, chunk);
+                    let replies: Vec<Value> = script_round_trip(
+                        "invalidate dependency sets table-wide",
+                        ScriptCalls {
+                            script: INVALIDATE_DEPS_SCRIPT,
+                            at: 0..usize::MAX,
+                        },
+                        pipe.query_async(&mut conn),
+                    )
+                    .await?;
+                    count_replies(&replies, &mut applied);
+                }
             }
         }
         if applied.wrong_type_sets > 0 {
@@ -417,48 +419,67 @@ impl RedisSink {
         cmd.arg(if self.remove_sets { "1" } else { "0" });
     }
 
-    /// UNLINKs every key starting with the literal `prefix` (SCAN in batches); returns how
-    /// many Redis removed. Table-wide invalidations and mirror clears both use it.
+    /// UNLINKs every key starting with the literal `prefix`, one SCAN page at a time, so
+    /// memory stays at one page however many keys match; returns how many Redis removed.
+    /// Table-wide invalidations and mirror clears both use it.
     async fn unlink_prefix(
         &self,
         conn: &mut ConnectionManager,
         prefix: &str,
         operation: &'static str,
     ) -> Result<u64, SinkError> {
-        let pattern = format!("{}*", glob_escape(prefix));
-        let found = self.scan(conn, &pattern).await?;
+        let mut scan = Scan::new(format!("{}*", glob_escape(prefix)), operation);
         let mut unlinked = 0;
-        for chunk in found.chunks(KEYS_PER_COMMAND) {
-            let mut unlink = ::redis::cmd("UNLINK");
-            unlink.arg(chunk);
-            let n: u64 = round_trip(operation, unlink.query_async(conn)).await?;
-            unlinked += n;
+        while let Some(page) = scan.next_page(conn).await? {
+            for chunk in page.chunks(KEYS_PER_COMMAND) {
+                let mut unlink = ::redis::cmd("UNLINK");
+                unlink.arg(chunk);
+                let n: u64 = round_trip(operation, unlink.query_async(conn)).await?;
+                unlinked += n;
+            }
         }
         Ok(unlinked)
     }
+}
 
-    async fn scan(
-        &self,
-        conn: &mut ConnectionManager,
-        pattern: &str,
-    ) -> Result<Vec<String>, SinkError> {
-        let mut cursor: u64 = 0;
-        let mut found = Vec::new();
-        loop {
-            let mut scan = ::redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT);
-            let (next, batch): (u64, Vec<String>) =
-                round_trip("scan for a table-wide invalidation", scan.query_async(conn)).await?;
-            found.extend(batch);
-            if next == 0 {
-                return Ok(found);
-            }
-            cursor = next;
+/// A SCAN over `pattern`, read a page at a time so the caller acts on each page before the
+/// next. Deleting keys mid-scan is fine: SCAN still returns every key present for the whole
+/// scan, and a key it returns twice is UNLINKed twice, which is harmless.
+struct Scan {
+    pattern: String,
+    /// `None` once the server said the scan is complete.
+    cursor: Option<u64>,
+    operation: &'static str,
+}
+
+impl Scan {
+    fn new(pattern: String, operation: &'static str) -> Self {
+        Scan {
+            pattern,
+            cursor: Some(0),
+            operation,
         }
+    }
+
+    /// The next page of matching keys (possibly empty: SCAN filters after it samples), or
+    /// `None` when the scan is done.
+    async fn next_page(
+        &mut self,
+        conn: &mut ConnectionManager,
+    ) -> Result<Option<Vec<String>>, SinkError> {
+        let Some(cursor) = self.cursor else {
+            return Ok(None);
+        };
+        let mut scan = ::redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(&self.pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT);
+        let (next, page): (u64, Vec<String>) =
+            round_trip(self.operation, scan.query_async(conn)).await?;
+        self.cursor = (next != 0).then_some(next);
+        Ok(Some(page))
     }
 }
 
