@@ -163,11 +163,11 @@ pub struct Origin<'a> {
 
 /// The shape of a table, sent before the first change to it and again after any schema change;
 /// tuples that follow are positional against the latest Relation with the same oid.
-#[derive(Debug, Clone, PartialEq)]
 ///
 /// Names are C strings in the database encoding, and a SQL_ASCII database can hold any bytes:
 /// such a relation still decodes, with lossy names and `undecodable` set, so that whoever
 /// follows it decides whether it can be skipped.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Relation<'a> {
     pub(crate) xid: Option<u32>,
     pub oid: u32,
