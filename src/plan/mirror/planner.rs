@@ -190,18 +190,7 @@ fn plan_mirror(
         ));
         plan.push(MirrorOp::Clear { prefixes, cause });
     };
-    // Mirror keys are Postgres text (`python` false), so no zone is ever consulted.
-    let key_of = |side: Side| {
-        render(
-            &mirror.key,
-            change,
-            side,
-            &mirror.type_oids,
-            types,
-            &TimeZone::UTC,
-            false,
-        )
-    };
+    let key_of = |side: Side| render_text(&mirror.key, change, side, mirror, types);
     let old_key = match change.op {
         Op::Update | Op::Delete => key_of(Side::Old),
         _ => Rendered::Absent,
@@ -324,24 +313,8 @@ fn index_member(
     mirror: &BoundMirror,
     types: &TypeRegistry,
 ) -> Result<Option<IndexRemove>, FallbackCause> {
-    let key = render(
-        &index.key,
-        change,
-        side,
-        &mirror.type_oids,
-        types,
-        &TimeZone::UTC,
-        false,
-    );
-    let member = render(
-        &index.member,
-        change,
-        side,
-        &mirror.type_oids,
-        types,
-        &TimeZone::UTC,
-        false,
-    );
+    let key = render_text(&index.key, change, side, mirror, types);
+    let member = render_text(&index.member, change, side, mirror, types);
     match (key, member) {
         (Rendered::Unknown(c), _) | (_, Rendered::Unknown(c)) => Err(c),
         (Rendered::Value(key), Rendered::Value(member)) => Ok(Some(IndexRemove { key, member })),
@@ -458,4 +431,24 @@ fn stored_form(format: MirrorFormat, oid: u32, bytes: &[u8], types: &TypeRegistr
             },
         },
     }
+}
+
+/// Mirror keys, index keys and members render values as Postgres text (not Python's `str()`),
+/// so no time zone is ever consulted.
+fn render_text(
+    template: &BoundTemplate,
+    change: &RowChange<'_>,
+    side: Side,
+    mirror: &BoundMirror,
+    types: &TypeRegistry,
+) -> Rendered {
+    render(
+        template,
+        change,
+        side,
+        &mirror.type_oids,
+        types,
+        &TimeZone::UTC,
+        false,
+    )
 }
