@@ -108,9 +108,11 @@ pub(crate) async fn prepare_source(
                 control.run(Control::SlotCreated).await?;
             }
             control.run(Control::EndRecovery).await?;
+            // A cleared sink starts a new history: positions recorded before mean nothing.
+            let cleared = pending.clear || pending.load;
             Ok(Prepared {
                 warm_up: None,
-                recorded,
+                recorded: recorded.filter(|_| !cleared),
             })
         }
         None if source.create_slot && recorded.is_some() => {
