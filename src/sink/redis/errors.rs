@@ -1,8 +1,9 @@
 //! Which Redis failures a retry can fix, and what walsweep says about an error raised by one of
 //! its scripts.
 //!
-//! Retried like an outage: I/O errors (but a refused TLS certificate, see `certificate`), timeouts, dropped connections, and the error replies
-//! Redis gives while it cannot serve for now (`TRANSIENT_CODES`). An error raised by a script
+//! Retried like an outage: I/O errors (but not a refused TLS certificate, see `certificate`),
+//! timeouts, dropped connections, and the error replies Redis gives while it cannot serve for
+//! now (`TRANSIENT_CODES`). An error raised by a script
 //! is none of those: a bug, an argument Redis rejects, a command walsweep's ACL user may not
 //! run, a key of another type. Retrying the same batch fails the same way forever, and Redis
 //! does not roll back what the script wrote before the error, so walsweep stops instead, with
