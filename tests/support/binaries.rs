@@ -10,6 +10,16 @@ use std::sync::OnceLock;
 
 /// Overrides Postgres discovery: a dir holding `initdb`, `postgres` and `pg_ctl`.
 pub const PG_BINDIR_ENV: &str = "WALSWEEP_PG_BINDIR";
+/// Picks the Postgres major (14..18) the tests run against: the machine's
+/// `/usr/lib/postgresql/<major>/bin` if it has one, else the package `scripts/ensure-pg <major>`
+/// put into [`PG_CACHE_ENV`] (default `/var/cache/walsweep/pg`). `scripts/test-matrix` sets it.
+pub const TEST_PG_ENV: &str = "WALSWEEP_TEST_PG";
+/// Where `scripts/ensure-pg` keeps the per-major packages (`<cache>/<major>/native/bin`).
+pub const PG_CACHE_ENV: &str = "WALSWEEP_PG_CACHE";
+const DEFAULT_PG_CACHE: &str = "/var/cache/walsweep/pg";
+/// Next to the bindir of a `scripts/ensure-pg` package: marks that its binaries need
+/// `LD_LIBRARY_PATH=<bindir>/../lib`.
+const PACKAGE_MARKER: &str = "pg-symlinks.json";
 /// Overrides Redis discovery: path of the `redis-server` executable.
 pub const REDIS_SERVER_ENV: &str = "WALSWEEP_REDIS_SERVER";
 
@@ -19,51 +29,130 @@ const PG_HINT: &str = "Postgres server binaries (initdb, postgres, pg_ctl) not f
 const REDIS_HINT: &str = "redis-server not found: run scripts/ensure-deps or \
                           `apt-get install -y redis-server`";
 
-/// Dir with the Postgres server binaries: `$WALSWEEP_PG_BINDIR`, else `pg_config --bindir`,
-/// else the newest `/usr/lib/postgresql/*/bin`, else the dir of `initdb` found on PATH.
-/// Panics with an install hint when none qualifies.
+/// Dir with the Postgres server binaries: `$WALSWEEP_PG_BINDIR`, else (with
+/// `$WALSWEEP_TEST_PG`) that major's dir, else `pg_config --bindir`, else the newest
+/// `/usr/lib/postgresql/*/bin`, else the dir of `initdb` found on PATH. Panics with an install
+/// hint when none qualifies, or when it is not the major `$WALSWEEP_TEST_PG` asks for.
 pub fn pg_bindir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        if let Some(dir) = std::env::var_os(PG_BINDIR_ENV) {
-            let dir = PathBuf::from(dir);
+        let dir = find_pg_bindir();
+        if let Some(major) = test_pg_major() {
+            let version = pg_version(&dir);
             assert!(
-                has_pg_server_tools(&dir),
-                "{PG_BINDIR_ENV}={} does not contain {PG_SERVER_TOOLS:?}; unset it or fix it \
-                 (scripts/ensure-deps --env prints a working value)",
+                version.contains(&format!("(PostgreSQL) {major}.")),
+                "{TEST_PG_ENV}={major} but {} is {version:?}; unset {PG_BINDIR_ENV} or fix it",
                 dir.display()
             );
-            return dir;
         }
-        pg_config_bindir()
-            .filter(|d| has_pg_server_tools(d))
-            .or_else(newest_debian_bindir)
-            .or_else(|| {
-                // Through symlinks (e.g. /usr/local/bin/initdb -> /usr/lib/postgresql/15/bin),
-                // to land in the dir that also has postgres and pg_ctl.
-                find_on_path("initdb")
-                    .and_then(|p| p.canonicalize().ok())
-                    .and_then(|p| p.parent().map(Path::to_path_buf))
-                    .filter(|d| has_pg_server_tools(d))
-            })
-            .unwrap_or_else(|| panic!("{PG_HINT}"))
+        dir
     })
 }
 
+/// `LD_LIBRARY_PATH` the server binaries need: the `lib/` of a `scripts/ensure-pg` package
+/// (they are not installed system-wide), `None` for the machine's Postgres. Only the server
+/// commands get it: the package's libssl/libz must not leak into other programs.
+pub fn pg_lib_dir() -> Option<&'static Path> {
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = pg_bindir().parent()?;
+        root.join(PACKAGE_MARKER)
+            .is_file()
+            .then(|| root.join("lib"))
+    })
+    .as_deref()
+}
+
+/// `$WALSWEEP_TEST_PG` as a major, validated; `None` when unset or empty.
+pub fn test_pg_major() -> Option<u32> {
+    let raw = std::env::var(TEST_PG_ENV).ok().filter(|v| !v.is_empty())?;
+    match raw.parse::<u32>() {
+        Ok(major @ 14..=18) => Some(major),
+        _ => panic!("{TEST_PG_ENV}={raw}: expected a Postgres major, 14 to 18"),
+    }
+}
+
+/// `postgres --version` of a bindir (with its package's lib dir, if any).
+fn pg_version(bindir: &Path) -> String {
+    let mut cmd = Command::new(bindir.join("postgres"));
+    cmd.arg("--version");
+    if let Some(root) = bindir.parent().filter(|r| r.join(PACKAGE_MARKER).is_file()) {
+        cmd.env("LD_LIBRARY_PATH", root.join("lib"));
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {}/postgres --version: {e}", bindir.display()));
+    assert!(
+        out.status.success(),
+        "{}/postgres --version failed ({}): {}",
+        bindir.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn find_pg_bindir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(PG_BINDIR_ENV) {
+        let dir = PathBuf::from(dir);
+        assert!(
+            has_pg_server_tools(&dir),
+            "{PG_BINDIR_ENV}={} does not contain {PG_SERVER_TOOLS:?}; unset it or fix it \
+                 (scripts/ensure-deps --env prints a working value)",
+            dir.display()
+        );
+        return dir;
+    }
+    if let Some(major) = test_pg_major() {
+        let machine = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
+        if has_pg_server_tools(&machine) {
+            return machine;
+        }
+        let cache = std::env::var_os(PG_CACHE_ENV)
+            .filter(|c| !c.is_empty())
+            .map_or_else(|| PathBuf::from(DEFAULT_PG_CACHE), PathBuf::from);
+        let package = cache.join(major.to_string()).join("native/bin");
+        assert!(
+            has_pg_server_tools(&package),
+            "{TEST_PG_ENV}={major}: no Postgres {major} in {} nor {}: run \
+                 scripts/ensure-pg {major} (fetches it into the cache once)",
+            machine.display(),
+            package.display()
+        );
+        return package;
+    }
+    pg_config_bindir()
+        .filter(|d| has_pg_server_tools(d))
+        .or_else(newest_debian_bindir)
+        .or_else(|| {
+            // Through symlinks (e.g. /usr/local/bin/initdb -> /usr/lib/postgresql/15/bin),
+            // to land in the dir that also has postgres and pg_ctl.
+            find_on_path("initdb")
+                .and_then(|p| p.canonicalize().ok())
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .filter(|d| has_pg_server_tools(d))
+        })
+        .unwrap_or_else(|| panic!("{PG_HINT}"))
+}
+
 /// Path of a Postgres tool (`initdb`, `pg_ctl`, `psql`, ...) in [`pg_bindir`]. `psql` is a
-/// client tool that some layouts keep elsewhere, so it falls back to PATH.
+/// client tool that some layouts keep elsewhere (a `scripts/ensure-pg` package has none), so
+/// it falls back to PATH, then to the newest `/usr/lib/postgresql/*/bin` (clients talk to
+/// every server major).
 pub fn pg_tool(name: &str) -> PathBuf {
     let in_bindir = pg_bindir().join(name);
     if is_executable(&in_bindir) {
         return in_bindir;
     }
-    find_on_path(name).unwrap_or_else(|| {
-        panic!(
-            "{name} not found in {} nor on PATH: run scripts/ensure-deps or \
+    find_on_path(name)
+        .or_else(|| newest_debian_bindir_with(name).map(|d| d.join(name)))
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not found in {} nor on PATH: run scripts/ensure-deps or \
              `apt-get install -y postgresql`",
-            pg_bindir().display()
-        )
-    })
+                pg_bindir().display()
+            )
+        })
 }
 
 /// The `redis-server` executable: `$WALSWEEP_REDIS_SERVER`, else PATH, else
@@ -98,6 +187,15 @@ fn pg_config_bindir() -> Option<PathBuf> {
 /// Highest-versioned `/usr/lib/postgresql/<ver>/bin` with the server tools (compared
 /// numerically, so 10 beats 9.6).
 fn newest_debian_bindir() -> Option<PathBuf> {
+    newest_debian_bindir_where(has_pg_server_tools)
+}
+
+/// Highest-versioned `/usr/lib/postgresql/<ver>/bin` holding the executable `name`.
+fn newest_debian_bindir_with(name: &str) -> Option<PathBuf> {
+    newest_debian_bindir_where(|d| is_executable(&d.join(name)))
+}
+
+fn newest_debian_bindir_where(usable: impl Fn(&Path) -> bool) -> Option<PathBuf> {
     let mut found: Vec<(Vec<u32>, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .ok()?
         .flatten()
@@ -109,7 +207,7 @@ fn newest_debian_bindir() -> Option<PathBuf> {
                 .map(|p| p.parse().ok())
                 .collect::<Option<_>>()?;
             let bin = e.path().join("bin");
-            has_pg_server_tools(&bin).then_some((version, bin))
+            usable(&bin).then_some((version, bin))
         })
         .collect();
     found.sort();

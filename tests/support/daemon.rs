@@ -189,8 +189,19 @@ pub async fn wait_streaming(client: &tokio_postgres::Client, slot: &str) {
     .await;
 }
 
+/// `EXISTS key`. Right after a restart Redis answers `LOADING` while it reads its dump (it
+/// already answers the `INFO` that start-up waits for): that is retried for up to 10s.
 pub async fn exists(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> bool {
-    conn.exists(key).await.expect("EXISTS")
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match conn.exists(key).await {
+            Ok(found) => return found,
+            Err(e) if e.code() == Some("LOADING") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("EXISTS {key}: {e}"),
+        }
+    }
 }
 
 /// Waits until `key` is gone (walsweep applied the change that removes it); returns when.

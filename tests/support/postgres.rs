@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::binaries::{pg_bindir, pg_tool};
+use super::binaries::{pg_bindir, pg_lib_dir, pg_tool};
 use super::scratch::{self, run, server_command};
 
 /// The superuser initdb creates; trusted over TCP and the unix socket by default.
@@ -220,7 +220,13 @@ impl Postgres {
     /// Panics with psql's stderr on any error.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let psql = pg_tool("psql");
-        let mut child = Command::new(&psql)
+        let mut cmd = Command::new(&psql);
+        if pg_lib_dir().is_some() {
+            // The machine's psql (a `scripts/ensure-pg` package has none) with its own libpq,
+            // not the package's, should someone have exported the package's lib dir.
+            cmd.env_remove("LD_LIBRARY_PATH");
+        }
+        let mut child = cmd
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", HOST])
             .args([
                 "-p",
@@ -424,7 +430,7 @@ impl Postgres {
         }
         // Only log lines of this start count (restart appends to the same log).
         let log_start = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        run(server_command(&pg_bindir().join("pg_ctl"))
+        run(pg_server_command("pg_ctl")
             .args(["start", "-W", "-s", "-D"])
             .arg(&data)
             .arg("-l")
@@ -481,7 +487,7 @@ impl Postgres {
         };
         let pid = scratch::read_pid_file(&self.data_dir().join("postmaster.pid"))
             .map_err(|e| fail(format!("reading postmaster.pid: {e}")))?;
-        run(server_command(&pg_bindir().join("pg_ctl"))
+        run(pg_server_command("pg_ctl")
             .args(["stop", "-W", "-s", "-m", mode.as_arg(), "-D"])
             .arg(self.data_dir()))
         .map_err(&fail)?;
@@ -530,7 +536,25 @@ impl Drop for Postgres {
     }
 }
 
-/// The initdb'ed template data dir, created on first use (once per test process).
+/// A server tool (`initdb`, `pg_ctl`) of [`pg_bindir`] as the server user. A
+/// `scripts/ensure-pg` package gets its `LD_LIBRARY_PATH` through `env`, after `runuser`,
+/// so that it reaches the tool (and the `postgres` pg_ctl starts) but nothing else.
+fn pg_server_command(tool: &str) -> Command {
+    let program = pg_bindir().join(tool);
+    match pg_lib_dir() {
+        None => server_command(&program),
+        Some(lib) => {
+            let mut cmd = server_command(Path::new("/usr/bin/env"));
+            let mut assignment = std::ffi::OsString::from("LD_LIBRARY_PATH=");
+            assignment.push(lib);
+            cmd.arg(assignment).arg(program);
+            cmd
+        }
+    }
+}
+
+/// The initdb'ed template data dir, created on first use (once per test process, so per
+/// Postgres major: a process uses one).
 fn template_data_dir() -> &'static Path {
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
@@ -540,7 +564,7 @@ fn template_data_dir() -> &'static Path {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         scratch::give_to_server_user(&dir);
-        run(server_command(&pg_bindir().join("initdb"))
+        run(pg_server_command("initdb")
             .arg("-D")
             .arg(&data)
             .args(["-U", SUPERUSER, "-A", "trust", "-E", "UTF8", "--locale=C"])
