@@ -63,6 +63,21 @@ pub fn pg_lib_dir() -> Option<&'static Path> {
     .as_deref()
 }
 
+/// The major version of the Postgres the tests boot (from `postgres --version` of
+/// [`pg_bindir`]), for tests of features a major introduced (failover slots in 17, ...).
+pub fn server_major() -> u32 {
+    static MAJOR: OnceLock<u32> = OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        let version = pg_version(pg_bindir());
+        version
+            .split("(PostgreSQL) ")
+            .nth(1)
+            .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("no major version in `postgres --version`: {version:?}"))
+    })
+}
+
 /// `$WALSWEEP_TEST_PG` as a major, validated; `None` when unset or empty.
 pub fn test_pg_major() -> Option<u32> {
     let raw = std::env::var(TEST_PG_ENV).ok().filter(|v| !v.is_empty())?;
