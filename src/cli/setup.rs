@@ -77,6 +77,46 @@ pub(crate) fn statements(
     out
 }
 
+/// With `source.failover`: what the primary and each standby need for walsweep's slot to be
+/// synchronized and usable after a promotion (Postgres 17+). Server settings, not statements
+/// `setup` runs: they need a reload or a restart, and a standby is not writable. `standby_slots`
+/// are the primary's physical slots when known.
+pub(crate) fn failover_instructions(config: &Config, standby_slots: &[String]) -> Vec<String> {
+    if !config.source.failover {
+        return Vec::new();
+    }
+    let slots = if standby_slots.is_empty() {
+        "<standby's physical slot>".to_string()
+    } else {
+        standby_slots.join(",")
+    };
+    let first_slot = standby_slots
+        .first()
+        .map_or("<standby's physical slot>", String::as_str);
+    vec![
+        "-- source.failover: walsweep creates its slot as a failover slot (Postgres 17+).".into(),
+        "-- On the primary: logical walsenders wait until these standbys have the WAL, so a".into(),
+        "-- promoted standby never lacks a change walsweep already applied:".into(),
+        format!(
+            "ALTER SYSTEM SET synchronized_standby_slots = {};",
+            quote_literal(&slots)
+        ),
+        "SELECT pg_reload_conf();".into(),
+        "-- On each standby (postgresql.conf, then restart it):".into(),
+        format!("--   primary_slot_name = '{first_slot}'   (a physical slot on the primary)"),
+        "--   hot_standby_feedback = on".into(),
+        "--   sync_replication_slots = on".into(),
+        "--   wal_level = logical".into(),
+        "--   primary_conninfo = '... dbname=<the database walsweep follows>'".into(),
+        format!(
+            "-- Then give walsweep every node in source.url with target_session_attrs=read-write \
+             (e.g. postgres://u@primary,standby/db?target_session_attrs=read-write); after a \
+             promotion it resumes from the synchronized slot {:?}.",
+            config.source.slot
+        ),
+    ]
+}
+
 /// Executes only what `check` finds missing, so running it again is harmless. `print_only`
 /// needs no database: the SQL can be reviewed and run by someone with the rights.
 pub async fn command(path: &Path, print_only: bool, role: &str) -> ExitCode {
@@ -87,6 +127,9 @@ pub async fn command(path: &Path, print_only: bool, role: &str) -> ExitCode {
     if print_only {
         for statement in statements(&config, None, role, false) {
             println!("{statement}");
+        }
+        for line in failover_instructions(&config, &[]) {
+            println!("{line}");
         }
         return ExitCode::SUCCESS;
     }
@@ -119,6 +162,12 @@ pub async fn command(path: &Path, print_only: bool, role: &str) -> ExitCode {
         }
     }
     println!("-- done; give the role a password with: ALTER ROLE {role} PASSWORD '...';");
+    if config.source.failover {
+        let standby_slots = catalog::physical_slots(&client).await.unwrap_or_default();
+        for line in failover_instructions(&config, &standby_slots) {
+            println!("{line}");
+        }
+    }
     ExitCode::SUCCESS
 }
 
@@ -149,5 +198,31 @@ mod tests {
             sql.contains("GRANT SELECT ON \"public\".\"articles\" TO \"walsweep\";"),
             "{sql}"
         );
+        assert!(failover_instructions(&config, &[]).is_empty());
+    }
+
+    #[test]
+    fn failover_instructions_name_the_standby_slots_and_every_standby_setting() {
+        let config = Config::parse(
+            "[source]\nurl = \"postgres://u@h/db\"\nfailover = true\n[[table]]\nname = \"articles\"\nkeys = [\"a:{id}\"]\n",
+        )
+        .unwrap();
+        let known = failover_instructions(&config, &["sb1".into(), "sb2".into()]).join("\n");
+        assert!(
+            known.contains("ALTER SYSTEM SET synchronized_standby_slots = 'sb1,sb2';"),
+            "{known}"
+        );
+        for setting in [
+            "primary_slot_name = 'sb1'",
+            "hot_standby_feedback = on",
+            "sync_replication_slots = on",
+            "wal_level = logical",
+            "dbname=",
+            "target_session_attrs=read-write",
+        ] {
+            assert!(known.contains(setting), "{setting} missing:\n{known}");
+        }
+        let offline = failover_instructions(&config, &[]).join("\n");
+        assert!(offline.contains("<standby's physical slot>"), "{offline}");
     }
 }

@@ -253,6 +253,18 @@ pub struct SourceConfig {
     /// on demand). Default false.
     #[serde(default)]
     pub warm_up: bool,
+    /// Create the slot as a failover slot (Postgres 17+), and make an existing one one, so that
+    /// standbys that sync slots (`sync_replication_slots = on`) keep a copy and walsweep
+    /// resumes on the promoted standby without missing a change. `walsweep setup` prints what
+    /// the primary and the standbys need. Default false.
+    #[serde(default)]
+    pub failover: bool,
+    /// pgoutput protocol version: 1 (no streaming: Postgres spills large transactions to disk
+    /// until they commit), 2 (streams them as they are written, Postgres 14+), 3 (15+), 4
+    /// (16+). Default: the newest the server speaks. Prepared transactions are decoded when
+    /// they commit (walsweep never asks for two-phase decoding: it acts on commits only).
+    #[serde(default)]
+    pub protocol_version: Option<u32>,
 }
 
 /// `source.on_slot_lost`.
@@ -374,6 +386,8 @@ impl SourceConfig {
             on_slot_lost: SlotLostPolicy::Fail,
             release_slot_after_sink_outage_ms: DEFAULT_RELEASE_SLOT_AFTER_SINK_OUTAGE_MS,
             warm_up: false,
+            failover: false,
+            protocol_version: None,
         }
     }
 
@@ -582,6 +596,18 @@ impl Config {
                 "source.status_interval_ms",
                 "must be at least 1 (ms); 1000 is a good value".into(),
             );
+        }
+        if let Some(version) = s.protocol_version {
+            if !(1..=crate::pg::pgoutput_options::NEWEST_PROTOCOL_VERSION).contains(&version) {
+                problem(
+                    "source.protocol_version",
+                    format!(
+                        "{version} is not a pgoutput protocol version walsweep speaks; use 1 to \
+                         {}, or leave it out for the newest the server speaks",
+                        crate::pg::pgoutput_options::NEWEST_PROTOCOL_VERSION
+                    ),
+                );
+            }
         }
         if s.queue_capacity == 0 {
             problem("source.queue_capacity", "must be at least 1".into());

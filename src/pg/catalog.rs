@@ -195,6 +195,8 @@ pub(crate) struct SlotState {
     /// Bytes of WAL that can still be written before the slot is at risk of being lost
     /// (`max_slot_wal_keep_size`); `None` when unlimited.
     pub(crate) safe_wal_size: Option<i64>,
+    /// Whether standbys that sync slots keep a copy (Postgres 17+; `None` before).
+    pub(crate) failover: Option<bool>,
 }
 
 pub async fn wal_level(client: &Client) -> Result<String, CatalogError> {
@@ -212,8 +214,9 @@ pub(crate) async fn slot_state(
     let row = client
         .query_opt(
             "SELECT plugin::text, slot_type, database::text, active, active_pid, \
-                    confirmed_flush_lsn::text, restart_lsn::text, wal_status, safe_wal_size \
-             FROM pg_replication_slots WHERE slot_name = $1",
+                    confirmed_flush_lsn::text, restart_lsn::text, wal_status, safe_wal_size, \
+                    (to_jsonb(s) ->> 'failover')::bool \
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await
@@ -225,6 +228,7 @@ pub(crate) async fn slot_state(
         confirmed_flush_lsn: r.get::<_, Option<String>>(5).and_then(|t| t.parse().ok()),
         wal_status: r.get(7),
         safe_wal_size: r.get(8),
+        failover: r.get(9),
     }))
 }
 
@@ -285,11 +289,42 @@ pub(crate) async fn drop_slot(client: &Client, slot: &str) -> Result<(), Catalog
     Ok(())
 }
 
-/// Current WAL position of the server (for lag).
+/// Current WAL position of the server (for lag): on a standby, which has no WAL of its own
+/// to insert, the position it has replayed (what decoding from it can reach).
 pub(crate) async fn current_wal_lsn(client: &Client) -> Result<Lsn, CatalogError> {
     let row = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                     ELSE pg_current_wal_lsn() END)::text",
+            &[],
+        )
         .await
         .map_err(query_err("reading pg_current_wal_lsn()"))?;
-    Ok(row.get::<_, String>(0).parse().unwrap_or_default())
+    // NULL on a standby that has replayed nothing yet.
+    Ok(row
+        .get::<_, Option<String>>(0)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_default())
+}
+
+/// Names of the server's physical slots (the standbys that stream from it through a slot).
+pub(crate) async fn physical_slots(client: &Client) -> Result<Vec<String>, CatalogError> {
+    let rows = client
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical' \
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(query_err("reading pg_replication_slots"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// `server_version_num` of the server, e.g. 170004.
+pub(crate) async fn server_version_num(client: &Client) -> Result<u32, CatalogError> {
+    let row = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(query_err("reading server_version_num"))?;
+    Ok(u32::try_from(row.get::<_, i32>(0)).unwrap_or(0))
 }

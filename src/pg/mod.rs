@@ -5,6 +5,7 @@ pub(crate) mod channel_binding;
 pub(crate) mod connect;
 pub(crate) mod lsn;
 pub mod pgoutput;
+pub mod pgoutput_options;
 pub(crate) mod pgpass;
 pub mod replication;
 pub(crate) mod tls;

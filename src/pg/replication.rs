@@ -564,9 +564,17 @@ impl ReplicationConnection {
             })
     }
 
-    /// Creates a pgoutput slot; returns its consistent point.
-    pub(crate) async fn create_slot(&mut self, slot: &str) -> Result<Lsn, ReplicationError> {
-        Ok(self.create_slot_with(slot, "NOEXPORT_SNAPSHOT").await?.0)
+    /// Creates a pgoutput slot; returns its consistent point. A `failover` slot (Postgres 17+)
+    /// is synchronized to standbys that sync slots, so it survives their promotion.
+    pub(crate) async fn create_slot(
+        &mut self,
+        slot: &str,
+        failover: bool,
+    ) -> Result<Lsn, ReplicationError> {
+        Ok(self
+            .create_slot_with(slot, SnapshotAction::Nothing, failover)
+            .await?
+            .0)
     }
 
     /// Creates the slot and exports the snapshot it starts from: a transaction on another
@@ -576,8 +584,11 @@ impl ReplicationConnection {
     pub(crate) async fn create_slot_exporting_snapshot(
         &mut self,
         slot: &str,
+        failover: bool,
     ) -> Result<(Lsn, String), ReplicationError> {
-        let (lsn, snapshot) = self.create_slot_with(slot, "EXPORT_SNAPSHOT").await?;
+        let (lsn, snapshot) = self
+            .create_slot_with(slot, SnapshotAction::Export, failover)
+            .await?;
         let snapshot = snapshot.ok_or(ReplicationError::UnexpectedMessage {
             got: "no snapshot_name",
             during: "CREATE_REPLICATION_SLOT ... EXPORT_SNAPSHOT",
@@ -588,12 +599,10 @@ impl ReplicationConnection {
     async fn create_slot_with(
         &mut self,
         slot: &str,
-        snapshot_action: &str,
+        snapshot: SnapshotAction,
+        failover: bool,
     ) -> Result<(Lsn, Option<String>), ReplicationError> {
-        let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snapshot_action}",
-            quote_ident(slot)
-        );
+        let sql = create_slot_command(slot, snapshot, failover);
         let rows = self.simple_query(&sql).await?;
         let row = rows.first();
         let lsn = row
@@ -604,6 +613,17 @@ impl ReplicationConnection {
                 during: "CREATE_REPLICATION_SLOT",
             })?;
         Ok((lsn, row.and_then(|r| r.get(2).cloned().flatten())))
+    }
+
+    /// `ALTER_REPLICATION_SLOT slot (FAILOVER true)` (Postgres 17+): an existing slot becomes a
+    /// failover slot without losing its position.
+    pub(crate) async fn make_failover_slot(&mut self, slot: &str) -> Result<(), ReplicationError> {
+        self.simple_query(&format!(
+            "ALTER_REPLICATION_SLOT {} (FAILOVER true)",
+            quote_ident(slot)
+        ))
+        .await?;
+        Ok(())
     }
 
     /// `START_REPLICATION SLOT ... LOGICAL start (options)`; hands the socket to the stream.
@@ -742,6 +762,33 @@ impl ReplicationStream {
         frontend::copy_done(&mut self.conn.write_buf);
         frontend::terminate(&mut self.conn.write_buf);
         let _ = self.conn.flush().await;
+    }
+}
+
+/// What `CREATE_REPLICATION_SLOT` does with the snapshot the slot starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SnapshotAction {
+    Nothing,
+    Export,
+}
+
+/// The `CREATE_REPLICATION_SLOT` command. The classic keywords work on every version; the
+/// parenthesized options (Postgres 15+) are used only when `FAILOVER` (17+) needs them.
+fn create_slot_command(slot: &str, snapshot: SnapshotAction, failover: bool) -> String {
+    let slot = quote_ident(slot);
+    match (failover, snapshot) {
+        (false, SnapshotAction::Nothing) => {
+            format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput NOEXPORT_SNAPSHOT")
+        }
+        (false, SnapshotAction::Export) => {
+            format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput EXPORT_SNAPSHOT")
+        }
+        (true, SnapshotAction::Nothing) => format!(
+            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER true)"
+        ),
+        (true, SnapshotAction::Export) => format!(
+            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)"
+        ),
     }
 }
 

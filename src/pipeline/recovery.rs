@@ -116,10 +116,12 @@ pub(crate) async fn recreate_slot(
     let mut conn = ReplicationConnection::connect(params).await?;
     let (lsn, snapshot) = match warm_up {
         Some(_) => {
-            let (lsn, snapshot) = conn.create_slot_exporting_snapshot(&source.slot).await?;
+            let (lsn, snapshot) = conn
+                .create_slot_exporting_snapshot(&source.slot, source.failover)
+                .await?;
             (lsn, Some(snapshot))
         }
-        None => (conn.create_slot(&source.slot).await?, None),
+        None => (conn.create_slot(&source.slot, source.failover).await?, None),
     };
     tracing::info!(slot = %source.slot, consistent_point = %lsn, clear = steps.clear, warm_up = steps.load, "created replication slot");
     // The exported snapshot stays valid while `conn` sits idle, through the clear and the load.

@@ -3,7 +3,7 @@
 
 use crate::config::{SlotLostPolicy, SourceConfig};
 use crate::pg::catalog;
-use crate::pg::replication::ConnectParams;
+use crate::pg::replication::{ConnectParams, ReplicationConnection};
 use crate::sink::Recovery;
 use crate::stream::history::RecordedSource;
 
@@ -11,6 +11,9 @@ use super::recovery::{recreate_slot, SinkControl};
 use super::sink_task::Control;
 use super::warm_up::{WarmUp, WarmUpSummary};
 use super::PipelineError;
+
+/// Failover slots (`CREATE_REPLICATION_SLOT ... FAILOVER`) arrived in Postgres 17.
+const FAILOVER_MIN_SERVER_VERSION: u32 = 170_000;
 
 /// What `prepare_source` did.
 #[derive(Debug, Default)]
@@ -63,8 +66,30 @@ pub(crate) async fn prepare_source(
         catalog::create_publication(&client, &source.publication, tables).await?;
         tracing::info!(publication = %source.publication, ?tables, "created publication");
     }
+    if source.failover {
+        let version = catalog::server_version_num(&client).await?;
+        if version < FAILOVER_MIN_SERVER_VERSION {
+            return Err(PipelineError::Setup(format!(
+                "source.failover = true needs Postgres 17 or newer (failover slots), but {} \
+                 is version {version}; remove it (before 17 no slot survives a failover: on \
+                 the promoted standby walsweep's slot is missing and source.on_slot_lost \
+                 decides)",
+                params.target()
+            )));
+        }
+    }
     let slot = catalog::slot_state(&client, &source.slot).await?;
     drop(client);
+    if let Some(state) = &slot {
+        if source.failover
+            && state.failover == Some(false)
+            && state.plugin.as_deref() == Some("pgoutput")
+        {
+            let mut conn = ReplicationConnection::connect(params).await?;
+            conn.make_failover_slot(&source.slot).await?;
+            tracing::info!(slot = %source.slot, "made the replication slot a failover slot (source.failover)");
+        }
+    }
     match slot {
         Some(slot) if slot.plugin.as_deref() != Some("pgoutput") => {
             Err(PipelineError::Setup(format!(

@@ -33,9 +33,6 @@ use super::PipelineError;
 /// How often a standby checks whether the slot's consumer went away.
 const STANDBY_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Server versions from which pgoutput speaks protocol 2 (streaming of large transactions).
-pub(crate) const STREAMING_MIN_SERVER_VERSION: u32 = 140_000;
-
 /// The server's answer to START_REPLICATION on a slot whose WAL is gone.
 fn is_slot_invalidated(e: &crate::pg::replication::ServerError) -> bool {
     e.sqlstate == "55000"
@@ -215,22 +212,9 @@ impl<PL: Planner> Streamer<'_, PL> {
             .enqueued_lsn
             .max(confirmed_here)
             .max(self.slot.start_lsn());
-        let mut options = vec![
-            (
-                "proto_version",
-                if version >= STREAMING_MIN_SERVER_VERSION {
-                    "2"
-                } else {
-                    "1"
-                }
-                .to_string(),
-            ),
-            ("publication_names", quote_publication(&source.publication)),
-            ("messages", "true".to_string()),
-        ];
-        if version >= STREAMING_MIN_SERVER_VERSION {
-            options.push(("streaming", "on".to_string()));
-        }
+        let protocol = crate::pg::pgoutput_options::negotiate(version, source.protocol_version)
+            .map_err(PipelineError::Setup)?;
+        let options = protocol.start_options(quote_publication(&source.publication));
         let mut stream = match conn
             .start_replication(self.slot.name(source), start_lsn, &options)
             .await
@@ -258,6 +242,7 @@ impl<PL: Planner> Streamer<'_, PL> {
             start_lsn = %slot_confirmed.max(start_lsn),
             lag_bytes = wal_end.bytes_since(slot_confirmed),
             server_version = version,
+            protocol_version = protocol.version,
             "streaming"
         );
         crate::telemetry::health::set_streaming(true);
