@@ -4,5 +4,6 @@ mod auth;
 mod decoding;
 pub mod harness;
 mod progress;
+mod protocol;
 mod resilience;
 mod takeover;
