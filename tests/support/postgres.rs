@@ -309,6 +309,102 @@ impl Postgres {
         self.pg_ctl_start().unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// Boots a hot standby that streams this server's WAL (physical replication), from a
+    /// copy of its data dir made while it is briefly stopped (no `pg_basebackup` needed: the
+    /// `scripts/ensure-pg` packages have none). The standby gets `opts` on top of this server's
+    /// settings, its own port, `standby.signal`, and a `primary_conninfo` naming `dbname` (slot
+    /// synchronization needs one); with `physical_slot`, that slot is created here first and
+    /// the standby streams through it. Replication slots are not copied. Panics if it can't.
+    pub fn start_standby(
+        &mut self,
+        dbname: &str,
+        physical_slot: Option<&str>,
+        opts: &PostgresOptions,
+    ) -> Postgres {
+        if let Some(slot) = physical_slot {
+            self.psql(
+                "postgres",
+                &format!("SELECT pg_create_physical_replication_slot('{slot}', true)"),
+            );
+        }
+        self.stop(ShutdownMode::Fast);
+        let mut standby = Postgres {
+            dir: scratch::instance_dir("pg-standby-", true),
+            port: scratch::free_port(),
+            pid: 0,
+            running: false,
+        };
+        let data = standby.data_dir();
+        run(Command::new("cp").arg("-a").arg(self.data_dir()).arg(&data))
+            .unwrap_or_else(|e| panic!("copying the primary's data dir: {e}"));
+        self.pg_ctl_start().unwrap_or_else(|e| panic!("{e}"));
+        // A copied slot would hold WAL on the standby and pass for one of its own.
+        for entry in fs::read_dir(data.join("pg_replslot")).into_iter().flatten() {
+            let path = entry.expect("pg_replslot entry").path();
+            let _ = fs::remove_dir_all(&path);
+        }
+        let mut settings = vec![
+            (
+                "primary_conninfo".to_string(),
+                format!(
+                    "host={HOST} port={} user={SUPERUSER} dbname={dbname} application_name=standby",
+                    self.port
+                ),
+            ),
+            ("hot_standby".to_string(), "on".to_string()),
+            ("hot_standby_feedback".to_string(), "on".to_string()),
+        ];
+        if let Some(slot) = physical_slot {
+            settings.push(("primary_slot_name".to_string(), slot.to_string()));
+        }
+        settings.extend(opts.extra_settings.iter().cloned());
+        standby.write_config(&PostgresOptions {
+            extra_settings: settings,
+            ..opts.clone()
+        });
+        let signal = data.join("standby.signal");
+        fs::write(&signal, "").unwrap_or_else(|e| panic!("writing {}: {e}", signal.display()));
+        scratch::give_to_server_user(&signal);
+        standby.pg_ctl_start().unwrap_or_else(|e| panic!("{e}"));
+        standby
+    }
+
+    /// Promotes this standby to a primary (`pg_ctl promote`) and waits until it accepts writes.
+    pub fn promote(&self) {
+        run(pg_server_command("pg_ctl")
+            .args(["promote", "-w", "-s", "-t", "30", "-D"])
+            .arg(self.data_dir()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "promoting the standby on port {}: {e}\n{}",
+                self.port,
+                scratch::log_tail(&self.log_path(), 30)
+            )
+        });
+    }
+
+    /// Waits until this standby has replayed everything `primary` has written so far.
+    pub fn wait_replayed(&self, primary: &Postgres) {
+        let target = primary.psql("postgres", "SELECT pg_current_wal_lsn()");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let caught_up = self.psql(
+                "postgres",
+                &format!("SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn"),
+            );
+            if caught_up == "t" {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the standby on port {} did not replay up to {target} within 60 s\n{}",
+                self.port,
+                scratch::log_tail(&self.log_path(), 30)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Postmaster pid of the current run (of the last run, once stopped).
     pub fn pid(&self) -> u32 {
         self.pid
