@@ -74,6 +74,19 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Wait until walsweep has applied everything up to an LSN (read-your-writes): exit 0
+    /// when its published position reaches it, 3 on timeout.
+    Wait {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The LSN right after your commit: `SELECT pg_current_wal_insert_lsn()` (0/16B3748)
+        /// or `SELECT pg_current_wal_insert_lsn() - '0/0'` (a decimal number).
+        #[arg(long)]
+        lsn: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
     /// Print the slot's state and lag, then exit.
     Status {
         #[arg(long, short)]
@@ -149,6 +162,15 @@ fn main() -> ExitCode {
             new.as_deref(),
         ),
         Command::Status { config } => runtime.block_on(cli::status::command(&config)),
+        Command::Wait {
+            config,
+            lsn,
+            timeout_ms,
+        } => runtime.block_on(cli::wait::command(
+            &config,
+            &lsn,
+            std::time::Duration::from_millis(timeout_ms),
+        )),
         Command::Snapshot { config } => runtime.block_on(cli::snapshot::command(&config)),
         Command::Setup {
             config,

@@ -222,6 +222,7 @@ where
         recorded_position: recorded.map(|r| r.confirmed_lsn).unwrap_or_default(),
         enqueued_lsn: Lsn::ZERO,
         keepalive_lsn: Lsn::ZERO,
+        idle_published_lsn: Lsn::ZERO,
         shutdown,
         backoff: Backoff::new(source.reconnect_min(), source.reconnect_max()),
         reconnects: 0,

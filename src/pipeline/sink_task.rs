@@ -22,6 +22,11 @@ pub(crate) enum SinkCommand<P> {
     /// Run a step of slot recovery after everything queued before it; completion shows in
     /// `SinkReport::controls_done`.
     Control(Control),
+    /// Nothing was pending when the stream acknowledged this keepalive position: every commit
+    /// before it is applied, so it is the applied position too (`Sink::publish_position`).
+    /// Without it, a reader waiting for a commit that touched no followed table would wait
+    /// for the next change that does.
+    Idle(Lsn),
 }
 
 /// The slot-recovery steps the sink takes part in (see `super::recovery`).
@@ -91,6 +96,10 @@ pub(crate) async fn sink_loop<P: Plan, S: Sink<P>>(
         for command in commands.drain(..) {
             match command {
                 SinkCommand::Apply(txn) => batch.push(txn),
+                SinkCommand::Idle(lsn) => {
+                    apply_batch(&mut sink, &mut batch, &mut retry).await?;
+                    publish_position(&mut sink, lsn, &mut retry).await?;
+                }
                 SinkCommand::Control(control) => {
                     apply_batch(&mut sink, &mut batch, &mut retry).await?;
                     loop {
@@ -139,11 +148,29 @@ async fn apply_batch<P: Plan, S: Sink<P>>(
     debug_assert!(applied.commit_end_lsn <= batch_end_lsn);
     let applied_lsn = applied.commit_end_lsn.min(batch_end_lsn);
     m::batch_applied(&applied.commit_times_unix_micros, started.elapsed());
+    publish_position(sink, applied_lsn, retry).await?;
     retry
         .report
         .send_if_modified(|r| advance(&mut r.applied_lsn, applied_lsn));
     batch.clear();
     Ok(())
+}
+
+/// `Sink::publish_position`, retried like a batch; before the stream may confirm `lsn`.
+async fn publish_position<P: Plan, S: Sink<P>>(
+    sink: &mut S,
+    lsn: Lsn,
+    retry: &mut Retry,
+) -> Result<(), SinkError> {
+    loop {
+        match sink.publish_position(lsn).await {
+            Ok(()) => {
+                retry.succeeded();
+                return Ok(());
+            }
+            Err(e) => retry.failed(e).await?,
+        }
+    }
 }
 
 fn advance(lsn: &mut Lsn, to: Lsn) -> bool {

@@ -65,6 +65,8 @@ pub(crate) struct Streamer<'a, PL: Planner> {
     pub(crate) enqueued_lsn: Lsn,
     /// WAL end of the latest keepalive: confirmable once nothing is pending.
     pub(crate) keepalive_lsn: Lsn,
+    /// The last keepalive position handed to the sink as applied (`SinkCommand::Idle`).
+    pub(crate) idle_published_lsn: Lsn,
     pub(crate) shutdown: Shutdown,
     pub(crate) backoff: Backoff,
     pub(crate) reconnects: u64,
@@ -231,6 +233,7 @@ impl<PL: Planner> Streamer<'_, PL> {
         };
         self.assembler.reset();
         self.keepalive_lsn = Lsn::ZERO;
+        self.idle_published_lsn = Lsn::ZERO;
         self.backoff.reset();
         let mut progress = Progress::new(slot_confirmed.max(confirmed_here));
         // Transactions queued by an earlier session may still be confirmed by the sink during
@@ -441,6 +444,7 @@ impl<PL: Planner> Streamer<'_, PL> {
         // every new commit.
         self.enqueued_lsn = Lsn::ZERO;
         self.keepalive_lsn = Lsn::ZERO;
+        self.idle_published_lsn = Lsn::ZERO;
         self.history = None;
         self.recorded_position = Lsn::ZERO;
         Ok(())
@@ -536,8 +540,22 @@ impl<PL: Planner> Streamer<'_, PL> {
         self.confirm(progress, applied);
         if self.nothing_pending() {
             self.confirm(progress, self.keepalive_lsn);
+            self.publish_idle_position(applied);
         }
         m::set_flushed_lsn(progress.flushed_lsn().as_u64());
+    }
+
+    /// With nothing pending, the keepalive position is applied too: the sink publishes it for
+    /// readers waiting on a commit no rule follows. Best effort: a full queue means work is
+    /// pending, and its batch publishes a position of its own.
+    fn publish_idle_position(&mut self, applied: Lsn) {
+        let lsn = self.keepalive_lsn;
+        if lsn <= applied.max(self.idle_published_lsn) {
+            return;
+        }
+        if self.queue.try_send(SinkCommand::Idle(lsn)).is_ok() {
+            self.idle_published_lsn = lsn;
+        }
     }
 
     /// Puts a committed transaction on the queue, waiting while it is full. The socket is not

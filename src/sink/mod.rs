@@ -151,6 +151,16 @@ pub trait Sink<P: Plan>: Send + 'static {
         async {}
     }
 
+    /// Every effect of every commit before `lsn` is in the destination (a batch was applied,
+    /// or nothing was pending at a keepalive): a sink that publishes its applied position for
+    /// readers waiting on their own writes advances it here, never back. Called in stream
+    /// order after `apply` returned, before the position is confirmed to Postgres; retried
+    /// like `apply`. After `reset` or `slot_created`, positions start over.
+    fn publish_position(&mut self, lsn: Lsn) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = lsn;
+        async { Ok(()) }
+    }
+
     /// The recovery a previous run recorded and did not finish (empty when none).
     fn pending_recovery(&mut self) -> impl Future<Output = Result<Recovery, SinkError>> + Send {
         async { Ok(Recovery::default()) }

@@ -16,10 +16,12 @@ pub(crate) mod broadcast;
 pub mod certificate;
 pub(crate) mod errors;
 pub(crate) mod mirror;
+mod position;
 pub mod probe;
 mod recovery;
 pub(crate) mod reinvalidate;
 
+use crate::pg::Lsn;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,7 @@ use ::redis::{ErrorKind, RedisError, Value};
 
 pub(crate) use self::errors::sink_error;
 use self::errors::{script_sink_error, sink_error_at, ScriptCalls};
+pub use self::position::APPLIED as APPLIED_POSITION;
 use crate::config::template::glob_escape;
 use crate::config::{BroadcastConfig, MatroskaConfig, RedisConfig};
 use crate::plan::rules::{EffectPlan, FallbackCause};
@@ -592,17 +595,25 @@ macro_rules! state_hooks {
             self.observe(&result);
             result
         }
+
+        async fn publish_position(&mut self, lsn: Lsn) -> Result<(), SinkError> {
+            let result = self.write_position(lsn).await;
+            self.observe(&result);
+            result
+        }
     };
 }
 
 impl Sink<TxnPlan> for RedisSink {
     async fn reset(&mut self) -> Result<(), SinkError> {
+        // Deletes the old history's position too.
         <Self as Sink<EffectPlan>>::reset(self).await?;
         self.publish_reset("the replication slot was recreated; changes may have been missed")
             .await
     }
 
     async fn slot_created(&mut self) -> Result<(), SinkError> {
+        <Self as Sink<EffectPlan>>::slot_created(self).await?;
         // A restored or moved database starts a new LSN sequence: the chain must restart, or
         // its transactions would look like already published ones.
         self.publish_reset("walsweep created the replication slot; earlier changes were not seen")
@@ -720,7 +731,18 @@ impl RedisSink {
 impl Sink<EffectPlan> for RedisSink {
     state_hooks!();
 
+    async fn slot_created(&mut self) -> Result<(), SinkError> {
+        // The new slot's LSNs may be lower than the old history's: waiters must not take an
+        // old position for theirs.
+        let result = self.delete_position().await;
+        self.observe(&result);
+        result
+    }
+
     async fn reset(&mut self) -> Result<(), SinkError> {
+        let result = self.delete_position().await;
+        self.observe(&result);
+        result?;
         if self.reset_plan.is_empty() {
             tracing::warn!("sink reset requested, but no rule prefixes are known to clear");
             return Ok(());
