@@ -3,6 +3,11 @@
 //! for each update the time from COMMIT returning to the client until Redis reports the key
 //! deleted (keyspace notification). Prints p50/p90/p99/max.
 //!
+//! Read-your-writes too: after each COMMIT the writer takes `pg_current_wal_insert_lsn()` and
+//! waits until walsweep's published applied position (`walsweep:<db>/<slot>:applied`, followed
+//! through its Pub/Sub channel by one subscription, as an app would keep) reaches it; the time
+//! from the COMMIT acknowledgement until the wait returns is the "wait" line.
+//!
 //!   cargo bench --bench latency
 //!   WALSWEEP_BENCH_RATE=1000 WALSWEEP_BENCH_SECS=10 cargo bench --bench latency
 
@@ -18,7 +23,7 @@ use futures_util::StreamExt;
 use walsweep::config::Config;
 use walsweep::pipeline;
 use walsweep::plan::rules::{Rules, RulesPlanner};
-use walsweep::sink::redis::RedisSink;
+use walsweep::sink::redis::{state_prefix, RedisSink, APPLIED_POSITION};
 
 const ROWS: i32 = 1000;
 
@@ -77,7 +82,13 @@ columns = ["category", "published"]
         .expect("runtime");
     runtime.block_on(async move {
         let rules = Rules::from_config(&config).unwrap();
-        let sink = RedisSink::new(&config.redis, &config.matroska).unwrap();
+        let sink = RedisSink::new(&config.redis, &config.matroska)
+            .unwrap()
+            .with_state_prefix(state_prefix("postgres", &config.source.slot));
+        let position_key = format!(
+            "{}{APPLIED_POSITION}",
+            state_prefix("postgres", &config.source.slot)
+        );
         let (shutdown, signal) = pipeline::shutdown_channel();
         let source = config.source.clone();
         let daemon = tokio::spawn(async move {
@@ -118,6 +129,35 @@ columns = ["category", "published"]
             }
         });
 
+        // The applied position, as one long-lived subscription sees it.
+        let mut position_sub = redis_client.get_async_pubsub().await.unwrap();
+        position_sub.subscribe(&position_key).await.unwrap();
+        let initial: Option<String> = redis::cmd("GET")
+            .arg(&position_key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let (position_tx, mut position) =
+            tokio::sync::watch::channel(initial.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0));
+        let position_listener = tokio::spawn(async move {
+            let mut messages = position_sub.on_message();
+            while let Some(msg) = messages.next().await {
+                if let Ok(value) = msg.get_payload::<String>().unwrap_or_default().parse::<u64>() {
+                    position_tx.send_if_modified(|p| {
+                        let moved = value > *p;
+                        *p = (*p).max(value);
+                        moved
+                    });
+                }
+            }
+        });
+        let insert_lsn = client
+            .prepare("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::text")
+            .await
+            .unwrap();
+        let mut waits: Vec<Duration> = Vec::with_capacity((rate * secs) as usize);
+        let mut wait_timeouts = 0usize;
+
         let total = rate * secs;
         let interval = Duration::from_secs_f64(1.0 / rate as f64);
         // (key, UPDATE sent, COMMIT acknowledged): the true commit lies between the two, so
@@ -138,8 +178,21 @@ columns = ["category", "published"]
             let _: () = redis::cmd("SET").arg(&key).arg("cached").query_async(&mut conn).await.unwrap();
             let sent = Instant::now();
             client.execute(&update, &[&id, &format!("t{i}")]).await.unwrap();
-            committed.push((key, sent, Instant::now()));
+            let acked = Instant::now();
+            committed.push((key, sent, acked));
+            let lsn: u64 = client
+                .query_one(&insert_lsn, &[])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+                .parse()
+                .unwrap();
+            match tokio::time::timeout(Duration::from_secs(5), position.wait_for(|p| *p >= lsn)).await {
+                Ok(Ok(_)) => waits.push(acked.elapsed()),
+                _ => wait_timeouts += 1,
+            }
         }
+        position_listener.abort();
         let elapsed = started.elapsed();
         tokio::time::sleep(Duration::from_secs(2)).await;
         listener.abort();
@@ -181,6 +234,14 @@ columns = ["category", "published"]
                 ms(sorted.last().copied().unwrap_or_default()),
             );
         }
+        waits.sort();
+        println!(
+            "  wait (COMMIT acknowledged -> applied position reached it): p50={:.3}ms p90={:.3}ms p99={:.3}ms max={:.3}ms timeouts={wait_timeouts}",
+            ms(percentile(&waits, 50.0)),
+            ms(percentile(&waits, 90.0)),
+            ms(percentile(&waits, 99.0)),
+            ms(waits.last().copied().unwrap_or_default()),
+        );
         shutdown.request();
         let _ = daemon.await;
     });
