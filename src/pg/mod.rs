@@ -7,6 +7,7 @@ pub(crate) mod lsn;
 pub mod pgoutput;
 pub(crate) mod pgpass;
 pub mod replication;
+pub(crate) mod slot_invalidation;
 pub(crate) mod tls;
 pub(crate) mod wire;
 
