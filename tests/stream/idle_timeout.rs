@@ -136,6 +136,31 @@ async fn a_slot_idle_past_the_timeout_stops_walsweep_with_the_cause_and_the_fix(
         "idle_timeout",
         "the fail policy leaves the slot alone"
     );
+
+    // `walsweep check` names the same cause.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("walsweep.toml");
+    std::fs::write(
+        &path,
+        daemon::config_text(&pg, &redis.url(), "app", "idle", RULES),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walsweep"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env_remove(walsweep::config::SOURCE_URL_ENV)
+        .env_remove(walsweep::config::REDIS_URL_ENV)
+        .output()
+        .expect("run walsweep check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(78), "{text}");
+    assert!(
+        text.contains(
+            "error: slot \"idle\" was invalidated by Postgres: it was idle past \
+             idle_replication_slot_timeout (1s); caches may have missed changes"
+        ),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
