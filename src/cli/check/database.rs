@@ -356,6 +356,7 @@ pub(super) async fn check_database(
         )),
         Err(e) => report.errors.push(display_chain(&e)),
     }
+    super::settings::check_source_settings(source, client, report).await;
     for rule in &rules.tables {
         let label = format!("table[{}] ({})", rule.index, rule.name);
         let shape = match table_shape(client, &rule.name).await {
