@@ -83,7 +83,11 @@ fn config_errors_exit_78_with_file_and_line() {
 #[test]
 fn check_reports_every_environment_problem_with_its_fix_then_passes_after_setup() {
     support::init_tracing();
-    let pg = Postgres::start();
+    // Bounded slot WAL, as in production: unbounded is a warning of its own (below).
+    let pg = Postgres::start_with(support::PostgresOptions {
+        extra_settings: vec![("max_slot_wal_keep_size".into(), "1GB".into())],
+        ..Default::default()
+    });
     pg.psql(
         "postgres",
         "CREATE TABLE articles (id int PRIMARY KEY, slug text, title text);
@@ -151,6 +155,115 @@ fn check_reports_every_environment_problem_with_its_fix_then_passes_after_setup(
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("walsweep.toml: ok"));
+}
+
+/// `walsweep check` with `args` on `path`: exit code and output.
+fn check(path: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+    let mut all = vec!["check", "--config", path.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = walsweep(&all);
+    (out.status.code(), text(&out))
+}
+
+#[test]
+fn check_warns_about_source_settings_that_bite_later() {
+    support::init_tracing();
+    let pg = Postgres::start_with(support::PostgresOptions {
+        extra_settings: vec![("wal_sender_timeout".into(), "1s".into())],
+        ..Default::default()
+    });
+    pg.psql(
+        "postgres",
+        "CREATE TABLE articles (id int PRIMARY KEY, slug text, title text, category text);
+         ALTER TABLE articles REPLICA IDENTITY FULL;
+         CREATE PUBLICATION pub FOR TABLE articles;",
+    );
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&pg, &redis.url(), RULES).replace(
+        "slot = \"cli\"\n",
+        "slot = \"cli\"\nstatus_interval_ms = 1000\n",
+    );
+    let path = write_config(&dir, &text);
+
+    // The server's defaults: unbounded slot WAL; and a timeout shorter than 3 status updates.
+    let (code, msg) = check(&path, &[]);
+    assert_eq!(code, Some(0), "warnings do not fail the check:\n{msg}");
+    for expected in [
+        "warning: max_slot_wal_keep_size = -1 (unlimited)",
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '10GB'",
+        "source.on_slot_lost = \"fail\" (as configured)",
+        "warning: wal_sender_timeout = 1s is shorter than 3 status updates at \
+         source.status_interval_ms = 1000",
+        "Lower source.status_interval_ms to 333 or less, or raise wal_sender_timeout to at least \
+         3000ms",
+    ] {
+        assert!(msg.contains(expected), "missing {expected:?} in:\n{msg}");
+    }
+    assert!(!msg.contains("standbys"), "{msg}");
+    let (code, msg) = check(&path, &["--deny-warnings"]);
+    assert_eq!(code, Some(78), "{msg}");
+    assert!(msg.contains("0 error(s), 2 warning(s)"), "{msg}");
+
+    // A physical slot is a standby's: walsweep's slot must be a failover slot to be there after
+    // a failover (17+); before 17 there is no such thing, which is worth a note.
+    pg.psql(
+        "postgres",
+        "SELECT 1 FROM pg_create_physical_replication_slot('standby1', true);
+         SELECT 1 FROM pg_create_logical_replication_slot('cli', 'pgoutput');",
+    );
+    let major = support::binaries::server_major();
+    let (code, msg) = check(&path, &[]);
+    assert_eq!(code, Some(0), "{msg}");
+    if major >= 17 {
+        for expected in [
+            "warning: slot \"cli\" is not a failover slot (pg_replication_slots.failover = \
+             false) and the server has standbys (physical slot standby1)",
+            "Set [source] failover = true",
+            "walsweep setup --print",
+        ] {
+            assert!(msg.contains(expected), "missing {expected:?} in:\n{msg}");
+        }
+        pg.psql(
+            "postgres",
+            "SELECT pg_drop_replication_slot('cli');
+             SELECT 1 FROM pg_create_logical_replication_slot('cli', 'pgoutput', false, false, true);",
+        );
+        let (_, msg) = check(&path, &[]);
+        assert!(
+            !msg.contains("failover slot"),
+            "a failover slot is fine:\n{msg}"
+        );
+    } else {
+        assert!(
+            msg.contains(&format!(
+                "note: the server has standbys (physical slot standby1), and Postgres {major} \
+                 has no failover slots"
+            )),
+            "{msg}"
+        );
+        assert!(!msg.contains("warning: slot"), "{msg}");
+    }
+
+    // Fixed: bounded slot WAL, a timeout that fits the status updates, no standby.
+    pg.psql(
+        "postgres",
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '1GB';
+         ALTER SYSTEM SET wal_sender_timeout = '10s';
+         SELECT pg_reload_conf();
+         SELECT pg_drop_replication_slot('standby1');",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pg.psql("postgres", "SHOW max_slot_wal_keep_size") != "1GB"
+        || pg.psql("postgres", "SHOW wal_sender_timeout") != "10s"
+    {
+        assert!(Instant::now() < deadline, "the reload did not take");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, msg) = check(&path, &["--deny-warnings"]);
+    assert_eq!(code, Some(0), "{msg}");
+    assert!(!msg.contains("standbys"), "{msg}");
+    assert!(msg.contains("walsweep.toml: ok"), "{msg}");
 }
 
 #[test]

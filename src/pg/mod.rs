@@ -8,6 +8,7 @@ pub mod pgoutput;
 pub mod pgoutput_options;
 pub(crate) mod pgpass;
 pub mod replication;
+pub(crate) mod slot_invalidation;
 pub(crate) mod tls;
 pub(crate) mod wire;
 

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::pg::catalog;
 use crate::pg::replication::ConnectParams;
+use crate::pg::slot_invalidation::Invalidation;
 use crate::pg::Lsn;
 use crate::telemetry::metrics as m;
 
@@ -66,10 +67,21 @@ pub(crate) async fn watch_slot(params: ConnectParams, slot: String, interval: Du
                     m::slot_polled(lag, s.wal_status.as_deref(), s.safe_wal_size);
                     if s.wal_status.as_deref() == Some("lost") && !lost_reported {
                         lost_reported = true;
+                        let invalidation = Invalidation::read(c, &slot)
+                            .await
+                            .ok()
+                            .flatten()
+                            .unwrap_or_default();
                         tracing::error!(
                             slot = %slot,
-                            "replication slot is lost: Postgres removed WAL it still needed; \
-                             caches may have missed changes. Recreate the slot and clear the caches"
+                            "replication slot {}; caches may have missed changes. Recreate the \
+                             slot and clear the caches (source.on_slot_lost = \"recreate\" does \
+                             both when walsweep reconnects).{}",
+                            invalidation.what(),
+                            invalidation
+                                .prevention()
+                                .map(|p| format!(" {p}."))
+                                .unwrap_or_default()
                         );
                     }
                     let now = Instant::now();

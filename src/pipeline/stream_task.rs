@@ -11,6 +11,7 @@ use crate::pg::catalog;
 use crate::pg::replication::{
     ConnectParams, ReplicationConnection, ReplicationError, ReplicationStream,
 };
+use crate::pg::slot_invalidation::Invalidation;
 use crate::pg::wire::WireMessage;
 use crate::pg::Lsn;
 use crate::plan::Planner;
@@ -202,7 +203,7 @@ impl<PL: Planner> Streamer<'_, PL> {
         if self.slot == SlotMode::Owned {
             if let Some(why) = self.history_changed(&mut conn).await? {
                 drop(conn);
-                self.slot_lost(&format!("belongs to another WAL history: {why}"))
+                self.slot_lost(&format!("belongs to another WAL history: {why}"), None)
                     .await?;
                 return Ok(SessionEnd::Restart);
             }
@@ -226,7 +227,22 @@ impl<PL: Planner> Streamer<'_, PL> {
             Err(ReplicationError::Server(e))
                 if self.slot == SlotMode::Owned && is_slot_invalidated(&e) =>
             {
-                self.slot_lost("was invalidated").await?;
+                // Invalidated since the check above (e.g. by a checkpoint in between).
+                let (what, prevention) = match read_invalidation(&self.params, &source.slot).await {
+                    Some(invalidation) => (invalidation.what(), invalidation.prevention()),
+                    None => (
+                        format!(
+                            "was invalidated ({}{})",
+                            e.message,
+                            e.detail
+                                .as_deref()
+                                .map(|d| format!(": {d}"))
+                                .unwrap_or_default()
+                        ),
+                        None,
+                    ),
+                };
+                self.slot_lost(&what, prevention.as_deref()).await?;
                 return Ok(SessionEnd::Restart);
             }
             Err(e) => return Err(e.into()),
@@ -289,9 +305,12 @@ impl<PL: Planner> Streamer<'_, PL> {
         let mut standing_by = false;
         let slot = loop {
             match catalog::slot_state(client, &source.slot).await? {
-                None => self.slot_lost("was dropped").await?,
+                None => self.slot_lost("was dropped", None).await?,
                 Some(s) if s.wal_status.as_deref() == Some("lost") => {
-                    self.slot_lost("is lost (Postgres removed WAL it still needed)")
+                    let invalidation = Invalidation::read(client, &source.slot)
+                        .await?
+                        .unwrap_or_default();
+                    self.slot_lost(&invalidation.what(), invalidation.prevention().as_deref())
                         .await?
                 }
                 Some(s) if s.active => {
@@ -392,19 +411,26 @@ impl<PL: Planner> Streamer<'_, PL> {
 
     /// Applies `source.on_slot_lost`. `Ok` means a new slot exists, the sink was cleared behind
     /// it (and the mirrors loaded, with warm-up), and positions start over from the new slot.
-    async fn slot_lost(&mut self, what: &str) -> Result<(), PipelineError> {
+    /// `prevention` says what keeps it from happening again, when the cause tells.
+    async fn slot_lost(
+        &mut self,
+        what: &str,
+        prevention: Option<&str>,
+    ) -> Result<(), PipelineError> {
         let source = self.source;
         m::error("slot_lost");
+        let prevention = prevention.map(|p| format!(" {p}.")).unwrap_or_default();
         if source.on_slot_lost == SlotLostPolicy::Fail {
             return Err(PipelineError::Setup(format!(
                 "replication slot {:?} {what}: changes made since walsweep last confirmed were \
                  never seen, so caches may be stale. Either set source.on_slot_lost = \
                  \"recreate\" (walsweep creates a new slot and clears every key and dependency \
-                 set its rules maintain), or drop the slot, clear the caches yourself and restart",
+                 set its rules maintain), or drop the slot, clear the caches yourself and \
+                 restart.{prevention}",
                 source.slot
             )));
         }
-        tracing::error!(slot = %source.slot, "replication slot {what}; recreating it and clearing the caches");
+        tracing::error!(slot = %source.slot, "replication slot {what}; recreating it and clearing the caches.{prevention}");
         let steps = Recovery {
             clear: true,
             restart_chain: true,
@@ -627,6 +653,23 @@ impl<PL: Planner> Streamer<'_, PL> {
         }
         self.confirm(progress, self.sink.borrow().applied_lsn);
         Ok(())
+    }
+}
+
+/// Why Postgres invalidated `slot`; `None` when that cannot be read (the caller then says what
+/// the server said). Not a method: holding `&Streamer` across an await would require the
+/// planner to be `Sync`.
+async fn read_invalidation(params: &ConnectParams, slot: &str) -> Option<Invalidation> {
+    let read = async {
+        let client = catalog::connect(params).await?;
+        Invalidation::read(&client, slot).await
+    };
+    match read.await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %display_chain(&e), "cannot read why the slot was invalidated");
+            None
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 mod auth;
 mod decoding;
 pub mod harness;
+mod idle_timeout;
 mod progress;
 mod protocol;
 mod resilience;

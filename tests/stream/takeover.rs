@@ -125,6 +125,10 @@ async fn lost_slot_fails_or_is_recreated_with_a_reset() {
         "{msg}"
     );
     assert!(msg.contains("on_slot_lost = \"recreate\""), "{msg}");
+    assert!(
+        msg.contains("Postgres keeps at most max_slot_wal_keep_size (2MB) of WAL for a slot"),
+        "{msg}"
+    );
     assert_eq!(failing.resets.load(Ordering::SeqCst), 0);
 
     let mut recreating = harness::start(source_with_policy(&pg, SlotLostPolicy::Recreate), &[]);

@@ -7,6 +7,7 @@ use tokio_postgres::Client;
 
 use crate::config::Config;
 use crate::pg::catalog::{self, qualified_ident, split_table_name};
+use crate::pg::slot_invalidation::Invalidation;
 use crate::plan::mirror::MirrorRule;
 use crate::plan::rules::{Rules, TableRule};
 use crate::plan::Op;
@@ -324,11 +325,24 @@ pub(super) async fn check_database(
             ))
         }
         Ok(Some(slot)) if slot.wal_status.as_deref() == Some("lost") => {
+            let invalidation = match Invalidation::read(client, &source.slot).await {
+                Ok(found) => found.unwrap_or_default(),
+                Err(e) => {
+                    report.errors.push(display_chain(&e));
+                    Invalidation::default()
+                }
+            };
             report.errors.push(format!(
-            "slot {:?} is lost (its WAL was removed); caches may have missed changes: drop and \
-             recreate the slot, then clear the caches",
-            source.slot
-        ))
+                "slot {:?} {}; caches may have missed changes: drop and recreate the slot, then \
+                 clear the caches (source.on_slot_lost = \"recreate\" makes walsweep run do \
+                 both).{}",
+                source.slot,
+                invalidation.what(),
+                invalidation
+                    .prevention()
+                    .map(|p| format!(" {p}."))
+                    .unwrap_or_default()
+            ))
         }
         Ok(Some(_)) => {}
         Ok(None) if source.create_slot => report.notes.push(format!(
@@ -342,6 +356,7 @@ pub(super) async fn check_database(
         )),
         Err(e) => report.errors.push(display_chain(&e)),
     }
+    super::settings::check_source_settings(source, client, report).await;
     for rule in &rules.tables {
         let label = format!("table[{}] ({})", rule.index, rule.name);
         let shape = match table_shape(client, &rule.name).await {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 mod database;
 mod redis;
+mod settings;
 
 use crate::cli::{load, EXIT_CONFIG};
 use crate::config::Config;
