@@ -33,11 +33,14 @@ struct SourceSettings {
     standbys: Vec<String>,
     /// walsweep's slot: `None` when it does not exist; inside, its `failover` (`None` before 17).
     slot_failover: Option<Option<bool>>,
+    /// `synchronized_standby_slots` (17+): the standbys logical walsenders wait for.
+    synchronized_standby_slots: Option<String>,
 }
 
-/// The findings a checker adds: a warning or a note.
+/// The findings a checker adds: an error (walsweep would stop), a warning or a note.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Finding {
+    Error(String),
     Warning(String),
     Note(String),
 }
@@ -67,12 +70,14 @@ pub(super) async fn check_source_settings(
             .wal_sender_timeout
             .as_ref()
             .and_then(|(ms, shown)| sender_timeout_warning(*ms, shown, source.status_interval_ms)),
-        failover_finding(
-            settings.major,
-            &settings.standbys,
-            &source.slot,
-            settings.slot_failover,
-        ),
+        failover_finding(&Failover {
+            major: settings.major,
+            standbys: &settings.standbys,
+            slot: &source.slot,
+            slot_failover: settings.slot_failover,
+            configured: source.failover,
+            synchronized_standby_slots: settings.synchronized_standby_slots.as_deref(),
+        }),
         settings
             .idle_replication_slot_timeout
             .as_deref()
@@ -80,6 +85,7 @@ pub(super) async fn check_source_settings(
     ];
     for finding in findings.into_iter().flatten() {
         match finding {
+            Finding::Error(e) => report.errors.push(e),
             Finding::Warning(w) => report.warnings.push(w),
             Finding::Note(n) => report.notes.push(n),
         }
@@ -96,7 +102,8 @@ async fn read(client: &Client, slot: &str) -> Result<SourceSettings, tokio_postg
                                                         ELSE 1 END \
                      FROM pg_settings WHERE name = 'wal_sender_timeout'), \
                     current_setting('wal_sender_timeout'), \
-                    current_setting('idle_replication_slot_timeout', true)",
+                    current_setting('idle_replication_slot_timeout', true), \
+                    current_setting('synchronized_standby_slots', true)",
             &[],
         )
         .await?;
@@ -136,6 +143,7 @@ async fn read(client: &Client, slot: &str) -> Result<SourceSettings, tokio_postg
         idle_replication_slot_timeout: row.get(4),
         standbys,
         slot_failover,
+        synchronized_standby_slots: row.get(5),
     })
 }
 
@@ -192,17 +200,34 @@ fn sender_timeout_warning(
     )))
 }
 
-/// Standbys, and a slot that would not be on them after a failover.
-fn failover_finding(
+/// What decides whether walsweep's slot survives a failover.
+struct Failover<'a> {
     major: u32,
-    standbys: &[String],
-    slot: &str,
+    standbys: &'a [String],
+    slot: &'a str,
+    /// `None`: no slot yet; inside, its `failover` (`None` before 17).
     slot_failover: Option<Option<bool>>,
-) -> Option<Finding> {
-    if standbys.is_empty() {
+    /// `source.failover`.
+    configured: bool,
+    synchronized_standby_slots: Option<&'a str>,
+}
+
+/// Standbys, and a slot that would not be on them after a failover; `source.failover` on a
+/// server without failover slots, or without the primary setting that makes them safe.
+fn failover_finding(f: &Failover<'_>) -> Option<Finding> {
+    let slot = f.slot;
+    let major = f.major;
+    if f.configured && major < FAILOVER_SLOTS_MIN_MAJOR {
+        return Some(Finding::Error(format!(
+            "source.failover = true needs Postgres 17 or newer (failover slots), but the server \
+             is {major}; walsweep run stops at start. Remove it: before 17 no slot survives a \
+             failover, and source.on_slot_lost decides what happens after one"
+        )));
+    }
+    if f.standbys.is_empty() {
         return None;
     }
-    let standbys = standbys.join(", ");
+    let standbys = f.standbys.join(", ");
     if major < FAILOVER_SLOTS_MIN_MAJOR {
         return Some(Finding::Note(format!(
             "the server has standbys ({standbys}), and Postgres {major} has no failover slots \
@@ -211,18 +236,42 @@ fn failover_finding(
              creates it there and clears the caches)"
         )));
     }
-    match slot_failover {
-        Some(Some(false)) => Some(Finding::Warning(format!(
-            "slot {slot:?} is not a failover slot (pg_replication_slots.failover = false) and \
-             the server has standbys ({standbys}): after a failover the promoted standby has no \
-             slot {slot:?}, and walsweep would go to source.on_slot_lost. Set [source] failover \
-             = true (walsweep run then makes the slot a failover slot) and give the primary and \
-             the standbys the settings `walsweep setup --print` then prints \
-             (synchronized_standby_slots on the primary; sync_replication_slots, \
-             hot_standby_feedback and primary_slot_name on each standby)"
-        ))),
-        _ => None,
+    if f.configured {
+        if f.synchronized_standby_slots
+            .is_none_or(|s| s.trim().is_empty())
+        {
+            return Some(Finding::Warning(format!(
+                "source.failover = true, but synchronized_standby_slots is empty on this primary \
+                 (standbys: {standbys}): walsweep may receive and apply a change the standby has \
+                 not got yet; promoted, that standby's history forks before it and walsweep goes \
+                 to source.on_slot_lost. Set it to the standbys' physical slots (ALTER SYSTEM SET \
+                 synchronized_standby_slots = '<slot>'; SELECT pg_reload_conf()), as `walsweep \
+                 setup --print` shows"
+            )));
+        }
+        if f.slot_failover == Some(Some(false)) {
+            return Some(Finding::Note(format!(
+                "slot {slot:?} is not a failover slot yet; walsweep run makes it one \
+                 (source.failover = true)"
+            )));
+        }
+        return None;
     }
+    let what = match f.slot_failover {
+        Some(Some(true)) => return None,
+        Some(_) => {
+            format!("slot {slot:?} is not a failover slot (pg_replication_slots.failover = false)")
+        }
+        None => format!("slot {slot:?} will not be created as a failover slot"),
+    };
+    Some(Finding::Warning(format!(
+        "{what} and the server has standbys ({standbys}): after a failover the promoted standby \
+         has no slot {slot:?}, and walsweep would go to source.on_slot_lost. Set [source] \
+         failover = true (walsweep run then makes the slot a failover slot) and give the \
+         primary and the standbys the settings `walsweep setup --print` then prints \
+         (synchronized_standby_slots on the primary; sync_replication_slots, \
+         hot_standby_feedback and primary_slot_name on each standby)"
+    )))
 }
 
 /// Postgres 18 invalidates a slot left unused for longer than `idle_replication_slot_timeout`.
@@ -292,10 +341,27 @@ mod tests {
         );
     }
 
+    fn failover<'a>(
+        major: u32,
+        standbys: &'a [String],
+        slot_failover: Option<Option<bool>>,
+        configured: bool,
+        synchronized: Option<&'a str>,
+    ) -> Option<Finding> {
+        failover_finding(&Failover {
+            major,
+            standbys,
+            slot: "ws",
+            slot_failover,
+            configured,
+            synchronized_standby_slots: synchronized,
+        })
+    }
+
     #[test]
     fn standbys_need_a_failover_slot_from_17_and_get_a_note_before() {
         let standbys = vec!["physical slot standby1".to_string()];
-        let w = warning(failover_finding(17, &standbys, "ws", Some(Some(false))));
+        let w = warning(failover(17, &standbys, Some(Some(false)), false, None));
         for part in [
             "slot \"ws\" is not a failover slot (pg_replication_slots.failover = false)",
             "(physical slot standby1)",
@@ -304,17 +370,11 @@ mod tests {
         ] {
             assert!(w.contains(part), "{part:?} missing: {w}");
         }
-        assert_eq!(
-            failover_finding(18, &standbys, "ws", Some(Some(true))),
-            None
-        );
-        assert_eq!(
-            failover_finding(18, &standbys, "ws", None),
-            None,
-            "no slot yet"
-        );
-        assert_eq!(failover_finding(18, &[], "ws", Some(Some(false))), None);
-        match failover_finding(16, &standbys, "ws", Some(None)) {
+        assert_eq!(failover(18, &standbys, Some(Some(true)), false, None), None);
+        let w = warning(failover(18, &standbys, None, false, None));
+        assert!(w.contains("will not be created as a failover slot"), "{w}");
+        assert_eq!(failover(18, &[], Some(Some(false)), false, None), None);
+        match failover(16, &standbys, Some(None), false, None) {
             Some(Finding::Note(n)) => {
                 assert!(n.contains("Postgres 16 has no failover slots"), "{n}");
                 assert!(
@@ -324,7 +384,27 @@ mod tests {
             }
             other => panic!("expected a note, got {other:?}"),
         }
-        assert_eq!(failover_finding(16, &[], "ws", Some(None)), None);
+        assert_eq!(failover(16, &[], Some(None), false, None), None);
+    }
+
+    #[test]
+    fn configured_failover_needs_17_and_synchronized_standby_slots() {
+        let standbys = vec!["physical slot sb1".to_string()];
+        match failover(16, &[], None, true, None) {
+            Some(Finding::Error(e)) => assert!(e.contains("needs Postgres 17"), "{e}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        let w = warning(failover(17, &standbys, Some(Some(true)), true, Some("")));
+        assert!(w.contains("synchronized_standby_slots is empty"), "{w}");
+        assert_eq!(
+            failover(17, &standbys, Some(Some(true)), true, Some("sb1")),
+            None
+        );
+        match failover(17, &standbys, Some(Some(false)), true, Some("sb1")) {
+            Some(Finding::Note(n)) => assert!(n.contains("walsweep run makes it one"), "{n}"),
+            other => panic!("expected a note, got {other:?}"),
+        }
+        assert_eq!(failover(17, &[], None, true, None), None, "no standbys yet");
     }
 
     #[test]
