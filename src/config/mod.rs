@@ -265,6 +265,12 @@ pub struct SourceConfig {
     /// they commit (walsweep never asks for two-phase decoding: it acts on commits only).
     #[serde(default)]
     pub protocol_version: Option<u32>,
+    /// Before applying a batch, wait until its transactions are visible to other sessions
+    /// (one query per batch on an SQL connection). Postgres can send a commit before it is
+    /// visible (after the flush, during a synchronous standby's wait); an invalidation in that
+    /// window is refilled with the old row by the next reader. Default true.
+    #[serde(default = "default_true")]
+    pub visibility_gate: bool,
 }
 
 /// `source.on_slot_lost`.
@@ -388,6 +394,7 @@ impl SourceConfig {
             warm_up: false,
             failover: false,
             protocol_version: None,
+            visibility_gate: true,
         }
     }
 

@@ -9,6 +9,8 @@ use crate::plan::rules::{Effect, EffectPlan, FallbackCause, Rules};
 use crate::plan::txn::TxnPlanner;
 use crate::sink::redis::RedisSink;
 
+use super::visibility::{GatedSink, VisibilityGate};
+
 /// Everything a sink reset clears: every prefix the rules invalidate and every mirror prefix.
 pub(crate) fn reset_plan(config: &Config, rules: &Rules) -> Result<EffectPlan, PipelineError> {
     let mut plan = rules.reset_plan();
@@ -53,5 +55,11 @@ pub async fn run(config: &Config, shutdown: Shutdown) -> Result<RunSummary, Pipe
         None
     };
     let tables = config.qualified_tables();
+    let gate = config
+        .source
+        .visibility_gate
+        .then(|| config.source.connect_params().map(VisibilityGate::new))
+        .transpose()?;
+    let sink = GatedSink::new(sink, gate);
     pipeline::run_warming_up(&config.source, &tables, planner, sink, shutdown, warm_up).await
 }

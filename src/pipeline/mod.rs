@@ -20,6 +20,7 @@ mod sink_task;
 pub(crate) mod slot_monitor;
 mod source;
 mod stream_task;
+pub mod visibility;
 pub(crate) mod warm_up;
 
 pub use error::PipelineError;

@@ -19,6 +19,8 @@ pub(crate) const BATCH_SIZE_TRANSACTIONS: &str = "walsweep_batch_size_transactio
 pub(crate) const BATCH_APPLY_SECONDS: &str = "walsweep_batch_apply_seconds";
 pub(crate) const COMMIT_TO_APPLIED_SECONDS: &str = "walsweep_commit_to_applied_seconds";
 pub(crate) const REDIS_ROUND_TRIP_SECONDS: &str = "walsweep_redis_round_trip_seconds";
+pub(crate) const VISIBILITY_WAIT_SECONDS: &str = "walsweep_visibility_wait_seconds";
+pub(crate) const VISIBILITY_RECHECKS_TOTAL: &str = "walsweep_visibility_rechecks_total";
 pub(crate) const REDIS_UP: &str = "walsweep_redis_up";
 pub(crate) const FLUSHED_LSN: &str = "walsweep_flushed_lsn";
 pub(crate) const STREAMING: &str = "walsweep_streaming";
@@ -198,6 +200,17 @@ pub(crate) fn describe() {
         Unit::Seconds,
         "One Redis round trip (pipeline, script or scan)."
     );
+    describe_histogram!(
+        VISIBILITY_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time a batch spent in the visibility gate (its check queries included) before it was \
+         applied."
+    );
+    describe_counter!(
+        VISIBILITY_RECHECKS_TOTAL,
+        "Visibility checks that found a committed transaction not yet visible to other \
+         sessions, so the batch waited and checked again."
+    );
     describe_gauge!(
         REDIS_UP,
         "1 when the last Redis round trip or probe succeeded."
@@ -316,6 +329,7 @@ pub(crate) fn describe() {
     }
     counter!(MIRROR_KEYS_CLEARED_TOTAL).absolute(0);
     counter!(SNAPSHOT_ROWS_TOTAL).absolute(0);
+    counter!(VISIBILITY_RECHECKS_TOTAL).absolute(0);
     gauge!(REDIS_UP).set(0.0);
     gauge!(STREAMING).set(0.0);
     gauge!(FLUSHED_LSN).set(0.0);
@@ -324,6 +338,7 @@ pub(crate) fn describe() {
         BATCH_APPLY_SECONDS,
         COMMIT_TO_APPLIED_SECONDS,
         REDIS_ROUND_TRIP_SECONDS,
+        VISIBILITY_WAIT_SECONDS,
     ] {
         // Registering without recording keeps the histogram empty but exported.
         let _ = histogram!(name);
@@ -434,6 +449,12 @@ pub(crate) fn snapshot_rows(n: u64) {
 
 pub(crate) fn hint_malformed() {
     counter!(HINTS_MALFORMED_TOTAL).increment(1);
+}
+
+/// A batch passed the visibility gate after `checks` queries.
+pub(crate) fn visibility_waited(elapsed: Duration, checks: u64) {
+    histogram!(VISIBILITY_WAIT_SECONDS).record(elapsed.as_secs_f64());
+    counter!(VISIBILITY_RECHECKS_TOTAL).increment(checks.saturating_sub(1));
 }
 
 pub(crate) fn redis_round_trip(elapsed: Duration) {
