@@ -10,6 +10,7 @@
 //!
 //!   cargo bench --bench latency
 //!   WALSWEEP_BENCH_RATE=1000 WALSWEEP_BENCH_SECS=10 cargo bench --bench latency
+//!   WALSWEEP_BENCH_GATE=0 cargo bench --bench latency    # without the visibility gate
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -22,6 +23,7 @@ use futures_util::StreamExt;
 
 use walsweep::config::Config;
 use walsweep::pipeline;
+use walsweep::pipeline::visibility::{GatedSink, VisibilityGate};
 use walsweep::plan::rules::{Rules, RulesPlanner};
 use walsweep::sink::redis::{state_prefix, RedisSink, APPLIED_POSITION};
 
@@ -89,6 +91,10 @@ columns = ["category", "published"]
             "{}{APPLIED_POSITION}",
             state_prefix("postgres", &config.source.slot)
         );
+        let gate = (env_u64("WALSWEEP_BENCH_GATE", 1) != 0)
+            .then(|| VisibilityGate::new(config.source.connect_params().unwrap()));
+        println!("visibility gate: {}", if gate.is_some() { "on" } else { "off" });
+        let sink = GatedSink::new(sink, gate);
         let (shutdown, signal) = pipeline::shutdown_channel();
         let source = config.source.clone();
         let daemon = tokio::spawn(async move {
