@@ -15,11 +15,47 @@ the cache after that sees the commit (its invalidations are done).
 The protocol, for any language (README, "Read your own writes"): the key
 ``walsweep:<database>/<slot>:applied`` holds a decimal LSN and only grows; each advance is
 published on the channel of the same name. Subscribe, then GET, then wait for a message.
+
+Fenced fills (README, "Fenced fills"; walsweep with ``[matroska] fences = true``): a fill that
+read the database before a commit walsweep has invalidated since is refused, not stored.
+matroska-cache apps change the line that builds the backend:
+
+    from walsweep_client import FencedRedisBackend, position_key
+
+    cache = MatroskaCache(
+        FencedRedisBackend(redis, prefix="cache", position_key=position_key("app", "walsweep"))
+    )
+
+Other caches use ``fill_begin`` (before reading the database) and ``fill`` directly
+(``walsweep_client.fences``). ``FencedRedisBackend`` is imported on first use, so this package
+imports without matroska-cache installed.
 """
 
 import time
 
-__all__ = ["WaitTimeout", "commit_lsn", "parse_lsn", "position_key", "wait_for_lsn"]
+from .fences import FencesNotLoaded, fill, fill_begin, fill_counts
+
+__all__ = [
+    "FencedRedisBackend",
+    "FencesNotLoaded",
+    "WaitTimeout",
+    "commit_lsn",
+    "fill",
+    "fill_begin",
+    "fill_counts",
+    "parse_lsn",
+    "position_key",
+    "wait_for_lsn",
+]
+
+
+def __getattr__(name):
+    # Lazy: matroska-cache is only needed by apps that use the backend.
+    if name == "FencedRedisBackend":
+        from .matroska import FencedRedisBackend
+
+        return FencedRedisBackend
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
 
 
 class WaitTimeout(Exception):
