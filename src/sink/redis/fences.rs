@@ -112,7 +112,7 @@ impl RedisSink {
 
     /// Loads the function library unless it is known to be there (`Fences::library_loaded`).
     pub(super) async fn ensure_function_library(&mut self) -> Result<(), SinkError> {
-        if !self.fences.as_ref().is_some_and(|f| !f.library_loaded) {
+        if self.fences.as_ref().is_none_or(|f| f.library_loaded) {
             return Ok(());
         }
         let mut conn = self.connection().await?;
