@@ -133,7 +133,7 @@ async fn fences_are_raised_before_invalidations_and_refuse_older_fills() {
         assert!(ttl > 0 && ttl <= 60_000, "fence TTL {ttl} ms");
     }
     let untouched: Option<String> = conn
-        .get(format!("walsweep:fence:cache::rdep::id:item:2"))
+        .get("walsweep:fence:cache::rdep::id:item:2")
         .await
         .unwrap();
     assert_eq!(untouched, None, "no fence for a set no commit touched");
