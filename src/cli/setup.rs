@@ -131,6 +131,12 @@ pub async fn command(path: &Path, print_only: bool, role: &str) -> ExitCode {
         for line in failover_instructions(&config, &[]) {
             println!("{line}");
         }
+        if config.matroska.fences {
+            println!(
+                "-- matroska.fences: walsweep loads its Redis function library at start; \
+                 `walsweep setup` without --print loads it now"
+            );
+        }
         return ExitCode::SUCCESS;
     }
     let params = match config.source.connect_params() {
@@ -162,6 +168,16 @@ pub async fn command(path: &Path, print_only: bool, role: &str) -> ExitCode {
         }
     }
     println!("-- done; give the role a password with: ALTER ROLE {role} PASSWORD '...';");
+    if config.matroska.fences {
+        if let Err(e) = load_functions(&config).await {
+            eprintln!("walsweep setup: {e}");
+            return ExitCode::FAILURE;
+        }
+        println!(
+            "-- loaded the walsweep Redis function library (walsweep_fill_begin, walsweep_fill) \
+             into [redis]"
+        );
+    }
     if config.source.failover {
         let standby_slots = catalog::physical_slots(&client).await.unwrap_or_default();
         for line in failover_instructions(&config, &standby_slots) {
@@ -169,6 +185,18 @@ pub async fn command(path: &Path, print_only: bool, role: &str) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `FUNCTION LOAD REPLACE` of walsweep's fenced-fill functions into `[redis]`.
+async fn load_functions(config: &Config) -> Result<(), String> {
+    let client = crate::sink::redis::redis_client(&config.redis).map_err(|e| display_chain(&e))?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("connecting to Redis to load the function library: {e}"))?;
+    crate::sink::redis::fences::load_function_library(&mut conn)
+        .await
+        .map_err(|e| format!("FUNCTION LOAD of the walsweep library failed: {e}"))
 }
 
 #[cfg(test)]

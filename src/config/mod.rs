@@ -151,6 +151,22 @@ pub struct MatroskaConfig {
     /// from the tz database built into walsweep, not from the host.
     #[serde(default = "default_timezone")]
     pub(crate) timezone: String,
+    /// Fenced fills (opt-in, exact): before each invalidation walsweep sets a fence
+    /// (`walsweep:fence:<key>`, the commit's LSN) for every key it unlinks and every dependency
+    /// set it invalidates (`walsweep:fence-all` for a table-wide one), and loads the Redis
+    /// Functions `walsweep_fill_begin` / `walsweep_fill` with which an app's cache refuses a
+    /// fill that began before a commit it may have missed (README, "Fenced fills";
+    /// `clients/python` has a drop-in matroska-cache backend). Default false.
+    #[serde(default)]
+    pub(crate) fences: bool,
+    /// How long a fence lives, in ms: well above the slowest fill (read the database, then
+    /// store). Default 60000.
+    #[serde(default = "default_fence_ttl_ms")]
+    pub(crate) fence_ttl_ms: u64,
+}
+
+fn default_fence_ttl_ms() -> u64 {
+    60_000
 }
 
 fn default_timezone() -> String {
@@ -177,6 +193,8 @@ impl Default for MatroskaConfig {
             remove_dependency_sets: false,
             reinvalidate_after_ms: None,
             timezone: default_timezone(),
+            fences: false,
+            fence_ttl_ms: default_fence_ttl_ms(),
         }
     }
 }
@@ -710,6 +728,12 @@ impl Config {
                     ),
                 );
             }
+        }
+        if self.matroska.fence_ttl_ms == 0 {
+            problem(
+                "matroska.fence_ttl_ms",
+                "must be at least 1 (ms); well above the app's slowest fill, e.g. 60000".into(),
+            );
         }
         if let Err(message) = self.matroska.timezone() {
             problem("matroska.timezone", message);

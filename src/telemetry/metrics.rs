@@ -20,6 +20,8 @@ pub(crate) const BATCH_APPLY_SECONDS: &str = "walsweep_batch_apply_seconds";
 pub(crate) const COMMIT_TO_APPLIED_SECONDS: &str = "walsweep_commit_to_applied_seconds";
 pub(crate) const REDIS_ROUND_TRIP_SECONDS: &str = "walsweep_redis_round_trip_seconds";
 pub(crate) const VISIBILITY_WAIT_SECONDS: &str = "walsweep_visibility_wait_seconds";
+pub(crate) const FENCES_RAISED_TOTAL: &str = "walsweep_fences_raised_total";
+pub(crate) const FILLS_TOTAL: &str = "walsweep_fills_total";
 pub(crate) const VISIBILITY_RECHECKS_TOTAL: &str = "walsweep_visibility_rechecks_total";
 pub(crate) const REDIS_UP: &str = "walsweep_redis_up";
 pub(crate) const FLUSHED_LSN: &str = "walsweep_flushed_lsn";
@@ -207,6 +209,16 @@ pub(crate) fn describe() {
          applied."
     );
     describe_counter!(
+        FENCES_RAISED_TOTAL,
+        "Fences raised before invalidations (matroska.fences): one per key, dependency set or \
+         table-wide invalidation."
+    );
+    describe_counter!(
+        FILLS_TOTAL,
+        "Fills through the walsweep_fill function, by result (stored, refused: a fence was \
+         newer than the fill's token); read from Redis with each fenced batch."
+    );
+    describe_counter!(
         VISIBILITY_RECHECKS_TOTAL,
         "Visibility checks that found a committed transaction not yet visible to other \
          sessions, so the batch waited and checked again."
@@ -330,6 +342,7 @@ pub(crate) fn describe() {
     counter!(MIRROR_KEYS_CLEARED_TOTAL).absolute(0);
     counter!(SNAPSHOT_ROWS_TOTAL).absolute(0);
     counter!(VISIBILITY_RECHECKS_TOTAL).absolute(0);
+    counter!(FENCES_RAISED_TOTAL).absolute(0);
     gauge!(REDIS_UP).set(0.0);
     gauge!(STREAMING).set(0.0);
     gauge!(FLUSHED_LSN).set(0.0);
@@ -449,6 +462,16 @@ pub(crate) fn snapshot_rows(n: u64) {
 
 pub(crate) fn hint_malformed() {
     counter!(HINTS_MALFORMED_TOTAL).increment(1);
+}
+
+pub(crate) fn fences_raised(n: u64) {
+    counter!(FENCES_RAISED_TOTAL).increment(n);
+}
+
+/// The counts the fill function keeps in Redis (`walsweep:fills`).
+pub(crate) fn set_fills(stored: u64, refused: u64) {
+    counter!(FILLS_TOTAL, LABEL_RESULT => "stored").absolute(stored);
+    counter!(FILLS_TOTAL, LABEL_RESULT => "refused").absolute(refused);
 }
 
 /// A batch passed the visibility gate after `checks` queries.

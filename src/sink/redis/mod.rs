@@ -15,6 +15,7 @@
 pub(crate) mod broadcast;
 pub mod certificate;
 pub(crate) mod errors;
+pub mod fences;
 pub(crate) mod mirror;
 mod position;
 pub mod probe;
@@ -194,6 +195,8 @@ pub struct RedisSink {
     connection: Option<ConnectionManager>,
     prefix: String,
     remove_sets: bool,
+    /// `matroska.fences`: fences raised before each invalidation (`fences`).
+    fences: Option<fences::Fences>,
     /// `matroska.reinvalidate_after_ms`: keeps applied batches for a second application.
     reinvalidate: Option<reinvalidate::Scheduler>,
     /// Whether outcomes set `walsweep_redis_up` (not for the reinvalidation worker's sink).
@@ -245,6 +248,10 @@ impl RedisSink {
             remove_sets: matroska.remove_dependency_sets,
             reset_plan: EffectPlan::default(),
             reinvalidate: None,
+            fences: matroska.fences.then_some(fences::Fences {
+                ttl_ms: matroska.fence_ttl_ms,
+                library_loaded: false,
+            }),
             reports_health: true,
             broadcast: None,
             state_prefix,
@@ -255,6 +262,9 @@ impl RedisSink {
                 redis,
                 &MatroskaConfig {
                     reinvalidate_after_ms: None,
+                    // The first application raised them; a fence stays newer than any token
+                    // taken before it, so the second pass needs none of its own.
+                    fences: false,
                     ..matroska.clone()
                 },
             )?;
@@ -316,6 +326,16 @@ impl RedisSink {
         &mut self,
         plans: impl Iterator<Item = &'a EffectPlan>,
     ) -> Result<Unlinked, SinkError> {
+        self.apply_plans_at(plans, None).await
+    }
+
+    /// Applies the union of `plans`, the effects of commits up to `fence_lsn`: with
+    /// `matroska.fences`, their fences are raised at it first.
+    async fn apply_plans_at<'a>(
+        &mut self,
+        plans: impl Iterator<Item = &'a EffectPlan>,
+        fence_lsn: Option<Lsn>,
+    ) -> Result<Unlinked, SinkError> {
         let mut keys: HashSet<&str> = HashSet::new();
         let mut deps: HashSet<&str> = HashSet::new();
         let mut key_prefixes: BTreeMap<&str, FallbackCause> = BTreeMap::new();
@@ -334,7 +354,7 @@ impl RedisSink {
             log_effects(&keys, &deps, &key_prefixes, &dep_prefixes, &self.prefix);
         }
         let result = self
-            .apply_sets(keys, deps, key_prefixes, dep_prefixes)
+            .apply_sets(keys, deps, key_prefixes, dep_prefixes, fence_lsn)
             .await;
         self.observe(&result);
         result
@@ -346,11 +366,16 @@ impl RedisSink {
         deps: HashSet<&str>,
         key_prefixes: BTreeMap<&str, FallbackCause>,
         dep_prefixes: BTreeMap<&str, FallbackCause>,
+        fence_lsn: Option<Lsn>,
     ) -> Result<Unlinked, SinkError> {
-        let mut conn = self.connection().await?;
-        let mut applied = Unlinked::default();
         let keys: Vec<&str> = keys.into_iter().collect();
         let sets: Vec<String> = deps.iter().map(|d| dep_set_key(&self.prefix, d)).collect();
+        if let Some(lsn) = fence_lsn {
+            let all = !key_prefixes.is_empty() || !dep_prefixes.is_empty();
+            self.raise_fences(&keys, &sets, all, lsn).await?;
+        }
+        let mut conn = self.connection().await?;
+        let mut applied = Unlinked::default();
         if !keys.is_empty() || !sets.is_empty() {
             let mut pipe = ::redis::pipe();
             for chunk in keys.chunks(KEYS_PER_COMMAND) {
@@ -567,7 +592,12 @@ fn count_replies(replies: &[Value], applied: &mut Unlinked) {
 macro_rules! state_hooks {
     () => {
         async fn pending_recovery(&mut self) -> Result<Recovery, SinkError> {
-            let result = self.read_recovery().await;
+            // The first thing a run asks of the sink: apps can fill through the functions
+            // before the first change arrives.
+            let result = match self.ensure_function_library().await {
+                Ok(()) => self.read_recovery().await,
+                Err(e) => Err(e),
+            };
             self.observe(&result);
             result
         }
@@ -691,6 +721,10 @@ impl RedisSink {
         }
         if result.is_err() {
             self.connection = None;
+            // Redis may have restarted without the function library.
+            if let Some(f) = &mut self.fences {
+                f.library_loaded = false;
+            }
         }
     }
 
@@ -699,7 +733,10 @@ impl RedisSink {
     /// second application is kept: only for a batch that applied, once however often retried.
     async fn apply_txn_plans(&mut self, batch: &[CommittedTxn<TxnPlan>]) -> Result<(), SinkError> {
         let applied = self
-            .apply_plans(batch.iter().map(|t| &t.plan.invalidate))
+            .apply_plans_at(
+                batch.iter().map(|t| &t.plan.invalidate),
+                batch.last().map(|t| t.commit_lsn),
+            )
             .await?;
         // Each transaction's ops are already folded per key; across transactions they are
         // applied as they come, which keeps commit order without copying them.
@@ -728,19 +765,27 @@ impl RedisSink {
     }
 }
 
+impl RedisSink {
+    /// The applied position and the fences belong to the old history's LSNs.
+    async fn forget_history(&mut self) -> Result<(), SinkError> {
+        self.delete_position().await?;
+        self.drop_fences().await
+    }
+}
+
 impl Sink<EffectPlan> for RedisSink {
     state_hooks!();
 
     async fn slot_created(&mut self) -> Result<(), SinkError> {
         // The new slot's LSNs may be lower than the old history's: waiters must not take an
-        // old position for theirs.
-        let result = self.delete_position().await;
+        // old position for theirs, nor fills be refused by old fences.
+        let result = self.forget_history().await;
         self.observe(&result);
         result
     }
 
     async fn reset(&mut self) -> Result<(), SinkError> {
-        let result = self.delete_position().await;
+        let result = self.forget_history().await;
         self.observe(&result);
         result?;
         if self.reset_plan.is_empty() {
@@ -759,7 +804,10 @@ impl Sink<EffectPlan> for RedisSink {
 
     async fn apply(&mut self, batch: &[CommittedTxn<EffectPlan>]) -> Result<Applied, SinkError> {
         let applied = self
-            .apply_plans(batch.iter().map(|t| &t.plan))
+            .apply_plans_at(
+                batch.iter().map(|t| &t.plan),
+                batch.last().map(|t| t.commit_lsn),
+            )
             .await
             .map_err(|e| at_commits(e, batch))?;
         let kept = self.keep_second_application(batch, |plan| plan).await;
