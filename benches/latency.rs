@@ -143,7 +143,7 @@ columns = ["category", "published"]
             .query_async(&mut conn)
             .await
             .unwrap();
-        let (position_tx, mut position) =
+        let (position_tx, position) =
             tokio::sync::watch::channel(initial.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0));
         let position_listener = tokio::spawn(async move {
             let mut messages = position_sub.on_message();
@@ -162,6 +162,7 @@ columns = ["category", "published"]
             .await
             .unwrap();
         let mut waits: Vec<Duration> = Vec::with_capacity((rate * secs) as usize);
+        let mut waiters = Vec::with_capacity((rate * secs) as usize);
         let mut wait_timeouts = 0usize;
 
         let total = rate * secs;
@@ -193,9 +194,20 @@ columns = ["category", "published"]
                 .get::<_, String>(0)
                 .parse()
                 .unwrap();
-            match tokio::time::timeout(Duration::from_secs(5), position.wait_for(|p| *p >= lsn)).await {
-                Ok(Ok(_)) => waits.push(acked.elapsed()),
-                _ => wait_timeouts += 1,
+            // Waited for beside the writer, so the waits do not slow the write rate.
+            let mut position = position.clone();
+            waiters.push(tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(5), position.wait_for(|p| *p >= lsn))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|_| acked.elapsed())
+            }));
+        }
+        for waiter in waiters {
+            match waiter.await.unwrap() {
+                Some(waited) => waits.push(waited),
+                None => wait_timeouts += 1,
             }
         }
         position_listener.abort();

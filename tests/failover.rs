@@ -171,13 +171,21 @@ async fn wait_slot_synced(standby: &tokio_postgres::Client, slot: &str) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn walsweep_resumes_from_the_synchronized_failover_slot_on_the_promoted_standby() {
-    support::init_tracing();
+/// A primary with a physical standby that synchronizes failover slots (Postgres 17+), the
+/// multi-host URL of both, and clients on each. `None` (after saying so) on older servers.
+struct FailoverPair {
+    primary: Postgres,
+    standby: Postgres,
+    url: String,
+    primary_client: tokio_postgres::Client,
+    standby_client: tokio_postgres::Client,
+}
+
+async fn failover_pair() -> Option<FailoverPair> {
     let major = server_major();
     if major < 17 {
         eprintln!("skipped: failover slots need Postgres 17+, the tests boot {major}");
-        return;
+        return None;
     }
     // The primary holds logical walsenders back until the standby has the WAL, so the
     // promoted standby never lacks a change walsweep already applied.
@@ -193,13 +201,34 @@ async fn walsweep_resumes_from_the_synchronized_failover_slot_on_the_promoted_st
             ("synchronized_standby_slots", ""),
         ]),
     );
-    let redis = Redis::start();
-    let mut conn = redis.connection().await;
-
     let url = multi_host_url(&[&primary, &standby], "app");
-    let walsweep = daemon::start(config(&url, &redis, "ws_failover", "failover = true"));
     let primary_client = primary.client("app").await;
     let standby_client = standby.client("app").await;
+    Some(FailoverPair {
+        primary,
+        standby,
+        url,
+        primary_client,
+        standby_client,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walsweep_resumes_from_the_synchronized_failover_slot_on_the_promoted_standby() {
+    support::init_tracing();
+    let Some(FailoverPair {
+        mut primary,
+        standby,
+        url,
+        primary_client,
+        standby_client,
+    }) = failover_pair().await
+    else {
+        return;
+    };
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let walsweep = daemon::start(config(&url, &redis, "ws_failover", "failover = true"));
     daemon::wait_streaming(&primary_client, "ws_failover").await;
     let failover: bool = primary_client
         .query_one(
@@ -260,27 +289,18 @@ async fn walsweep_resumes_from_the_synchronized_failover_slot_on_the_promoted_st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_while_walsweep_was_stopped_are_applied_from_the_synchronized_slot() {
     support::init_tracing();
-    let major = server_major();
-    if major < 17 {
-        eprintln!("skipped: failover slots need Postgres 17+, the tests boot {major}");
+    let Some(FailoverPair {
+        mut primary,
+        standby,
+        url,
+        primary_client,
+        standby_client,
+    }) = failover_pair().await
+    else {
         return;
-    }
-    let mut primary = Postgres::start_with(settings(&[("synchronized_standby_slots", "sb1")]));
-    primary.create_database("app");
-    primary.psql("app", SCHEMA);
-    let standby = primary.start_standby(
-        "app",
-        Some("sb1"),
-        &settings(&[
-            ("sync_replication_slots", "on"),
-            ("synchronized_standby_slots", ""),
-        ]),
-    );
+    };
     let redis = Redis::start();
     let mut conn = redis.connection().await;
-    let url = multi_host_url(&[&primary, &standby], "app");
-    let primary_client = primary.client("app").await;
-    let standby_client = standby.client("app").await;
 
     let walsweep = daemon::start(config(&url, &redis, "ws_resume", "failover = true"));
     daemon::wait_streaming(&primary_client, "ws_resume").await;

@@ -61,19 +61,6 @@ async fn token(conn: &mut redis::aio::MultiplexedConnection) -> String {
         .expect("FCALL walsweep_fill_begin")
 }
 
-async fn lsn_after_commit(client: &tokio_postgres::Client) -> u64 {
-    client
-        .query_one(
-            "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::text",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap()
-}
-
 async fn wait_position(conn: &mut redis::aio::MultiplexedConnection, lsn: u64) {
     daemon::wait_for(10, || {
         let mut conn = conn.clone();
@@ -107,7 +94,7 @@ async fn fences_are_raised_before_invalidations_and_refuse_older_fills() {
         .execute("UPDATE items SET v = 'v1' WHERE id = 1", &[])
         .await
         .unwrap();
-    let lsn = lsn_after_commit(&client).await;
+    let lsn = daemon::insert_lsn(&client).await;
     wait_gone(&mut conn, "cache::data::a", 10).await;
     wait_position(&mut conn, lsn).await;
     let version: String = redis::cmd("FCALL")
@@ -159,7 +146,7 @@ async fn fences_are_raised_before_invalidations_and_refuse_older_fills() {
     // A table-wide invalidation raises fence-all: every older fill is refused.
     let before_truncate = token(&mut conn).await;
     client.execute("TRUNCATE items", &[]).await.unwrap();
-    let lsn = lsn_after_commit(&client).await;
+    let lsn = daemon::insert_lsn(&client).await;
     wait_position(&mut conn, lsn).await;
     let all: String = conn.get("walsweep:fence-all").await.unwrap();
     assert!(all.parse::<u64>().unwrap() > before_truncate.parse::<u64>().unwrap());

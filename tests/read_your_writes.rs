@@ -33,18 +33,6 @@ deps = ["id:item:{id}"]
 
 const POSITION_KEY: &str = "walsweep:app/ryw:applied";
 
-/// `pg_current_wal_insert_lsn() - '0/0'` right after the caller's commit, as a number.
-async fn insert_lsn(client: &tokio_postgres::Client) -> u64 {
-    let row = client
-        .query_one(
-            "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::text",
-            &[],
-        )
-        .await
-        .expect("insert lsn");
-    row.get::<_, String>(0).parse().expect("decimal lsn")
-}
-
 async fn published(conn: &mut redis::aio::MultiplexedConnection) -> Option<u64> {
     let value: Option<String> = conn.get(POSITION_KEY).await.expect("GET position");
     value.map(|v| v.parse().expect("the position is a decimal number"))
@@ -90,7 +78,7 @@ async fn the_applied_position_is_published_with_each_batch_and_announced() {
         .execute("UPDATE items SET v = 1 WHERE id = 1", &[])
         .await
         .unwrap();
-    let lsn = insert_lsn(&client).await;
+    let lsn = daemon::insert_lsn(&client).await;
     // The announcement that reaches the commit comes after its effect is in Redis.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -156,7 +144,7 @@ async fn walsweep_wait_returns_for_a_commit_no_rule_follows_and_times_out_with_e
         .execute("INSERT INTO audit (note) VALUES ('unfollowed')", &[])
         .await
         .unwrap();
-    let lsn = insert_lsn(&client).await;
+    let lsn = daemon::insert_lsn(&client).await;
     let started = Instant::now();
     let out = wait(lsn.to_string(), 20_000).await.unwrap();
     assert!(

@@ -75,7 +75,8 @@ impl Drop for SyncStandby {
     }
 }
 
-/// The machine's pg_receivewal only talks to servers of its own major or older.
+/// The machine's pg_receivewal only talks to servers of its own major or older; says when the
+/// test is skipped for that.
 fn receivewal_fits() -> bool {
     let out = Command::new(pg_tool("pg_receivewal"))
         .arg("--version")
@@ -89,6 +90,12 @@ fn receivewal_fits() -> bool {
         .and_then(|v| v.split('.').next())
         .and_then(|m| m.parse().ok())
         .unwrap_or(0);
+    if major < server_major() {
+        eprintln!(
+            "skipped: the machine's pg_receivewal ({major}) cannot stream from Postgres {}",
+            server_major()
+        );
+    }
     major >= server_major()
 }
 
@@ -218,10 +225,6 @@ fn start_walsweep(s: &Setup, slot: &str, gate: bool) -> daemon::Daemon {
 async fn without_the_gate_an_invalidation_before_visibility_is_refilled_with_the_old_row() {
     support::init_tracing();
     if !receivewal_fits() {
-        eprintln!(
-            "skipped: the machine's pg_receivewal cannot stream from Postgres {}",
-            server_major()
-        );
         return;
     }
     let s = setup().await;
@@ -245,10 +248,6 @@ async fn without_the_gate_an_invalidation_before_visibility_is_refilled_with_the
 async fn with_the_gate_the_fill_after_an_invalidation_never_reads_the_old_row() {
     support::init_tracing();
     if !receivewal_fits() {
-        eprintln!(
-            "skipped: the machine's pg_receivewal cannot stream from Postgres {}",
-            server_major()
-        );
         return;
     }
     let s = setup().await;

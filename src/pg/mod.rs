@@ -10,6 +10,7 @@ pub(crate) mod pgpass;
 pub mod replication;
 pub(crate) mod slot_invalidation;
 pub(crate) mod tls;
+pub(crate) mod wal_layout;
 pub(crate) mod wire;
 
 pub use lsn::Lsn;

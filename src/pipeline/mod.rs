@@ -203,12 +203,14 @@ where
 {
     let (txn_tx, txn_rx) = mpsc::channel(source.queue_capacity);
     let (report_tx, report_rx) = watch::channel(SinkReport::default());
+    let wal = std::sync::Arc::new(crate::pg::wal_layout::WalLayout::default());
     let mut sink_task = tokio::spawn(sink_loop(
         sink,
         txn_rx,
         report_tx,
         source.batch_max_txns,
         Backoff::new(source.reconnect_min(), source.reconnect_max()),
+        wal.clone(),
     ));
     let mut second_request = shutdown.clone();
     let mut streamer = Streamer {
@@ -224,6 +226,7 @@ where
         enqueued_lsn: Lsn::ZERO,
         keepalive_lsn: Lsn::ZERO,
         idle_published_lsn: Lsn::ZERO,
+        wal,
         shutdown,
         backoff: Backoff::new(source.reconnect_min(), source.reconnect_max()),
         reconnects: 0,

@@ -1,6 +1,9 @@
 //! The sink task: applies queued transactions in batches and reports back, on one channel,
 //! what the sink confirmed. Nothing else flows from the sink side to the stream side.
 
+use std::sync::Arc;
+
+use crate::pg::wal_layout::WalLayout;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
@@ -87,6 +90,7 @@ pub(crate) async fn sink_loop<P: Plan, S: Sink<P>>(
     report: watch::Sender<SinkReport>,
     batch_max: usize,
     backoff: Backoff,
+    wal: Arc<WalLayout>,
 ) -> Result<(), SinkError> {
     let mut retry = Retry { backoff, report };
     let mut commands = Vec::with_capacity(batch_max);
@@ -97,11 +101,11 @@ pub(crate) async fn sink_loop<P: Plan, S: Sink<P>>(
             match command {
                 SinkCommand::Apply(txn) => batch.push(txn),
                 SinkCommand::Idle(lsn) => {
-                    apply_batch(&mut sink, &mut batch, &mut retry).await?;
-                    publish_position(&mut sink, lsn, &mut retry).await?;
+                    apply_batch(&mut sink, &mut batch, &mut retry, &wal).await?;
+                    publish_position(&mut sink, wal.insert_position_after(lsn), &mut retry).await?;
                 }
                 SinkCommand::Control(control) => {
-                    apply_batch(&mut sink, &mut batch, &mut retry).await?;
+                    apply_batch(&mut sink, &mut batch, &mut retry, &wal).await?;
                     loop {
                         match control.run_on(&mut sink).await {
                             Ok(()) => break retry.succeeded(),
@@ -117,7 +121,7 @@ pub(crate) async fn sink_loop<P: Plan, S: Sink<P>>(
                 }
             }
         }
-        apply_batch(&mut sink, &mut batch, &mut retry).await?;
+        apply_batch(&mut sink, &mut batch, &mut retry, &wal).await?;
     }
     sink.finish().await;
     Ok(())
@@ -128,6 +132,7 @@ async fn apply_batch<P: Plan, S: Sink<P>>(
     sink: &mut S,
     batch: &mut Vec<CommittedTxn<P>>,
     retry: &mut Retry,
+    wal: &WalLayout,
 ) -> Result<(), SinkError> {
     let Some(last) = batch.last() else {
         return Ok(());
@@ -148,7 +153,8 @@ async fn apply_batch<P: Plan, S: Sink<P>>(
     debug_assert!(applied.commit_end_lsn <= batch_end_lsn);
     let applied_lsn = applied.commit_end_lsn.min(batch_end_lsn);
     m::batch_applied(&applied.commit_times_unix_micros, started.elapsed());
-    publish_position(sink, applied_lsn, retry).await?;
+    // As an app's pg_current_wal_insert_lsn() after that commit reads it (`WalLayout`).
+    publish_position(sink, wal.insert_position_after(applied_lsn), retry).await?;
     retry
         .report
         .send_if_modified(|r| advance(&mut r.applied_lsn, applied_lsn));

@@ -68,6 +68,9 @@ pub(crate) struct Streamer<'a, PL: Planner> {
     pub(crate) keepalive_lsn: Lsn,
     /// The last keepalive position handed to the sink as applied (`SinkCommand::Idle`).
     pub(crate) idle_published_lsn: Lsn,
+    /// The server's WAL page and segment sizes, read each session, for the sink's published
+    /// position (`WalLayout`).
+    pub(crate) wal: std::sync::Arc<crate::pg::wal_layout::WalLayout>,
     pub(crate) shutdown: Shutdown,
     pub(crate) backoff: Backoff,
     pub(crate) reconnects: u64,
@@ -209,6 +212,7 @@ impl<PL: Planner> Streamer<'_, PL> {
             }
             self.record_source(slot_confirmed).await?;
         }
+        self.read_wal_layout(&mut conn).await?;
         let version = conn.server_version_num().unwrap_or(0);
         let confirmed_here = self.sink.borrow().applied_lsn;
         let start_lsn = self
@@ -549,6 +553,24 @@ impl<PL: Planner> Streamer<'_, PL> {
         if self.slot.confirms() {
             progress.confirm(lsn);
         }
+    }
+
+    /// `SHOW wal_block_size` and `wal_segment_size` on the replication connection.
+    async fn read_wal_layout(
+        &mut self,
+        conn: &mut ReplicationConnection,
+    ) -> Result<(), PipelineError> {
+        let mut sizes = [0u64; 2];
+        for (size, name) in sizes.iter_mut().zip(["wal_block_size", "wal_segment_size"]) {
+            let rows = conn.simple_query(&format!("SHOW {name}")).await?;
+            *size = rows
+                .first()
+                .and_then(|r| r.first().cloned().flatten())
+                .and_then(|text| crate::pg::wal_layout::parse_size(&text))
+                .unwrap_or(0);
+        }
+        self.wal.set(sizes[0], sizes[1]);
+        Ok(())
     }
 
     /// No half-received transaction and every queued one confirmed by the sink.

@@ -222,3 +222,18 @@ pub async fn wait_gone(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// `pg_current_wal_insert_lsn() - '0/0'` on `client`, right after its commit: what an app waits
+/// for walsweep's applied position to reach.
+pub async fn insert_lsn(client: &tokio_postgres::Client) -> u64 {
+    client
+        .query_one(
+            "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::text",
+            &[],
+        )
+        .await
+        .expect("pg_current_wal_insert_lsn()")
+        .get::<_, String>(0)
+        .parse()
+        .expect("a decimal LSN")
+}

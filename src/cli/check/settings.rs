@@ -35,6 +35,8 @@ struct SourceSettings {
     slot_failover: Option<Option<bool>>,
     /// `synchronized_standby_slots` (17+): the standbys logical walsenders wait for.
     synchronized_standby_slots: Option<String>,
+    /// `synchronous_standby_names`: commits wait for these standbys before becoming visible.
+    synchronous_standby_names: String,
 }
 
 /// The findings a checker adds: an error (walsweep would stop), a warning or a note.
@@ -82,6 +84,7 @@ pub(super) async fn check_source_settings(
             .idle_replication_slot_timeout
             .as_deref()
             .and_then(idle_timeout_note),
+        ungated_sync_standby_warning(&settings.synchronous_standby_names, source.visibility_gate),
     ];
     for finding in findings.into_iter().flatten() {
         match finding {
@@ -103,7 +106,8 @@ async fn read(client: &Client, slot: &str) -> Result<SourceSettings, tokio_postg
                      FROM pg_settings WHERE name = 'wal_sender_timeout'), \
                     current_setting('wal_sender_timeout'), \
                     current_setting('idle_replication_slot_timeout', true), \
-                    current_setting('synchronized_standby_slots', true)",
+                    current_setting('synchronized_standby_slots', true), \
+                    current_setting('synchronous_standby_names')",
             &[],
         )
         .await?;
@@ -144,6 +148,7 @@ async fn read(client: &Client, slot: &str) -> Result<SourceSettings, tokio_postg
         standbys,
         slot_failover,
         synchronized_standby_slots: row.get(5),
+        synchronous_standby_names: row.get(6),
     })
 }
 
@@ -271,6 +276,21 @@ fn failover_finding(f: &Failover<'_>) -> Option<Finding> {
          primary and the standbys the settings `walsweep setup --print` then prints \
          (synchronized_standby_slots on the primary; sync_replication_slots, \
          hot_standby_feedback and primary_slot_name on each standby)"
+    )))
+}
+
+/// Synchronous standbys widen the window in which a commit walsweep already received is not
+/// visible yet; without the visibility gate an invalidation in it is refilled with the old row.
+fn ungated_sync_standby_warning(synchronous_standby_names: &str, gate: bool) -> Option<Finding> {
+    if gate || synchronous_standby_names.trim().is_empty() {
+        return None;
+    }
+    Some(Finding::Warning(format!(
+        "synchronous_standby_names = '{synchronous_standby_names}' and source.visibility_gate = \
+         false: a commit becomes visible only after a synchronous standby acknowledges it, but \
+         walsweep may receive and apply it before, and a reader that refills the cache then \
+         stores the old row. Remove visibility_gate = false (the gate waits until each batch's \
+         commits are visible)"
     )))
 }
 
@@ -405,6 +425,15 @@ mod tests {
             other => panic!("expected a note, got {other:?}"),
         }
         assert_eq!(failover(17, &[], None, true, None), None, "no standbys yet");
+    }
+
+    #[test]
+    fn a_synchronous_standby_without_the_gate_warns() {
+        let w = warning(ungated_sync_standby_warning("sb1", false));
+        assert!(w.contains("synchronous_standby_names = 'sb1'"), "{w}");
+        assert!(w.contains("visibility_gate"), "{w}");
+        assert_eq!(ungated_sync_standby_warning("sb1", true), None);
+        assert_eq!(ungated_sync_standby_warning("", false), None);
     }
 
     #[test]
