@@ -13,11 +13,12 @@
 //! figures on stderr:
 //!
 //! ```text
-//! WALSWEEP_FENCED_FILLS=1000000 WALSWEEP_PLAIN_FILLS=1000000 WALSWEEP_FENCED_ROUNDS=100 \
+//! WALSWEEP_FENCED_FILLS=500000 WALSWEEP_PLAIN_FILLS=100000 WALSWEEP_FENCED_ROUNDS=50 \
+//!     WALSWEEP_FENCED_MAX_SECS=1500 \
 //!     cargo test --release --test fenced_fills -- --nocapture refill_race
 //! ```
 //!
-//! `WALSWEEP_FENCED_FILLS` / `WALSWEEP_PLAIN_FILLS` (default 100000 / 5000) are the fills
+//! `WALSWEEP_FENCED_FILLS` / `WALSWEEP_PLAIN_FILLS` (default 100000 / 10000) are the fills
 //! each run makes at least; also `WALSWEEP_FENCED_ROUNDS` (10; per run), `_PROCS` / `_THREADS`
 //! (reader processes, threads each: 2 / 4), `_ROWS` (hot rows, 50), `_VIEWS` (entries per row,
 //! 64), `_WRITES_PER_SEC` (200; 0: as fast as the writer can), `_SLOW_SHARE` / `_SLOW_MS`
@@ -225,7 +226,7 @@ async fn refill_race_fenced_fills_leave_nothing_stale_where_plain_ones_do() {
     init_logs();
     let pg = Postgres::start();
     let fenced_fills: u64 = env_or("WALSWEEP_FENCED_FILLS", 100_000);
-    let plain_fills: u64 = env_or("WALSWEEP_PLAIN_FILLS", 5_000);
+    let plain_fills: u64 = env_or("WALSWEEP_PLAIN_FILLS", 10_000);
 
     let plain = race(&pg, &python, "race_plain", "plain", plain_fills).await;
     let fenced = race(&pg, &python, "race_fenced", "fenced", fenced_fills).await;
