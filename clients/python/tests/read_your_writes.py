@@ -54,7 +54,8 @@ def main(argv):
     port, dsn, database, slot, iterations = argv[1:6]
     iterations = int(iterations)
     wait = "--no-wait" not in argv
-    client = redis.Redis(host="127.0.0.1", port=int(port))
+    # matroska-cache 0.1.3 reads str replies: without decode_responses a hit comes back None.
+    client = redis.Redis(host="127.0.0.1", port=int(port), decode_responses=True)
     cache = MatroskaCache(RedisBackend(client, prefix="cache"))
     key = position_key(database, slot)
 
