@@ -15,6 +15,7 @@ pub(crate) mod backoff;
 pub mod daemon;
 mod error;
 mod recovery;
+pub(crate) mod rows;
 mod shutdown;
 mod sink_task;
 pub(crate) mod slot_monitor;
