@@ -13,6 +13,7 @@
 
 pub(crate) mod backoff;
 pub mod daemon;
+pub(crate) mod drift;
 mod error;
 mod recovery;
 pub(crate) mod rows;

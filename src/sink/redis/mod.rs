@@ -18,6 +18,7 @@ pub(crate) mod errors;
 pub(crate) mod mirror;
 mod position;
 pub mod probe;
+pub(crate) mod readback;
 mod recovery;
 pub(crate) mod reinvalidate;
 
