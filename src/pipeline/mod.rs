@@ -15,6 +15,7 @@ pub(crate) mod backoff;
 pub mod daemon;
 pub(crate) mod drift;
 mod error;
+pub mod inspect;
 mod recovery;
 pub(crate) mod rows;
 mod shutdown;
@@ -52,7 +53,7 @@ use warm_up::WarmUp;
 const SLOT_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Stops a helper task when the run ends, whichever way it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -1,6 +1,6 @@
-//! The checker `walsweep verify` drives: a first pass at one consistent point, then rechecks at
-//! newer points until every mismatch is confirmed, cleared, or known to keep changing
-//! (`settle`).
+//! The checker both `walsweep verify` and the inspector drive: a first pass at one consistent
+//! point, then rechecks at newer points until every mismatch is confirmed, cleared, or known to
+//! keep changing (`settle`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 
 use super::evaluate::{self, Pending, Subject};
 use super::expect::TableMirrors;
-use super::passes::{self, Seen};
+use super::passes::{self, Cursors, Seen};
 use super::{point, DriftError, TableReport};
 use crate::config::Config;
 use crate::pg::catalog;
@@ -91,13 +91,26 @@ impl Checker {
         selected: &[usize],
         sample: Option<u64>,
     ) -> Result<Vec<TableReport>, DriftError> {
-        self.check(selected, sample).await
+        self.check(selected, sample, None).await
+    }
+
+    /// One inspector tick on table `t`: `n` sampled rows and about as many stored entries,
+    /// continuing each prefix's scan where the last tick stopped.
+    pub(crate) async fn inspect(
+        &mut self,
+        t: usize,
+        n: u64,
+        cursors: &mut Cursors,
+    ) -> Result<TableReport, DriftError> {
+        let mut reports = self.check(&[t], Some(n), Some(cursors)).await?;
+        Ok(reports.pop().unwrap_or_default())
     }
 
     async fn check(
         &mut self,
         selected: &[usize],
         sample: Option<u64>,
+        mut cursors: Option<&mut Cursors>,
     ) -> Result<Vec<TableReport>, DriftError> {
         let mut reports: Vec<TableReport> = selected
             .iter()
@@ -121,7 +134,9 @@ impl Checker {
         let now = now_unix_secs();
         let mut pending = Vec::new();
         for (r, &t) in selected.iter().enumerate() {
-            let found = self.first_pass(t, sample, &mut reports[r], now).await;
+            let found = self
+                .first_pass(t, sample, cursors.as_deref_mut(), &mut reports[r], now)
+                .await;
             match found {
                 Ok(found) => pending.extend(found),
                 Err(e) => {
@@ -143,6 +158,7 @@ impl Checker {
         &mut self,
         t: usize,
         sample: Option<u64>,
+        cursors: Option<&mut Cursors>,
         report: &mut TableReport,
         now: i64,
     ) -> Result<Vec<Pending>, DriftError> {
@@ -181,7 +197,7 @@ impl Checker {
                 .await?;
                 let n = usize::try_from(n).unwrap_or(usize::MAX);
                 let subjects =
-                    passes::sampled_subjects(&mut self.redis, &self.tables[t], n).await?;
+                    passes::sampled_subjects(&mut self.redis, &self.tables[t], n, cursors).await?;
                 report.entries += subjects.len() as u64;
                 let evaluations = evaluate::evaluate(
                     &self.client,

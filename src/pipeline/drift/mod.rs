@@ -1,5 +1,6 @@
-//! Drift: mirrors and indexes compared with the database at consistent points, for
-//! `walsweep verify` (every row, or a sample).
+//! Drift: mirrors and indexes compared with the database at consistent points, shared by
+//! `walsweep verify` (every row, or a sample) and the inspector the daemon runs
+//! (`[inspect] rows_per_minute`).
 //!
 //! A check runs in two steps:
 //!
@@ -25,6 +26,7 @@ mod passes;
 mod point;
 
 pub(crate) use check::Checker;
+pub(crate) use passes::Cursors;
 
 use std::time::Duration;
 
@@ -48,7 +50,7 @@ pub enum DriftKind {
 impl DriftKind {
     pub const ALL: [DriftKind; 3] = [DriftKind::Missing, DriftKind::Extra, DriftKind::Different];
 
-    /// How the report names it.
+    /// The `kind` label of `walsweep_drift_rows_total`.
     pub fn as_str(self) -> &'static str {
         match self {
             DriftKind::Missing => "missing",
@@ -135,4 +137,17 @@ pub enum DriftError {
     },
     #[error("{0}")]
     Unexpected(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DriftKind;
+
+    #[test]
+    fn kinds_are_the_metric_labels_in_order() {
+        assert_eq!(
+            DriftKind::ALL.map(DriftKind::as_str),
+            crate::telemetry::metrics::DRIFT_KINDS
+        );
+    }
 }

@@ -19,6 +19,8 @@ use crate::sink::redis::readback::Readback;
 pub(crate) const ROWS_PER_FETCH: usize = 1_000;
 /// Keys per SCAN page.
 const SCAN_COUNT: usize = 1_000;
+/// Pages the inspector scans per mirror and tick before it goes on with what it found.
+const PAGES_PER_TICK: usize = 5;
 /// Below this many rows (by the planner's estimate) a sample reads the whole table in random
 /// order; above, a block sample of about four times the rows asked for.
 const BLOCK_SAMPLE_ABOVE_ROWS: f64 = 100_000.0;
@@ -38,6 +40,11 @@ impl Seen {
         }
     }
 }
+
+/// Where each SCAN of the inspector stopped, by pattern, so successive ticks walk the whole
+/// keyspace instead of the same first keys.
+#[derive(Debug, Default)]
+pub(crate) struct Cursors(std::collections::HashMap<String, u64>);
 
 pub(crate) fn mismatch(
     t: usize,
@@ -319,34 +326,53 @@ pub(crate) async fn unexplained(
     Ok(pending)
 }
 
-/// A uniform sample of up to `n` keys under `template`'s prefix that it renders.
+/// Up to `n` keys under `template`'s prefix that it renders: a uniform sample of all of them
+/// (`cursor` none: `walsweep verify --sample`), or the next ones from where the last tick
+/// stopped (the inspector).
 async fn sample_keys(
     redis: &mut Readback,
     template: &Template,
     n: usize,
+    cursors: Option<&mut Cursors>,
 ) -> Result<Vec<String>, DriftError> {
     let pattern = format!("{}*", glob_escape(template.literal_prefix()));
     let mut out: Vec<String> = Vec::new();
-    // Reservoir sampling: memory stays at n keys however many match.
-    let mut matched = 0usize;
-    let mut cursor = 0;
-    loop {
-        let (next, keys) = redis.scan(&pattern, cursor, SCAN_COUNT).await?;
-        for key in keys.into_iter().filter(|k| renders(template, k)) {
-            matched += 1;
-            if out.len() < n {
-                out.push(key);
-            } else {
-                let slot = rand::random_range(0..matched);
-                if slot < n {
-                    out[slot] = key;
+    match cursors {
+        None => {
+            // Reservoir sampling: memory stays at n keys however many match.
+            let mut matched = 0usize;
+            let mut cursor = 0;
+            loop {
+                let (next, keys) = redis.scan(&pattern, cursor, SCAN_COUNT).await?;
+                for key in keys.into_iter().filter(|k| renders(template, k)) {
+                    matched += 1;
+                    if out.len() < n {
+                        out.push(key);
+                    } else {
+                        let slot = rand::random_range(0..matched);
+                        if slot < n {
+                            out[slot] = key;
+                        }
+                    }
                 }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
         }
-        if next == 0 {
-            break;
+        Some(cursors) => {
+            let cursor = cursors.0.entry(pattern.clone()).or_insert(0);
+            for _ in 0..PAGES_PER_TICK {
+                let (next, keys) = redis.scan(&pattern, *cursor, SCAN_COUNT).await?;
+                *cursor = next;
+                out.extend(keys.into_iter().filter(|k| renders(template, k)));
+                if out.len() >= n || next == 0 {
+                    break;
+                }
+            }
+            out.truncate(n);
         }
-        cursor = next;
     }
     Ok(out)
 }
@@ -357,16 +383,17 @@ pub(crate) async fn sampled_subjects(
     redis: &mut Readback,
     table: &TableMirrors,
     n: usize,
+    mut cursors: Option<&mut Cursors>,
 ) -> Result<Vec<Subject>, DriftError> {
     let mut subjects = Vec::new();
     for (mirror, check) in table.mirrors.iter().enumerate() {
         let rule = &check.rule;
-        for key in sample_keys(redis, &rule.key, n).await? {
+        for key in sample_keys(redis, &rule.key, n, cursors.as_deref_mut()).await? {
             subjects.push(Subject::Entry { mirror, key });
         }
         for index in &rule.indexes {
             let mut sets = Vec::new();
-            for key in sample_keys(redis, &index.key, n).await? {
+            for key in sample_keys(redis, &index.key, n, cursors.as_deref_mut()).await? {
                 if redis.is_sorted_set(&key).await? {
                     sets.push(key);
                 }
