@@ -473,6 +473,14 @@ fn dashboard_is_well_formed_and_has_the_panels() {
         ("Redis up", &["walsweep_redis_up"]),
         ("streaming", &["walsweep_streaming"]),
         ("slot wal_status", &["walsweep_slot_wal_status"]),
+        (
+            "inspected rows by table",
+            &["by(instance,table)", "rate(walsweep_inspected_rows_total"],
+        ),
+        (
+            "drift by table and kind",
+            &["by(table,kind)", "walsweep_drift_rows_total"],
+        ),
     ];
     for (what, fragments) in required {
         assert!(
@@ -507,6 +515,7 @@ fn alerts_are_documented_and_each_has_firing_and_quiet_tests() {
         "WalsweepNoProgress",
         "WalsweepSlotWalUnreserved",
         "WalsweepSlotLost",
+        "WalsweepMirrorDrift",
     ] {
         assert!(names.contains(required), "{ALERTS} lacks {required}");
     }
