@@ -63,6 +63,7 @@ const TOKENS: &[&str] = &[
     "[redis]\n",
     "[matroska]\n",
     "[metrics]\n",
+    "[inspect]\nrows_per_minute",
     "name = \"\"\n",
     "name = \"a.b.c\"\n",
     "keys = [\"{\"]\n",

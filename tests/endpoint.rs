@@ -53,12 +53,15 @@ async fn metrics_are_exported_and_readiness_follows_redis() {
     let pg = Postgres::start();
     pg.psql(
         "postgres",
-        "CREATE TABLE items (id int PRIMARY KEY, name text); CREATE PUBLICATION pub FOR TABLE items;",
+        "CREATE TABLE items (id int PRIMARY KEY, name text); CREATE PUBLICATION pub FOR TABLE items;
+         CREATE TABLE gauges (id int PRIMARY KEY);",
     );
     let mut redis = Redis::start();
+    // The inspector's metrics exist while it runs: an (empty) mirrored table to inspect.
     let config = Config::parse(&format!(
         "[source]\nurl = \"{}\"\npublication = \"pub\"\nstatus_interval_ms = 200\nreconnect_max_ms = 300\n\
-         [redis]\nurl = \"{}\"\ntimeout_ms = 500\n[[table]]\nname = \"items\"\nkeys = [\"item:{{id}}\"]\n",
+         [redis]\nurl = \"{}\"\ntimeout_ms = 500\n[[table]]\nname = \"items\"\nkeys = [\"item:{{id}}\"]\n\
+         [[table]]\nname = \"gauges\"\n[[table.mirror]]\nkey = \"gauge:{{id}}\"\n[inspect]\nrows_per_minute = 60\n",
         pg.url("postgres"),
         redis.url()
     ))
@@ -77,6 +80,8 @@ async fn metrics_are_exported_and_readiness_follows_redis() {
     let rules = Rules::from_config(&config).unwrap();
     let sink = RedisSink::new(&config.redis, &config.matroska).unwrap();
     let (shutdown, signal) = pipeline::shutdown_channel();
+    // As `walsweep::pipeline::daemon::run` does.
+    tokio::spawn(pipeline::inspect::run(config.clone(), signal.clone()));
     let source = config.source.clone();
     let task = tokio::spawn(async move {
         pipeline::run(&source, &[], RulesPlanner::new(rules), sink, signal).await

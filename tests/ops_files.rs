@@ -473,6 +473,14 @@ fn dashboard_is_well_formed_and_has_the_panels() {
         ("Redis up", &["walsweep_redis_up"]),
         ("streaming", &["walsweep_streaming"]),
         ("slot wal_status", &["walsweep_slot_wal_status"]),
+        (
+            "inspected rows by table",
+            &["by(instance,table)", "rate(walsweep_inspected_rows_total"],
+        ),
+        (
+            "drift by table and kind",
+            &["by(table,kind)", "walsweep_drift_rows_total"],
+        ),
     ];
     for (what, fragments) in required {
         assert!(
@@ -507,6 +515,7 @@ fn alerts_are_documented_and_each_has_firing_and_quiet_tests() {
         "WalsweepNoProgress",
         "WalsweepSlotWalUnreserved",
         "WalsweepSlotLost",
+        "WalsweepMirrorDrift",
     ] {
         assert!(names.contains(required), "{ALERTS} lacks {required}");
     }
@@ -1737,12 +1746,15 @@ async fn referenced_metrics_are_exported_by_a_running_pipeline() {
     let pg = Postgres::start();
     pg.psql(
         "postgres",
-        "CREATE TABLE items (id int PRIMARY KEY, name text); CREATE PUBLICATION pub FOR TABLE items;",
+        "CREATE TABLE items (id int PRIMARY KEY, name text); CREATE PUBLICATION pub FOR TABLE items;
+         CREATE TABLE gauges (id int PRIMARY KEY);",
     );
     let redis = Redis::start();
+    // The inspector's metrics exist while it runs: an (empty) mirrored table to inspect.
     let config = Config::parse(&format!(
         "[source]\nurl = \"{}\"\npublication = \"pub\"\nstatus_interval_ms = 200\n\
-         [redis]\nurl = \"{}\"\ntimeout_ms = 500\n[[table]]\nname = \"items\"\nkeys = [\"item:{{id}}\"]\n",
+         [redis]\nurl = \"{}\"\ntimeout_ms = 500\n[[table]]\nname = \"items\"\nkeys = [\"item:{{id}}\"]\n\
+         [[table]]\nname = \"gauges\"\n[[table.mirror]]\nkey = \"gauge:{{id}}\"\n[inspect]\nrows_per_minute = 60\n",
         pg.url("postgres"),
         redis.url()
     ))
@@ -1758,6 +1770,11 @@ async fn referenced_metrics_are_exported_by_a_running_pipeline() {
     let rules = walsweep::plan::rules::Rules::from_config(&config).unwrap();
     let sink = walsweep::sink::redis::RedisSink::new(&config.redis, &config.matroska).unwrap();
     let (shutdown, signal) = walsweep::pipeline::shutdown_channel();
+    // As `walsweep::pipeline::daemon::run` does.
+    tokio::spawn(walsweep::pipeline::inspect::run(
+        config.clone(),
+        signal.clone(),
+    ));
     let source = config.source.clone();
     let task = tokio::spawn(async move {
         walsweep::pipeline::run(

@@ -8,6 +8,7 @@ pub mod setup;
 pub mod snapshot;
 pub mod status;
 pub mod tail;
+pub mod verify;
 pub mod wait;
 
 use std::path::Path;

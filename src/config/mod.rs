@@ -11,10 +11,12 @@ use toml::Spanned;
 
 use crate::pg::replication::ConnectParams;
 
+mod inspect;
 mod libpq;
 mod mirror;
 pub(crate) mod score;
 pub(crate) mod template;
+pub use inspect::InspectConfig;
 pub(crate) use mirror::{BroadcastConfig, MirrorConfig, MirrorFormat};
 
 pub(crate) const DEFAULT_SLOT: &str = "walsweep";
@@ -59,6 +61,10 @@ pub struct Config {
     /// caches. Default: off.
     #[serde(default)]
     pub(crate) broadcast: Option<BroadcastConfig>,
+    /// Sample mirrored rows continuously and compare them with Redis, see `InspectConfig`.
+    /// Default: off.
+    #[serde(default)]
+    pub inspect: Option<InspectConfig>,
 }
 
 /// `[redis]`: the cache to keep honest (a single node; cluster is not supported).
@@ -809,6 +815,9 @@ impl Config {
         if let Some(b) = &self.broadcast {
             mirror::validate_broadcast(b, &self.qualified_tables(), &mut problem);
         }
+        if let Some(i) = &self.inspect {
+            inspect::validate_inspect(i, &mut problem);
+        }
         problems
     }
 
@@ -848,6 +857,7 @@ impl Config {
             );
         }
         mirror::prefix_warnings(self, &mut out);
+        inspect::inspect_warnings(self, &mut out);
         out
     }
 

@@ -1,5 +1,5 @@
 //! walsweep as `walsweep run` assembles it from a config: the planner for every rule kind, the
-//! Redis sink with its reset plan and broadcasts, and the warm-up. Shared by the binary and the
+//! Redis sink with its reset plan and broadcasts, the warm-up, and the inspector. Shared by the binary and the
 //! integration tests, so tests run exactly what users run.
 
 use crate::config::Config;
@@ -61,5 +61,13 @@ pub async fn run(config: &Config, shutdown: Shutdown) -> Result<RunSummary, Pipe
         .then(|| config.source.connect_params().map(VisibilityGate::new))
         .transpose()?;
     let sink = GatedSink::new(sink, gate);
+    // Its own task, reading on its own connections: it never holds up the stream, and stops
+    // at the first shutdown request (or with the run, whichever way it ends).
+    let _inspector = config.inspect.is_some().then(|| {
+        pipeline::AbortOnDrop(tokio::spawn(crate::pipeline::inspect::run(
+            config.clone(),
+            shutdown.clone(),
+        )))
+    });
     pipeline::run_warming_up(&config.source, &tables, planner, sink, shutdown, warm_up).await
 }

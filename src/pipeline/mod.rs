@@ -13,8 +13,11 @@
 
 pub(crate) mod backoff;
 pub mod daemon;
+pub(crate) mod drift;
 mod error;
+pub mod inspect;
 mod recovery;
+pub(crate) mod rows;
 mod shutdown;
 mod sink_task;
 pub(crate) mod slot_monitor;
@@ -51,7 +54,7 @@ use warm_up::WarmUp;
 const SLOT_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Stops a helper task when the run ends, whichever way it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

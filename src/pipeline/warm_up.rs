@@ -19,11 +19,11 @@ use std::time::Instant;
 
 use crate::config::{Config, MatroskaConfig, RedisConfig};
 use crate::pg::catalog::{self, CatalogError};
-use crate::pg::pgoutput::{ReplicaIdentity, TupleValue};
-use crate::pg::replication::{quote_ident, ConnectParams};
-use crate::plan::mirror::{MirrorOp, MirrorPlan, MirrorPlanner, MirrorRule};
+use crate::pg::replication::ConnectParams;
+use crate::pipeline::rows;
+use crate::plan::mirror::{MirrorOp, MirrorPlan, MirrorRule};
 use crate::plan::rules::FallbackCause;
-use crate::plan::{ColumnInfo, OldRow, Op, RelationInfo, RowChange};
+use crate::plan::{OldRow, Op, RowChange};
 use crate::sink::redis::RedisSink;
 use crate::sink::SinkError;
 
@@ -120,11 +120,7 @@ impl WarmUp {
         }
         // The text forms the decoder expects, as in the replication session.
         client
-            .batch_execute(
-                "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'; \
-                 SET LOCAL IntervalStyle = 'postgres'; SET LOCAL extra_float_digits = 3; \
-                 SET LOCAL bytea_output = 'hex'",
-            )
+            .batch_execute(rows::STREAM_TEXT_FORMS)
             .await
             .map_err(query("session settings"))?;
 
@@ -172,29 +168,27 @@ impl WarmUp {
         index: usize,
         table: &str,
     ) -> Result<u64, SnapshotError> {
-        let relation = relation_info(client, index, table).await?;
-        // Enums, domains and their arrays typed as streaming types them.
-        let mut types = crate::value::TypeRegistry::new();
-        crate::stream::types::resolve_types(
+        let relation = rows::relation_info(client, table)
+            .await
+            .map_err(|source| SnapshotError::Query {
+                what: format!("describe {table}"),
+                source,
+            })?
+            .ok_or_else(|| SnapshotError::NoTable {
+                table: table.to_string(),
+                index,
+            })?;
+        let mut planner = rows::planner_for(
             client,
-            &mut types,
-            relation.columns.iter().map(|c| c.type_oid),
-        )
-        .await?;
-        let mut planner = MirrorPlanner::new(
+            &relation,
             self.mirrors
                 .iter()
                 .filter(|m| m.table_name == table)
                 .cloned()
                 .collect(),
-        );
-        planner.relation_changed(&relation);
-        planner.register_types(&types);
-        let qualified = format!(
-            "{}.{}",
-            quote_ident(&relation.namespace),
-            quote_ident(&relation.name)
-        );
+        )
+        .await?;
+        let qualified = rows::qualified(&relation);
         let total: i64 = client
             .query_one(&format!("SELECT count(*) FROM {qualified}"), &[])
             .await
@@ -231,12 +225,7 @@ impl WarmUp {
                     continue;
                 };
                 fetched += 1;
-                let values: Vec<TupleValue<'_>> = (0..row.len())
-                    .map(|i| match row.get(i) {
-                        Some(text) => TupleValue::Text(text.as_bytes()),
-                        None => TupleValue::Null,
-                    })
-                    .collect();
+                let values = rows::tuple_values(row, 0);
                 planner.plan_change(
                     &RowChange {
                         relation: &relation,
@@ -265,56 +254,4 @@ impl WarmUp {
         tracing::info!(%table, rows = loaded, "warm-up: loaded");
         Ok(loaded)
     }
-}
-
-/// The table's shape as a Relation message would give it (identity flags are not needed: a
-/// loaded row is an INSERT).
-async fn relation_info(
-    client: &tokio_postgres::Client,
-    index: usize,
-    table: &str,
-) -> Result<RelationInfo, SnapshotError> {
-    let rows = client
-        .query(
-            "SELECT c.oid, n.nspname::text, c.relname::text, a.attname::text, a.atttypid, \
-                    a.atttypmod \
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-             WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum",
-            &[
-                &table.split_once('.').map_or("public", |(s, _)| s),
-                &table.split_once('.').map_or(table, |(_, t)| t),
-            ],
-        )
-        .await
-        .map_err(|source| SnapshotError::Query {
-            what: format!("describe {table}"),
-            source,
-        })?;
-    let Some(first) = rows.first() else {
-        return Err(SnapshotError::NoTable {
-            table: table.to_string(),
-            index,
-        });
-    };
-    let oid: u32 = first.get(0);
-    let namespace: String = first.get(1);
-    let name: String = first.get(2);
-    Ok(RelationInfo {
-        oid,
-        qualified_name: format!("{namespace}.{name}"),
-        namespace,
-        name,
-        replica_identity: ReplicaIdentity::Default,
-        columns: rows
-            .iter()
-            .map(|r| ColumnInfo {
-                name: r.get(3),
-                type_oid: r.get(4),
-                type_modifier: r.get(5),
-                is_key: false,
-            })
-            .collect(),
-        undecodable: None,
-    })
 }

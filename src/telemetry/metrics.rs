@@ -42,9 +42,13 @@ pub(crate) const MIRROR_KEYS_CLEARED_TOTAL: &str = "walsweep_mirror_keys_cleared
 pub(crate) const BROADCASTS_TOTAL: &str = "walsweep_broadcasts_total";
 pub(crate) const SNAPSHOT_ROWS_TOTAL: &str = "walsweep_snapshot_rows_total";
 pub(crate) const SKIPPED_CHANGES_TOTAL: &str = "walsweep_skipped_changes_total";
+pub(crate) const INSPECTED_ROWS_TOTAL: &str = "walsweep_inspected_rows_total";
+pub(crate) const DRIFT_ROWS_TOTAL: &str = "walsweep_drift_rows_total";
 
-/// Every exported name, for the endpoint test and the docs.
-pub const ALL: [&str; 30] = [
+/// Every exported name, for the endpoint test and the docs. The inspector's two exist only
+/// while it runs (`[inspect]`): zeros from a walsweep that checks nothing would read as
+/// "checked, no drift".
+pub const ALL: [&str; 32] = [
     TRANSACTIONS_COMMITTED_TOTAL,
     CHANGES_DECODED_TOTAL,
     TRANSACTIONS_APPLIED_TOTAL,
@@ -75,6 +79,8 @@ pub const ALL: [&str; 30] = [
     BROADCASTS_TOTAL,
     SNAPSHOT_ROWS_TOTAL,
     SKIPPED_CHANGES_TOTAL,
+    INSPECTED_ROWS_TOTAL,
+    DRIFT_ROWS_TOTAL,
 ];
 
 /// `result` labels of `walsweep_mirror_rows_total`.
@@ -99,6 +105,9 @@ pub(crate) const MIRROR_RESULTS: [&str; 4] = ["written", "deleted", "skipped_abs
 /// `result` labels of `walsweep_broadcasts_total`.
 pub(crate) const BROADCAST_RESULTS: [&str; 2] = ["published", "duplicate"];
 pub(crate) const LABEL_RESULT: &str = "result";
+
+/// `kind` label values of `DRIFT_ROWS_TOTAL` (`pipeline::drift::DriftKind::as_str`).
+pub(crate) const DRIFT_KINDS: [&str; 3] = ["missing", "extra", "different"];
 
 /// Values of `pg_replication_slots.wal_status`, one `walsweep_slot_wal_status` series each.
 pub(crate) const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
@@ -343,6 +352,16 @@ pub(crate) fn describe() {
     counter!(SNAPSHOT_ROWS_TOTAL).absolute(0);
     counter!(VISIBILITY_RECHECKS_TOTAL).absolute(0);
     counter!(FENCES_RAISED_TOTAL).absolute(0);
+    describe_counter!(
+        INSPECTED_ROWS_TOTAL,
+        "Mirrored rows and stored entries the inspector compared, by table ([inspect] \
+         rows_per_minute)."
+    );
+    describe_counter!(
+        DRIFT_ROWS_TOTAL,
+        "Entries and index members the inspector found to differ from the database after \
+         rechecks, by table and kind: missing, extra, different."
+    );
     gauge!(REDIS_UP).set(0.0);
     gauge!(STREAMING).set(0.0);
     gauge!(FLUSHED_LSN).set(0.0);
@@ -454,6 +473,29 @@ pub(crate) fn mirror_applied(rows: [u64; 4], cleared_keys: u64) {
 pub(crate) fn broadcasts(published: u64, duplicates: u64) {
     counter!(BROADCASTS_TOTAL, LABEL_RESULT => BROADCAST_RESULTS[0]).increment(published);
     counter!(BROADCASTS_TOTAL, LABEL_RESULT => BROADCAST_RESULTS[1]).increment(duplicates);
+}
+
+/// The inspector starts on `tables`: its series exist from then on, so `increase()` sees the
+/// first drift of each.
+pub(crate) fn inspector_started(tables: &[String]) {
+    for table in tables {
+        counter!(INSPECTED_ROWS_TOTAL, LABEL_TABLE => table.clone()).increment(0);
+        for kind in DRIFT_KINDS {
+            counter!(DRIFT_ROWS_TOTAL, LABEL_TABLE => table.clone(), LABEL_KIND => kind)
+                .increment(0);
+        }
+    }
+}
+
+/// One inspector check of `table`: items compared, and confirmed drift per `DRIFT_KINDS`.
+pub(crate) fn inspected(table: &str, compared: u64, drift: [u64; 3]) {
+    counter!(INSPECTED_ROWS_TOTAL, LABEL_TABLE => table.to_string()).increment(compared);
+    for (kind, n) in DRIFT_KINDS.into_iter().zip(drift) {
+        if n > 0 {
+            counter!(DRIFT_ROWS_TOTAL, LABEL_TABLE => table.to_string(), LABEL_KIND => kind)
+                .increment(n);
+        }
+    }
 }
 
 pub(crate) fn snapshot_rows(n: u64) {

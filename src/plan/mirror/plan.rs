@@ -26,6 +26,8 @@ pub(crate) enum Field {
 /// A sorted-set member to add (or re-score).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct IndexAdd {
+    /// Which `[[table.mirror.index]]` of the mirror (for drift checks; the sink ignores it).
+    pub(crate) index: usize,
     pub(crate) key: String,
     pub(crate) member: String,
     pub(crate) score: f64,

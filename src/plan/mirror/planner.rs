@@ -77,6 +77,23 @@ pub(crate) struct MirrorPlanner {
     types: TypeRegistry,
     /// (table, mirror, what) already logged, so a problem logs once, not once per row.
     warned: HashSet<(usize, usize, String)>,
+    /// Counts problems in the metrics and warns about them; off for drift checks, which plan
+    /// rows the stream already planned (and counted) when it wrote them.
+    observed: bool,
+}
+
+/// Something a row's planning ran into: counted, and logged once per rule.
+struct Problem {
+    rule: Arc<MirrorRule>,
+    what: String,
+    /// `None`: counted only.
+    message: Option<String>,
+    counted: Counted,
+}
+
+enum Counted {
+    Fallback(FallbackCause),
+    Error(&'static str),
 }
 
 /// What the new side of a row says about one index.
@@ -98,7 +115,14 @@ impl MirrorPlanner {
             bound: HashMap::new(),
             types: TypeRegistry::new(),
             warned: HashSet::new(),
+            observed: true,
         }
+    }
+
+    /// Neither counts nor warns: for planning rows to compare with what the stream wrote.
+    pub(crate) fn unobserved(mut self) -> Self {
+        self.observed = false;
+        self
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -127,9 +151,23 @@ impl MirrorPlanner {
         self.bound.insert(relation.oid, mirrors);
     }
 
-    fn warn_once(&mut self, rule: &MirrorRule, what: String, message: &str) {
-        if self.warned.insert((rule.table, rule.index, what.clone())) {
-            tracing::warn!(table = %rule.table_name, mirror = rule.index, rule = %what, "{message}");
+    fn report(&mut self, problem: Problem) {
+        if !self.observed {
+            return;
+        }
+        match problem.counted {
+            Counted::Fallback(cause) => crate::telemetry::metrics::fallback(cause.as_str()),
+            Counted::Error(kind) => crate::telemetry::metrics::error(kind),
+        }
+        let Some(message) = problem.message else {
+            return;
+        };
+        let rule = &problem.rule;
+        if self
+            .warned
+            .insert((rule.table, rule.index, problem.what.clone()))
+        {
+            tracing::warn!(table = %rule.table_name, mirror = rule.index, rule = %problem.what, "{message}");
         }
     }
 
@@ -140,12 +178,12 @@ impl MirrorPlanner {
         let Some(mirrors) = self.bound.get(&change.relation.oid) else {
             return;
         };
-        let mut problems: Vec<(Arc<MirrorRule>, String, String)> = Vec::new();
+        let mut problems: Vec<Problem> = Vec::new();
         for mirror in mirrors {
             plan_mirror(mirror, change, &self.types, plan, &mut problems);
         }
-        for (rule, what, message) in problems {
-            self.warn_once(&rule, what, &message);
+        for problem in problems {
+            self.report(problem);
         }
     }
 
@@ -159,7 +197,9 @@ impl MirrorPlanner {
                 prefixes: rule.prefixes(),
                 cause: FallbackCause::Truncate,
             });
-            crate::telemetry::metrics::fallback(FallbackCause::Truncate.as_str());
+            if self.observed {
+                crate::telemetry::metrics::fallback(FallbackCause::Truncate.as_str());
+            }
         }
     }
 }
@@ -169,25 +209,25 @@ fn plan_mirror(
     change: &RowChange<'_>,
     types: &TypeRegistry,
     plan: &mut MirrorPlan,
-    problems: &mut Vec<(Arc<MirrorRule>, String, String)>,
+    problems: &mut Vec<Problem>,
 ) {
     let rule = &mirror.rule;
     let fallback = |plan: &mut MirrorPlan,
-                    problems: &mut Vec<(Arc<MirrorRule>, String, String)>,
+                    problems: &mut Vec<Problem>,
                     cause: FallbackCause,
                     prefixes: Vec<String>,
                     what: String| {
-        crate::telemetry::metrics::fallback(cause.as_str());
-        problems.push((
-            rule.clone(),
+        problems.push(Problem {
+            rule: rule.clone(),
             what,
-            format!(
+            message: Some(format!(
                 "clearing mirror keys table-wide ({}): a value needed to find a row's previous \
                  key or index entry is not in the change; `walsweep check` shows the fix \
                  (usually REPLICA IDENTITY FULL)",
                 cause.as_str()
-            ),
-        ));
+            )),
+            counted: Counted::Fallback(cause),
+        });
         plan.push(MirrorOp::Clear { prefixes, cause });
     };
     let key_of = |side: Side| render_text(&mirror.key, change, side, mirror, types);
@@ -262,7 +302,18 @@ fn plan_mirror(
                     let field = match change.new_value(*position) {
                         Some(TupleValue::UnchangedToast) => Field::Keep,
                         Some(TupleValue::Text(b)) | Some(TupleValue::Binary(b)) => {
-                            stored_form(rule.mode.format, *oid, b, types)
+                            let (field, readable) = stored_form(rule.mode.format, *oid, b, types);
+                            if !readable {
+                                problems.push(Problem {
+                                    rule: rule.clone(),
+                                    what: format!("column {name}"),
+                                    message: None,
+                                    counted: Counted::Error(
+                                        crate::telemetry::metrics::ERROR_MIRROR_VALUE,
+                                    ),
+                                });
+                            }
+                            field
                         }
                         Some(TupleValue::Null) | None => Field::Null,
                     };
@@ -327,7 +378,7 @@ fn new_index_target(
     change: &RowChange<'_>,
     mirror: &BoundMirror,
     types: &TypeRegistry,
-    problems: &mut Vec<(Arc<MirrorRule>, String, String)>,
+    problems: &mut Vec<Problem>,
 ) -> IndexTarget {
     let place = match index_member(index, change, Side::New, mirror, types) {
         Err(cause) => return IndexTarget::Unknown(cause),
@@ -382,6 +433,7 @@ fn new_index_target(
         }
     };
     IndexTarget::Member(IndexAdd {
+        index: index.rule.index,
         key: place.key,
         member: place.member,
         score,
@@ -392,36 +444,41 @@ fn new_index_target(
 fn score_problem(
     index: &BoundIndex,
     mirror: &BoundMirror,
-    problems: &mut Vec<(Arc<MirrorRule>, String, String)>,
+    problems: &mut Vec<Problem>,
     detail: String,
 ) {
-    crate::telemetry::metrics::error(crate::telemetry::metrics::ERROR_MIRROR_SCORE);
-    problems.push((
-        mirror.rule.clone(),
-        format!("index[{}] score", index.rule.index),
-        format!(
+    problems.push(Problem {
+        rule: mirror.rule.clone(),
+        what: format!("index[{}] score", index.rule.index),
+        message: Some(format!(
             "a row's score {:?} cannot be computed ({detail}); the row is left out of the \
              index",
             index.rule.score.source()
-        ),
-    ));
+        )),
+        counted: Counted::Error(crate::telemetry::metrics::ERROR_MIRROR_SCORE),
+    });
 }
 
-/// A column's stored form in a mirror of `format`.
-fn stored_form(format: MirrorFormat, oid: u32, bytes: &[u8], types: &TypeRegistry) -> Field {
-    let value = match decode_text(oid, bytes, types) {
-        Ok(v) => v,
-        Err(_) => {
-            // Postgres produced it, so this is a type walsweep reads wrong: keep the text
-            // rather than lose the row, and count it.
-            crate::telemetry::metrics::error(crate::telemetry::metrics::ERROR_MIRROR_VALUE);
-            Value::Text(String::from_utf8_lossy(bytes).into_owned())
-        }
+/// A column's stored form in a mirror of `format`, and whether its text parsed as its type.
+fn stored_form(
+    format: MirrorFormat,
+    oid: u32,
+    bytes: &[u8],
+    types: &TypeRegistry,
+) -> (Field, bool) {
+    let (value, readable) = match decode_text(oid, bytes, types) {
+        Ok(v) => (v, true),
+        // Postgres produced it, so this is a type walsweep reads wrong: keep the text rather
+        // than lose the row, and count it.
+        Err(_) => (
+            Value::Text(String::from_utf8_lossy(bytes).into_owned()),
+            false,
+        ),
     };
     if let Value::Null = value {
-        return Field::Null;
+        return (Field::Null, readable);
     }
-    match format {
+    let field = match format {
         MirrorFormat::Json => Field::Value(value.to_json().to_string()),
         MirrorFormat::Hash => match value {
             Value::Text(s) | Value::Numeric(s) => Field::Value(s),
@@ -430,7 +487,8 @@ fn stored_form(format: MirrorFormat, oid: u32, bytes: &[u8], types: &TypeRegistr
                 json => Field::Value(json.to_string()),
             },
         },
-    }
+    };
+    (field, readable)
 }
 
 /// Mirror keys, index keys and members render values as Postgres text (not Python's `str()`),

@@ -19,6 +19,7 @@ pub mod fences;
 pub(crate) mod mirror;
 mod position;
 pub mod probe;
+pub(crate) mod readback;
 mod recovery;
 pub(crate) mod reinvalidate;
 
