@@ -481,6 +481,15 @@ fn dashboard_is_well_formed_and_has_the_panels() {
             "drift by table and kind",
             &["by(table,kind)", "walsweep_drift_rows_total"],
         ),
+        (
+            "visibility gate wait",
+            &["walsweep_visibility_wait_seconds_bucket"],
+        ),
+        (
+            "fills by result",
+            &["by(instance,result)", "walsweep_fills_total"],
+        ),
+        ("fences raised", &["walsweep_fences_raised_total"]),
     ];
     for (what, fragments) in required {
         assert!(

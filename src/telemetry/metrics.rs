@@ -48,7 +48,7 @@ pub(crate) const DRIFT_ROWS_TOTAL: &str = "walsweep_drift_rows_total";
 /// Every exported name, for the endpoint test and the docs. The inspector's two exist only
 /// while it runs (`[inspect]`): zeros from a walsweep that checks nothing would read as
 /// "checked, no drift".
-pub const ALL: [&str; 32] = [
+pub const ALL: [&str; 36] = [
     TRANSACTIONS_COMMITTED_TOTAL,
     CHANGES_DECODED_TOTAL,
     TRANSACTIONS_APPLIED_TOTAL,
@@ -81,6 +81,10 @@ pub const ALL: [&str; 32] = [
     SKIPPED_CHANGES_TOTAL,
     INSPECTED_ROWS_TOTAL,
     DRIFT_ROWS_TOTAL,
+    VISIBILITY_WAIT_SECONDS,
+    VISIBILITY_RECHECKS_TOTAL,
+    FENCES_RAISED_TOTAL,
+    FILLS_TOTAL,
 ];
 
 /// `result` labels of `walsweep_mirror_rows_total`.
@@ -352,6 +356,7 @@ pub(crate) fn describe() {
     counter!(SNAPSHOT_ROWS_TOTAL).absolute(0);
     counter!(VISIBILITY_RECHECKS_TOTAL).absolute(0);
     counter!(FENCES_RAISED_TOTAL).absolute(0);
+    set_fills(0, 0);
     describe_counter!(
         INSPECTED_ROWS_TOTAL,
         "Mirrored rows and stored entries the inspector compared, by table ([inspect] \
