@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use crate::pg::catalog;
 use crate::pg::replication::ConnectParams;
@@ -36,9 +36,12 @@ const INVISIBLE_SQL: &str = "\
     CROSS JOIN LATERAL (SELECT m.xmax8 >> 32 AS epoch, m.xmax8 & 4294967295 AS xmax_low) e \
     CROSS JOIN unnest($1::bigint[]) AS x";
 
-/// Pause between checks while a transaction is not yet visible: it usually becomes visible
-/// within microseconds; with a synchronous standby, once the standby answers.
-const RECHECK_AFTER: Duration = Duration::from_micros(200);
+/// Checks made back to back before pausing between them: without a synchronous standby a
+/// transaction not visible at the first check is visible microseconds later, well within the
+/// next round trip, while the runtime's timers cannot sleep less than a millisecond.
+const IMMEDIATE_RECHECKS: u64 = 20;
+/// Pause between later checks (a synchronous standby that takes its time).
+const RECHECK_AFTER: Duration = Duration::from_millis(1);
 /// A transaction still invisible after this long is logged (then every such interval): a
 /// stalled synchronous standby holds invalidations back, which an operator should know.
 const REPORT_AFTER: Duration = Duration::from_secs(5);
@@ -47,7 +50,8 @@ const REPORT_AFTER: Duration = Duration::from_secs(5);
 /// it fails.
 pub struct VisibilityGate {
     params: ConnectParams,
-    client: Option<Client>,
+    /// The connection and the check, prepared once per connection (one round trip a check).
+    client: Option<(Client, Statement)>,
 }
 
 impl VisibilityGate {
@@ -81,21 +85,28 @@ impl VisibilityGate {
                      synchronous standby that does not answer?); their invalidations wait"
                 );
             }
-            tokio::time::sleep(RECHECK_AFTER).await;
+            if checks >= IMMEDIATE_RECHECKS {
+                tokio::time::sleep(RECHECK_AFTER).await;
+            }
         }
     }
 
     async fn count_invisible(&mut self, xids: &[i64]) -> Result<i32, SinkError> {
-        let client = match &self.client {
-            Some(client) if !client.is_closed() => client,
+        let (client, check) = match &self.client {
+            Some((client, check)) if !client.is_closed() => (client, check),
             _ => {
                 let client = catalog::connect(&self.params)
                     .await
                     .map_err(|e| gate_error("connect for the visibility check", e))?;
-                self.client.insert(client)
+                let check = client
+                    .prepare(INVISIBLE_SQL)
+                    .await
+                    .map_err(|e| gate_error("prepare the visibility check", e))?;
+                let (client, check) = self.client.insert((client, check));
+                (&*client, &*check)
             }
         };
-        match client.query_one(INVISIBLE_SQL, &[&xids]).await {
+        match client.query_one(check, &[&xids]).await {
             Ok(row) => Ok(row.get(0)),
             Err(e) => {
                 self.client = None;
