@@ -190,6 +190,24 @@ pub fn redis_client(redis: &RedisConfig) -> Result<::redis::Client, RedisClientE
     .map_err(RedisClientError::Tls)
 }
 
+/// The `[redis]` client and how its managed connections time out and retry: the sink and the
+/// drift checks' readback connect the same way.
+pub(crate) fn managed_client(
+    redis: &RedisConfig,
+) -> Result<(::redis::Client, ConnectionManagerConfig), SinkError> {
+    let client = redis_client(redis).map_err(|e| SinkError {
+        operation: "set up the Redis client from [redis]",
+        retryable: false,
+        source: Box::new(e),
+    })?;
+    let timeout = Duration::from_millis(redis.timeout_ms);
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1);
+    Ok((client, config))
+}
+
 pub struct RedisSink {
     client: ::redis::Client,
     config: ConnectionManagerConfig,
@@ -230,16 +248,7 @@ impl RedisSink {
     /// Validates the URL; connects lazily, so Redis being down at start is retried like any
     /// other outage instead of failing the daemon.
     pub fn new(redis: &RedisConfig, matroska: &MatroskaConfig) -> Result<Self, SinkError> {
-        let client = redis_client(redis).map_err(|e| SinkError {
-            operation: "set up the Redis client from [redis]",
-            retryable: false,
-            source: Box::new(e),
-        })?;
-        let timeout = Duration::from_millis(redis.timeout_ms);
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
+        let (client, config) = managed_client(redis)?;
         let state_prefix = state_prefix("postgres", "walsweep");
         let mut sink = RedisSink {
             client,

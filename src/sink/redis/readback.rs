@@ -4,12 +4,11 @@
 //! `walsweep_redis_round_trip_seconds`, which measures the sink.
 
 use std::sync::LazyLock;
-use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::aio::ConnectionManager;
 use ::redis::{Script, Value};
 
-use super::{redis_client, sink_error};
+use super::sink_error;
 use crate::config::RedisConfig;
 use crate::sink::SinkError;
 
@@ -79,16 +78,7 @@ fn score(value: &Value) -> Option<f64> {
 impl Readback {
     /// Connects with `[redis]`'s URL, TLS files and timeout.
     pub(crate) async fn connect(redis: &RedisConfig) -> Result<Readback, SinkError> {
-        let client = redis_client(redis).map_err(|e| SinkError {
-            operation: "set up the Redis client from [redis]",
-            retryable: false,
-            source: Box::new(e),
-        })?;
-        let timeout = Duration::from_millis(redis.timeout_ms);
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
+        let (client, config) = super::managed_client(redis)?;
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| sink_error("connect to Redis", e))?;
