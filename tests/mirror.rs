@@ -536,9 +536,12 @@ async fn warm_up_then_stream_loses_nothing(slot: &str, via_command: bool) {
         let summary = walsweep::cli::snapshot::load_mirrors(&cfg)
             .await
             .expect("walsweep snapshot");
+        // The prefilled 20 000 rows, give or take what the writer (up to 3 statements per
+        // transaction, some of them DELETEs) changed in the 100 ms before the snapshot; the
+        // exact comparison with SELECT comes at the end.
         let items = summary.tables.iter().find(|(t, _)| t == "public.items");
         assert!(
-            items.is_some_and(|(_, rows)| *rows >= 20_000),
+            items.is_some_and(|(_, rows)| *rows >= 19_500),
             "{summary:?}"
         );
     }
