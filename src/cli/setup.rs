@@ -189,9 +189,10 @@ pub async fn command(path: &Path, print_only: bool, role: &str) -> ExitCode {
 
 /// `FUNCTION LOAD REPLACE` of walsweep's fenced-fill functions into `[redis]`.
 async fn load_functions(config: &Config) -> Result<(), String> {
-    let client = crate::sink::redis::redis_client(&config.redis).map_err(|e| display_chain(&e))?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
+    let endpoint =
+        crate::sink::redis::Endpoint::new(&config.redis).map_err(|e| display_chain(&e))?;
+    let mut conn = endpoint
+        .connect_plain()
         .await
         .map_err(|e| format!("connecting to Redis to load the function library: {e}"))?;
     crate::sink::redis::fences::load_function_library(&mut conn)

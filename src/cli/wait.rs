@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use crate::cli::config_failure;
 use crate::config::Config;
 use crate::pg::Lsn;
-use crate::sink::redis::{redis_client, state_prefix};
+use crate::sink::redis::{pubsub_connection, state_prefix, Endpoint};
 use crate::telemetry::log::display_chain;
 
 /// Exit code when the position did not reach the LSN in time (0: reached; 1: could not ask).
@@ -98,18 +98,15 @@ pub async fn command(path: &Path, lsn: &str, timeout: Duration) -> ExitCode {
 
 /// Returns the published value once it reaches `target`.
 async fn wait_for(config: &Config, key: &str, target: Lsn) -> Result<String, String> {
-    let client = redis_client(&config.redis).map_err(|e| display_chain(&e))?;
+    let endpoint = Endpoint::new(&config.redis).map_err(|e| display_chain(&e))?;
     let failed = |what: &str, e: ::redis::RedisError| format!("{what} on Redis: {e}");
-    let mut pubsub = client
-        .get_async_pubsub()
-        .await
-        .map_err(|e| failed("connecting", e))?;
+    let mut pubsub = pubsub_connection(&config.redis).await?;
     pubsub
         .subscribe(key)
         .await
         .map_err(|e| failed("SUBSCRIBE", e))?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
+    let mut conn = endpoint
+        .connect_plain()
         .await
         .map_err(|e| failed("connecting", e))?;
     let current: Option<String> = ::redis::cmd("GET")

@@ -36,6 +36,8 @@ pub(crate) const MAX_REINVALIDATE_AFTER_MS: u64 = 600_000;
 pub(crate) const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
 /// Environment variable that replaces `redis.url`.
 pub const REDIS_URL_ENV: &str = "WALSWEEP_REDIS_URL";
+/// Environment variable that replaces `redis.cluster_nodes` (comma-separated URLs).
+pub const REDIS_CLUSTER_NODES_ENV: &str = "WALSWEEP_REDIS_CLUSTER_NODES";
 /// Environment variable that replaces `source.url`, so the password can stay out of the file.
 pub const SOURCE_URL_ENV: &str = "WALSWEEP_SOURCE_URL";
 
@@ -91,6 +93,28 @@ pub struct RedisConfig {
     /// PEM private key of `cert_file`.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// A Redis Cluster instead of one node: URLs of some of its nodes (any role, any number;
+    /// walsweep learns the rest from them), e.g. `["redis://10.0.0.1:7000",
+    /// "redis://10.0.0.2:7000"]`. User, password and `rediss://` work as in `url`, which is then
+    /// left out; database numbers other than 0 do not exist in a cluster. Overridden by
+    /// `WALSWEEP_REDIS_CLUSTER_NODES` (comma-separated). Default empty: one node at `url`.
+    #[serde(default)]
+    pub cluster_nodes: Vec<String>,
+    /// How many replicas (of each primary touched, on a cluster) must acknowledge a batch's
+    /// writes before walsweep confirms it to Postgres (`WAIT`). Redis replicates
+    /// asynchronously: without it, a primary that dies right after applying a batch can take
+    /// the batch's invalidations with it while its promoted replica still serves the stale
+    /// entries. A batch not acknowledged within half of `timeout_ms` is applied again.
+    /// Default 0 (do not wait).
+    #[serde(default)]
+    pub wait_for_replicas: u32,
+}
+
+impl RedisConfig {
+    /// Whether walsweep talks to a Redis Cluster (`cluster_nodes`) rather than one node.
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
+    }
 }
 
 impl Default for RedisConfig {
@@ -101,6 +125,8 @@ impl Default for RedisConfig {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            cluster_nodes: Vec::new(),
+            wait_for_replicas: 0,
         }
     }
 }
@@ -361,6 +387,107 @@ pub(crate) enum OpName {
 fn default_release_slot_after_sink_outage_ms() -> u64 {
     DEFAULT_RELEASE_SLOT_AFTER_SINK_OUTAGE_MS
 }
+/// What `[redis]`'s URLs get wrong: one node's `url`, or a cluster's `cluster_nodes`.
+fn redis_endpoint_problems(
+    redis: &RedisConfig,
+    matroska: &MatroskaConfig,
+) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    let parse = |url: &str| -> Option<::redis::ConnectionInfo> {
+        ::redis::IntoConnectionInfo::into_connection_info(url).ok()
+    };
+    let is_tls = |info: &::redis::ConnectionInfo| {
+        matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. })
+    };
+    let (key, tls) = if redis.is_cluster() {
+        if redis.url != default_redis_url() {
+            problems.push((
+                "redis.cluster_nodes",
+                "set either redis.url (one Redis node) or redis.cluster_nodes (a Redis \
+                 Cluster), not both"
+                    .into(),
+            ));
+        }
+        let mut schemes_tls = Vec::new();
+        for (i, node) in redis.cluster_nodes.iter().enumerate() {
+            match parse(node) {
+                None => problems.push((
+                    "redis.cluster_nodes",
+                    format!(
+                        "entry {} is not a valid Redis URL; expected \
+                         redis://[user:password@]host:port (rediss:// for TLS)",
+                        i + 1
+                    ),
+                )),
+                Some(info) => {
+                    if info.redis_settings().db() != 0 {
+                        problems.push((
+                            "redis.cluster_nodes",
+                            format!(
+                                "entry {} names database {}: a Redis Cluster has only database \
+                                 0, so leave the /db part out",
+                                i + 1,
+                                info.redis_settings().db()
+                            ),
+                        ));
+                    }
+                    schemes_tls.push(is_tls(&info));
+                }
+            }
+        }
+        if schemes_tls.iter().any(|t| *t) && schemes_tls.iter().any(|t| !*t) {
+            problems.push((
+                "redis.cluster_nodes",
+                "mixes redis:// and rediss:// URLs; the nodes of one cluster all use TLS or none \
+                 does"
+                    .into(),
+            ));
+        }
+        if matroska.fences {
+            problems.push((
+                "matroska.fences",
+                "fenced fills are not supported on a Redis Cluster yet (a fill's key, its \
+                 dependency sets and their fences live in different hash slots); remove \
+                 matroska.fences or use one Redis node"
+                    .into(),
+            ));
+        }
+        (
+            "redis.cluster_nodes",
+            schemes_tls.first().copied().unwrap_or(false),
+        )
+    } else {
+        match parse(&redis.url) {
+            None => {
+                problems.push((
+                    "redis.url",
+                    "not a valid Redis URL; expected redis://[user:password@]host:port/db \
+                     (rediss:// for TLS)"
+                        .into(),
+                ));
+                return problems;
+            }
+            Some(info) => ("redis.url", is_tls(&info)),
+        }
+    };
+    for (file_key, set) in [
+        ("redis.ca_file", redis.ca_file.is_some()),
+        ("redis.cert_file", redis.cert_file.is_some()),
+    ] {
+        if set && !tls {
+            problems.push((
+                file_key,
+                if key == "redis.url" {
+                    "only applies to TLS; use a rediss:// URL in redis.url".into()
+                } else {
+                    format!("only applies to TLS; use rediss:// URLs in {key}")
+                },
+            ));
+        }
+    }
+    problems
+}
+
 fn default_redis_url() -> String {
     DEFAULT_REDIS_URL.into()
 }
@@ -578,6 +705,13 @@ impl Config {
         if let Some(url) = get(REDIS_URL_ENV).filter(|u| !u.is_empty()) {
             self.redis.url = url;
         }
+        if let Some(nodes) = get(REDIS_CLUSTER_NODES_ENV).filter(|u| !u.trim().is_empty()) {
+            self.redis.cluster_nodes = nodes
+                .split(',')
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect();
+        }
     }
 
     /// Every problem the file has, each with its line when it can be found.
@@ -666,29 +800,22 @@ impl Config {
                 Ok(_) => {}
             }
         }
-        match ::redis::Client::open(self.redis.url.as_str()) {
-            Err(_) => problem(
-                "redis.url",
-                "not a valid Redis URL; expected redis://[user:password@]host:port/db \
-                 (rediss:// for TLS)"
-                    .into(),
-            ),
-            Ok(client) => {
-                let tls = matches!(
-                    client.get_connection_info().addr(),
-                    ::redis::ConnectionAddr::TcpTls { .. }
+        for problem_found in redis_endpoint_problems(&self.redis, &self.matroska) {
+            problem(problem_found.0, problem_found.1);
+        }
+        if let Some(stream) = self.broadcast.as_ref().and_then(|b| b.stream.as_deref()) {
+            if self.redis.is_cluster()
+                && crate::sink::redis::cluster::same_slot_key(stream, "").is_none()
+            {
+                problem(
+                    "broadcast.stream",
+                    format!(
+                        "{stream:?} cannot be used on a Redis Cluster: walsweep keeps the \
+                         stream's chain state in a key of the same hash slot, and a name with \
+                         '}}' but no hash tag has none; give it a hash tag (e.g. \
+                         \"{{walsweep}}:changes\") or leave '}}' out"
+                    ),
                 );
-                for (key, set) in [
-                    ("redis.ca_file", self.redis.ca_file.is_some()),
-                    ("redis.cert_file", self.redis.cert_file.is_some()),
-                ] {
-                    if set && !tls {
-                        problem(
-                            key,
-                            "only applies to TLS; use a rediss:// URL in redis.url".into(),
-                        );
-                    }
-                }
             }
         }
         if self.redis.cert_file.is_some() != self.redis.key_file.is_some() {

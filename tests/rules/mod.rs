@@ -9,14 +9,14 @@ use redis::AsyncCommands;
 
 pub use crate::support::daemon::{config, exists, start, wait_gone, Daemon};
 
-pub async fn set_keys(conn: &mut redis::aio::MultiplexedConnection, keys: &[&str]) {
+pub async fn set_keys<C: AsyncCommands>(conn: &mut C, keys: &[&str]) {
     for k in keys {
         let _: () = conn.set(*k, "cached").await.expect("SET");
     }
 }
 
 /// matroska-cache's `put`: SADD the data key to each dependency set, then SETEX the data.
-pub async fn matroska_put(conn: &mut redis::aio::MultiplexedConnection, key: &str, deps: &[&str]) {
+pub async fn matroska_put<C: AsyncCommands>(conn: &mut C, key: &str, deps: &[&str]) {
     let data_key = format!("cache::data::{key}");
     for d in deps {
         let _: () = conn

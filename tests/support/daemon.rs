@@ -4,7 +4,6 @@
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use redis::AsyncCommands;
 use tokio::task::JoinHandle;
 
 use walsweep::config::Config;
@@ -191,7 +190,7 @@ pub async fn wait_streaming(client: &tokio_postgres::Client, slot: &str) {
 
 /// `EXISTS key`. Right after a restart Redis answers `LOADING` while it reads its dump (it
 /// already answers the `INFO` that start-up waits for): that is retried for up to 10s.
-pub async fn exists(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> bool {
+pub async fn exists<C: redis::AsyncCommands>(conn: &mut C, key: &str) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match conn.exists(key).await {
@@ -205,11 +204,7 @@ pub async fn exists(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> 
 }
 
 /// Waits until `key` is gone (walsweep applied the change that removes it); returns when.
-pub async fn wait_gone(
-    conn: &mut redis::aio::MultiplexedConnection,
-    key: &str,
-    secs: u64,
-) -> Instant {
+pub async fn wait_gone<C: redis::AsyncCommands>(conn: &mut C, key: &str, secs: u64) -> Instant {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         if !exists(conn, key).await {

@@ -17,14 +17,19 @@ use crate::telemetry::metrics as m;
 static BROADCAST: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/broadcast.lua")));
 
-/// Where the last published LSN is kept: next to the stream, else the channel's name.
-pub(crate) fn state_key(config: &BroadcastConfig) -> String {
+/// Where the last published LSN is kept: next to the stream, else the channel's name. On a
+/// cluster the script writes both, so the key shares the stream's hash slot (`None` when the
+/// stream's name cannot have such a neighbour, see `cluster::same_slot_key`).
+pub(crate) fn state_key(config: &BroadcastConfig, cluster: bool) -> Option<String> {
     let base = config
         .stream
         .as_deref()
         .or(config.channel.as_deref())
         .unwrap_or("walsweep");
-    format!("{base}:last_lsn")
+    match (&config.stream, cluster) {
+        (Some(stream), true) => super::cluster::same_slot_key(stream, ":last_lsn"),
+        _ => Some(format!("{base}:last_lsn")),
+    }
 }
 
 impl RedisSink {
@@ -72,7 +77,14 @@ impl RedisSink {
             return Ok((0, 0));
         }
         let mut conn = self.connection().await?;
-        let state = state_key(config);
+        let state = state_key(config, self.endpoint.is_cluster()).ok_or_else(|| SinkError {
+            operation: "publish broadcast messages",
+            retryable: false,
+            source: "on a Redis Cluster, broadcast.stream must be a name walsweep can keep its \
+                     chain state next to (in the same hash slot): give it a hash tag, e.g. \
+                     \"{walsweep}:changes\", or leave '}' out of it"
+                .into(),
+        })?;
         let mut keys = vec![state.as_str()];
         keys.extend(config.stream.as_deref());
         let mut pipe = ::redis::pipe();

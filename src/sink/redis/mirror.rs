@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::sync::LazyLock;
 
-use ::redis::aio::ConnectionManager;
+use super::RedisConn;
 use ::redis::{Script, Value};
 
 use super::errors::ScriptCalls;
@@ -17,11 +17,11 @@ use crate::plan::mirror::MirrorOp;
 use crate::sink::SinkError;
 use crate::telemetry::metrics as m;
 
-static MIRROR_ROWS: LazyLock<Script> =
+pub(super) static MIRROR_ROWS: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/mirror_rows.lua")));
 
 /// Rows per script call: long enough to amortise the call, short enough not to stall Redis.
-const ROWS_PER_CALL: usize = 100;
+pub(super) const ROWS_PER_CALL: usize = 100;
 /// Script calls per round trip.
 const CALLS_PER_ROUND_TRIP: usize = 64;
 
@@ -40,12 +40,38 @@ pub(crate) struct MirrorApplied {
     pub(crate) wrong_type: u64,
 }
 
+impl MirrorApplied {
+    /// Adds a `mirror_rows.lua` (or `mirror_index.lua`) reply's counts.
+    pub(super) fn add_reply(&mut self, reply: &Value) {
+        if let Value::Array(items) = reply {
+            let n = |i: usize| match items.get(i) {
+                Some(Value::Int(n)) => *n as u64,
+                _ => 0,
+            };
+            self.written += n(0);
+            self.deleted += n(1);
+            self.skipped += n(2);
+            self.incomplete += n(3);
+            self.wrong_type += n(4);
+        }
+    }
+}
+
 /// One script call being built.
 #[derive(Default)]
-struct Call {
-    keys: Vec<String>,
-    args: Vec<String>,
-    rows: usize,
+pub(super) struct Call {
+    pub(super) keys: Vec<String>,
+    pub(super) args: Vec<String>,
+    pub(super) rows: usize,
+}
+
+/// Which part of a row op a call carries: all of it (one node, or every key in one slot), or,
+/// on a cluster, only the row at its new key (its index moves and a move across slots are
+/// applied apart, `cluster_mirror`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RowPart {
+    Whole,
+    RowOnly,
 }
 
 fn score_arg(score: f64) -> String {
@@ -54,7 +80,11 @@ fn score_arg(score: f64) -> String {
     format!("{score}")
 }
 
-fn retention_args(add: &IndexAdd, cutoff_unix_secs: i64) -> (String, String) {
+pub(super) fn score_arg_of(score: f64) -> String {
+    score_arg(score)
+}
+
+pub(super) fn retention_args(add: &IndexAdd, cutoff_unix_secs: i64) -> (String, String) {
     match add.retention {
         None => (String::new(), String::new()),
         Some(r) => {
@@ -100,10 +130,18 @@ impl Call {
         self.args.push(header);
     }
 
-    fn push_row(&mut self, op: &MirrorOp, cutoff_unix_secs: i64) {
+    pub(super) fn push_row(&mut self, op: &MirrorOp, cutoff_unix_secs: i64, part: RowPart) {
         self.rows += 1;
+        let whole = part == RowPart::Whole;
+        let none_removed: &[crate::plan::mirror::plan::IndexRemove] = &[];
+        let none_added: &[IndexAdd] = &[];
         match op {
             MirrorOp::Delete { key, index_removes } => {
+                let index_removes = if whole {
+                    &index_removes[..]
+                } else {
+                    none_removed
+                };
                 self.push_header('d', 'j', [false; 3], 0, [index_removes.len(), 0, 0, 0, 0]);
                 self.keys.push(key.clone());
                 for r in index_removes {
@@ -150,16 +188,26 @@ impl Call {
                             ('h', fields, pairs, nulls)
                         }
                     };
-                let moved = w.source != w.key;
-                let retention = w.index_adds.iter().any(|a| a.retention.is_some());
+                // Only within one slot can a single call move the row (a move across slots is
+                // carried over before the call, `cluster_mirror`).
+                let moved = w.source != w.key
+                    && (whole
+                        || super::cluster::slot_of(w.source.as_bytes())
+                            == super::cluster::slot_of(w.key.as_bytes()));
+                let (index_removes, index_adds) = if whole {
+                    (&w.index_removes[..], &w.index_adds[..])
+                } else {
+                    (none_removed, none_added)
+                };
+                let retention = index_adds.iter().any(|a| a.retention.is_some());
                 self.push_header(
                     'w',
                     fmt,
                     [w.mode.only_if_present, moved, retention],
                     w.mode.ttl_seconds,
                     [
-                        w.index_removes.len(),
-                        w.index_adds.len(),
+                        index_removes.len(),
+                        index_adds.len(),
                         pairs,
                         nulls.len(),
                         keeps.len(),
@@ -169,11 +217,11 @@ impl Call {
                 if moved {
                     self.keys.push(w.source.clone());
                 }
-                for r in &w.index_removes {
+                for r in index_removes {
                     self.keys.push(r.key.clone());
                     self.args.push(r.member.clone());
                 }
-                for add in &w.index_adds {
+                for add in index_adds {
                     self.keys.push(add.key.clone());
                     self.args.push(add.member.clone());
                     self.args.push(score_arg(add.score));
@@ -194,7 +242,7 @@ impl Call {
 }
 
 /// One line per mirror op on the effects log target (`RUST_LOG=walsweep::effects=debug`).
-fn log_op(op: &MirrorOp) {
+pub(super) fn log_op(op: &MirrorOp) {
     use super::EFFECTS_LOG_TARGET as target;
     match op {
         MirrorOp::Write(w) if w.source != w.key => {
@@ -225,6 +273,37 @@ impl RedisSink {
         ops: impl IntoIterator<Item = &'a MirrorOp>,
         cutoff_unix_secs: i64,
     ) -> Result<MirrorApplied, SinkError> {
+        let applied = if self.endpoint.is_cluster() {
+            self.apply_mirror_ops_on_cluster(ops, cutoff_unix_secs)
+                .await?
+        } else {
+            self.apply_mirror_ops_on_node(ops, cutoff_unix_secs).await?
+        };
+        m::mirror_applied(
+            [
+                applied.written,
+                applied.deleted,
+                applied.skipped,
+                applied.incomplete,
+            ],
+            applied.cleared_keys,
+        );
+        if applied.wrong_type > 0 {
+            m::error(m::ERROR_WRONG_TYPE);
+            tracing::warn!(
+                keys = applied.wrong_type,
+                "some mirror index keys are not sorted sets; left alone (another app may use the \
+                 same names: give the index a prefix of its own)"
+            );
+        }
+        Ok(applied)
+    }
+
+    async fn apply_mirror_ops_on_node<'a>(
+        &mut self,
+        ops: impl IntoIterator<Item = &'a MirrorOp>,
+        cutoff_unix_secs: i64,
+    ) -> Result<MirrorApplied, SinkError> {
         let mut conn = self.connection().await?;
         let mut applied = MirrorApplied::default();
         let mut calls: Vec<Call> = Vec::new();
@@ -251,33 +330,16 @@ impl RedisSink {
                 log_op(op);
             }
             if let Some(call) = calls.last_mut() {
-                call.push_row(op, cutoff_unix_secs);
+                call.push_row(op, cutoff_unix_secs, RowPart::Whole);
             }
         }
         self.run_calls(&mut conn, calls, &mut applied).await?;
-        m::mirror_applied(
-            [
-                applied.written,
-                applied.deleted,
-                applied.skipped,
-                applied.incomplete,
-            ],
-            applied.cleared_keys,
-        );
-        if applied.wrong_type > 0 {
-            m::error(m::ERROR_WRONG_TYPE);
-            tracing::warn!(
-                keys = applied.wrong_type,
-                "some mirror index keys are not sorted sets; left alone (another app may use the \
-                 same names: give the index a prefix of its own)"
-            );
-        }
         Ok(applied)
     }
 
     async fn run_calls(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         calls: Vec<Call>,
         applied: &mut MirrorApplied,
     ) -> Result<(), SinkError> {
@@ -307,18 +369,8 @@ impl RedisSink {
             pipe.query_async(conn),
         )
         .await?;
-        for reply in replies {
-            if let Value::Array(items) = reply {
-                let n = |i: usize| match items.get(i) {
-                    Some(Value::Int(n)) => *n as u64,
-                    _ => 0,
-                };
-                applied.written += n(0);
-                applied.deleted += n(1);
-                applied.skipped += n(2);
-                applied.incomplete += n(3);
-                applied.wrong_type += n(4);
-            }
+        for reply in &replies {
+            applied.add_reply(reply);
         }
         Ok(())
     }

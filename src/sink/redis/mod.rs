@@ -14,6 +14,9 @@
 
 pub(crate) mod broadcast;
 pub mod certificate;
+pub(crate) mod cluster;
+mod cluster_mirror;
+pub(crate) mod endpoint;
 pub(crate) mod errors;
 pub mod fences;
 pub(crate) mod mirror;
@@ -27,11 +30,12 @@ use crate::pg::Lsn;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{ErrorKind, RedisError, Value};
+use ::redis::Value;
 
+pub use self::endpoint::{cluster_client, pubsub_connection, redis_client, RedisClientError};
+pub(crate) use self::endpoint::{Endpoint, RedisConn};
 pub(crate) use self::errors::sink_error;
-use self::errors::{script_sink_error, sink_error_at, ScriptCalls};
+use self::errors::{script_sink_error, ScriptCalls};
 pub use self::position::APPLIED as APPLIED_POSITION;
 use crate::config::template::glob_escape;
 use crate::config::{BroadcastConfig, MatroskaConfig, RedisConfig};
@@ -57,161 +61,13 @@ pub(crate) fn dep_set_key(prefix: &str, dep: &str) -> String {
     format!("{prefix}::rdep::{dep}")
 }
 
-/// Why `[redis]` does not give a usable client. Never echoes the URL (it may hold a password).
-#[derive(Debug, thiserror::Error)]
-pub enum RedisClientError {
-    #[error(
-        "redis.url is not a valid Redis URL ({0:?}); expected redis://[user:password@]host:port/db, \
-         or rediss:// for TLS"
-    )]
-    Url(ErrorKind),
-    #[error("redis.{key} needs TLS: use a rediss:// URL in redis.url, or remove redis.{key}")]
-    NotTls { key: &'static str },
-    #[error("redis.cert_file and redis.key_file go together; set both or neither")]
-    ClientCertPair,
-    #[error(
-        "cannot read redis.{key} {}; fix the path in [redis] or make the file readable by \
-         walsweep", path.display()
-    )]
-    ReadFile {
-        key: &'static str,
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("redis.{key} {} is not usable: {reason}", path.display())]
-    BadFile {
-        key: &'static str,
-        path: std::path::PathBuf,
-        reason: &'static str,
-        /// None when the file is valid PEM without the item: the reason already says so.
-        #[source]
-        source: Option<rustls::pki_types::pem::Error>,
-    },
-    #[error("cannot set up TLS for Redis from redis.ca_file / cert_file / key_file")]
-    Tls(#[source] RedisError),
-}
-
-/// The client for `[redis]`: `url`, plus `ca_file` / `cert_file` / `key_file` for a `rediss://`
-/// URL (otherwise the system trust store verifies the server). Used by the sink, the health
-/// probe and `check`, so all three connect the same way.
-pub fn redis_client(redis: &RedisConfig) -> Result<::redis::Client, RedisClientError> {
-    use ::redis::{ClientTlsConfig, ConnectionAddr, TlsCertificates};
-    use rustls::pki_types::pem::{self, PemObject};
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-    let client =
-        ::redis::Client::open(redis.url.as_str()).map_err(|e| RedisClientError::Url(e.kind()))?;
-    let is_tls = matches!(
-        client.get_connection_info().addr(),
-        ConnectionAddr::TcpTls { .. }
-    );
-    if is_tls {
-        // The redis crate builds its rustls configuration with the process default provider.
-        crate::pg::tls::crypto_provider();
-    }
-    if redis.ca_file.is_none() && redis.cert_file.is_none() && redis.key_file.is_none() {
-        return Ok(client);
-    }
-    for (key, set) in [
-        ("ca_file", redis.ca_file.is_some()),
-        ("cert_file", redis.cert_file.is_some()),
-        ("key_file", redis.key_file.is_some()),
-    ] {
-        if set && !is_tls {
-            return Err(RedisClientError::NotTls { key });
-        }
-    }
-    let read = |key: &'static str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| RedisClientError::ReadFile {
-            key,
-            path: path.to_path_buf(),
-            source,
-        })
-    };
-    let bad = |key: &'static str,
-               path: &std::path::Path,
-               reason: &'static str,
-               source: Option<pem::Error>| RedisClientError::BadFile {
-        key,
-        path: path.to_path_buf(),
-        reason,
-        source,
-    };
-    // The redis crate would accept a file without certificates and then fail every handshake;
-    // check the PEM here so the message names the file.
-    let certs = |key: &'static str, path: &std::path::Path| {
-        let pem = read(key, path)?;
-        match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
-            Ok(certs) if certs.is_empty() => Err(bad(
-                key,
-                path,
-                "no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)",
-                None,
-            )),
-            Ok(_) => Ok(pem),
-            Err(e) => Err(bad(key, path, "invalid PEM", Some(e))),
-        }
-    };
-    let root_cert = match &redis.ca_file {
-        Some(path) => Some(certs("ca_file", path)?),
-        None => None,
-    };
-    let client_tls = match (&redis.cert_file, &redis.key_file) {
-        (Some(cert), Some(key)) => {
-            let client_cert = certs("cert_file", cert)?;
-            let client_key = read("key_file", key)?;
-            PrivateKeyDer::from_pem_slice(&client_key).map_err(|e| {
-                bad(
-                    "key_file",
-                    key,
-                    "no usable PEM private key in it",
-                    match e {
-                        pem::Error::NoItemsFound => None,
-                        other => Some(other),
-                    },
-                )
-            })?;
-            Some(ClientTlsConfig {
-                client_cert,
-                client_key,
-            })
-        }
-        (None, None) => None,
-        _ => return Err(RedisClientError::ClientCertPair),
-    };
-    ::redis::Client::build_with_tls(
-        redis.url.as_str(),
-        TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )
-    .map_err(RedisClientError::Tls)
-}
-
-/// The `[redis]` client and how its managed connections time out and retry: the sink and the
-/// drift checks' readback connect the same way.
-pub(crate) fn managed_client(
-    redis: &RedisConfig,
-) -> Result<(::redis::Client, ConnectionManagerConfig), SinkError> {
-    let client = redis_client(redis).map_err(|e| SinkError {
-        operation: "set up the Redis client from [redis]",
-        retryable: false,
-        source: Box::new(e),
-    })?;
-    let timeout = Duration::from_millis(redis.timeout_ms);
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(1);
-    Ok((client, config))
-}
-
 pub struct RedisSink {
-    client: ::redis::Client,
-    config: ConnectionManagerConfig,
-    connection: Option<ConnectionManager>,
+    endpoint: Endpoint,
+    connection: Option<RedisConn>,
+    /// On a cluster: the mirror scripts are loaded on every node (`cluster_mirror`).
+    cluster_scripts_loaded: bool,
+    /// `redis.wait_for_replicas`, and how long one WAIT may take.
+    wait_for_replicas: (u32, u64),
     prefix: String,
     remove_sets: bool,
     /// `matroska.fences`: fences raised before each invalidation (`fences`).
@@ -248,12 +104,13 @@ impl RedisSink {
     /// Validates the URL; connects lazily, so Redis being down at start is retried like any
     /// other outage instead of failing the daemon.
     pub fn new(redis: &RedisConfig, matroska: &MatroskaConfig) -> Result<Self, SinkError> {
-        let (client, config) = managed_client(redis)?;
+        let endpoint = Endpoint::new(redis)?;
         let state_prefix = state_prefix("postgres", "walsweep");
         let mut sink = RedisSink {
-            client,
-            config,
+            endpoint,
             connection: None,
+            cluster_scripts_loaded: false,
+            wait_for_replicas: (redis.wait_for_replicas, (redis.timeout_ms / 2).max(1)),
             prefix: matroska.prefix.clone(),
             remove_sets: matroska.remove_dependency_sets,
             reset_plan: EffectPlan::default(),
@@ -315,18 +172,11 @@ impl RedisSink {
         self
     }
 
-    /// `host:port` of the Redis server, for messages (never the password).
-    fn target(&self) -> String {
-        self.client.get_connection_info().addr().to_string()
-    }
-
-    async fn connection(&mut self) -> Result<ConnectionManager, SinkError> {
+    async fn connection(&mut self) -> Result<RedisConn, SinkError> {
         if let Some(c) = &self.connection {
             return Ok(c.clone());
         }
-        let c = ConnectionManager::new_with_config(self.client.clone(), self.config.clone())
-            .await
-            .map_err(|e| sink_error_at("connect to Redis", Some(self.target()), e))?;
+        let c = self.endpoint.connect().await?;
         self.connection = Some(c.clone());
         Ok(c)
     }
@@ -386,7 +236,16 @@ impl RedisSink {
         }
         let mut conn = self.connection().await?;
         let mut applied = Unlinked::default();
-        if !keys.is_empty() || !sets.is_empty() {
+        if self.endpoint.is_cluster() {
+            const OPERATION: &str = "unlink keys and invalidate dependency sets";
+            let (unlinked, sets) = futures_util::future::try_join(
+                cluster::unlink_keys(&conn, &keys, OPERATION),
+                cluster::invalidate_sets(&conn, &sets, self.remove_sets, OPERATION),
+            )
+            .await?;
+            applied.keys_unlinked += unlinked + sets.keys_unlinked;
+            applied.wrong_type_sets += sets.wrong_type_sets;
+        } else if !keys.is_empty() || !sets.is_empty() {
             let mut pipe = ::redis::pipe();
             for chunk in keys.chunks(KEYS_PER_COMMAND) {
                 pipe.cmd("UNLINK").arg(chunk);
@@ -416,14 +275,22 @@ impl RedisSink {
                 .await?;
         }
         for prefix in dep_prefixes.into_keys() {
+            const OPERATION: &str = "invalidate dependency sets table-wide";
             let pattern = format!("{}*", glob_escape(&dep_set_key(&self.prefix, prefix)));
             let mut scan = Scan::new(pattern, "scan for a table-wide dependency invalidation");
             while let Some(page) = scan.next_page(&mut conn).await? {
+                if self.endpoint.is_cluster() {
+                    let sets =
+                        cluster::invalidate_sets(&conn, &page, self.remove_sets, OPERATION).await?;
+                    applied.keys_unlinked += sets.keys_unlinked;
+                    applied.wrong_type_sets += sets.wrong_type_sets;
+                    continue;
+                }
                 for chunk in page.chunks(SETS_PER_SCRIPT_CALL) {
                     let mut pipe = ::redis::pipe();
                     self.push_invalidate_sets(&mut pipe, chunk);
                     let replies: Vec<Value> = script_round_trip(
-                        "invalidate dependency sets table-wide",
+                        OPERATION,
                         ScriptCalls {
                             script: INVALIDATE_DEPS_SCRIPT,
                             at: 0..usize::MAX,
@@ -462,30 +329,30 @@ impl RedisSink {
     /// Table-wide invalidations and mirror clears both use it.
     async fn unlink_prefix(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         prefix: &str,
         operation: &'static str,
     ) -> Result<u64, SinkError> {
         let mut scan = Scan::new(format!("{}*", glob_escape(prefix)), operation);
         let mut unlinked = 0;
         while let Some(page) = scan.next_page(conn).await? {
-            for chunk in page.chunks(KEYS_PER_COMMAND) {
-                let mut unlink = ::redis::cmd("UNLINK");
-                unlink.arg(chunk);
-                let n: u64 = round_trip(operation, unlink.query_async(conn)).await?;
-                unlinked += n;
-            }
+            unlinked += cluster::unlink_keys(conn, &page, operation).await?;
         }
         Ok(unlinked)
     }
 }
 
 /// A SCAN over `pattern`, read a page at a time so the caller acts on each page before the
-/// next. Deleting keys mid-scan is fine: SCAN still returns every key present for the whole
-/// scan, and a key it returns twice is UNLINKed twice, which is harmless.
+/// next: on every primary of a cluster in turn, or on the one node. Deleting keys mid-scan is
+/// fine: SCAN still returns every key present for the whole scan, and a key it returns twice is
+/// UNLINKed twice, which is harmless. (A key migrating between two primaries while both are
+/// scanned can be missed on a cluster: resharding and a table-wide invalidation at the same
+/// moment.)
 struct Scan {
     pattern: String,
-    /// `None` once the server said the scan is complete.
+    /// The nodes still to scan, the current one first; `None` until asked (the first page).
+    nodes: Option<Vec<Option<endpoint::Primary>>>,
+    /// The current node's cursor; `None` once the server said its scan is complete.
     cursor: Option<u64>,
     operation: &'static str,
 }
@@ -494,6 +361,7 @@ impl Scan {
     fn new(pattern: String, operation: &'static str) -> Self {
         Scan {
             pattern,
+            nodes: None,
             cursor: Some(0),
             operation,
         }
@@ -501,11 +369,24 @@ impl Scan {
 
     /// The next page of matching keys (possibly empty: SCAN filters after it samples), or
     /// `None` when the scan is done.
-    async fn next_page(
-        &mut self,
-        conn: &mut ConnectionManager,
-    ) -> Result<Option<Vec<String>>, SinkError> {
-        let Some(cursor) = self.cursor else {
+    async fn next_page(&mut self, conn: &mut RedisConn) -> Result<Option<Vec<String>>, SinkError> {
+        if self.nodes.is_none() {
+            let mut nodes = round_trip(self.operation, conn.scan_nodes()).await?;
+            nodes.reverse();
+            self.nodes = Some(nodes);
+        }
+        let nodes = self.nodes.as_mut().expect("set above");
+        let cursor = match self.cursor {
+            Some(cursor) => cursor,
+            None => {
+                nodes.pop();
+                if nodes.is_empty() {
+                    return Ok(None);
+                }
+                0
+            }
+        };
+        let Some(node) = nodes.last() else {
             return Ok(None);
         };
         let mut scan = ::redis::cmd("SCAN");
@@ -515,7 +396,7 @@ impl Scan {
             .arg("COUNT")
             .arg(SCAN_COUNT);
         let (next, page): (u64, Vec<String>) =
-            round_trip(self.operation, scan.query_async(conn)).await?;
+            round_trip(self.operation, conn.query_on(node.as_ref(), &scan)).await?;
         self.cursor = (next != 0).then_some(next);
         Ok(Some(page))
     }
@@ -731,6 +612,7 @@ impl RedisSink {
         }
         if result.is_err() {
             self.connection = None;
+            self.cluster_scripts_loaded = false;
             // Redis may have restarted without the function library.
             if let Some(f) = &mut self.fences {
                 f.library_loaded = false;
@@ -761,6 +643,7 @@ impl RedisSink {
             self.apply_mirror_ops(ops, newest_commit_secs).await?;
         }
         self.publish(batch).await?;
+        self.wait_for_replicas().await?;
         self.keep_second_application(batch, |plan| &plan.invalidate)
             .await?;
         for txn in batch {
@@ -776,6 +659,39 @@ impl RedisSink {
 }
 
 impl RedisSink {
+    /// With `redis.wait_for_replicas`: WAITs until that many replicas (of every primary, on a
+    /// cluster) have the writes sent so far, so a failover right after cannot lose them. Too
+    /// few in time fails the batch as retryable: applying it again is harmless.
+    async fn wait_for_replicas(&mut self) -> Result<(), SinkError> {
+        let (wanted, timeout_ms) = self.wait_for_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let mut conn = self.connection().await?;
+        // On a cluster the client sends WAIT to every primary on the connection the writes
+        // took, and answers the smallest count.
+        let acknowledged: i64 = round_trip(
+            "wait for replicas to acknowledge the batch (WAIT)",
+            ::redis::cmd("WAIT")
+                .arg(wanted)
+                .arg(timeout_ms)
+                .query_async(&mut conn),
+        )
+        .await?;
+        if acknowledged < i64::from(wanted) {
+            return Err(SinkError {
+                operation: "wait for replicas to acknowledge the batch (WAIT)",
+                retryable: true,
+                source: format!(
+                    "only {acknowledged} of the {wanted} replicas redis.wait_for_replicas asks \
+                     for acknowledged within {timeout_ms} ms; the batch is applied again"
+                )
+                .into(),
+            });
+        }
+        Ok(())
+    }
+
     /// The applied position and the fences belong to the old history's LSNs.
     async fn forget_history(&mut self) -> Result<(), SinkError> {
         self.delete_position().await?;
@@ -820,6 +736,9 @@ impl Sink<EffectPlan> for RedisSink {
             )
             .await
             .map_err(|e| at_commits(e, batch))?;
+        let replicated = self.wait_for_replicas().await;
+        self.observe(&replicated);
+        replicated?;
         let kept = self.keep_second_application(batch, |plan| plan).await;
         self.observe(&kept);
         kept?;

@@ -10,7 +10,7 @@ use crate::config::RedisConfig;
 /// Uses the whole `[redis]` section (TLS files included) and its `timeout_ms`.
 pub async fn probe_redis(redis: RedisConfig, interval: Duration) {
     let timeout = Duration::from_millis(redis.timeout_ms);
-    let Ok(client) = super::redis_client(&redis) else {
+    let Ok(endpoint) = super::Endpoint::new(&redis) else {
         return;
     };
     let mut connection = None;
@@ -18,9 +18,10 @@ pub async fn probe_redis(redis: RedisConfig, interval: Duration) {
     loop {
         let ping = async {
             if connection.is_none() {
-                connection = Some(client.get_multiplexed_async_connection().await?);
+                connection = Some(endpoint.connect_plain().await?);
             }
             let conn = connection.as_mut().expect("set above");
+            // On a cluster PING goes to every primary: up means all of them answer.
             ::redis::cmd("PING").query_async::<String>(conn).await
         };
         let outcome = tokio::time::timeout(timeout, ping).await;
@@ -28,8 +29,7 @@ pub async fn probe_redis(redis: RedisConfig, interval: Duration) {
         if let Ok(Err(e)) = &outcome {
             // The sink stops the daemon on this; said once here too, for a probe that runs
             // before the sink first connects (readiness alone would not say why).
-            let target = client.get_connection_info().addr().to_string();
-            if let Some(rejected) = CertificateRejected::find(e, Some(target)) {
+            if let Some(rejected) = CertificateRejected::find(e, Some(endpoint.target())) {
                 if !told {
                     tracing::error!(error = %rejected, "Redis health probe");
                     told = true;

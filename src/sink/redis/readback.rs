@@ -5,10 +5,12 @@
 
 use std::sync::LazyLock;
 
-use ::redis::aio::ConnectionManager;
 use ::redis::{Script, Value};
+use futures_util::future::join_all;
 
-use super::sink_error;
+use super::cluster::group_by_slot;
+use super::endpoint::{Endpoint, Primary};
+use super::{sink_error, RedisConn};
 use crate::config::RedisConfig;
 use crate::sink::SinkError;
 
@@ -32,8 +34,15 @@ pub(crate) enum Stored {
 }
 
 pub(crate) struct Readback {
-    conn: ConnectionManager,
+    conn: RedisConn,
+    cluster: bool,
+    /// Where SCAN runs (`scan`): every primary of a cluster, or the one node; read once.
+    scan_nodes: Option<Vec<Option<Primary>>>,
 }
+
+/// On a cluster, `scan`'s cursor carries the index of the primary being scanned in its top
+/// bits; a node's own cursor stays far below them.
+const NODE_SHIFT: u32 = 56;
 
 fn text(value: &Value) -> Option<String> {
     match value {
@@ -78,11 +87,13 @@ fn score(value: &Value) -> Option<f64> {
 impl Readback {
     /// Connects with `[redis]`'s URL, TLS files and timeout.
     pub(crate) async fn connect(redis: &RedisConfig) -> Result<Readback, SinkError> {
-        let (client, config) = super::managed_client(redis)?;
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| sink_error("connect to Redis", e))?;
-        Ok(Readback { conn })
+        let endpoint = Endpoint::new(redis)?;
+        let conn = endpoint.connect().await?;
+        Ok(Readback {
+            conn,
+            cluster: endpoint.is_cluster(),
+            scan_nodes: None,
+        })
     }
 
     /// The text at a string key, `None` when there is none.
@@ -96,20 +107,11 @@ impl Readback {
 
     /// What each key holds, in order.
     pub(crate) async fn entries(&mut self, keys: &[String]) -> Result<Vec<Stored>, SinkError> {
-        let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(KEYS_PER_CALL) {
-            let mut call = READ_ENTRIES.prepare_invoke();
-            for key in chunk {
-                call.key(key);
-            }
-            let reply: Vec<Value> = call
-                .invoke_async(&mut self.conn)
-                .await
-                .map_err(|e| sink_error("read mirror entries", e))?;
-            check_length("read mirror entries", reply.len(), chunk.len())?;
-            out.extend(reply.iter().map(stored));
-        }
-        Ok(out)
+        let calls = self.calls(keys.iter().map(|k| (k.as_str(), None)).collect());
+        let replies = self
+            .run(&READ_ENTRIES, calls, keys.len(), "read mirror entries")
+            .await?;
+        Ok(replies.iter().map(stored).collect())
     }
 
     /// The score of each (sorted set, member), `None` when absent or not a sorted set.
@@ -117,38 +119,127 @@ impl Readback {
         &mut self,
         pairs: &[(String, String)],
     ) -> Result<Vec<Option<f64>>, SinkError> {
-        let mut out = Vec::with_capacity(pairs.len());
-        for chunk in pairs.chunks(KEYS_PER_CALL) {
-            let mut call = READ_SCORES.prepare_invoke();
-            for (key, member) in chunk {
-                call.key(key).arg(member);
+        let calls = self.calls(
+            pairs
+                .iter()
+                .map(|(k, m)| (k.as_str(), Some(m.as_str())))
+                .collect(),
+        );
+        let replies = self
+            .run(&READ_SCORES, calls, pairs.len(), "read index scores")
+            .await?;
+        Ok(replies.iter().map(score).collect())
+    }
+
+    /// Script calls of at most `KEYS_PER_CALL` (key, argument) items each, within one slot on a
+    /// cluster; each item with its position in the request.
+    fn calls<'a>(
+        &self,
+        items: Vec<(&'a str, Option<&'a str>)>,
+    ) -> Vec<Vec<(usize, &'a str, Option<&'a str>)>> {
+        let numbered: Vec<(usize, &str, Option<&str>)> = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, (k, a))| (i, k, a))
+            .collect();
+        let groups = if self.cluster {
+            group_by_slot(numbered, |(_, key, _)| key.as_bytes())
+                .into_iter()
+                .map(|(_, group)| group)
+                .collect()
+        } else {
+            vec![numbered]
+        };
+        groups
+            .into_iter()
+            .flat_map(|group| {
+                group
+                    .chunks(KEYS_PER_CALL)
+                    .map(<[_]>::to_vec)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Runs `script` once per call, concurrently, and puts the replies back in request order.
+    async fn run(
+        &mut self,
+        script: &Script,
+        calls: Vec<Vec<(usize, &str, Option<&str>)>>,
+        total: usize,
+        operation: &'static str,
+    ) -> Result<Vec<Value>, SinkError> {
+        let mut requests = Vec::with_capacity(calls.len());
+        for call in &calls {
+            let mut invocation = script.prepare_invoke();
+            for (_, key, arg) in call {
+                invocation.key(*key);
+                if let Some(arg) = arg {
+                    invocation.arg(*arg);
+                }
             }
-            let reply: Vec<Value> = call
-                .invoke_async(&mut self.conn)
-                .await
-                .map_err(|e| sink_error("read index scores", e))?;
-            check_length("read index scores", reply.len(), chunk.len())?;
-            out.extend(reply.iter().map(score));
+            let mut conn = self.conn.clone();
+            requests.push(async move { invocation.invoke_async::<Vec<Value>>(&mut conn).await });
+        }
+        let mut out = vec![Value::Nil; total];
+        for (call, reply) in calls.iter().zip(join_all(requests).await) {
+            let reply = reply.map_err(|e| sink_error(operation, e))?;
+            check_length(operation, reply.len(), call.len())?;
+            for ((at, _, _), value) in call.iter().zip(reply) {
+                out[*at] = value;
+            }
         }
         Ok(out)
     }
 
     /// One SCAN page over `pattern`: the next cursor (0 when the scan is complete) and the keys.
+    /// On a cluster the scan covers every primary in turn.
     pub(crate) async fn scan(
         &mut self,
         pattern: &str,
         cursor: u64,
         count: usize,
     ) -> Result<(u64, Vec<String>), SinkError> {
-        ::redis::cmd("SCAN")
-            .arg(cursor)
+        if self.scan_nodes.is_none() {
+            let nodes = self
+                .conn
+                .scan_nodes()
+                .await
+                .map_err(|e| sink_error("list the cluster's primaries", e))?;
+            self.scan_nodes = Some(nodes);
+        }
+        let nodes = self.scan_nodes.as_deref().unwrap_or_default();
+        let node = (cursor >> NODE_SHIFT) as usize;
+        let Some(target) = nodes.get(node) else {
+            return Ok((0, Vec::new()));
+        };
+        let mut scan = ::redis::cmd("SCAN");
+        scan.arg(cursor & ((1 << NODE_SHIFT) - 1))
             .arg("MATCH")
             .arg(pattern)
             .arg("COUNT")
-            .arg(count)
-            .query_async(&mut self.conn)
+            .arg(count);
+        let (next, keys): (u64, Vec<String>) = self
+            .conn
+            .query_on(target.as_ref(), &scan)
             .await
-            .map_err(|e| sink_error("scan mirror keys", e))
+            .map_err(|e| sink_error("scan mirror keys", e))?;
+        let next = if next >> NODE_SHIFT != 0 {
+            return Err(sink_error(
+                "scan mirror keys",
+                ::redis::RedisError::from((
+                    ::redis::ErrorKind::Parse,
+                    "SCAN returned a cursor too large to combine with a node number",
+                )),
+            ));
+        } else if next != 0 {
+            ((node as u64) << NODE_SHIFT) | next
+        } else if node + 1 < nodes.len() {
+            ((node + 1) as u64) << NODE_SHIFT
+        } else {
+            0
+        };
+        Ok((next, keys))
     }
 
     /// Whether `key` holds a sorted set.

@@ -41,7 +41,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ::redis::aio::ConnectionManager;
+use super::RedisConn;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -265,7 +265,7 @@ impl Scheduler {
     /// An error keeps nothing; the caller fails the batch, which is then retried.
     pub(crate) async fn schedule(
         &mut self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         end_lsn: Lsn,
         plan: EffectPlan,
     ) -> Result<(), SinkError> {

@@ -1,0 +1,218 @@
+//! Effects on a Redis Cluster, where one script or pipeline may only touch keys of one hash
+//! slot: what the one-node sink does in a single script call is split here into per-slot
+//! requests, sent concurrently (the client multiplexes them on one connection per node).
+//!
+//! Atomicity becomes per slot. Every effect stays idempotent, so a batch that fails halfway is
+//! retried whole and converges; nothing is confirmed to Postgres before every request of the
+//! batch succeeded on every node.
+
+use std::collections::HashMap;
+
+use ::redis::RedisResult;
+use futures_util::future::join_all;
+
+use super::{RedisConn, Unlinked, KEYS_PER_COMMAND};
+use crate::sink::SinkError;
+use crate::telemetry::metrics as m;
+
+/// Number of hash slots of a Redis Cluster.
+pub(crate) const SLOTS: u16 = 16384;
+
+/// How many requests of one kind are in flight at once: enough to keep every node busy,
+/// bounded so a batch with a million keys does not queue a million futures.
+const IN_FLIGHT: usize = 256;
+
+/// The part of `key` that decides its slot: the first `{...}` with something inside, else the
+/// whole key (the cluster specification's hash tags).
+pub(crate) fn hash_tag(key: &[u8]) -> &[u8] {
+    if let Some(open) = key.iter().position(|b| *b == b'{') {
+        if let Some(len) = key[open + 1..].iter().position(|b| *b == b'}') {
+            if len > 0 {
+                return &key[open + 1..open + 1 + len];
+            }
+        }
+    }
+    key
+}
+
+/// The hash slot of `key`.
+pub(crate) fn slot_of(key: &[u8]) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(hash_tag(key)) % SLOTS
+}
+
+/// A key named `base` + `suffix` that lives in `base`'s slot, for state kept next to a key a
+/// script also writes; `None` when no such name can be made (`base` holds a `}` but no hash
+/// tag, so neither appending nor wrapping keeps its slot).
+pub(crate) fn same_slot_key(base: &str, suffix: &str) -> Option<String> {
+    if hash_tag(base.as_bytes()).len() < base.len() {
+        // `base`'s own tag comes first in the new name too.
+        Some(format!("{base}{suffix}"))
+    } else if !base.contains('}') {
+        // The whole of `base` becomes the tag, so it hashes exactly as `base` does.
+        Some(format!("{{{base}}}{suffix}"))
+    } else {
+        None
+    }
+}
+
+/// Items grouped by the slot of their key, each group in the order the items came.
+pub(crate) fn group_by_slot<T>(
+    items: impl IntoIterator<Item = T>,
+    key: impl Fn(&T) -> &[u8],
+) -> Vec<(u16, Vec<T>)> {
+    let mut index: HashMap<u16, usize> = HashMap::new();
+    let mut groups: Vec<(u16, Vec<T>)> = Vec::new();
+    for item in items {
+        let slot = slot_of(key(&item));
+        let at = *index.entry(slot).or_insert_with(|| {
+            groups.push((slot, Vec::new()));
+            groups.len() - 1
+        });
+        groups[at].1.push(item);
+    }
+    groups
+}
+
+/// Runs `commands` (each within one slot, or split per slot by the client) with at most
+/// `IN_FLIGHT` of them at once; their replies in order.
+pub(crate) async fn run_commands<T: ::redis::FromRedisValue + Send + 'static>(
+    conn: &RedisConn,
+    commands: Vec<::redis::Cmd>,
+) -> Vec<RedisResult<T>> {
+    let mut out = Vec::with_capacity(commands.len());
+    let mut commands = commands.into_iter();
+    loop {
+        let mut wave = Vec::with_capacity(IN_FLIGHT);
+        for cmd in commands.by_ref().take(IN_FLIGHT) {
+            let mut conn = conn.clone();
+            wave.push(async move {
+                let started = std::time::Instant::now();
+                let reply = cmd.query_async::<T>(&mut conn).await;
+                m::redis_round_trip(started.elapsed());
+                reply
+            });
+        }
+        if wave.is_empty() {
+            return out;
+        }
+        out.extend(join_all(wave).await);
+    }
+}
+
+/// `run_commands` where any error fails the whole request.
+async fn run_all<T: ::redis::FromRedisValue + Send + 'static>(
+    conn: &RedisConn,
+    commands: Vec<::redis::Cmd>,
+    operation: &'static str,
+) -> Result<Vec<T>, SinkError> {
+    run_commands(conn, commands)
+        .await
+        .into_iter()
+        .map(|reply| reply.map_err(|e| super::sink_error(operation, e)))
+        .collect()
+}
+
+/// UNLINKs `keys` wherever they live; returns how many existed. One UNLINK per chunk: the
+/// client splits it per slot and sends the parts to their nodes concurrently.
+pub(crate) async fn unlink_keys<S: AsRef<str>>(
+    conn: &RedisConn,
+    keys: &[S],
+    operation: &'static str,
+) -> Result<u64, SinkError> {
+    let mut commands = Vec::new();
+    for chunk in keys.chunks(KEYS_PER_COMMAND) {
+        let mut unlink = ::redis::cmd("UNLINK");
+        for key in chunk {
+            unlink.arg(key.as_ref());
+        }
+        commands.push(unlink);
+    }
+    let counts: Vec<u64> = run_all(conn, commands, operation).await?;
+    Ok(counts.into_iter().sum())
+}
+
+/// Invalidates matroska-cache dependency sets on a cluster: each set's members are read on the
+/// set's node, then unlinked wherever they live; with `remove_sets`, the members read are then
+/// removed from their set (SREM, so a member added meanwhile stays for the next change to
+/// find, and a set left empty disappears). A crash in between leaves the set whole, so the
+/// retried batch finds the same members again.
+pub(crate) async fn invalidate_sets(
+    conn: &RedisConn,
+    sets: &[String],
+    remove_sets: bool,
+    operation: &'static str,
+) -> Result<Unlinked, SinkError> {
+    let mut applied = Unlinked::default();
+    if sets.is_empty() {
+        return Ok(applied);
+    }
+    let mut reads = Vec::with_capacity(sets.len());
+    for set in sets {
+        let mut smembers = ::redis::cmd("SMEMBERS");
+        smembers.arg(set);
+        reads.push(smembers);
+    }
+    let read: Vec<RedisResult<Vec<String>>> = run_commands(conn, reads).await;
+    let mut members: Vec<&str> = Vec::new();
+    let mut removals = Vec::new();
+    for (set, read) in sets.iter().zip(&read) {
+        match read {
+            // Not a set: not ours to interpret (like the one-node script).
+            Err(e) if e.code() == Some("WRONGTYPE") => applied.wrong_type_sets += 1,
+            Err(e) => return Err(super::sink_error(operation, e.clone())),
+            Ok(m) => {
+                members.extend(m.iter().map(String::as_str));
+                if remove_sets {
+                    for chunk in m.chunks(KEYS_PER_COMMAND) {
+                        let mut srem = ::redis::cmd("SREM");
+                        srem.arg(set).arg(chunk);
+                        removals.push(srem);
+                    }
+                }
+            }
+        }
+    }
+    applied.keys_unlinked += unlink_keys(conn, &members, operation).await?;
+    let _: Vec<u64> = run_all(conn, removals, operation).await?;
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_cluster_specification() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(slot_of(b"123456789"), 12739);
+        assert_eq!(slot_of(b"foo"), 12182);
+        assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
+        assert_eq!(slot_of(b"foo{}{bar}"), slot_of(b"foo{}{bar}"));
+        assert_eq!(hash_tag(b"foo{}{bar}"), b"foo{}{bar}");
+        assert_eq!(hash_tag(b"foo{{bar}}zap"), b"{bar");
+        assert_eq!(hash_tag(b"foo{bar}{zap}"), b"bar");
+    }
+
+    #[test]
+    fn same_slot_keys_hash_like_their_base() {
+        for base in ["walsweep:changes", "{orders}:changes", "a{b"] {
+            let key = same_slot_key(base, ":last_lsn").expect(base);
+            assert_eq!(
+                slot_of(key.as_bytes()),
+                slot_of(base.as_bytes()),
+                "{base} -> {key}"
+            );
+        }
+        assert_eq!(same_slot_key("a{}b", ":x"), None);
+        assert_eq!(same_slot_key("a}b", ":x"), None);
+    }
+
+    #[test]
+    fn groups_keep_each_slots_items_in_order() {
+        let keys = ["a", "{a}1", "b", "{a}2", "{b}9"];
+        let groups = group_by_slot(keys, |k| k.as_bytes());
+        let a = groups.iter().find(|(s, _)| *s == slot_of(b"a")).unwrap();
+        assert_eq!(a.1, vec!["a", "{a}1", "{a}2"]);
+        assert_eq!(groups.iter().map(|(_, g)| g.len()).sum::<usize>(), 5);
+    }
+}

@@ -1,0 +1,417 @@
+//! Where the sink's Redis is: one node (`redis.url`) or a Redis Cluster
+//! (`redis.cluster_nodes`), and the one connection type the sink's code talks through.
+//!
+//! On a cluster, a command with keys goes to the node serving their hash slot, and the client
+//! follows MOVED and ASK redirections by itself; a multi-key UNLINK is split per slot and sent to
+//! the nodes concurrently. What it cannot do (a pipeline or a script across slots) the sink
+//! groups per slot itself (`cluster`).
+
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::{ClusterClient, ClusterClientBuilder};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use ::redis::{
+    Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, TlsCertificates, Value,
+};
+
+use super::errors::sink_error_at;
+use crate::config::RedisConfig;
+use crate::sink::SinkError;
+
+/// Why `[redis]` does not give a usable client. Never echoes the URL (it may hold a password).
+#[derive(Debug, thiserror::Error)]
+pub enum RedisClientError {
+    #[error(
+        "redis.url is not a valid Redis URL ({0:?}); expected redis://[user:password@]host:port/db, \
+         or rediss:// for TLS"
+    )]
+    Url(ErrorKind),
+    #[error("redis.{key} needs TLS: use a rediss:// URL in redis.url, or remove redis.{key}")]
+    NotTls { key: &'static str },
+    #[error("redis.cert_file and redis.key_file go together; set both or neither")]
+    ClientCertPair,
+    #[error(
+        "cannot read redis.{key} {}; fix the path in [redis] or make the file readable by \
+         walsweep", path.display()
+    )]
+    ReadFile {
+        key: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("redis.{key} {} is not usable: {reason}", path.display())]
+    BadFile {
+        key: &'static str,
+        path: std::path::PathBuf,
+        reason: &'static str,
+        /// None when the file is valid PEM without the item: the reason already says so.
+        #[source]
+        source: Option<rustls::pki_types::pem::Error>,
+    },
+    #[error("cannot set up TLS for Redis from redis.ca_file / cert_file / key_file")]
+    Tls(#[source] RedisError),
+}
+
+/// The client for one Redis node at `redis.url`, plus `ca_file` / `cert_file` / `key_file` for a
+/// `rediss://` URL (otherwise the system trust store verifies the server). Used by the sink, the
+/// health probe and `check`, so all three connect the same way. A cluster: `cluster_client`.
+pub fn redis_client(redis: &RedisConfig) -> Result<::redis::Client, RedisClientError> {
+    let client =
+        ::redis::Client::open(redis.url.as_str()).map_err(|e| RedisClientError::Url(e.kind()))?;
+    match tls_certificates(redis, is_tls(client.get_connection_info()))? {
+        None => Ok(client),
+        Some(certificates) => ::redis::Client::build_with_tls(redis.url.as_str(), certificates)
+            .map_err(RedisClientError::Tls),
+    }
+}
+
+/// The client for the Redis Cluster at `redis.cluster_nodes`: TLS, user and password as for one
+/// node (from the first URL), timeouts from `redis.timeout_ms`.
+pub fn cluster_client(redis: &RedisConfig) -> Result<ClusterClient, RedisClientError> {
+    let mut infos = Vec::with_capacity(redis.cluster_nodes.len());
+    for url in &redis.cluster_nodes {
+        infos.push(
+            ::redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .map_err(|e| RedisClientError::Url(e.kind()))?,
+        );
+    }
+    let tls = infos.first().is_some_and(is_tls);
+    let timeout = Duration::from_millis(redis.timeout_ms);
+    let mut builder = ClusterClientBuilder::new(infos)
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+        // Redirections (MOVED, ASK) and "not now" replies (TRYAGAIN, CLUSTERDOWN) are retried
+        // by the client a few times; past that the sink's own retry takes over, forever.
+        .retries(CLUSTER_RETRIES)
+        // The client's defaults wait 1.28 s to 11 min between tries; a failover or a slot
+        // hand-over takes seconds, and the whole request stays bounded by `timeout_ms`.
+        .min_retry_wait(10)
+        .max_retry_wait(250);
+    if let Some(certificates) = tls_certificates(redis, tls)? {
+        builder = builder.certs(certificates);
+    }
+    builder.build().map_err(RedisClientError::Tls)
+}
+
+/// Client-side retries of one cluster request before it fails to the sink.
+const CLUSTER_RETRIES: u32 = 6;
+
+/// A client for one node for Pub/Sub: `redis.url`, or on a cluster the first seed node that
+/// answers (a cluster forwards every PUBLISH to all its nodes, so any node hears it).
+pub async fn pubsub_connection(redis: &RedisConfig) -> Result<::redis::aio::PubSub, String> {
+    let urls: Vec<&String> = if redis.is_cluster() {
+        redis.cluster_nodes.iter().collect()
+    } else {
+        vec![&redis.url]
+    };
+    let mut last = String::from("no Redis node configured");
+    for url in urls {
+        let node = RedisConfig {
+            url: url.clone(),
+            cluster_nodes: Vec::new(),
+            ..redis.clone()
+        };
+        let client = redis_client(&node).map_err(|e| e.to_string())?;
+        match client.get_async_pubsub().await {
+            Ok(pubsub) => return Ok(pubsub),
+            Err(e) => {
+                last = format!(
+                    "connecting to {} for SUBSCRIBE: {e}",
+                    client.get_connection_info().addr()
+                )
+            }
+        }
+    }
+    Err(last)
+}
+
+fn is_tls(info: &::redis::ConnectionInfo) -> bool {
+    matches!(info.addr(), ::redis::ConnectionAddr::TcpTls { .. })
+}
+
+/// The certificates `ca_file` / `cert_file` / `key_file` name, checked; `None` when none is set.
+fn tls_certificates(
+    redis: &RedisConfig,
+    is_tls: bool,
+) -> Result<Option<TlsCertificates>, RedisClientError> {
+    use ::redis::ClientTlsConfig;
+    use rustls::pki_types::pem::{self, PemObject};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    if is_tls {
+        // The redis crate builds its rustls configuration with the process default provider.
+        crate::pg::tls::crypto_provider();
+    }
+    if redis.ca_file.is_none() && redis.cert_file.is_none() && redis.key_file.is_none() {
+        return Ok(None);
+    }
+    for (key, set) in [
+        ("ca_file", redis.ca_file.is_some()),
+        ("cert_file", redis.cert_file.is_some()),
+        ("key_file", redis.key_file.is_some()),
+    ] {
+        if set && !is_tls {
+            return Err(RedisClientError::NotTls { key });
+        }
+    }
+    let read = |key: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| RedisClientError::ReadFile {
+            key,
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let bad = |key: &'static str,
+               path: &std::path::Path,
+               reason: &'static str,
+               source: Option<pem::Error>| RedisClientError::BadFile {
+        key,
+        path: path.to_path_buf(),
+        reason,
+        source,
+    };
+    // The redis crate would accept a file without certificates and then fail every handshake;
+    // check the PEM here so the message names the file.
+    let certs = |key: &'static str, path: &std::path::Path| {
+        let pem = read(key, path)?;
+        match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
+            Ok(certs) if certs.is_empty() => Err(bad(
+                key,
+                path,
+                "no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)",
+                None,
+            )),
+            Ok(_) => Ok(pem),
+            Err(e) => Err(bad(key, path, "invalid PEM", Some(e))),
+        }
+    };
+    let root_cert = match &redis.ca_file {
+        Some(path) => Some(certs("ca_file", path)?),
+        None => None,
+    };
+    let client_tls = match (&redis.cert_file, &redis.key_file) {
+        (Some(cert), Some(key)) => {
+            let client_cert = certs("cert_file", cert)?;
+            let client_key = read("key_file", key)?;
+            PrivateKeyDer::from_pem_slice(&client_key).map_err(|e| {
+                bad(
+                    "key_file",
+                    key,
+                    "no usable PEM private key in it",
+                    match e {
+                        pem::Error::NoItemsFound => None,
+                        other => Some(other),
+                    },
+                )
+            })?;
+            Some(ClientTlsConfig {
+                client_cert,
+                client_key,
+            })
+        }
+        (None, None) => None,
+        _ => return Err(RedisClientError::ClientCertPair),
+    };
+    Ok(Some(TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
+}
+
+/// The `[redis]` deployment the sink, the drift checks' readback and the CLI talk to.
+#[derive(Clone)]
+pub(crate) enum Endpoint {
+    Node {
+        client: ::redis::Client,
+        config: ConnectionManagerConfig,
+    },
+    Cluster {
+        client: ClusterClient,
+        /// `host:port` of the seed nodes, for messages.
+        seeds: String,
+    },
+}
+
+impl Endpoint {
+    /// The client for `[redis]` and how its connections time out and retry: the sink and the
+    /// drift checks' readback connect the same way.
+    pub(crate) fn new(redis: &RedisConfig) -> Result<Endpoint, SinkError> {
+        let invalid = |e: RedisClientError| SinkError {
+            operation: "set up the Redis client from [redis]",
+            retryable: false,
+            source: Box::new(e),
+        };
+        if redis.is_cluster() {
+            return Ok(Endpoint::Cluster {
+                client: cluster_client(redis).map_err(invalid)?,
+                seeds: redis
+                    .cluster_nodes
+                    .iter()
+                    .filter_map(|url| {
+                        ::redis::IntoConnectionInfo::into_connection_info(url.as_str()).ok()
+                    })
+                    .map(|info| info.addr().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        let client = redis_client(redis).map_err(invalid)?;
+        let timeout = Duration::from_millis(redis.timeout_ms);
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        Ok(Endpoint::Node { client, config })
+    }
+
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self, Endpoint::Cluster { .. })
+    }
+
+    /// Where Redis is, for messages (never the password).
+    pub(crate) fn target(&self) -> String {
+        match self {
+            Endpoint::Node { client, .. } => client.get_connection_info().addr().to_string(),
+            Endpoint::Cluster { seeds, .. } => format!("the Redis Cluster at {seeds}"),
+        }
+    }
+
+    pub(crate) async fn connect(&self) -> Result<RedisConn, SinkError> {
+        self.connect_plain()
+            .await
+            .map_err(|e| sink_error_at("connect to Redis", Some(self.target()), e))
+    }
+
+    /// `connect` with the client's own error, for callers that report it themselves.
+    pub(crate) async fn connect_plain(&self) -> RedisResult<RedisConn> {
+        match self {
+            Endpoint::Node { client, config } => {
+                ConnectionManager::new_with_config(client.clone(), config.clone())
+                    .await
+                    .map(RedisConn::Node)
+            }
+            Endpoint::Cluster { client, .. } => {
+                client.get_async_connection().await.map(RedisConn::Cluster)
+            }
+        }
+    }
+}
+
+/// A connection to one node or to a cluster; either runs commands and pipelines (a pipeline on
+/// a cluster must stay within one hash slot).
+#[derive(Clone)]
+pub(crate) enum RedisConn {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// A primary of a cluster (`host`, `port`), as `CLUSTER SLOTS` names it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Primary {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+}
+
+impl RedisConn {
+    /// Runs `cmd` on `node` (a cluster's primary), or on the one node.
+    pub(crate) async fn query_on<T: ::redis::FromRedisValue>(
+        &mut self,
+        node: Option<&Primary>,
+        cmd: &Cmd,
+    ) -> RedisResult<T> {
+        match (self, node) {
+            (RedisConn::Cluster(conn), Some(node)) => {
+                let value = conn
+                    .route_command(
+                        cmd.clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: node.host.clone(),
+                            port: node.port,
+                        }),
+                    )
+                    .await?;
+                ::redis::from_redis_value(value).map_err(RedisError::from)
+            }
+            (conn, _) => cmd.query_async(conn).await,
+        }
+    }
+
+    /// The nodes to run a keyspace-wide command (SCAN) on: every primary of a cluster, or the
+    /// one node (`None`).
+    pub(crate) async fn scan_nodes(&mut self) -> RedisResult<Vec<Option<Primary>>> {
+        match self {
+            RedisConn::Node(_) => Ok(vec![None]),
+            RedisConn::Cluster(_) => Ok(self.primaries().await?.into_iter().map(Some).collect()),
+        }
+    }
+
+    /// A cluster's primaries, from `CLUSTER SLOTS` (empty for one node).
+    pub(crate) async fn primaries(&mut self) -> RedisResult<Vec<Primary>> {
+        if let RedisConn::Node(_) = self {
+            return Ok(Vec::new());
+        }
+        let ranges: Vec<Value> = ::redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(self)
+            .await?;
+        let mut primaries = Vec::new();
+        for range in ranges {
+            let Value::Array(items) = range else { continue };
+            // [start, end, [host, port, id, ...], replicas...]
+            let Some(Value::Array(node)) = items.get(2) else {
+                continue;
+            };
+            let host: Option<String> = node
+                .first()
+                .and_then(|v| ::redis::from_redis_value(v.clone()).ok());
+            let port: Option<u16> = node
+                .get(1)
+                .and_then(|v| ::redis::from_redis_value(v.clone()).ok());
+            if let (Some(host), Some(port)) = (host, port) {
+                let primary = Primary { host, port };
+                if !primaries.contains(&primary) {
+                    primaries.push(primary);
+                }
+            }
+        }
+        if primaries.is_empty() {
+            return Err(RedisError::from((
+                ErrorKind::Server(::redis::ServerErrorKind::ClusterDown),
+                "CLUSTER SLOTS named no primary",
+            )));
+        }
+        primaries.sort();
+        Ok(primaries)
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Node(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Node(c) => c.req_packed_commands(cmd, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Node(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}

@@ -1,0 +1,562 @@
+//! walsweep against a real Redis Cluster (3 primaries + 3 replicas, `support::RedisCluster`):
+//! rules (keys, dependency sets, scopes, table-wide fallbacks, hints) and mirrors with indexes
+//! land on whichever node serves each key; resharding and a primary's failover during a write
+//! load miss no invalidation and leave the mirrors equal to `SELECT`.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::cluster_async::ClusterConnection;
+use redis::AsyncCommands;
+
+use support::daemon::{exists, start, wait_for, wait_gone, wait_streaming, Daemon};
+use support::redis_cluster::MigrationPace;
+use support::rng::Lcg;
+use support::{Postgres, RedisCluster};
+
+const SCHEMA: &str = "
+CREATE TABLE articles (id int PRIMARY KEY, slug text, category text, published bool);
+ALTER TABLE articles REPLICA IDENTITY FULL;
+CREATE TABLE items (id int PRIMARY KEY, name text, qty int, body text);
+CREATE TABLE markers (id int PRIMARY KEY);
+CREATE PUBLICATION pub FOR TABLE articles, items, markers;
+";
+
+const RULES: &str = r#"
+[[table]]
+name = "public.articles"
+keys = ["article:{id}", "article:slug:{slug}"]
+deps = ["id:article:{id}"]
+columns = ["slug", "category", "published"]
+[[table.scope]]
+name = "Article"
+columns = ["published", "category"]
+[[table]]
+name = "public.items"
+keys = ["itemkey:{id}"]
+[[table.mirror]]
+key = "item:{id}"
+[[table.mirror.index]]
+key = "items:by_qty"
+member = "{id}"
+score = "qty"
+[[table.mirror]]
+key = "itemh:{id}"
+format = "hash"
+columns = ["id", "name", "qty", "body"]
+[[table]]
+name = "public.markers"
+[[table.mirror]]
+key = "marker:{id}"
+"#;
+
+/// The config for walsweep on `cluster` (seed URLs of all six nodes).
+fn config(
+    pg: &Postgres,
+    cluster: &RedisCluster,
+    slot: &str,
+    redis_extra: &str,
+) -> walsweep::config::Config {
+    let nodes: Vec<String> = cluster
+        .seed_urls()
+        .iter()
+        .map(|u| format!("{u:?}"))
+        .collect();
+    let text = format!(
+        "[source]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"pub\"\nstatus_interval_ms = 200\n\
+         reconnect_min_ms = 50\nreconnect_max_ms = 500\n[redis]\ncluster_nodes = [{}]\n\
+         timeout_ms = 2000\n{redis_extra}\n{RULES}",
+        pg.url("app"),
+        nodes.join(", ")
+    );
+    walsweep::config::Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
+}
+
+struct Fixture {
+    pg: Postgres,
+    cluster: RedisCluster,
+    conn: ClusterConnection,
+    client: tokio_postgres::Client,
+    daemon: Option<Daemon>,
+    markers: i32,
+}
+
+impl Fixture {
+    async fn new(slot: &str, redis_extra: &str) -> Fixture {
+        support::init_tracing();
+        let pg = Postgres::start();
+        pg.create_database("app");
+        pg.psql("app", SCHEMA);
+        let cluster = RedisCluster::start();
+        let conn = cluster.connection().await;
+        let daemon = start(config(&pg, &cluster, slot, redis_extra));
+        let client = pg.client("app").await;
+        wait_streaming(&client, slot).await;
+        Fixture {
+            pg,
+            cluster,
+            conn,
+            client,
+            daemon: Some(daemon),
+            markers: 0,
+        }
+    }
+
+    /// Commits a marker row and waits until walsweep mirrored it: every earlier commit has
+    /// been applied by then (commit order).
+    async fn caught_up(&mut self) {
+        self.markers += 1;
+        let key = format!("marker:{}", self.markers);
+        self.client
+            .execute("INSERT INTO markers VALUES ($1)", &[&self.markers])
+            .await
+            .expect("marker");
+        let conn = self.conn.clone();
+        wait_for(60, || {
+            let key = key.clone();
+            let mut c = conn.clone();
+            async move { c.exists::<_, bool>(&key).await.unwrap_or(false) }
+        })
+        .await;
+    }
+
+    async fn set(&mut self, keys: &[String]) {
+        for k in keys {
+            let _: () = self.conn.set(k, "cached").await.expect("SET");
+        }
+    }
+
+    /// matroska-cache's `put` as a cluster app does it: SADD to each dependency set (each on
+    /// its own node), then SETEX the data.
+    async fn matroska_put(&mut self, key: &str, deps: &[&str]) {
+        let data_key = format!("cache::data::{key}");
+        for d in deps {
+            let _: () = self
+                .conn
+                .sadd(format!("cache::rdep::{d}"), &data_key)
+                .await
+                .expect("SADD");
+        }
+        let _: () = self.conn.set_ex(&data_key, "s1", 600).await.expect("SETEX");
+    }
+
+    async fn present(&mut self, keys: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        for k in keys {
+            if exists(&mut self.conn, k).await {
+                out.push(k.clone());
+            }
+        }
+        out
+    }
+}
+
+/// Keys of `n` articles, spread over the cluster's slots (so over all three primaries).
+fn article_keys(n: i32) -> Vec<String> {
+    (1..=n)
+        .flat_map(|id| [format!("article:{id}"), format!("article:slug:s{id}")])
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_remove_keys_sets_scopes_and_table_wide_on_every_primary() {
+    let mut f = Fixture::new("cluster_rules", "").await;
+    f.pg.psql(
+        "app",
+        "INSERT INTO articles SELECT g, 's' || g, CASE WHEN g % 2 = 0 THEN 'x' ELSE 'y' END, true \
+         FROM generate_series(1, 60) g",
+    );
+    f.caught_up().await;
+    let keys = article_keys(60);
+    f.set(&keys).await;
+    let primaries: BTreeSet<u16> = keys
+        .iter()
+        .map(|k| f.cluster.owner_of_slot(f.cluster.slot_of(k)).port)
+        .collect();
+    assert_eq!(primaries.len(), 3, "the keys span every primary");
+    f.matroska_put("one", &["id:article:1"]).await;
+    f.matroska_put("seven", &["id:article:7"]).await;
+    f.matroska_put(
+        "list-x",
+        &[
+            "condition:Article:&category=x&published=True&",
+            "condition:Article::InvalidateAll",
+        ],
+    )
+    .await;
+    f.matroska_put(
+        "list-y",
+        &[
+            "condition:Article:&category=y&published=True&",
+            "condition:Article::InvalidateAll",
+        ],
+    )
+    .await;
+    f.set(&["unrelated".to_string()]).await;
+
+    // A key change, a dependency, a scope: exactly their entries go.
+    f.pg.psql("app", "UPDATE articles SET slug = 'moved' WHERE id = 1");
+    f.caught_up().await;
+    let gone = f
+        .present(&[
+            "article:1".into(),
+            "article:slug:s1".into(),
+            "cache::data::one".into(),
+            "cache::data::list-y".into(),
+        ])
+        .await;
+    assert_eq!(
+        gone,
+        vec!["cache::data::list-y".to_string()],
+        "row 1 (category y) removed"
+    );
+    assert!(
+        f.present(&[
+            "article:2".into(),
+            "cache::data::seven".into(),
+            "cache::data::list-x".into(),
+            "unrelated".into()
+        ])
+        .await
+        .len()
+            == 4,
+        "other rows' entries stay"
+    );
+    f.pg.psql("app", "UPDATE articles SET published = false WHERE id = 7");
+    f.caught_up().await;
+    let left = f
+        .present(&[
+            "cache::data::seven".into(),
+            "cache::data::list-y".into(),
+            "cache::data::list-x".into(),
+        ])
+        .await;
+    assert_eq!(
+        left,
+        vec!["cache::data::list-x".to_string()],
+        "row 7's entries and scope y removed"
+    );
+
+    // A hint names keys and a dependency on any node.
+    f.set(&["hinted:1".into(), "hinted:2".into()]).await;
+    f.matroska_put("tagged", &["tag:hop"]).await;
+    f.pg.psql(
+        "app",
+        "BEGIN; SELECT pg_logical_emit_message(true, 'walsweep', \
+         '{\"keys\": [\"hinted:1\", \"hinted:2\"], \"deps\": [\"tag:hop\"]}'); \
+         INSERT INTO markers VALUES (1000); COMMIT;",
+    );
+    f.caught_up().await;
+    assert!(
+        f.present(&[
+            "hinted:1".into(),
+            "hinted:2".into(),
+            "cache::data::tagged".into()
+        ])
+        .await
+        .is_empty(),
+        "hinted keys and dependency removed"
+    );
+
+    // TRUNCATE: every article key on every primary, and the scopes' InvalidateAll.
+    f.set(&keys).await;
+    f.matroska_put("list-all", &["condition:Article::InvalidateAll"])
+        .await;
+    f.pg.psql("app", "TRUNCATE articles");
+    f.caught_up().await;
+    let mut left = f.present(&keys).await;
+    left.extend(f.present(&["cache::data::list-all".into()]).await);
+    assert!(left.is_empty(), "table-wide invalidation left {left:?}");
+    assert!(
+        f.present(&["unrelated".into()]).await.len() == 1,
+        "unrelated key stays"
+    );
+    f.daemon.take().expect("daemon").stop().await;
+}
+
+/// Every row as the JSON mirror must hold it.
+async fn assert_mirrors_equal_select(f: &mut Fixture) -> usize {
+    let rows = f
+        .client
+        .query("SELECT id, name, qty, body FROM items ORDER BY id", &[])
+        .await
+        .expect("select items");
+    let want_keys: BTreeSet<String> = rows
+        .iter()
+        .map(|r| format!("item:{}", r.get::<_, i32>(0)))
+        .collect();
+    let got_keys: BTreeSet<String> = f.cluster.keys_everywhere("item:*").into_iter().collect();
+    assert_eq!(got_keys, want_keys, "JSON mirror keys");
+    let got_hash: BTreeSet<String> = f.cluster.keys_everywhere("itemh:*").into_iter().collect();
+    let want_hash: BTreeSet<String> = rows
+        .iter()
+        .map(|r| format!("itemh:{}", r.get::<_, i32>(0)))
+        .collect();
+    assert_eq!(got_hash, want_hash, "hash mirror keys");
+    let mut want_index = Vec::new();
+    for row in &rows {
+        let (id, name, qty, body): (i32, Option<String>, i32, Option<String>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let stored: String = f.conn.get(format!("item:{id}")).await.expect("GET");
+        let json: serde_json::Value = serde_json::from_str(&stored).expect("JSON");
+        let want = serde_json::json!({"id": id, "name": name, "qty": qty, "body": body});
+        assert_eq!(json, want, "JSON mirror of row {id}");
+        let hash: BTreeMap<String, String> = f
+            .conn
+            .hgetall(format!("itemh:{id}"))
+            .await
+            .expect("HGETALL");
+        let mut want_hash = BTreeMap::from([
+            ("id".to_string(), id.to_string()),
+            ("qty".to_string(), qty.to_string()),
+        ]);
+        if let Some(n) = name {
+            want_hash.insert("name".into(), n);
+        }
+        if let Some(b) = body {
+            want_hash.insert("body".into(), b);
+        }
+        assert_eq!(hash, want_hash, "hash mirror of row {id}");
+        want_index.push((id.to_string(), qty as f64));
+    }
+    let mut index: Vec<(String, f64)> = f
+        .conn
+        .zrange_withscores("items:by_qty", 0, -1)
+        .await
+        .expect("ZRANGE");
+    index.sort_by(|a, b| a.0.cmp(&b.0));
+    want_index.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(index, want_index, "index members and scores");
+    rows.len()
+}
+
+/// One random statement against `items`; `ids` tracks which ids exist.
+fn statement(rng: &mut Lcg, ids: &mut BTreeSet<i32>, next_id: &mut i32) -> String {
+    let roll = rng.below(100);
+    let value = rng.below(1_000);
+    match (roll, rng.pick(ids.iter().copied())) {
+        (0..=44, _) | (_, None) => {
+            *next_id += 1;
+            let id = *next_id;
+            ids.insert(id);
+            // Every fifth body is large and random enough to be TOASTed out of line.
+            let body = if id % 5 == 0 {
+                "(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 300))"
+                    .to_string()
+            } else {
+                format!("'body {value}'")
+            };
+            let name = if value % 9 == 0 {
+                "NULL".to_string()
+            } else {
+                format!("'n{value}'")
+            };
+            format!("INSERT INTO items VALUES ({id}, {name}, {value}, {body})")
+        }
+        // TOASTed bodies arrive as "unchanged": merged where the row lives.
+        (45..=69, Some(id)) => {
+            format!("UPDATE items SET qty = qty + 1, name = 'r{value}' WHERE id = {id}")
+        }
+        (70..=79, Some(id)) => {
+            // The key changes, usually to another slot: the row moves, body included.
+            *next_id += 1;
+            let new = *next_id;
+            ids.remove(&id);
+            ids.insert(new);
+            format!("UPDATE items SET id = {new}, qty = {value} WHERE id = {id}")
+        }
+        (80..=97, Some(id)) => {
+            ids.remove(&id);
+            format!("DELETE FROM items WHERE id = {id}")
+        }
+        _ => {
+            ids.clear();
+            "TRUNCATE items".to_string()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_equal_select_after_a_random_workload() {
+    let mut f = Fixture::new("cluster_mirror", "").await;
+    let mut rng = Lcg(0xC1);
+    let (mut ids, mut next_id) = (BTreeSet::new(), 0);
+    for round in 0..6 {
+        let mut sql = String::from("BEGIN;\n");
+        for _ in 0..(50 + round * 30) {
+            sql.push_str(&statement(&mut rng, &mut ids, &mut next_id));
+            sql.push_str(";\n");
+            if rng.below(10) == 0 {
+                sql.push_str("COMMIT;\nBEGIN;\n");
+            }
+        }
+        sql.push_str("COMMIT;\n");
+        f.pg.psql("app", &sql);
+    }
+    f.caught_up().await;
+    let rows = assert_mirrors_equal_select(&mut f).await;
+    eprintln!("cluster mirror: {rows} rows equal SELECT");
+    assert!(rows > 20, "the workload left rows to compare ({rows})");
+    f.daemon.take().expect("daemon").stop().await;
+}
+
+/// The app's write loop: cache the row's key, then update the row; walsweep must remove the
+/// key after each commit. Runs until `stop`; returns how many updates committed.
+async fn write_load(
+    client: tokio_postgres::Client,
+    mut conn: ClusterConnection,
+    rows: i32,
+    stop: Arc<AtomicBool>,
+) -> usize {
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let id = (n as i32 % rows) + 1;
+        // The cache write can fail while its node fails over: the app would skip caching.
+        let _: Result<(), _> = conn.set(format!("itemkey:{id}"), "cached").await;
+        client
+            .execute(
+                "UPDATE items SET qty = qty + 1, name = $2 WHERE id = $1",
+                &[&id, &format!("v{n}")],
+            )
+            .await
+            .expect("UPDATE");
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    n
+}
+
+/// Every row changed by the load has no cached key left (a key left behind is a missed
+/// invalidation), and the mirrors equal SELECT.
+async fn assert_nothing_missed(f: &mut Fixture, rows: i32) {
+    f.caught_up().await;
+    let mut missed = Vec::new();
+    for id in 1..=rows {
+        if exists(&mut f.conn, &format!("itemkey:{id}")).await {
+            missed.push(id);
+        }
+    }
+    assert!(
+        missed.is_empty(),
+        "missed invalidations for rows {missed:?}"
+    );
+    assert_mirrors_equal_select(f).await;
+}
+
+async fn seed_items(f: &mut Fixture, rows: i32) {
+    f.pg.psql(
+        "app",
+        &format!("INSERT INTO items SELECT g, 'v0', 0, 'b' || g FROM generate_series(1, {rows}) g"),
+    );
+    f.caught_up().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_during_a_write_load_misses_nothing() {
+    let mut f = Fixture::new("cluster_reshard", "").await;
+    let rows = 200;
+    seed_items(&mut f, rows).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(write_load(
+        f.pg.client("app").await,
+        f.cluster.connection().await,
+        rows,
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Move the slots of the first 40 rows' keys, mirror entries and the index, slowly, to
+    // another primary each time: walsweep meets ASK while keys are in flight, MOVED after.
+    let mut moved_keys = 0;
+    for round in 0..2 {
+        let mut slots: BTreeSet<u16> = (1..=40)
+            .flat_map(|id| {
+                [
+                    format!("itemkey:{id}"),
+                    format!("item:{id}"),
+                    format!("itemh:{id}"),
+                ]
+            })
+            .map(|k| f.cluster.slot_of(&k))
+            .collect();
+        slots.insert(f.cluster.slot_of("items:by_qty"));
+        let primaries = f.cluster.primaries();
+        // Each slot goes to the primary after its owner's, so every primary gives and takes.
+        let cluster = &f.cluster;
+        let mut by_target: BTreeMap<u16, Vec<u16>> = BTreeMap::new();
+        for slot in slots {
+            let owner = cluster.owner_of_slot(slot).port;
+            let at = primaries
+                .iter()
+                .position(|p| p.port == owner)
+                .expect("owner is a primary");
+            let to = primaries[(at + 1 + round) % primaries.len()].port;
+            if to != owner {
+                by_target.entry(to).or_default().push(slot);
+            }
+        }
+        for (to, slots) in by_target {
+            moved_keys += tokio::task::block_in_place(|| {
+                cluster.migrate_slots_paced(&slots, to, MigrationPace::SLOW)
+            });
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let updates = load.await.expect("load");
+    eprintln!("resharding: {moved_keys} keys migrated under {updates} updates");
+    assert!(
+        moved_keys > 0 && updates > 100,
+        "the load ran through the migrations"
+    );
+    assert_nothing_missed(&mut f, rows).await;
+    let errors = f.cluster.error_stats();
+    eprintln!("cluster error replies: {errors:?}");
+    f.daemon.take().expect("daemon").stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_during_a_write_load_misses_nothing() {
+    // Without WAIT a primary can die with acknowledged unlinks its replica never got.
+    let mut f = Fixture::new("cluster_failover", "wait_for_replicas = 1").await;
+    let rows = 200;
+    seed_items(&mut f, rows).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(write_load(
+        f.pg.client("app").await,
+        f.cluster.connection().await,
+        rows,
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let victim = f
+        .cluster
+        .owner_of_slot(f.cluster.slot_of("items:by_qty"))
+        .port;
+    f.cluster.kill_primary(victim);
+    let promoted = tokio::task::block_in_place(|| f.cluster.wait_for_failover(victim));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let updates = load.await.expect("load");
+    eprintln!("failover: {victim} -> {promoted} under {updates} updates");
+    assert_nothing_missed(&mut f, rows).await;
+    f.daemon.take().expect("daemon").stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_row_key_is_gone_on_its_node() {
+    // The smallest end-to-end check first: one key, one node, through the daemon.
+    let mut f = Fixture::new("cluster_smoke", "").await;
+    seed_items(&mut f, 3).await;
+    f.set(&["itemkey:2".into()]).await;
+    f.pg.psql("app", "DELETE FROM items WHERE id = 2");
+    wait_gone(&mut f.conn, "itemkey:2", 20).await;
+    assert!(f
+        .present(&["item:2".into(), "itemh:2".into()])
+        .await
+        .is_empty());
+    f.daemon.take().expect("daemon").stop().await;
+}
