@@ -30,6 +30,8 @@ pub struct Redis {
     persistent: bool,
     /// TLS-only server (`start_tls`): the port speaks TLS and there is no plain port.
     tls: Option<TlsFiles>,
+    /// Settings after the defaults (redis-server lets the last one win), e.g. a cluster node's.
+    extra_args: Vec<String>,
 }
 
 /// PEM files of a TLS-only server (see [`Redis::start_tls`]).
@@ -43,7 +45,7 @@ struct TlsFiles {
 impl Redis {
     /// Boots a server and waits until it answers. Panics (with its log's tail) if it can't.
     pub fn start() -> Redis {
-        Redis::start_inner(false, None)
+        Redis::start_inner(false, None, "redis-", &Vec::new)
     }
 
     /// A TLS-only server (`--port 0 --tls-port PORT`) presenting `cert`/`key`; clients are not
@@ -57,26 +59,46 @@ impl Redis {
                 key: key.to_path_buf(),
                 ca: ca.to_path_buf(),
             }),
+            "redis-",
+            &Vec::new,
         )
     }
 
     /// Like `start`, but the data survives `stop` (SIGKILL) and `restart`: an outage test can
     /// then check that invalidations reach keys written before the outage.
     pub fn start_persistent() -> Redis {
-        Redis::start_inner(true, None)
+        Redis::start_inner(true, None, "redis-", &Vec::new)
     }
 
-    fn start_inner(persistent: bool, tls: Option<TlsFiles>) -> Redis {
+    /// A non-persistent server with `extra_args` after the defaults, in an instance dir named
+    /// `dir_prefix...`. The prefix must start with `redis-`: that is what the stale sweep looks
+    /// for. `extra_args` is called again for every attempt, so it can pick fresh free ports
+    /// (a cluster node's bus port) when the first ones turn out to be taken.
+    pub fn start_with_args(dir_prefix: &str, extra_args: &dyn Fn() -> Vec<String>) -> Redis {
+        assert!(
+            dir_prefix.starts_with("redis-"),
+            "instance dir prefix {dir_prefix:?} must start with `redis-` for the stale sweep"
+        );
+        Redis::start_inner(false, None, dir_prefix, extra_args)
+    }
+
+    fn start_inner(
+        persistent: bool,
+        tls: Option<TlsFiles>,
+        dir_prefix: &str,
+        extra_args: &dyn Fn() -> Vec<String>,
+    ) -> Redis {
         // The free port can be taken by someone else before redis-server binds it; only that
         // case is worth another try.
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
             let mut redis = Redis {
-                dir: scratch::instance_dir("redis-", false),
+                dir: scratch::instance_dir(dir_prefix, false),
                 port: scratch::free_port(),
                 child: None,
                 persistent,
                 tls: tls.clone(),
+                extra_args: extra_args(),
             };
             match redis.spawn() {
                 Ok(()) => return redis,
@@ -190,6 +212,7 @@ impl Redis {
             .arg(dir)
             .arg("--logfile")
             .arg(self.log_path())
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -250,6 +273,7 @@ impl Redis {
     }
 
     fn log_mentions_port_in_use(&self) -> bool {
+        // Also what a cluster node logs when its bus port is taken.
         std::fs::read_to_string(self.log_path())
             .map(|log| log.contains("Address already in use"))
             .unwrap_or(false)
