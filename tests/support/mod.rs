@@ -12,12 +12,16 @@ pub mod binaries;
 pub mod daemon;
 pub mod postgres;
 pub mod redis;
+pub mod redis_cluster;
 pub mod rng;
 pub mod scratch;
 
 #[allow(unused_imports)]
 pub use postgres::{Postgres, PostgresOptions, ShutdownMode};
 pub use redis::Redis;
+// Only the cluster suites use it.
+#[allow(unused_imports)]
+pub use redis_cluster::RedisCluster;
 
 use std::sync::Once;
 
