@@ -20,10 +20,10 @@ use crate::telemetry::metrics as m;
 
 /// Error codes of replies meaning "not now": a script of another client running (BUSY), the
 /// dataset loading after a restart, a replica or a failover in progress, `maxmemory` reached,
-/// snapshots failing to save, too few replicas for `min-replicas-to-write`, and the script cache
-/// flushed by another client between SCRIPT LOAD and EVALSHA. Inside a script Redis refuses
+/// snapshots failing to save, too few replicas for `min-replicas-to-write`, the script cache
+/// flushed by another client between SCRIPT LOAD and EVALSHA, and a cluster's slot moving. Inside a script Redis refuses
 /// OOM and READONLY at its first write, so a script failing with them wrote nothing.
-const TRANSIENT_CODES: [&str; 10] = [
+const TRANSIENT_CODES: [&str; 12] = [
     "BUSY",
     "LOADING",
     "READONLY",
@@ -34,7 +34,19 @@ const TRANSIENT_CODES: [&str; 10] = [
     "MISCONF",
     "NOREPLICAS",
     "NOSCRIPT",
+    // A cluster's slot moved (MOVED) or is moving (ASK): the cluster client follows these for
+    // single commands but returns them inside a pipeline's replies; the batch is applied again
+    // once the client's slot map is fresh (or the migration is over).
+    "MOVED",
+    "ASK",
 ];
+
+/// Whether an error a script raised means its hash slot is being migrated to another node: a
+/// key the script removed and then wrote again must now be created on the new node, so Redis
+/// stops the script. Applied again, the script is redirected there (ASK) and succeeds.
+fn moving_slot(details: &str) -> bool {
+    details.contains("non local key in a cluster node")
+}
 
 /// The script calls of a round trip: which script, at which positions of the pipeline
 /// (counting ignored commands; a single command is position 0).
@@ -144,7 +156,11 @@ pub(crate) fn script_sink_error(
     let raised = err.clone().into_server_errors().and_then(|replies| {
         replies
             .iter()
-            .find(|(at, reply)| calls.at.contains(at) && !TRANSIENT_CODES.contains(&reply.code()))
+            .find(|(at, reply)| {
+                calls.at.contains(at)
+                    && !TRANSIENT_CODES.contains(&reply.code())
+                    && !moving_slot(reply.details().unwrap_or_default())
+            })
             .map(|(_, reply)| {
                 let text = match reply.details() {
                     Some(details) => format!("{} {details}", reply.code()),
@@ -243,6 +259,13 @@ mod tests {
         }
         let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
         assert!(script_sink_error("write mirrored rows", &calls(), io).is_retryable());
+        // A cluster slot in migration (the exact reply of Redis 7.0).
+        let migrating = reply(
+            "ERR",
+            "Script attempted to access a non local key in a cluster node script: e3e1, on \
+             @user_script:222.",
+        );
+        assert!(script_sink_error("write mirrored rows", &calls(), migrating).is_retryable());
     }
 
     #[test]
