@@ -38,6 +38,7 @@ columns = ["published", "category"]
 [[table]]
 name = "public.items"
 keys = ["itemkey:{id}"]
+deps = ["id:item:{id}"]
 [[table.mirror]]
 key = "item:{id}"
 [[table.mirror.index]]
@@ -68,7 +69,7 @@ fn config(
         .collect();
     let text = format!(
         "[source]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"pub\"\nstatus_interval_ms = 200\n\
-         reconnect_min_ms = 50\nreconnect_max_ms = 500\n[redis]\ncluster_nodes = [{}]\n\
+         reconnect_min_ms = 50\nreconnect_max_ms = 500\nwarm_up = true\n[redis]\ncluster_nodes = [{}]\n\
          timeout_ms = 2000\n{redis_extra}\n{RULES}",
         pg.url("app"),
         nodes.join(", ")
@@ -580,5 +581,141 @@ async fn a_deleted_row_key_is_gone_on_its_node() {
         .present(&["item:2".into(), "itemh:2".into()])
         .await
         .is_empty());
+    f.daemon.take().expect("daemon").stop().await;
+}
+
+/// The app's reads through `tests/compat/cluster_app.py` (redis-py-cluster): per id, the name
+/// it got and whether both of its cache entries were hits.
+fn app_reads(f: &Fixture, ids: &[i32]) -> Vec<(i32, String, bool)> {
+    let seed = f.cluster.seed_urls()[0]
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_string();
+    let out = std::process::Command::new(support::binaries::python("the cluster app"))
+        .arg(support::binaries::repo().join("tests/compat/cluster_app.py"))
+        .arg(seed)
+        .arg(f.pg.url("app"))
+        .args(ids.iter().map(i32::to_string))
+        .output()
+        .expect("run cluster_app.py");
+    assert!(
+        out.status.success(),
+        "cluster_app.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reads: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("app JSON");
+    reads
+        .iter()
+        .map(|r| {
+            let name = r["name"].as_str().expect("name").to_string();
+            assert_eq!(
+                r["entry_name"].as_str(),
+                Some(name.as_str()),
+                "both entries agree: {r}"
+            );
+            let hit = r["hit"].as_bool().expect("hit") && r["entry_hit"].as_bool().expect("hit");
+            (r["id"].as_i64().expect("id") as i32, name, hit)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_app_never_reads_a_stale_row_after_walsweep_caught_up() {
+    let mut f = Fixture::new("cluster_app", "").await;
+    seed_items(&mut f, 40).await;
+    let ids: Vec<i32> = (1..=40).collect();
+    let first = app_reads(&f, &ids);
+    assert!(
+        first.iter().all(|(_, name, hit)| !hit && name == "v0"),
+        "cold cache: {first:?}"
+    );
+    let second = app_reads(&f, &ids);
+    assert!(
+        second.iter().all(|(_, _, hit)| *hit),
+        "warm cache: {second:?}"
+    );
+    for round in 1..=3 {
+        f.pg.psql(
+            "app",
+            &format!(
+                "UPDATE items SET name = 'r{round}-' || id WHERE id % 3 = {}",
+                round % 3
+            ),
+        );
+        f.caught_up().await;
+        let rows = f
+            .client
+            .query("SELECT id, name FROM items ORDER BY id", &[])
+            .await
+            .expect("select");
+        let want: BTreeMap<i32, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut stale = Vec::new();
+        for (id, name, hit) in app_reads(&f, &ids) {
+            if want[&id] != name {
+                stale.push((id, name, hit));
+            }
+        }
+        assert!(stale.is_empty(), "round {round}: stale reads {stale:?}");
+    }
+    f.daemon.take().expect("daemon").stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_up_the_applied_position_and_the_second_pass_work_on_a_cluster() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    pg.psql(
+        "app",
+        "INSERT INTO items SELECT g, 'w' || g, g, 'b' FROM generate_series(1, 50) g",
+    );
+    let cluster = RedisCluster::start();
+    let slot = "cluster_extras";
+    let daemon = start(config(
+        &pg,
+        &cluster,
+        slot,
+        "[matroska]\nreinvalidate_after_ms = 300",
+    ));
+    let client = pg.client("app").await;
+    wait_streaming(&client, slot).await;
+    let conn = cluster.connection().await;
+    let mut f = Fixture {
+        pg,
+        cluster,
+        conn,
+        client,
+        daemon: Some(daemon),
+        markers: 0,
+    };
+    f.caught_up().await;
+    assert_eq!(
+        assert_mirrors_equal_select(&mut f).await,
+        50,
+        "warm-up loaded every row"
+    );
+
+    // The published position passes the commit, on whichever node holds it.
+    f.pg.psql("app", "UPDATE items SET name = 'x' WHERE id = 3");
+    let lsn = support::daemon::insert_lsn(&f.client).await;
+    let key = format!("walsweep:app/{slot}:applied");
+    let conn = f.conn.clone();
+    wait_for(20, || {
+        let (key, mut c) = (key.clone(), conn.clone());
+        async move {
+            let at: Option<String> = c.get(&key).await.expect("GET position");
+            at.and_then(|a| a.parse::<u64>().ok())
+                .is_some_and(|a| a >= lsn)
+        }
+    })
+    .await;
+
+    // An entry refilled with the old row right after the first pass is removed by the second.
+    f.set(&["itemkey:7".into()]).await;
+    f.pg.psql("app", "UPDATE items SET name = 'y' WHERE id = 7");
+    wait_gone(&mut f.conn, "itemkey:7", 20).await;
+    f.set(&["itemkey:7".into()]).await;
+    wait_gone(&mut f.conn, "itemkey:7", 5).await;
     f.daemon.take().expect("daemon").stop().await;
 }
