@@ -490,6 +490,14 @@ fn dashboard_is_well_formed_and_has_the_panels() {
             &["by(instance,result)", "walsweep_fills_total"],
         ),
         ("fences raised", &["walsweep_fences_raised_total"]),
+        ("cluster primaries", &["walsweep_redis_cluster_primaries"]),
+        (
+            "cluster slot redirections by reason",
+            &[
+                "by(instance,reason)",
+                "walsweep_redis_cluster_redirects_total",
+            ],
+        ),
     ];
     for (what, fragments) in required {
         assert!(

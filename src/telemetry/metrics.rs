@@ -21,6 +21,8 @@ pub(crate) const COMMIT_TO_APPLIED_SECONDS: &str = "walsweep_commit_to_applied_s
 pub(crate) const REDIS_ROUND_TRIP_SECONDS: &str = "walsweep_redis_round_trip_seconds";
 pub(crate) const VISIBILITY_WAIT_SECONDS: &str = "walsweep_visibility_wait_seconds";
 pub(crate) const FENCES_RAISED_TOTAL: &str = "walsweep_fences_raised_total";
+pub(crate) const REDIS_CLUSTER_PRIMARIES: &str = "walsweep_redis_cluster_primaries";
+pub(crate) const REDIS_CLUSTER_REDIRECTS_TOTAL: &str = "walsweep_redis_cluster_redirects_total";
 pub(crate) const FILLS_TOTAL: &str = "walsweep_fills_total";
 pub(crate) const VISIBILITY_RECHECKS_TOTAL: &str = "walsweep_visibility_rechecks_total";
 pub(crate) const REDIS_UP: &str = "walsweep_redis_up";
@@ -48,7 +50,7 @@ pub(crate) const DRIFT_ROWS_TOTAL: &str = "walsweep_drift_rows_total";
 /// Every exported name, for the endpoint test and the docs. The inspector's two exist only
 /// while it runs (`[inspect]`): zeros from a walsweep that checks nothing would read as
 /// "checked, no drift".
-pub const ALL: [&str; 36] = [
+pub const ALL: [&str; 38] = [
     TRANSACTIONS_COMMITTED_TOTAL,
     CHANGES_DECODED_TOTAL,
     TRANSACTIONS_APPLIED_TOTAL,
@@ -85,7 +87,13 @@ pub const ALL: [&str; 36] = [
     VISIBILITY_RECHECKS_TOTAL,
     FENCES_RAISED_TOTAL,
     FILLS_TOTAL,
+    REDIS_CLUSTER_PRIMARIES,
+    REDIS_CLUSTER_REDIRECTS_TOTAL,
 ];
+
+/// `reason` labels of `walsweep_redis_cluster_redirects_total`.
+pub(crate) const CLUSTER_REDIRECT_REASONS: [&str; 5] =
+    ["moved", "ask", "migrating", "tryagain", "clusterdown"];
 
 /// `result` labels of `walsweep_mirror_rows_total`.
 /// `kind` label values of `EFFECTS_APPLIED_TOTAL`.
@@ -357,6 +365,21 @@ pub(crate) fn describe() {
     counter!(VISIBILITY_RECHECKS_TOTAL).absolute(0);
     counter!(FENCES_RAISED_TOTAL).absolute(0);
     set_fills(0, 0);
+    describe_gauge!(
+        REDIS_CLUSTER_PRIMARIES,
+        "Primaries of the Redis Cluster (redis.cluster_nodes) when walsweep last read its \
+         topology; 0 for one Redis node."
+    );
+    describe_counter!(
+        REDIS_CLUSTER_REDIRECTS_TOTAL,
+        "Requests to a Redis Cluster that failed because their hash slot had moved (moved), \
+         was moving (ask, migrating) or was not served for now (tryagain, clusterdown); the \
+         batch was applied again."
+    );
+    gauge!(REDIS_CLUSTER_PRIMARIES).set(0.0);
+    for reason in CLUSTER_REDIRECT_REASONS {
+        counter!(REDIS_CLUSTER_REDIRECTS_TOTAL, LABEL_REASON => reason).absolute(0);
+    }
     describe_counter!(
         INSPECTED_ROWS_TOTAL,
         "Mirrored rows and stored entries the inspector compared, by table ([inspect] \
@@ -509,6 +532,15 @@ pub(crate) fn snapshot_rows(n: u64) {
 
 pub(crate) fn hint_malformed() {
     counter!(HINTS_MALFORMED_TOTAL).increment(1);
+}
+
+/// A request failed on a moving or moved hash slot (`CLUSTER_REDIRECT_REASONS`).
+pub(crate) fn cluster_redirect(reason: &'static str) {
+    counter!(REDIS_CLUSTER_REDIRECTS_TOTAL, LABEL_REASON => reason).increment(1);
+}
+
+pub(crate) fn cluster_primaries(n: usize) {
+    gauge!(REDIS_CLUSTER_PRIMARIES).set(n as f64);
 }
 
 pub(crate) fn fences_raised(n: u64) {

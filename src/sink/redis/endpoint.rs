@@ -384,6 +384,7 @@ impl RedisConn {
             )));
         }
         primaries.sort();
+        crate::telemetry::metrics::cluster_primaries(primaries.len());
         Ok(primaries)
     }
 }

@@ -48,6 +48,37 @@ fn moving_slot(details: &str) -> bool {
     details.contains("non local key in a cluster node")
 }
 
+/// Counts the replies of `err` (a pipeline's, or one command's) saying a cluster's hash slot
+/// moved or is moving (`walsweep_redis_cluster_redirects_total`).
+fn count_cluster_redirects(err: &RedisError) {
+    let replies: Vec<(String, String)> = match err.clone().into_server_errors() {
+        Some(replies) => replies
+            .iter()
+            .map(|(_, r)| {
+                (
+                    r.code().to_string(),
+                    r.details().unwrap_or_default().to_string(),
+                )
+            })
+            .collect(),
+        None => vec![(
+            err.code().unwrap_or_default().to_string(),
+            err.detail().unwrap_or_default().to_string(),
+        )],
+    };
+    for (code, details) in replies {
+        let reason = match code.as_str() {
+            "MOVED" => "moved",
+            "ASK" => "ask",
+            "TRYAGAIN" => "tryagain",
+            "CLUSTERDOWN" => "clusterdown",
+            _ if moving_slot(&details) => "migrating",
+            _ => continue,
+        };
+        m::cluster_redirect(reason);
+    }
+}
+
 /// The script calls of a round trip: which script, at which positions of the pipeline
 /// (counting ignored commands; a single command is position 0).
 #[derive(Debug, Clone)]
@@ -132,6 +163,7 @@ pub(crate) fn sink_error_at(
     target: Option<String>,
     err: RedisError,
 ) -> SinkError {
+    count_cluster_redirects(&err);
     if let Some(rejected) = CertificateRejected::find(&err, target) {
         return SinkError {
             operation,
@@ -153,6 +185,7 @@ pub(crate) fn script_sink_error(
     calls: &ScriptCalls,
     err: RedisError,
 ) -> SinkError {
+    count_cluster_redirects(&err);
     let raised = err.clone().into_server_errors().and_then(|replies| {
         replies
             .iter()
