@@ -719,3 +719,71 @@ async fn warm_up_the_applied_position_and_the_second_pass_work_on_a_cluster() {
     wait_gone(&mut f.conn, "itemkey:7", 5).await;
     f.daemon.take().expect("daemon").stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_the_primaries_and_which_templates_pin_a_slot() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    let cluster = RedisCluster::start();
+    let nodes: Vec<String> = cluster.seed_urls().iter().map(|u| format!("{u:?}")).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("walsweep.toml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[source]\nurl = \"{}\"\npublication = \"pub\"\n[redis]\ncluster_nodes = [{}]\n{extra}\n\
+                 [[table]]\nname = \"public.articles\"\nkeys = [\"article:{{id}}\", \"{{{{articles}}}}:{{slug}}\"]\n",
+                pg.url("app"),
+                nodes.join(", ")
+            ),
+        )
+        .expect("write config");
+    };
+    let check = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_walsweep"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .env_remove(walsweep::config::REDIS_URL_ENV)
+            .env_remove(walsweep::config::REDIS_CLUSTER_NODES_ENV)
+            .output()
+            .expect("run walsweep check");
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    write("");
+    let (_, text) = check();
+    let primaries: Vec<String> = cluster
+        .primaries()
+        .iter()
+        .map(|p| format!("127.0.0.1:{}", p.port))
+        .collect();
+    assert!(text.contains("Redis Cluster with 3 primaries"), "{text}");
+    for p in &primaries {
+        assert!(text.contains(p.as_str()), "primary {p} named: {text}");
+    }
+    assert!(
+        text.contains("\"article:{id}\" of public.articles: no hash tag"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hash tag {articles}: every key is in one slot"),
+        "{text}"
+    );
+    // Fences need one slot per fill; refused with the fix.
+    write("[matroska]\nfences = true");
+    let (code, text) = check();
+    assert_ne!(code, Some(0), "{text}");
+    assert!(
+        text.contains("matroska.fences") && text.contains("not supported on a Redis Cluster"),
+        "{text}"
+    );
+}
