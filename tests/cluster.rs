@@ -55,26 +55,65 @@ name = "public.markers"
 key = "marker:{id}"
 "#;
 
-/// The config for walsweep on `cluster` (seed URLs of all six nodes).
+/// The config text for walsweep on `cluster` (seed URLs of all six nodes); `redis_extra` goes
+/// into `[redis]`, and may open further sections after it.
+fn config_text(pg: &Postgres, cluster: &RedisCluster, slot: &str, redis_extra: &str) -> String {
+    let nodes: Vec<String> = cluster
+        .seed_urls()
+        .iter()
+        .map(|u| format!("{u:?}"))
+        .collect();
+    format!(
+        "[source]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"pub\"\nstatus_interval_ms = 200\n\
+         reconnect_min_ms = 50\nreconnect_max_ms = 500\nwarm_up = true\n[redis]\ncluster_nodes = [{}]\n\
+         timeout_ms = 2000\n{redis_extra}\n{RULES}",
+        pg.url("app"),
+        nodes.join(", ")
+    )
+}
+
 fn config(
     pg: &Postgres,
     cluster: &RedisCluster,
     slot: &str,
     redis_extra: &str,
 ) -> walsweep::config::Config {
-    let nodes: Vec<String> = cluster
-        .seed_urls()
-        .iter()
-        .map(|u| format!("{u:?}"))
-        .collect();
-    let text = format!(
-        "[source]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"pub\"\nstatus_interval_ms = 200\n\
-         reconnect_min_ms = 50\nreconnect_max_ms = 500\nwarm_up = true\n[redis]\ncluster_nodes = [{}]\n\
-         timeout_ms = 2000\n{redis_extra}\n{RULES}",
-        pg.url("app"),
-        nodes.join(", ")
-    );
+    let text = config_text(pg, cluster, slot, redis_extra);
     walsweep::config::Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
+}
+
+/// `walsweep verify` (the real binary) on the cluster walsweep streams into: exit code, output.
+async fn verify(f: &Fixture, slot: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("walsweep.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[metrics]\nlisten = \"\"\n{}",
+            config_text(&f.pg, &f.cluster, slot, "")
+        ),
+    )
+    .expect("write config");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_walsweep"))
+            .args(["verify", "--config"])
+            .arg(&path)
+            .env_remove(walsweep::config::REDIS_URL_ENV)
+            .env_remove(walsweep::config::REDIS_CLUSTER_NODES_ENV)
+            .env_remove(walsweep::config::SOURCE_URL_ENV)
+            .output()
+            .expect("run walsweep verify")
+    })
+    .await
+    .expect("verify ran");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 struct Fixture {
@@ -415,6 +454,23 @@ async fn mirrors_equal_select_after_a_random_workload() {
     let rows = assert_mirrors_equal_select(&mut f).await;
     eprintln!("cluster mirror: {rows} rows equal SELECT");
     assert!(rows > 20, "the workload left rows to compare ({rows})");
+    // walsweep verify reads entries per slot and SCANs every primary.
+    let (code, out) = verify(&f, "cluster_mirror").await;
+    assert_eq!(code, Some(0), "verify on a clean cluster:\n{out}");
+    let victim: i32 = f
+        .client
+        .query_one("SELECT max(id) FROM items", &[])
+        .await
+        .expect("max id")
+        .get(0);
+    let _: () = f
+        .conn
+        .set(format!("item:{victim}"), "{\"id\": -1}")
+        .await
+        .expect("corrupt an entry");
+    let (code, out) = verify(&f, "cluster_mirror").await;
+    assert_eq!(code, Some(1), "verify finds the corrupted entry:\n{out}");
+    assert!(out.contains(&format!("item:{victim}")), "{out}");
     f.daemon.take().expect("daemon").stop().await;
 }
 
@@ -727,7 +783,11 @@ async fn check_names_the_primaries_and_which_templates_pin_a_slot() {
     pg.create_database("app");
     pg.psql("app", SCHEMA);
     let cluster = RedisCluster::start();
-    let nodes: Vec<String> = cluster.seed_urls().iter().map(|u| format!("{u:?}")).collect();
+    let nodes: Vec<String> = cluster
+        .seed_urls()
+        .iter()
+        .map(|u| format!("{u:?}"))
+        .collect();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("walsweep.toml");
     let write = |extra: &str| {
