@@ -84,6 +84,12 @@ fn config(
 
 /// `walsweep verify` (the real binary) on the cluster walsweep streams into: exit code, output.
 async fn verify(f: &Fixture, slot: &str) -> (Option<i32>, String) {
+    cli(f, slot, &["verify"]).await
+}
+
+/// A `walsweep` command (the real binary) with `--config` for the cluster walsweep streams into.
+async fn cli(f: &Fixture, slot: &str, args: &[&str]) -> (Option<i32>, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("walsweep.toml");
     std::fs::write(
@@ -96,7 +102,8 @@ async fn verify(f: &Fixture, slot: &str) -> (Option<i32>, String) {
     .expect("write config");
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_walsweep"))
-            .args(["verify", "--config"])
+            .args(&args)
+            .arg("--config")
             .arg(&path)
             .env_remove(walsweep::config::REDIS_URL_ENV)
             .env_remove(walsweep::config::REDIS_CLUSTER_NODES_ENV)
@@ -766,6 +773,12 @@ async fn warm_up_the_applied_position_and_the_second_pass_work_on_a_cluster() {
         }
     })
     .await;
+
+    // `walsweep wait` hears the position on a seed node (Pub/Sub reaches every node).
+    f.pg.psql("app", "UPDATE items SET name = 'z' WHERE id = 4");
+    let lsn = support::daemon::insert_lsn(&f.client).await.to_string();
+    let (code, out) = cli(&f, slot, &["wait", "--lsn", &lsn, "--timeout-ms", "10000"]).await;
+    assert_eq!(code, Some(0), "walsweep wait on a cluster:\n{out}");
 
     // An entry refilled with the old row right after the first pass is removed by the second.
     f.set(&["itemkey:7".into()]).await;
