@@ -229,6 +229,7 @@ where
         enqueued_lsn: Lsn::ZERO,
         keepalive_lsn: Lsn::ZERO,
         idle_published_lsn: Lsn::ZERO,
+        caught_up_sent: (Lsn::ZERO, std::time::Instant::now()),
         wal,
         shutdown,
         backoff: Backoff::new(source.reconnect_min(), source.reconnect_max()),

@@ -68,6 +68,9 @@ pub(crate) struct Streamer<'a, PL: Planner> {
     pub(crate) keepalive_lsn: Lsn,
     /// The last keepalive position handed to the sink as applied (`SinkCommand::Idle`).
     pub(crate) idle_published_lsn: Lsn,
+    /// The flush position and time of the last status update sent because walsweep caught up
+    /// (`StatusReason::CaughtUp`).
+    pub(crate) caught_up_sent: (Lsn, std::time::Instant),
     /// The server's WAL page and segment sizes, read each session, for the sink's published
     /// position (`WalLayout`).
     pub(crate) wal: std::sync::Arc<crate::pg::wal_layout::WalLayout>,
@@ -369,6 +372,9 @@ impl<PL: Planner> Streamer<'_, PL> {
                 }
                 Ok(()) = self.sink.changed() => {
                     self.observe_confirmation(progress);
+                    if self.tell_caught_up(progress) {
+                        send_status(stream, progress, StatusReason::CaughtUp).await?;
+                    }
                 }
                 _ = ticker.tick() => {
                     send_status(stream, progress, StatusReason::Interval).await?;
@@ -591,6 +597,22 @@ impl<PL: Planner> Streamer<'_, PL> {
             self.publish_idle_position(applied);
         }
         m::set_flushed_lsn(progress.flushed_lsn().as_u64());
+    }
+
+    /// Whether to tell the server the flush position now rather than at the next tick: when
+    /// everything received is applied and the position moved since the last such update. At
+    /// most one per `CAUGHT_UP_MIN_GAP`, so a busy live stream that catches up after every
+    /// batch does not send a status update per batch.
+    fn tell_caught_up(&mut self, progress: &Progress) -> bool {
+        const CAUGHT_UP_MIN_GAP: std::time::Duration = std::time::Duration::from_millis(20);
+        let (sent_lsn, sent_at) = self.caught_up_sent;
+        let due = self.nothing_pending()
+            && progress.flushed_lsn() > sent_lsn
+            && sent_at.elapsed() >= CAUGHT_UP_MIN_GAP;
+        if due {
+            self.caught_up_sent = (progress.flushed_lsn(), std::time::Instant::now());
+        }
+        due
     }
 
     /// With nothing pending, the keepalive position is applied too: the sink publishes it for

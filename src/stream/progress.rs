@@ -13,6 +13,9 @@ pub(crate) enum StatusReason {
     Interval,
     /// Final update before a clean shutdown.
     Shutdown,
+    /// Everything received is applied and the flush position moved: told at once rather than
+    /// at the next tick, so the slot (and the WAL it holds) follows the sink.
+    CaughtUp,
 }
 
 impl StatusReason {
@@ -21,6 +24,7 @@ impl StatusReason {
             StatusReason::KeepaliveReply => "keepalive_reply",
             StatusReason::Interval => "interval",
             StatusReason::Shutdown => "shutdown",
+            StatusReason::CaughtUp => "caught_up",
         }
     }
 }
@@ -31,6 +35,7 @@ fn status_reasons_are_the_exported_labels() {
         StatusReason::KeepaliveReply,
         StatusReason::Interval,
         StatusReason::Shutdown,
+        StatusReason::CaughtUp,
     ];
     assert_eq!(
         reasons.map(StatusReason::as_str),

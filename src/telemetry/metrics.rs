@@ -112,7 +112,8 @@ pub(crate) const SKIP_REASONS: [&str; 1] = [SKIP_UNDECODABLE_RELATION];
 /// A change to a relation whose name is not valid UTF-8 and that nothing in the config names.
 pub(crate) const SKIP_UNDECODABLE_RELATION: &str = "undecodable_relation";
 /// `reason` label values of `STATUS_UPDATES_TOTAL` (`stream::progress::StatusReason::as_str`).
-pub(crate) const STATUS_REASONS: [&str; 3] = ["keepalive_reply", "interval", "shutdown"];
+pub(crate) const STATUS_REASONS: [&str; 4] =
+    ["keepalive_reply", "interval", "shutdown", "caught_up"];
 pub(crate) const MIRROR_RESULTS: [&str; 4] = ["written", "deleted", "skipped_absent", "incomplete"];
 /// `result` labels of `walsweep_broadcasts_total`.
 pub(crate) const BROADCAST_RESULTS: [&str; 2] = ["published", "duplicate"];
