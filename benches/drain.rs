@@ -28,6 +28,11 @@
 //! - Redis, for walsweep's runs: the `INFO cpu` delta (`used_cpu_user` + `used_cpu_sys`) from
 //!   before the spawn to completion.
 //!
+//! Also printed for walsweep with Redis: when its published applied position
+//! (`walsweep:<db>/<slot>:applied`, polled with the slot) reached the end LSN. walsweep tells
+//! Postgres its confirmed position every `status_interval_ms` (1 s by default), so its wall
+//! time is that moment rounded up to the next status update.
+//!
 //! The bench's own work (polling, Redis INFO) runs in the bench process and is in none of them.
 //! Summary per transaction size: medians of the rounds, the rate ratio (walsweep changes/s over
 //! pg_recvlogical's, from the median times; target >= 0.90), and walsweep's client CPU over
@@ -165,6 +170,10 @@ struct Run {
     walsender: f64,
     /// Redis' CPU seconds during the run (walsweep with a Redis plan only).
     redis: Option<f64>,
+    /// Seconds until walsweep's published applied position (`walsweep:<db>/<slot>:applied`,
+    /// what `walsweep wait` reads) reached the end LSN: the work without the wait for the next
+    /// status update (walsweep with a Redis plan only).
+    applied: Option<f64>,
 }
 
 struct Round {
@@ -277,15 +286,18 @@ fn main() {
     );
     println!(
         "  txn  | pg_recvlogical: wall  changes/s  cpu   walsender | walsweep: wall  changes/s  \
-         cpu   walsender  redis | rate ratio (rounds)   cpu ratio"
+         cpu   walsender  redis  applied | rate ratio (rounds)   cpu ratio"
     );
     for (txn_size, results) in summary {
         let med = |f: &dyn Fn(&Round) -> f64| median(&results.iter().map(f).collect::<Vec<_>>());
         let (rl, ws) = (med(&|r| r.recvlogical.wall), med(&|r| r.walsweep.wall));
         let (rl_cpu, ws_cpu) = (med(&|r| r.recvlogical.cpu), med(&|r| r.walsweep.cpu));
-        let redis = match plan {
-            PlanKind::Touched => "    -".to_string(),
-            _ => format!("{:5.2}", med(&|r| r.walsweep.redis.unwrap_or(0.0))),
+        let (redis, applied) = match plan {
+            PlanKind::Touched => ("    -".to_string(), "      -".to_string()),
+            _ => (
+                format!("{:5.2}", med(&|r| r.walsweep.redis.unwrap_or(0.0))),
+                format!("{:6.2}s", med(&|r| r.walsweep.applied.unwrap_or(0.0))),
+            ),
         };
         let ratios: Vec<f64> = results
             .iter()
@@ -295,7 +307,7 @@ fn main() {
         let hi = ratios.iter().copied().fold(0.0, f64::max);
         println!(
             "  {txn_size:<4} |                 {rl:5.2}s {:9.0}  {rl_cpu:5.2}  {:5.2}     |           \
-             {ws:5.2}s {:9.0}  {ws_cpu:5.2}  {:5.2}      {redis} |  {:.2} ({lo:.2}-{hi:.2})        \
+             {ws:5.2}s {:9.0}  {ws_cpu:5.2}  {:5.2}      {redis}  {applied} |  {:.2} ({lo:.2}-{hi:.2})        \
              {:.2}",
             changes as f64 / rl,
             med(&|r| r.recvlogical.walsender),
@@ -313,6 +325,13 @@ fn main() {
         "  cpu ratio = walsweep process CPU / pg_recvlogical process CPU, target <= 1.00; CPU in \
          seconds (user+system) per {changes} changes"
     );
+    if plan != PlanKind::Touched {
+        println!(
+            "  applied = when walsweep's published applied position (what `walsweep wait` reads) \
+             reached the end LSN; walsweep reports its confirmed position to Postgres every \
+             source.status_interval_ms (1 s), so wall - applied is mostly that wait"
+        );
+    }
 }
 
 fn run_round(bench: &Bench, changes: usize, txn_size: usize, round: usize) -> Round {
@@ -356,10 +375,14 @@ fn run_round(bench: &Bench, changes: usize, txn_size: usize, round: usize) -> Ro
         .redis
         .map(|s| format!(" redis {s:.2}s"))
         .unwrap_or_default();
+    let applied_note = walsweep
+        .applied
+        .map(|s| format!(", applied at {s:.3}s"))
+        .unwrap_or_default();
     println!(
         "  round {round} txn_size={txn_size:<4} wal={:.1}MB (filled in {:.1}s) first={:<14} \
          pg_recvlogical={:.3}s {:.0}/s (cpu {:.2}s, walsender {:.2}s)  walsweep={:.3}s {:.0}/s \
-         (cpu {:.2}s, walsender {:.2}s{redis_note})  rate ratio={:.2}  load {}",
+         (cpu {:.2}s, walsender {:.2}s{redis_note}{applied_note})  rate ratio={:.2}  load {}",
         end.bytes_since(start) as f64 / 1e6,
         fill_time.as_secs_f64(),
         if walsweep_first {
@@ -485,6 +508,7 @@ fn run_recvlogical(bench: &Bench, end: Lsn) -> Run {
         cpu: cpu_time().1.saturating_sub(children_before).as_secs_f64(),
         walsender: confirmed.walsender.as_secs_f64(),
         redis: None,
+        applied: None,
     }
 }
 
@@ -549,7 +573,19 @@ fn run_walsweep(bench: &Bench, end: Lsn, changes: usize, round: usize) -> Run {
         .spawn()
         .expect("spawning walsweep");
     let pid = child.id();
+    let applied_key = format!("walsweep:{DB}/ws:applied");
+    let mut applied_at = None;
     let confirmed = wait_confirmed(bench, "ws", end, || {
+        if let (None, Some(conn)) = (applied_at, redis_conn.as_mut()) {
+            let position: Option<u64> = ::redis::cmd("GET")
+                .arg(&applied_key)
+                .query(conn)
+                .ok()
+                .flatten();
+            if position.is_some_and(|p| p >= end.as_u64()) {
+                applied_at = Some(Instant::now());
+            }
+        }
         child
             .try_wait()
             .ok()
@@ -592,6 +628,13 @@ fn run_walsweep(bench: &Bench, end: Lsn, changes: usize, round: usize) -> Run {
         cpu: cpu.as_secs_f64(),
         walsender: confirmed.walsender.as_secs_f64(),
         redis: redis_before.zip(redis_after).map(|(b, a)| a - b),
+        // Seen together with the confirmation when both happened within one poll.
+        applied: redis_before.map(|_| {
+            applied_at
+                .unwrap_or(confirmed.at)
+                .duration_since(started)
+                .as_secs_f64()
+        }),
     }
 }
 
