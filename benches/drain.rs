@@ -31,7 +31,8 @@
 //! Also printed for walsweep with Redis: when its published applied position
 //! (`walsweep:<db>/<slot>:applied`, polled with the slot) reached the end LSN. walsweep tells
 //! Postgres its confirmed position every `status_interval_ms` (1 s by default), so its wall
-//! time is that moment rounded up to the next status update.
+//! time is that moment rounded up to the next status update. And the number of sink batches,
+//! read from walsweep's metrics endpoint (on, as by default, on a free port) after the run.
 //!
 //! The bench's own work (polling, Redis INFO) runs in the bench process and is in none of them.
 //! Summary per transaction size: medians of the rounds, the rate ratio (walsweep changes/s over
@@ -174,6 +175,9 @@ struct Run {
     /// what `walsweep wait` reads) reached the end LSN: the work without the wait for the next
     /// status update (walsweep with a Redis plan only).
     applied: Option<f64>,
+    /// Sink batches walsweep applied (from its metrics endpoint): fewer, larger batches cost
+    /// fewer Redis round trips.
+    batches: Option<u64>,
 }
 
 struct Round {
@@ -379,10 +383,14 @@ fn run_round(bench: &Bench, changes: usize, txn_size: usize, round: usize) -> Ro
         .applied
         .map(|s| format!(", applied at {s:.3}s"))
         .unwrap_or_default();
+    let batches_note = walsweep
+        .batches
+        .map(|n| format!(", {n} batches"))
+        .unwrap_or_default();
     println!(
         "  round {round} txn_size={txn_size:<4} wal={:.1}MB (filled in {:.1}s) first={:<14} \
          pg_recvlogical={:.3}s {:.0}/s (cpu {:.2}s, walsender {:.2}s)  walsweep={:.3}s {:.0}/s \
-         (cpu {:.2}s, walsender {:.2}s{redis_note}{applied_note})  rate ratio={:.2}  load {}",
+         (cpu {:.2}s, walsender {:.2}s{redis_note}{applied_note}{batches_note})  rate ratio={:.2}  load {}",
         end.bytes_since(start) as f64 / 1e6,
         fill_time.as_secs_f64(),
         if walsweep_first {
@@ -509,6 +517,7 @@ fn run_recvlogical(bench: &Bench, end: Lsn) -> Run {
         walsender: confirmed.walsender.as_secs_f64(),
         redis: None,
         applied: None,
+        batches: None,
     }
 }
 
@@ -537,6 +546,7 @@ fn run_walsweep(bench: &Bench, end: Lsn, changes: usize, round: usize) -> Run {
     let log_path = bench.dir.join(format!("walsweep-{round}.log"));
     let log = std::fs::File::create(&log_path).expect("walsweep's log file");
 
+    let metrics_port = support::scratch::free_port();
     let started = Instant::now();
     let mut command = match bench.plan {
         PlanKind::Touched => {
@@ -551,10 +561,10 @@ fn run_walsweep(bench: &Bench, end: Lsn, changes: usize, round: usize) -> Run {
                 MIRROR
             };
             // Defaults everywhere but what the bench set up itself (slot, publication) and
-            // the metrics port (none: nothing scrapes it).
+            // the metrics port (on, as by default, on a free port: scraped after the run).
             let config = format!(
-                "[metrics]\nlisten = \"\"\n[source]\nurl = \"{}\"\nslot = \"ws\"\n\
-                 publication = \"{PUBLICATION}\"\ncreate_slot = false\n\
+                "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[source]\nurl = \"{}\"\n\
+                 slot = \"ws\"\npublication = \"{PUBLICATION}\"\ncreate_slot = false\n\
                  create_publication = false\n[redis]\nurl = \"{}\"\n{rules}",
                 bench.pg.url(DB),
                 redis_url.as_deref().expect("Redis runs for this plan")
@@ -595,6 +605,9 @@ fn run_walsweep(bench: &Bench, end: Lsn, changes: usize, round: usize) -> Run {
     let cpu = proc_cpu(pid).unwrap_or_else(|| panic!("no /proc/{pid}/stat for walsweep"));
     let redis_after = redis_conn.as_mut().map(redis_cpu_seconds);
     let wall = confirmed.at.duration_since(started).as_secs_f64();
+    let batches = (bench.plan != PlanKind::Touched)
+        .then(|| scrape_batches(metrics_port))
+        .flatten();
     stop(&mut child, &log_path);
 
     if let Some(conn) = redis_conn.as_mut() {
@@ -628,6 +641,7 @@ fn run_walsweep(bench: &Bench, end: Lsn, changes: usize, round: usize) -> Run {
         cpu: cpu.as_secs_f64(),
         walsender: confirmed.walsender.as_secs_f64(),
         redis: redis_before.zip(redis_after).map(|(b, a)| a - b),
+        batches,
         // Seen together with the confirmation when both happened within one poll.
         applied: redis_before.map(|_| {
             applied_at
@@ -669,6 +683,25 @@ fn stop(child: &mut Child, log: &Path) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// `walsweep_batch_size_transactions_count` from walsweep's `/metrics`, `None` when it cannot
+/// be read (the figure is a diagnostic, not the measurement).
+fn scrape_batches(port: u16) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).ok()?;
+    body.lines().find_map(|l| {
+        l.strip_prefix("walsweep_batch_size_transactions_count")?
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .map(|n| n as u64)
+    })
 }
 
 fn tail(log: &Path) -> String {
