@@ -54,17 +54,9 @@ pub fn build(config: &Config) -> Result<(TxnPlanner, RedisSink), PipelineError> 
 /// Where mirror plans spill (`[mirror]`), checked writable; `None` without mirrors or with
 /// `spill_after_bytes = 0`.
 fn spill(config: &Config) -> Result<Option<Arc<Spill>>, PipelineError> {
-    let after = config.mirror.spill_after_bytes;
-    if after == 0 || config.tables.iter().all(|t| t.mirror.is_empty()) {
-        return Ok(None);
-    }
-    let dir = config
-        .mirror
-        .spill_dir
-        .clone()
-        .unwrap_or_else(std::env::temp_dir);
-    Spill::open(&dir, usize::try_from(after).unwrap_or(usize::MAX))
-        .map(Some)
+    crate::plan::mirror::spill::settings(config)
+        .map(|(dir, after)| Spill::open(&dir, after))
+        .transpose()
         .map_err(PipelineError::Setup)
 }
 

@@ -61,6 +61,21 @@ impl From<SpillError> for crate::sink::SinkError {
     }
 }
 
+/// `[mirror]`'s directory and threshold, or `None` when nothing spills (no mirror, or
+/// `spill_after_bytes = 0`).
+pub(crate) fn settings(config: &crate::config::Config) -> Option<(PathBuf, usize)> {
+    let after = config.mirror.spill_after_bytes;
+    if after == 0 || config.tables.iter().all(|t| t.mirror.is_empty()) {
+        return None;
+    }
+    let dir = config
+        .mirror
+        .spill_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    Some((dir, usize::try_from(after).unwrap_or(usize::MAX)))
+}
+
 impl Spill {
     /// Spilling into `dir` past `after_bytes`, after checking that a file can be created there
     /// and removing the files of walsweep processes that no longer run. The error says which
@@ -71,22 +86,38 @@ impl Spill {
             after_bytes,
             next: AtomicU64::new(0),
         };
-        let probe = spill.create().map_err(|e| {
-            format!(
-                "mirror.spill_dir {}: cannot create a file there ({}). Large transactions' \
-                 pending mirror writes wait there until they are applied: point \
-                 mirror.spill_dir at an existing directory walsweep's user can write, or set \
-                 mirror.spill_after_bytes = 0 to keep them in memory",
-                dir.display(),
-                e.source
-            )
-        })?;
-        drop(probe);
+        spill.probe()?;
         let removed = spill.remove_stale();
         if removed > 0 {
             tracing::info!(dir = %dir.display(), files = removed, "removed spill files left by a walsweep process that no longer runs");
         }
         Ok(Arc::new(spill))
+    }
+
+    /// Whether `dir` takes spill files (for `walsweep check`: creates and removes one file,
+    /// touches nothing else).
+    pub(crate) fn check_dir(dir: &Path) -> Result<(), String> {
+        Spill {
+            dir: dir.to_path_buf(),
+            after_bytes: 0,
+            next: AtomicU64::new(0),
+        }
+        .probe()
+    }
+
+    fn probe(&self) -> Result<(), String> {
+        let probe = self.create().map_err(|e| {
+            format!(
+                "mirror.spill_dir {}: cannot create a file there ({}). Large transactions' \
+                 pending mirror writes wait there until they are applied: point \
+                 mirror.spill_dir at an existing directory walsweep's user can write, or set \
+                 mirror.spill_after_bytes = 0 to keep them in memory",
+                self.dir.display(),
+                e.source
+            )
+        })?;
+        drop(probe);
+        Ok(())
     }
 
     pub(crate) fn after_bytes(&self) -> usize {
