@@ -130,15 +130,16 @@ impl Spill {
         let path = self
             .dir
             .join(format!("{FILE_PREFIX}{}-{}-{n}", std::process::id(), *RUN));
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|source| SpillError {
-                action: "creating spill file",
-                path: path.clone(),
-                source,
-            })?;
+        let mut options = OpenOptions::new();
+        options.write(true).create_new(true);
+        // Rows of the mirrored tables: readable by walsweep's user alone, even in a shared /tmp.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options.open(&path).map_err(|source| SpillError {
+            action: "creating spill file",
+            path: path.clone(),
+            source,
+        })?;
         Ok(SpillFile {
             path,
             len: 0,
@@ -649,6 +650,12 @@ mod tests {
         let file = spill.create().unwrap();
         let path = file.path.clone();
         assert!(path.exists());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "spill files hold table rows");
+        }
         drop(file);
         assert!(!path.exists());
     }
