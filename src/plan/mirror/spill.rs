@@ -49,18 +49,6 @@ pub struct SpillError {
     source: io::Error,
 }
 
-impl From<SpillError> for crate::sink::SinkError {
-    /// Not retryable: an unreadable spill file stays unreadable. The transaction is not
-    /// confirmed, so a restart decodes it again from the slot.
-    fn from(e: SpillError) -> Self {
-        crate::sink::SinkError {
-            operation: "read spilled mirror writes",
-            retryable: false,
-            source: Box::new(e),
-        }
-    }
-}
-
 /// `[mirror]`'s directory and threshold, or `None` when nothing spills (no mirror, or
 /// `spill_after_bytes = 0`).
 pub(crate) fn settings(config: &crate::config::Config) -> Option<(PathBuf, usize)> {
