@@ -40,8 +40,10 @@
 //! pg_recvlogical's (target <= 1.00). The load average is printed: on a loaded machine the
 //! figures are noise.
 //!
-//! Both ask pgoutput for the same stream: proto_version 2, streaming on, messages on (walsweep
-//! negotiates the newest protocol the server speaks; streaming and messages on).
+//! pg_recvlogical asks pgoutput for proto_version 2 with streaming and messages on; walsweep
+//! negotiates the newest version the server speaks (3 on Postgres 15, 4 from 16: streaming
+//! `parallel`), also with messages on. For these backlogs of committed INSERTs, both receive the
+//! same messages.
 //!
 //! Private Postgres and Redis from the test support code (never the machine's own servers).
 //!
