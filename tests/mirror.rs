@@ -1142,6 +1142,7 @@ async fn a_transaction_spilled_to_disk_leaves_the_mirrors_equal_to_the_table() {
     let mut rng = Lcg(0x5b111);
     let mut ids = BTreeSet::new();
     let mut next_id = 0;
+    let mut compared = 0;
     for round in 0..3 {
         // Rows committed before, so the big transaction also updates, moves and deletes rows
         // whose mirror exists.
@@ -1181,13 +1182,11 @@ async fn a_transaction_spilled_to_disk_leaves_the_mirrors_equal_to_the_table() {
         }
         client.batch_execute("COMMIT").await.expect("COMMIT");
         caught_up(&client, &mut conn, round).await;
-        let compared = assert_mirrors_equal_table(&client, &mut conn).await;
-        assert!(
-            compared > 50,
-            "round {round}: only {compared} rows compared"
-        );
+        compared += assert_mirrors_equal_table(&client, &mut conn).await;
         wait_no_spill_files(dir.path()).await;
     }
+    // Guards against a workload that would compare nothing (a TRUNCATE can come late).
+    assert!(compared > 100, "only {compared} rows compared");
     daemon.stop().await;
 }
 
