@@ -35,8 +35,12 @@
 //! Knobs: `WALSWEEP_BENCH_RSS_ROWS` (N, default 1000000), `WALSWEEP_BENCH_RSS_WORKLOADS`
 //! (comma-separated subset of `distinct,100keys,update10k,savepoint-per-row,truncate-prefix`,
 //! default all), `WALSWEEP_BENCH_PLAN` (`touched`, the default, or `mirror`: the daemon's
-//! planner with a JSON mirror of every table, still into a null sink, to see what a
-//! transaction's pending mirror writes cost; `truncate-prefix` always uses its rules).
+//! planner and Redis sink, as `walsweep run` builds them, with a JSON mirror of every table
+//! written to a private Redis, so the figure includes holding the transaction's pending mirror
+//! writes and writing them out after the commit; `distinct` then checks the first and last row
+//! arrived; `truncate-prefix` always uses its rules).
+//! `WALSWEEP_BENCH_PLAN=mirror WALSWEEP_BENCH_RSS_WORKLOADS=distinct` is the 1 000 000-row
+//! transaction of distinct rows with a JSON mirror (issue 17: peak <= 64 MiB).
 
 #[allow(unused_imports)]
 #[path = "../tests/support/mod.rs"]
@@ -57,7 +61,7 @@ const DB: &str = "bench";
 const SLOT: &str = "rss";
 const PUBLICATION: &str = "pub";
 
-/// `WALSWEEP_BENCH_PLAN=mirror`: every row of both tables mirrored as JSON.
+/// `WALSWEEP_BENCH_PLAN=mirror`: every row of both tables mirrored as JSON into Redis.
 const MIRRORS: &str = r#"
 [[table]]
 name = "public.items"
@@ -77,8 +81,10 @@ fn mirror_plan() -> bool {
 const CHILD_ENV: &str = "WALSWEEP_BENCH_RSS_CHILD";
 const CHILD_URL_ENV: &str = "WALSWEEP_BENCH_RSS_URL";
 const CHILD_EXPECT_ENV: &str = "WALSWEEP_BENCH_RSS_EXPECT";
-/// Set for `truncate-prefix`: the Redis the child's sink unlinks from.
+/// Set for `truncate-prefix` and the mirror plan: the Redis the child's sink writes to.
 const CHILD_REDIS_ENV: &str = "WALSWEEP_BENCH_RSS_REDIS";
+/// Set for `truncate-prefix`: its rules, not the mirrors.
+const CHILD_PREFIX_ENV: &str = "WALSWEEP_BENCH_RSS_PREFIX";
 
 /// `truncate-prefix`: the rule whose table-wide fallback unlinks every `hit:*` key.
 const PREFIX_RULES: &str = r#"
@@ -250,25 +256,23 @@ fn main() {
     });
     pg.create_database(DB);
     pg.psql(DB, SCHEMA);
-    let redis = workloads
-        .contains(&Workload::TruncatePrefix)
-        .then(Redis::start);
+    let redis = (mirror_plan() || workloads.contains(&Workload::TruncatePrefix)).then(Redis::start);
     let version = pg.psql(DB, "SHOW server_version");
     println!(
         "rss: Postgres {version} (private, port {}); each figure is the peak RSS (VmHWM) of a \
          fresh walsweep child process that drained ONE transaction of txn_rows row changes \
-         ({} plan, null sink)",
+         ({})",
         pg.port(),
         if mirror_plan() {
-            "mirror"
+            "mirror plan into a private Redis"
         } else {
-            "touched-keys"
+            "touched-keys plan, null sink"
         }
     );
 
     let mut results = Vec::new();
     // The floor: a process that drained a 1-row transaction.
-    let floor = measure(&pg, None, &DELIVERIES[0], Workload::Distinct, 1);
+    let floor = measure(&pg, redis.as_ref(), &DELIVERIES[0], Workload::Distinct, 1);
     report(&DELIVERIES[0], Workload::Distinct, 1, &floor);
     for delivery in &DELIVERIES {
         pg.psql(
@@ -384,8 +388,11 @@ fn measure(
 
     let exe = std::env::current_exe().expect("current_exe");
     let mut child = Command::new(&exe);
-    if workload == Workload::TruncatePrefix {
+    if workload == Workload::TruncatePrefix || mirror_plan() {
         child.env(CHILD_REDIS_ENV, redis.expect("Redis").url());
+    }
+    if workload == Workload::TruncatePrefix {
+        child.env(CHILD_PREFIX_ENV, "1");
     }
     let out = child
         .env(CHILD_ENV, "1")
@@ -426,6 +433,21 @@ fn measure(
         let mut conn = client.get_connection().expect("Redis connection");
         let left: u64 = ::redis::cmd("DBSIZE").query(&mut conn).expect("DBSIZE");
         assert_eq!(left, 0, "TRUNCATE left {left} of {rows} hit:* keys");
+    } else if mirror_plan() {
+        let client = ::redis::Client::open(redis.expect("Redis").url()).expect("Redis client");
+        let mut conn = client.get_connection().expect("Redis connection");
+        if workload == Workload::Distinct {
+            // The figure is for a transaction that was written out, first row to last.
+            for id in [1, rows] {
+                let row: Option<String> = ::redis::cmd("GET")
+                    .arg(format!("item:{id}"))
+                    .query(&mut conn)
+                    .expect("GET");
+                let row = row.unwrap_or_else(|| panic!("item:{id} is not mirrored"));
+                assert!(row.contains(&format!("\"id\":{id},")), "item:{id} = {row}");
+            }
+        }
+        let _: () = ::redis::cmd("FLUSHALL").query(&mut conn).expect("FLUSHALL");
     }
     let measured = Measured {
         delivery: drop_slot(pg),
@@ -485,7 +507,23 @@ fn child() {
     let runtime = common::runtime();
     let startup_kib = proc_status_kib("VmHWM");
     let source = source(&url, SLOT, PUBLICATION);
-    let drained = if let Ok(redis_url) = std::env::var(CHILD_REDIS_ENV) {
+    let prefix = std::env::var_os(CHILD_PREFIX_ENV).is_some();
+    let redis_url = std::env::var(CHILD_REDIS_ENV);
+    let drained = if let (false, Ok(redis_url)) = (prefix, &redis_url) {
+        let config = walsweep::config::Config::parse(&format!(
+            "[source]\nurl = \"{url}\"\n[redis]\nurl = \"{redis_url}\"\n{MIRRORS}"
+        ))
+        .expect("bench mirrors");
+        // Exactly the planner and sink `walsweep run` builds from this config.
+        let (planner, sink) = walsweep::pipeline::daemon::build(&config).expect("planner and sink");
+        runtime.block_on(common::drain_with(
+            source,
+            planner,
+            sink,
+            expect,
+            Duration::from_secs(600),
+        ))
+    } else if let Ok(redis_url) = redis_url {
         let config = walsweep::config::Config::parse(&format!(
             "[source]\nurl = \"{url}\"\n[redis]\nurl = \"{redis_url}\"\n{PREFIX_RULES}"
         ))
@@ -497,20 +535,6 @@ fn child() {
             source,
             walsweep::plan::rules::RulesPlanner::new(rules),
             sink,
-            expect,
-            Duration::from_secs(600),
-        ))
-    } else if mirror_plan() {
-        let config =
-            walsweep::config::Config::parse(&format!("[source]\nurl = \"{url}\"\n{MIRRORS}"))
-                .expect("bench mirrors");
-        let rules = walsweep::plan::rules::Rules::from_config(&config).expect("rules");
-        let planner =
-            walsweep::plan::txn::TxnPlanner::from_config(&config, rules).expect("planner");
-        runtime.block_on(common::drain_with(
-            source,
-            planner,
-            common::Discard,
             expect,
             Duration::from_secs(600),
         ))

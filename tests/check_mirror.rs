@@ -82,6 +82,41 @@ score = "(device_id << 32) | epoch(ts)"
 "#;
 
 #[test]
+fn a_spill_dir_that_cannot_take_files_is_an_error_naming_the_setting() {
+    let setup = Setup::start(
+        "CREATE TABLE readings (device_id smallint, seq int, ts timestamptz NOT NULL,
+                                PRIMARY KEY (device_id, seq));
+         CREATE PUBLICATION pub FOR TABLE readings;",
+    );
+    let spill_dir = setup.dir.path().join("spill");
+    std::fs::create_dir(&spill_dir).unwrap();
+    let with_dir =
+        |dir: &std::path::Path| format!("[mirror]\nspill_dir = \"{}\"\n{READINGS}", dir.display());
+    let (code, out) = setup.check(&with_dir(&spill_dir));
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        std::fs::read_dir(&spill_dir).unwrap().count(),
+        0,
+        "check leaves no file behind"
+    );
+
+    // Root writes into any directory whatever its mode, but never into a plain file.
+    let not_a_dir = setup.dir.path().join("plain-file");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let (code, out) = setup.check(&with_dir(&not_a_dir));
+    assert_eq!(code, Some(FAILED), "{out}");
+    let errors = errors(&out);
+    assert_eq!(errors.len(), 1, "{out}");
+    assert!(
+        errors[0].starts_with(&format!(
+            "error: mirror.spill_dir {}: cannot create a file there",
+            not_a_dir.display()
+        )),
+        "{out}"
+    );
+}
+
+#[test]
 fn score_must_be_exact_for_the_real_column_types() {
     let setup = Setup::start(
         "CREATE TABLE readings (device_id int, seq int, ts timestamptz NOT NULL, value float8,

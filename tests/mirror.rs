@@ -1080,3 +1080,210 @@ key = "marker:{id}"
     );
     daemon.stop().await;
 }
+
+/// `[mirror]` spilling past a few KiB into `dir`, then the test's mirrors.
+fn spilling(dir: &std::path::Path) -> String {
+    format!(
+        "[mirror]\nspill_after_bytes = 4096\nspill_dir = \"{}\"\n{MIRRORS}",
+        dir.display()
+    )
+}
+
+fn spill_files(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("read the spill dir")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.starts_with("walsweep-spill-"))
+        .collect()
+}
+
+/// Waits until walsweep has spilled part of the open transaction (it is streamed to walsweep
+/// before its commit, `logical_decoding_work_mem` being 64kB in tests).
+async fn wait_spilled(dir: &std::path::Path) {
+    wait_for(60, || async { !spill_files(dir).is_empty() }).await;
+}
+
+async fn wait_no_spill_files(dir: &std::path::Path) {
+    wait_for(30, || async { spill_files(dir).is_empty() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_spilled_to_disk_leaves_the_mirrors_equal_to_the_table() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let dir = tempfile::tempdir().expect("spill dir");
+    // Left by a crashed walsweep (a pid above the kernel's largest): removed at start.
+    let stale = dir.path().join("walsweep-spill-4194305-0");
+    std::fs::write(&stale, b"pending ops of a crashed run").expect("stale file");
+    let daemon = start(config(
+        &pg,
+        &redis,
+        "app",
+        "mirror_spill",
+        &spilling(dir.path()),
+    ));
+    let client = pg.client("app").await;
+    client
+        .batch_execute("SET TimeZone = 'UTC'")
+        .await
+        .expect("UTC");
+    wait_streaming(&client, "mirror_spill").await;
+    assert!(!stale.exists(), "the stale spill file is still there");
+
+    let mut rng = Lcg(0x5b111);
+    let mut ids = BTreeSet::new();
+    let mut next_id = 0;
+    let mut compared = 0;
+    for round in 0..3 {
+        // Rows committed before, so the big transaction also updates, moves and deletes rows
+        // whose mirror exists.
+        for _ in 0..20 {
+            let sql = statement(&mut rng, &mut ids, &mut next_id);
+            client
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{sql}"));
+        }
+        client.batch_execute("BEGIN").await.expect("BEGIN");
+        let mut statements = 0;
+        // Enough rows in one transaction to pass 4 KiB of pending ops many times over.
+        while statements < 400 || spill_files(dir.path()).is_empty() {
+            let sql = statement(&mut rng, &mut ids, &mut next_id);
+            client
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{sql}"));
+            statements += 1;
+            if statements % 100 == 0 && statements >= 400 {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            assert!(
+                statements < 20_000,
+                "walsweep never spilled the open transaction"
+            );
+        }
+        // The same keys written again after some of their ops went to disk: last write wins.
+        for id in ids.iter().take(50).copied().collect::<Vec<_>>() {
+            client
+                .batch_execute(&format!(
+                    "UPDATE items SET qty = qty + 1000, name = 'last {round}' WHERE id = {id}"
+                ))
+                .await
+                .expect("update after the spill");
+        }
+        client.batch_execute("COMMIT").await.expect("COMMIT");
+        caught_up(&client, &mut conn, round).await;
+        compared += assert_mirrors_equal_table(&client, &mut conn).await;
+        wait_no_spill_files(dir.path()).await;
+    }
+    // Guards against a workload that would compare nothing (a TRUNCATE can come late).
+    assert!(compared > 100, "only {compared} rows compared");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_spilled_transaction_leaves_no_file_and_no_effect() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let dir = tempfile::tempdir().expect("spill dir");
+    let daemon = start(config(
+        &pg,
+        &redis,
+        "app",
+        "mirror_spill_abort",
+        &spilling(dir.path()),
+    ));
+    let client = pg.client("app").await;
+    client
+        .batch_execute("SET TimeZone = 'UTC'")
+        .await
+        .expect("UTC");
+    wait_streaming(&client, "mirror_spill_abort").await;
+    let insert = |from: i32, to: i32| {
+        format!(
+            "INSERT INTO items (id, name, body) SELECT g, 'row ' || g, repeat('x', 100) \
+             FROM generate_series({from}, {to}) g"
+        )
+    };
+
+    // The whole transaction rolls back after walsweep spilled part of it.
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    client
+        .batch_execute(&insert(1, 3000))
+        .await
+        .expect("insert");
+    wait_spilled(dir.path()).await;
+    client.batch_execute("ROLLBACK").await.expect("ROLLBACK");
+    wait_no_spill_files(dir.path()).await;
+    caught_up(&client, &mut conn, 1).await;
+    assert_eq!(keys(&mut conn, "item:*").await, BTreeSet::new());
+
+    // A subtransaction rolls back after spilling; the rest of the transaction commits.
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    client.batch_execute(&insert(1, 10)).await.expect("insert");
+    client
+        .batch_execute("SAVEPOINT s")
+        .await
+        .expect("SAVEPOINT");
+    client
+        .batch_execute(&insert(100, 3100))
+        .await
+        .expect("insert");
+    wait_spilled(dir.path()).await;
+    client
+        .batch_execute("ROLLBACK TO s")
+        .await
+        .expect("ROLLBACK TO");
+    client
+        .batch_execute(&insert(5000, 5002))
+        .await
+        .expect("insert");
+    client.batch_execute("COMMIT").await.expect("COMMIT");
+    caught_up(&client, &mut conn, 2).await;
+    assert_eq!(assert_mirrors_equal_table(&client, &mut conn).await, 13);
+    wait_no_spill_files(dir.path()).await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spill_dir_that_cannot_take_files_stops_walsweep_naming_the_setting() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Root writes into any directory whatever its mode, but never into a plain file.
+    let not_a_dir = dir.path().join("not-a-directory");
+    std::fs::write(&not_a_dir, b"").expect("plain file");
+    let daemon = start(config(
+        &pg,
+        &redis,
+        "app",
+        "mirror_spill_dir",
+        &spilling(&not_a_dir),
+    ));
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), daemon.task)
+        .await
+        .expect("walsweep stops at once")
+        .expect("no panic");
+    let err = walsweep::telemetry::log::display_chain(&ended.expect_err("a start-up error"));
+    assert!(
+        err.contains(&format!("mirror.spill_dir {}", not_a_dir.display())),
+        "{err}"
+    );
+    assert!(err.contains("spill_after_bytes = 0"), "{err}");
+}

@@ -262,6 +262,18 @@ pub fn wait_for_flush(psql: impl Fn(&str) -> String, target: Lsn) {
 /// children, from /proc/self/stat, at clock-tick resolution (usually 10ms).
 pub fn cpu_time() -> (Duration, Duration) {
     let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    stat_times(&stat)
+}
+
+/// CPU time (user + system) used so far by process `pid`, all its threads, or `None` once it
+/// is gone.
+pub fn proc_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat_times(&stat).0)
+}
+
+/// (utime + stime, cutime + cstime) of a /proc/<pid>/stat line.
+fn stat_times(stat: &str) -> (Duration, Duration) {
     // Fields after the parenthesised command name start at field 3 (state).
     let fields: Vec<u64> = stat
         .rsplit_once(')')

@@ -34,6 +34,7 @@ pub(crate) const DEFAULT_MATROSKA_PREFIX: &str = "cache";
 /// Longest `matroska.reinvalidate_after_ms` accepted (10 minutes).
 pub(crate) const MAX_REINVALIDATE_AFTER_MS: u64 = 600_000;
 pub(crate) const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
+pub(crate) const DEFAULT_SPILL_AFTER_BYTES: u64 = 8 * 1024 * 1024;
 /// Environment variable that replaces `redis.url`.
 pub const REDIS_URL_ENV: &str = "WALSWEEP_REDIS_URL";
 /// Environment variable that replaces `redis.cluster_nodes` (comma-separated URLs).
@@ -59,6 +60,9 @@ pub struct Config {
     /// Tables whose changes walsweep follows, with their rules. Each must be in the publication.
     #[serde(default, rename = "table")]
     pub tables: Vec<TableConfig>,
+    /// How every `[[table.mirror]]` holds a transaction's pending writes.
+    #[serde(default)]
+    pub mirror: MirrorSettings,
     /// One message per committed transaction on a Redis channel and/or stream, for in-process
     /// caches. Default: off.
     #[serde(default)]
@@ -67,6 +71,38 @@ pub struct Config {
     /// Default: off.
     #[serde(default)]
     pub inspect: Option<InspectConfig>,
+}
+
+/// `[mirror]`: settings shared by every `[[table.mirror]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct MirrorSettings {
+    /// Mirror writes land after their transaction commits, so until then walsweep holds one
+    /// pending write per distinct row of it. Past about this many bytes of them in one
+    /// transaction, the rest go to a file in `spill_dir` and are read back a chunk at a time
+    /// when the transaction is applied: a million-row transaction does not hold a million rows
+    /// in memory. 0 keeps everything in memory. Default 8388608 (8 MiB).
+    #[serde(default = "default_spill_after_bytes")]
+    pub spill_after_bytes: u64,
+    /// Directory of those files, `walsweep-spill-<pid>-<run>-<n>`: each is removed once its
+    /// transaction was applied or rolled back, and files of a walsweep process that no longer
+    /// runs are removed at start. Must exist and be writable by walsweep's user (checked at
+    /// start). Default: the OS temp dir (`TMPDIR`, else `/tmp`).
+    #[serde(default)]
+    pub spill_dir: Option<PathBuf>,
+}
+
+impl Default for MirrorSettings {
+    fn default() -> Self {
+        MirrorSettings {
+            spill_after_bytes: DEFAULT_SPILL_AFTER_BYTES,
+            spill_dir: None,
+        }
+    }
+}
+
+fn default_spill_after_bytes() -> u64 {
+    DEFAULT_SPILL_AFTER_BYTES
 }
 
 /// `[redis]`: the cache to keep honest (a single node; cluster is not supported).

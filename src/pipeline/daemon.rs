@@ -2,9 +2,12 @@
 //! Redis sink with its reset plan and broadcasts, the warm-up, and the inspector. Shared by the binary and the
 //! integration tests, so tests run exactly what users run.
 
+use std::sync::Arc;
+
 use crate::config::Config;
 use crate::pipeline::warm_up::WarmUp;
 use crate::pipeline::{self, PipelineError, RunSummary, Shutdown};
+use crate::plan::mirror::spill::Spill;
 use crate::plan::rules::{Effect, EffectPlan, FallbackCause, Rules};
 use crate::plan::txn::TxnPlanner;
 use crate::sink::redis::RedisSink;
@@ -42,8 +45,19 @@ pub fn build(config: &Config) -> Result<(TxnPlanner, RedisSink), PipelineError> 
             &config.source.connect_params()?.dbname(),
             &config.source.slot,
         ));
-    let planner = TxnPlanner::from_config(config, rules).map_err(setup)?;
+    let planner = TxnPlanner::from_config(config, rules)
+        .map_err(setup)?
+        .with_spill(spill(config)?);
     Ok((planner, sink))
+}
+
+/// Where mirror plans spill (`[mirror]`), checked writable; `None` without mirrors or with
+/// `spill_after_bytes = 0`.
+fn spill(config: &Config) -> Result<Option<Arc<Spill>>, PipelineError> {
+    crate::plan::mirror::spill::settings(config)
+        .map(|(dir, after)| Spill::open(&dir, after))
+        .transpose()
+        .map_err(PipelineError::Setup)
 }
 
 /// Runs until `shutdown` (or an error no retry fixes).

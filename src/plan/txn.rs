@@ -50,6 +50,15 @@ pub struct TxnPlanner {
 }
 
 impl TxnPlanner {
+    /// Mirror plans spill to `spill` (`None`: never), see `plan::mirror::spill`.
+    pub(crate) fn with_spill(
+        mut self,
+        spill: Option<std::sync::Arc<crate::plan::mirror::spill::Spill>>,
+    ) -> Self {
+        self.mirrors = self.mirrors.with_spill(spill);
+        self
+    }
+
     pub fn from_config(
         config: &Config,
         rules: Rules,

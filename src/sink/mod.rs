@@ -119,6 +119,18 @@ impl SinkError {
     }
 }
 
+impl From<crate::plan::mirror::spill::SpillError> for SinkError {
+    /// Not retryable: an unreadable spill file stays unreadable. The transaction is not
+    /// confirmed, so a restart decodes it again from the slot.
+    fn from(e: crate::plan::mirror::spill::SpillError) -> Self {
+        SinkError {
+            operation: "read spilled mirror writes",
+            retryable: false,
+            source: Box::new(e),
+        }
+    }
+}
+
 pub trait Sink<P: Plan>: Send + 'static {
     /// Applies `batch` (non-empty, commit order). See the module docs for the contract.
     fn apply(

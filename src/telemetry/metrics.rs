@@ -135,7 +135,7 @@ pub(crate) const LABEL_STATUS: &str = "status";
 pub(crate) const ERROR_SINK: &str = "sink";
 /// Every `kind` label `walsweep_errors_total` can carry (`ReplicationError::kind`,
 /// `PipelineError::kind` and the sink's own).
-pub(crate) const ERROR_KINDS: [&str; 21] = [
+pub(crate) const ERROR_KINDS: [&str; 22] = [
     "connect",
     "io",
     "server",
@@ -157,6 +157,7 @@ pub(crate) const ERROR_KINDS: [&str; 21] = [
     ERROR_MIRROR_SCORE,
     ERROR_MIRROR_VALUE,
     ERROR_REDIS_SCRIPT,
+    ERROR_MIRROR_SPILL,
 ];
 pub(crate) const ERROR_WRONG_TYPE: &str = "redis_wrong_type";
 /// A row's index score could not be computed (NULL, out of the declared range): left out.
@@ -165,6 +166,8 @@ pub(crate) const ERROR_MIRROR_SCORE: &str = "mirror_score";
 pub(crate) const ERROR_MIRROR_VALUE: &str = "mirror_value";
 /// One of walsweep's Redis scripts raised an error: walsweep stops (`sink::redis::errors`).
 pub(crate) const ERROR_REDIS_SCRIPT: &str = "redis_script";
+/// A large transaction's pending mirror writes could not be spilled to disk: kept in memory.
+pub(crate) const ERROR_MIRROR_SPILL: &str = "mirror_spill";
 
 /// Histogram buckets for latencies: 100 µs to 30 s.
 pub(crate) const SECONDS_BUCKETS: [f64; 16] = [

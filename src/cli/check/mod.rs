@@ -66,6 +66,11 @@ pub(crate) async fn check_environment(config: &Config, rules: &Rules, report: &m
         Ok(client) => database::check_database(config, rules, &client, report).await,
     }
     redis::check_redis(config, report).await;
+    if let Some((dir, _)) = crate::plan::mirror::spill::settings(config) {
+        if let Err(e) = crate::plan::mirror::spill::Spill::check_dir(&dir) {
+            report.errors.push(e);
+        }
+    }
 }
 
 /// Exits EX_CONFIG when anything is wrong (warnings too with `deny_warnings`): whatever check

@@ -15,6 +15,7 @@
 pub(crate) mod plan;
 pub(crate) mod planner;
 pub(crate) mod score;
+pub(crate) mod spill;
 
 use std::sync::Arc;
 
@@ -23,6 +24,8 @@ use crate::config::template::{Template, TemplateError};
 use crate::config::{MirrorConfig, MirrorFormat, TableConfig};
 
 pub(crate) use plan::{MirrorOp, MirrorPlan, RowWrite};
+/// Ops the sink reads back from a spill file at a time: one round trip's worth.
+pub(crate) const SPILL_READ_OPS: usize = 6_400;
 pub(crate) use planner::MirrorPlanner;
 
 /// How the sink writes one mirror's rows (carried with each op, so the sink needs no config).

@@ -3,11 +3,16 @@
 //! Unlike invalidations (a set: order never matters), mirror writes are last-write-wins per key
 //! and a TRUNCATE must land before the rows inserted after it. So the plan is a sequence, and
 //! dedup only folds a later op on a key into that key's earlier op when nothing in between
-//! depends on the key: memory grows with distinct keys, not with rows.
+//! depends on the key: memory grows with distinct keys, not with rows, up to
+//! `[mirror] spill_after_bytes`; past it the ops held go to a spill file (`spill`) and the
+//! sink reads them back in order, a chunk at a time (`MirrorPlan::chunks`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::mem::size_of;
 use std::sync::Arc;
 
+use super::spill::{Spill, SpillError, SpillFile, SpillReader};
 use super::WriteMode;
 use crate::plan::rules::FallbackCause;
 
@@ -139,19 +144,87 @@ impl MirrorOp {
     }
 }
 
+/// Ops that come before every op a plan still folds into.
+#[derive(Debug, Clone)]
+enum Part {
+    /// On disk. Clones of the plan share the file; it goes with the last of them.
+    Disk(Arc<SpillFile>),
+    /// In memory: spilling failed, or the plan had nowhere to spill when a spilled plan was
+    /// merged after it.
+    Memory(Vec<MirrorOp>),
+}
+
+impl PartialEq for Part {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Part::Disk(a), Part::Disk(b)) => Arc::ptr_eq(a, b),
+            (Part::Memory(a), Part::Memory(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub(crate) struct MirrorPlan {
+    /// Ops before every op of `ops`, in order.
+    earlier: Vec<Part>,
+    earlier_ops: usize,
     ops: Vec<MirrorOp>,
     /// Hash of a key -> position of the last op on it that a later op may still fold into.
     /// Hashes, not keys, so a pending row's key is stored once; a collision only means an op
     /// that could have been folded is appended instead (the key is checked before folding).
     foldable: HashMap<u64, usize>,
+    /// Estimated heap bytes of `ops` and `foldable`: what `spill` bounds.
+    bytes: usize,
+    /// Where to put `ops` past `Spill::after_bytes`; `None`: never (plans built outside the
+    /// stream, or spilling turned off or failed).
+    spill: Option<Arc<Spill>>,
 }
 
 impl PartialEq for MirrorPlan {
     fn eq(&self, other: &Self) -> bool {
-        self.ops == other.ops
+        self.earlier == other.earlier && self.ops == other.ops
     }
+}
+
+/// What one pending op costs in memory, roughly: the op, its strings with an allocator's
+/// overhead each, and its `foldable` entry.
+fn heap_bytes(op: &MirrorOp) -> usize {
+    const ALLOC: usize = 16;
+    let text = |s: &str| s.len() + ALLOC;
+    let removes = |r: &[IndexRemove]| {
+        r.iter()
+            .map(|r| size_of::<IndexRemove>() + text(&r.key) + text(&r.member))
+            .sum::<usize>()
+    };
+    let own = match op {
+        MirrorOp::Write(w) => {
+            text(&w.key)
+                + text(&w.source)
+                + w.document.as_deref().map_or(0, text)
+                + w.fields
+                    .iter()
+                    .map(|(_, f)| {
+                        size_of::<(Arc<str>, Field)>()
+                            + match f {
+                                Field::Value(v) => text(v),
+                                _ => 0,
+                            }
+                    })
+                    .sum::<usize>()
+                + removes(&w.index_removes)
+                + w.index_adds
+                    .iter()
+                    .map(|a| size_of::<IndexAdd>() + text(&a.key) + text(&a.member))
+                    .sum::<usize>()
+        }
+        MirrorOp::Delete { key, index_removes } => text(key) + removes(index_removes),
+        MirrorOp::Clear { prefixes, .. } => prefixes
+            .iter()
+            .map(|p| size_of::<String>() + text(p))
+            .sum::<usize>(),
+    };
+    size_of::<MirrorOp>() + own + 2 * size_of::<(u64, usize)>()
 }
 
 fn union_removes(mut earlier: Vec<IndexRemove>, later: Vec<IndexRemove>) -> Vec<IndexRemove> {
@@ -218,11 +291,99 @@ fn key_hash(key: &str) -> u64 {
 }
 
 impl MirrorPlan {
+    /// The ops, for plans that never spill (built outside the stream: explain, warm-up, drift
+    /// checks). The sink reads a streamed transaction's with `chunks`.
     pub(crate) fn ops(&self) -> &[MirrorOp] {
+        debug_assert!(self.earlier.is_empty(), "ops() of a spilled plan");
         &self.ops
     }
 
+    /// Every op in order, at most `max_ops` at a time from disk (the ops still in memory come
+    /// as they are). Stops after the first error.
+    pub(crate) fn chunks(&self, max_ops: usize) -> Chunks<'_> {
+        Chunks {
+            parts: self.earlier.iter(),
+            reading: None,
+            tail: Some(&self.ops),
+            max_ops,
+        }
+    }
+
+    /// Spill past `spill`'s threshold from now on, unless the plan already has a way to spill.
+    pub(crate) fn spill_with(&mut self, spill: &Option<Arc<Spill>>) {
+        if self.spill.is_none() {
+            self.spill.clone_from(spill);
+        }
+    }
+
+    /// Ops held in memory over the threshold go to disk. On failure they stay in memory, and
+    /// this plan stops trying (one error per transaction, not one per row).
+    fn spill_if_over(&mut self) {
+        let Some(spill) = &self.spill else {
+            return;
+        };
+        if self.bytes <= spill.after_bytes() || self.ops.is_empty() {
+            return;
+        }
+        if let Err(e) = self.spill_ops() {
+            tracing::error!(error = %crate::telemetry::log::display_chain(&e), "cannot spill a large transaction's pending mirror writes to disk; keeping them in memory");
+            crate::telemetry::metrics::error(crate::telemetry::metrics::ERROR_MIRROR_SPILL);
+            self.spill = None;
+        }
+    }
+
+    /// Moves `ops` to the end of this plan's own last file, or a new one.
+    fn spill_ops(&mut self) -> Result<(), SpillError> {
+        let Some(spill) = &self.spill else {
+            return Ok(());
+        };
+        let own_last =
+            matches!(self.earlier.last(), Some(Part::Disk(f)) if Arc::strong_count(f) == 1);
+        if !own_last {
+            self.earlier.push(Part::Disk(Arc::new(spill.create()?)));
+        }
+        let Some(Part::Disk(file)) = self.earlier.last_mut() else {
+            unreachable!("a file was just made the last part");
+        };
+        let Some(file) = Arc::get_mut(file) else {
+            unreachable!("the last file is this plan's own");
+        };
+        file.append(&self.ops)?;
+        self.earlier_ops += self.ops.len();
+        self.ops.clear();
+        self.foldable.clear();
+        self.bytes = 0;
+        Ok(())
+    }
+
+    /// Everything held so far moves before what comes next, on disk when it can.
+    fn seal(&mut self) {
+        if self.ops.is_empty() {
+            return;
+        }
+        if self.spill.is_some() {
+            match self.spill_ops() {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(error = %crate::telemetry::log::display_chain(&e), "cannot spill a large transaction's pending mirror writes to disk; keeping them in memory");
+                    crate::telemetry::metrics::error(crate::telemetry::metrics::ERROR_MIRROR_SPILL);
+                    self.spill = None;
+                }
+            }
+        }
+        let ops = std::mem::take(&mut self.ops);
+        self.earlier_ops += ops.len();
+        self.earlier.push(Part::Memory(ops));
+        self.foldable.clear();
+        self.bytes = 0;
+    }
+
     pub(crate) fn push(&mut self, op: MirrorOp) {
+        self.push_op(op);
+        self.spill_if_over();
+    }
+
+    fn push_op(&mut self, op: MirrorOp) {
         match &op {
             MirrorOp::Clear { .. } => {
                 // A barrier: nothing after it may fold into anything before it.
@@ -266,32 +427,110 @@ impl MirrorPlan {
                         cause: FallbackCause::Truncate,
                     },
                 );
-                self.ops[at] = fold(earlier, op);
+                let before = heap_bytes(&earlier);
+                let folded = fold(earlier, op);
+                self.bytes = self.bytes.saturating_sub(before) + heap_bytes(&folded);
+                self.ops[at] = folded;
                 return;
             }
         }
         self.foldable.insert(hash, self.ops.len());
+        self.bytes += heap_bytes(&op);
         self.ops.push(op);
     }
 
     /// Appends `later`'s ops (a later segment or transaction), folding where allowed.
-    pub(crate) fn merge(&mut self, later: MirrorPlan) {
-        if self.ops.is_empty() {
+    pub(crate) fn merge(&mut self, mut later: MirrorPlan) {
+        if self.earlier.is_empty() && self.ops.is_empty() {
+            later.spill_with(&self.spill);
             *self = later;
             return;
         }
-        for op in later.ops {
-            self.push(op);
+        self.spill_with(&later.spill);
+        if later.earlier.is_empty() {
+            for op in later.ops {
+                self.push(op);
+            }
+            return;
         }
+        // `later` holds ops on disk: everything here must come before them.
+        self.seal();
+        self.earlier.append(&mut later.earlier);
+        self.earlier_ops += later.earlier_ops;
+        self.ops = later.ops;
+        self.foldable = later.foldable;
+        self.bytes = later.bytes;
+        self.spill_if_over();
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.ops.len()
+        self.earlier_ops + self.ops.len()
+    }
+
+    /// Whether some ops are on disk.
+    #[cfg(test)]
+    pub(crate) fn spilled(&self) -> bool {
+        self.earlier.iter().any(|p| matches!(p, Part::Disk(_)))
+    }
+}
+
+/// `MirrorPlan::chunks`.
+pub(crate) struct Chunks<'a> {
+    parts: std::slice::Iter<'a, Part>,
+    reading: Option<SpillReader>,
+    tail: Option<&'a [MirrorOp]>,
+    max_ops: usize,
+}
+
+impl<'a> Iterator for Chunks<'a> {
+    type Item = Result<Cow<'a, [MirrorOp]>, SpillError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(reader) = &mut self.reading {
+                if !reader.is_done() {
+                    let chunk = reader.next_chunk(self.max_ops);
+                    if chunk.is_err() {
+                        self.stop();
+                    }
+                    return Some(chunk.map(Cow::Owned));
+                }
+                self.reading = None;
+            }
+            match self.parts.next() {
+                Some(Part::Disk(file)) => match file.reader() {
+                    Ok(reader) => self.reading = Some(reader),
+                    Err(e) => {
+                        self.stop();
+                        return Some(Err(e));
+                    }
+                },
+                Some(Part::Memory(ops)) if !ops.is_empty() => return Some(Ok(Cow::Borrowed(ops))),
+                Some(Part::Memory(_)) => {}
+                None => {
+                    return self
+                        .tail
+                        .take()
+                        .filter(|ops| !ops.is_empty())
+                        .map(|ops| Ok(Cow::Borrowed(ops)))
+                }
+            }
+        }
+    }
+}
+
+impl Chunks<'_> {
+    fn stop(&mut self) {
+        self.parts = [].iter();
+        self.reading = None;
+        self.tail = None;
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::config::MirrorFormat;
 
@@ -389,6 +628,174 @@ mod tests {
         plan.push(write("r:1", "r:1", &[("a", v("9"))]));
         assert_eq!(plan.len(), 3, "{:?}", plan.ops());
         assert_eq!(plan.ops()[2], write("r:1", "r:1", &[("a", v("9"))]));
+    }
+
+    /// What Redis holds after `ops`, by key, as the sink's script writes it: kept fields come
+    /// from the stored entry at the source key, and a row that cannot be completed is removed.
+    fn applied<'a>(
+        ops: impl IntoIterator<Item = &'a MirrorOp>,
+    ) -> BTreeMap<String, BTreeMap<String, String>> {
+        let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for op in ops {
+            match op {
+                MirrorOp::Write(w) => {
+                    let stored = out.get(&w.source).cloned();
+                    if w.source != w.key {
+                        out.remove(&w.source);
+                    }
+                    let mut row = BTreeMap::new();
+                    let mut complete = true;
+                    for (name, field) in &w.fields {
+                        let value = match field {
+                            Field::Value(v) => Some(v.clone()),
+                            Field::Null => Some("null".into()),
+                            Field::Keep => stored.as_ref().and_then(|s| s.get(&**name)).cloned(),
+                        };
+                        match value {
+                            Some(v) => {
+                                row.insert(name.to_string(), v);
+                            }
+                            None => complete = false,
+                        }
+                    }
+                    if complete {
+                        out.insert(w.key.clone(), row);
+                    } else {
+                        out.remove(&w.key);
+                    }
+                }
+                MirrorOp::Delete { key, .. } => {
+                    out.remove(key);
+                }
+                MirrorOp::Clear { prefixes, .. } => {
+                    out.retain(|k, _| !prefixes.iter().any(|p| k.starts_with(p.as_str())));
+                }
+            }
+        }
+        out
+    }
+
+    fn chunked(plan: &MirrorPlan, max: usize) -> Vec<MirrorOp> {
+        let mut out = Vec::new();
+        for chunk in plan.chunks(max) {
+            let chunk = chunk.expect("spill file reads back");
+            assert!(matches!(chunk, Cow::Borrowed(_)) || chunk.len() <= max);
+            out.extend(chunk.iter().cloned());
+        }
+        out
+    }
+
+    fn spill_files(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir).unwrap().count()
+    }
+
+    /// A random sequence of writes, moves, deletes and truncates over a few keys.
+    fn random_ops(seed: u64, n: usize) -> Vec<MirrorOp> {
+        let mut state = seed;
+        let mut next = move |below: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % below
+        };
+        (0..n)
+            .map(|i| {
+                let key = format!("r:{}", next(20));
+                match next(20) {
+                    0 => MirrorOp::Clear {
+                        prefixes: vec!["r:".into()],
+                        cause: FallbackCause::Truncate,
+                    },
+                    1..=3 => MirrorOp::Delete {
+                        key,
+                        index_removes: Vec::new(),
+                    },
+                    4..=5 => write(
+                        &key,
+                        &format!("r:{}", next(20)),
+                        &[("a", v(&i.to_string()))],
+                    ),
+                    6 => write(&key, &key, &[("a", v(&i.to_string())), ("b", Field::Keep)]),
+                    _ => write(&key, &key, &[("a", v(&i.to_string())), ("b", Field::Null)]),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_spilled_plan_reads_back_in_order_with_the_same_result() {
+        for seed in 0..20 {
+            let ops = random_ops(seed, 500);
+            let mut in_memory = MirrorPlan::default();
+            for op in ops.clone() {
+                in_memory.push(op);
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let spill = Some(Spill::open(dir.path(), 2_000).unwrap());
+            let mut spilled = MirrorPlan::default();
+            spilled.spill_with(&spill);
+            for op in ops.clone() {
+                spilled.push(op);
+            }
+            assert!(spilled.spilled(), "seed {seed}: nothing spilled");
+            assert_eq!(spill_files(dir.path()), 1, "one file per plan");
+            let back = chunked(&spilled, 7);
+            assert_eq!(back.len(), spilled.len());
+            assert_eq!(applied(&back), applied(&ops), "seed {seed}");
+            assert_eq!(applied(&back), applied(in_memory.ops()), "seed {seed}");
+            drop(spilled);
+            assert_eq!(spill_files(dir.path()), 0, "the file goes with its plan");
+        }
+    }
+
+    #[test]
+    fn merging_spilled_segments_keeps_their_order() {
+        // Segments of a streamed transaction, some spilled, some not, merged in order.
+        let dir = tempfile::tempdir().unwrap();
+        let spill = Some(Spill::open(dir.path(), 3_000).unwrap());
+        for seed in 0..20 {
+            let segments: Vec<Vec<MirrorOp>> = (0..6)
+                .map(|k| random_ops(seed * 10 + k, 40 * k as usize))
+                .collect();
+            let mut merged = MirrorPlan::default();
+            for (k, ops) in segments.iter().enumerate() {
+                let mut segment = MirrorPlan::default();
+                if k % 2 == 0 {
+                    segment.spill_with(&spill);
+                }
+                for op in ops.clone() {
+                    segment.push(op);
+                }
+                merged.merge(segment);
+            }
+            let all: Vec<MirrorOp> = segments.concat();
+            assert_eq!(applied(&chunked(&merged, 5)), applied(&all), "seed {seed}");
+            let clone = merged.clone();
+            drop(merged);
+            assert_eq!(
+                applied(&chunked(&clone, 64)),
+                applied(&all),
+                "a clone shares the files"
+            );
+            drop(clone);
+            assert_eq!(spill_files(dir.path()), 0, "seed {seed}: files left");
+        }
+    }
+
+    #[test]
+    fn a_plan_that_cannot_spill_keeps_its_ops_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = Some(Spill::open(dir.path(), 100).unwrap());
+        let ops = random_ops(7, 200);
+        let mut plan = MirrorPlan::default();
+        plan.spill_with(&spill);
+        // The directory disappears under the running process.
+        drop(dir);
+        for op in ops.clone() {
+            plan.push(op);
+        }
+        assert!(!plan.spilled());
+        assert_eq!(applied(&chunked(&plan, 3)), applied(&ops));
     }
 
     #[test]

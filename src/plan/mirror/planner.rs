@@ -80,6 +80,8 @@ pub(crate) struct MirrorPlanner {
     /// Counts problems in the metrics and warns about them; off for drift checks, which plan
     /// rows the stream already planned (and counted) when it wrote them.
     observed: bool,
+    /// Where the plans of the stream put pending ops past `[mirror] spill_after_bytes`.
+    spill: Option<Arc<super::spill::Spill>>,
 }
 
 /// Something a row's planning ran into: counted, and logged once per rule.
@@ -116,7 +118,14 @@ impl MirrorPlanner {
             types: TypeRegistry::new(),
             warned: HashSet::new(),
             observed: true,
+            spill: None,
         }
+    }
+
+    /// Plans spill to `spill` (`None`: never).
+    pub(crate) fn with_spill(mut self, spill: Option<Arc<super::spill::Spill>>) -> Self {
+        self.spill = spill;
+        self
     }
 
     /// Neither counts nor warns: for planning rows to compare with what the stream wrote.
@@ -172,6 +181,7 @@ impl MirrorPlanner {
     }
 
     pub(crate) fn plan_change(&mut self, change: &RowChange<'_>, plan: &mut MirrorPlan) {
+        plan.spill_with(&self.spill);
         if !self.bound.contains_key(&change.relation.oid) {
             self.relation_changed(change.relation);
         }
@@ -188,6 +198,7 @@ impl MirrorPlanner {
     }
 
     pub(crate) fn plan_truncate(&mut self, relation: &RelationInfo, plan: &mut MirrorPlan) {
+        plan.spill_with(&self.spill);
         for rule in self
             .rules
             .iter()

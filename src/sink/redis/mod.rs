@@ -631,15 +631,30 @@ impl RedisSink {
             )
             .await?;
         // Each transaction's ops are already folded per key; across transactions they are
-        // applied as they come, which keeps commit order without copying them.
-        let ops: Vec<&crate::plan::mirror::MirrorOp> =
-            batch.iter().flat_map(|t| t.plan.mirror.ops()).collect();
+        // applied as they come, which keeps commit order without copying them. Ops a large
+        // transaction spilled to disk come back a bounded chunk at a time, in order.
+        let newest_commit_secs = batch
+            .iter()
+            .map(|t| t.commit_time_unix_micros.div_euclid(1_000_000))
+            .max()
+            .unwrap_or(0);
+        let mut ops: Vec<&crate::plan::mirror::MirrorOp> = Vec::new();
+        for txn in batch {
+            for chunk in txn.plan.mirror.chunks(crate::plan::mirror::SPILL_READ_OPS) {
+                match chunk? {
+                    std::borrow::Cow::Borrowed(in_memory) => ops.extend(in_memory),
+                    std::borrow::Cow::Owned(from_disk) => {
+                        if !ops.is_empty() {
+                            let before = std::mem::take(&mut ops);
+                            self.apply_mirror_ops(before, newest_commit_secs).await?;
+                        }
+                        self.apply_mirror_ops(&from_disk, newest_commit_secs)
+                            .await?;
+                    }
+                }
+            }
+        }
         if !ops.is_empty() {
-            let newest_commit_secs = batch
-                .iter()
-                .map(|t| t.commit_time_unix_micros.div_euclid(1_000_000))
-                .max()
-                .unwrap_or(0);
             self.apply_mirror_ops(ops, newest_commit_secs).await?;
         }
         self.publish(batch).await?;
