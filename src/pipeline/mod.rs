@@ -11,6 +11,7 @@
 //! moves the flush position, except when nothing at all is pending: then a keepalive's WAL
 //! end is confirmed, so an idle slot never holds WAL.
 
+pub(crate) mod backlog;
 pub(crate) mod backoff;
 pub mod daemon;
 pub(crate) mod drift;
@@ -207,6 +208,7 @@ where
     let (txn_tx, txn_rx) = mpsc::channel(source.queue_capacity);
     let (report_tx, report_rx) = watch::channel(SinkReport::default());
     let wal = std::sync::Arc::new(crate::pg::wal_layout::WalLayout::default());
+    let server_wal_end = std::sync::Arc::new(backlog::ServerWalEnd::default());
     let mut sink_task = tokio::spawn(sink_loop(
         sink,
         txn_rx,
@@ -214,6 +216,7 @@ where
         source.batch_max_txns,
         Backoff::new(source.reconnect_min(), source.reconnect_max()),
         wal.clone(),
+        server_wal_end.clone(),
     ));
     let mut second_request = shutdown.clone();
     let mut streamer = Streamer {
@@ -230,6 +233,7 @@ where
         keepalive_lsn: Lsn::ZERO,
         idle_published_lsn: Lsn::ZERO,
         caught_up_sent: (Lsn::ZERO, std::time::Instant::now()),
+        server_wal_end,
         wal,
         shutdown,
         backoff: Backoff::new(source.reconnect_min(), source.reconnect_max()),

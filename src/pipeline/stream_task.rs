@@ -71,6 +71,8 @@ pub(crate) struct Streamer<'a, PL: Planner> {
     /// The flush position and time of the last status update sent because walsweep caught up
     /// (`StatusReason::CaughtUp`).
     pub(crate) caught_up_sent: (Lsn, std::time::Instant),
+    /// The server's end of WAL, for the sink task to tell a backlog (`backlog`).
+    pub(crate) server_wal_end: std::sync::Arc<super::backlog::ServerWalEnd>,
     /// The server's WAL page and segment sizes, read each session, for the sink's published
     /// position (`WalLayout`).
     pub(crate) wal: std::sync::Arc<crate::pg::wal_layout::WalLayout>,
@@ -387,6 +389,7 @@ impl<PL: Planner> Streamer<'_, PL> {
                         None => return Err(ReplicationError::Closed.into()),
                         Some(WireMessage::XLogData(x)) => {
                             progress.receive(x.wal_start_lsn);
+                            self.server_wal_end.observe(x.wal_end_lsn);
                             let committed = self.assembler.feed(&x.data).map_err(|source| {
                                 PipelineError::Assemble { lsn: x.wal_start_lsn, source }
                             })?;
@@ -407,6 +410,7 @@ impl<PL: Planner> Streamer<'_, PL> {
                         }
                         Some(WireMessage::PrimaryKeepalive(k)) => {
                             progress.receive(k.wal_end_lsn);
+                            self.server_wal_end.observe(k.wal_end_lsn);
                             self.keepalive_lsn = self.keepalive_lsn.max(k.wal_end_lsn);
                             self.observe_confirmation(progress);
                             if k.reply_requested {
