@@ -1,40 +1,42 @@
-//! Whether the server's WAL runs far ahead of what the sink is about to apply: then more
-//! committed transactions are on their way, and the sink task waits a moment to apply them in
-//! one larger batch. Each batch costs round trips (the visibility check, Redis, the published
+//! Whether the walsender is sending commits that happened a while ago (a backlog drains): then
+//! more committed transactions are on their way, and the sink task waits a moment to apply them
+//! in one larger batch. Each batch costs round trips (the visibility check, Redis, the published
 //! position) whatever its size, so while a backlog drains, fewer and larger batches cost less
-//! CPU in walsweep and in Redis. Live, the server's end is near the last commit and nothing
+//! CPU in walsweep and in Redis. Live, commits are sent right after they happen and nothing
 //! waits.
+//!
+//! Both times are the server's clock (the commit's timestamp, and the send time in the header
+//! of the message that carried the commit), so clock skew between hosts does not matter. The
+//! message header's WAL end cannot tell: for logical decoding the walsender puts the record's
+//! own position there.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use crate::pg::Lsn;
-
-/// WAL the server must be ahead by for the sink to wait: far more than a burst of live
-/// commits writes between two batches.
-const BACKLOG_BYTES: u64 = 1 << 20;
+/// How long ago a commit must have happened when it is sent for the stream to count as behind:
+/// far more than a live walsender takes.
+const BEHIND_MICROS: i64 = 100_000;
 
 /// Longest a batch waits to fill up.
 pub(crate) const FILL_WAIT: Duration = Duration::from_millis(2);
 
-/// The server's end of WAL as the stream last heard it (XLogData and keepalive headers).
+/// How far behind the walsender was with the latest commit received, in microseconds.
 #[derive(Debug, Default)]
-pub(crate) struct ServerWalEnd(AtomicU64);
+pub(crate) struct SendLag(AtomicI64);
 
-impl ServerWalEnd {
-    /// Only the stream task writes it.
-    pub(crate) fn observe(&self, wal_end: Lsn) {
-        if wal_end.as_u64() > self.0.load(Ordering::Relaxed) {
-            self.0.store(wal_end.as_u64(), Ordering::Relaxed);
-        }
+impl SendLag {
+    /// A commit at `commit_unix_micros` arrived in a message sent at `sent_unix_micros` (both
+    /// the server's clock). Only the stream task writes it.
+    pub(crate) fn observe(&self, commit_unix_micros: i64, sent_unix_micros: i64) {
+        self.0.store(
+            sent_unix_micros.saturating_sub(commit_unix_micros),
+            Ordering::Relaxed,
+        );
     }
 
-    /// Whether the server is far enough past `applying` that more commits are on their way.
-    pub(crate) fn ahead_of(&self, applying: Lsn) -> bool {
-        self.0
-            .load(Ordering::Relaxed)
-            .saturating_sub(applying.as_u64())
-            > BACKLOG_BYTES
+    /// Whether the latest commit was sent long after it happened: more are queued behind it.
+    pub(crate) fn behind(&self) -> bool {
+        self.0.load(Ordering::Relaxed) > BEHIND_MICROS
     }
 }
 
@@ -43,16 +45,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ahead_only_by_more_than_a_backlog() {
-        let end = ServerWalEnd::default();
-        assert!(!end.ahead_of(Lsn::from(0)), "nothing heard yet");
-        end.observe(Lsn::from(10 << 20));
-        assert!(end.ahead_of(Lsn::from(1 << 20)));
-        assert!(
-            !end.ahead_of(Lsn::from((10 << 20) - 1000)),
-            "live: a few commits behind"
-        );
-        end.observe(Lsn::from(5));
-        assert!(end.ahead_of(Lsn::from(1 << 20)), "never moves back");
+    fn behind_only_when_the_latest_commit_was_sent_late() {
+        let lag = SendLag::default();
+        assert!(!lag.behind(), "nothing heard yet");
+        lag.observe(1_000_000, 3_000_000);
+        assert!(lag.behind(), "sent 2 s after its commit");
+        lag.observe(5_000_000, 5_000_300);
+        assert!(!lag.behind(), "live: sent right after");
     }
 }

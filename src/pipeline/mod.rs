@@ -208,7 +208,7 @@ where
     let (txn_tx, txn_rx) = mpsc::channel(source.queue_capacity);
     let (report_tx, report_rx) = watch::channel(SinkReport::default());
     let wal = std::sync::Arc::new(crate::pg::wal_layout::WalLayout::default());
-    let server_wal_end = std::sync::Arc::new(backlog::ServerWalEnd::default());
+    let send_lag = std::sync::Arc::new(backlog::SendLag::default());
     let mut sink_task = tokio::spawn(sink_loop(
         sink,
         txn_rx,
@@ -216,7 +216,7 @@ where
         source.batch_max_txns,
         Backoff::new(source.reconnect_min(), source.reconnect_max()),
         wal.clone(),
-        server_wal_end.clone(),
+        send_lag.clone(),
     ));
     let mut second_request = shutdown.clone();
     let mut streamer = Streamer {
@@ -233,7 +233,7 @@ where
         keepalive_lsn: Lsn::ZERO,
         idle_published_lsn: Lsn::ZERO,
         caught_up_sent: (Lsn::ZERO, std::time::Instant::now()),
-        server_wal_end,
+        send_lag,
         wal,
         shutdown,
         backoff: Backoff::new(source.reconnect_min(), source.reconnect_max()),

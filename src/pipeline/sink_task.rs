@@ -16,7 +16,7 @@ use crate::stream::history::RecordedSource;
 use crate::telemetry::log::display_chain;
 use crate::telemetry::metrics as m;
 
-use super::backlog::{ServerWalEnd, FILL_WAIT};
+use super::backlog::{SendLag, FILL_WAIT};
 use super::backoff::Backoff;
 
 /// What the stream task asks of the sink task, in stream order.
@@ -92,14 +92,14 @@ pub(crate) async fn sink_loop<P: Plan, S: Sink<P>>(
     batch_max: usize,
     backoff: Backoff,
     wal: Arc<WalLayout>,
-    server_wal_end: Arc<ServerWalEnd>,
+    send_lag: Arc<SendLag>,
 ) -> Result<(), SinkError> {
     let mut retry = Retry { backoff, report };
     let mut commands = Vec::with_capacity(batch_max);
     let mut batch = Vec::with_capacity(batch_max);
     sink.start();
     while queue.recv_many(&mut commands, batch_max).await > 0 {
-        fill_while_behind(&mut queue, &mut commands, batch_max, &server_wal_end).await;
+        fill_while_behind(&mut queue, &mut commands, batch_max, &send_lag).await;
         for command in commands.drain(..) {
             match command {
                 SinkCommand::Apply(txn) => batch.push(txn),
@@ -130,23 +130,19 @@ pub(crate) async fn sink_loop<P: Plan, S: Sink<P>>(
     Ok(())
 }
 
-/// While the server's WAL is far ahead of the last transaction received (a backlog drains),
-/// waits up to `FILL_WAIT` for more, until `batch_max`: one larger batch instead of several
-/// small ones (`backlog`). Only transactions: a control step or an idle position goes as soon
+/// While the walsender sends commits long after they happened (a backlog drains), waits up to
+/// `FILL_WAIT` for more, until `batch_max`: one larger batch instead of several small ones
+/// (`backlog`). Only transactions: a control step or an idle position goes as soon
 /// as it came.
 async fn fill_while_behind<P>(
     queue: &mut mpsc::Receiver<SinkCommand<P>>,
     commands: &mut Vec<SinkCommand<P>>,
     batch_max: usize,
-    server_wal_end: &ServerWalEnd,
+    send_lag: &SendLag,
 ) {
     let deadline = tokio::time::Instant::now() + FILL_WAIT;
     while commands.len() < batch_max {
-        let applying = match commands.last() {
-            Some(SinkCommand::Apply(txn)) => txn.end_lsn,
-            _ => return,
-        };
-        if !server_wal_end.ahead_of(applying) {
+        if !matches!(commands.last(), Some(SinkCommand::Apply(_))) || !send_lag.behind() {
             return;
         }
         let more = batch_max - commands.len();

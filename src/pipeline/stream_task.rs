@@ -71,8 +71,8 @@ pub(crate) struct Streamer<'a, PL: Planner> {
     /// The flush position and time of the last status update sent because walsweep caught up
     /// (`StatusReason::CaughtUp`).
     pub(crate) caught_up_sent: (Lsn, std::time::Instant),
-    /// The server's end of WAL, for the sink task to tell a backlog (`backlog`).
-    pub(crate) server_wal_end: std::sync::Arc<super::backlog::ServerWalEnd>,
+    /// How late the walsender sends commits, for the sink task to tell a backlog (`backlog`).
+    pub(crate) send_lag: std::sync::Arc<super::backlog::SendLag>,
     /// The server's WAL page and segment sizes, read each session, for the sink's published
     /// position (`WalLayout`).
     pub(crate) wal: std::sync::Arc<crate::pg::wal_layout::WalLayout>,
@@ -389,7 +389,6 @@ impl<PL: Planner> Streamer<'_, PL> {
                         None => return Err(ReplicationError::Closed.into()),
                         Some(WireMessage::XLogData(x)) => {
                             progress.receive(x.wal_start_lsn);
-                            self.server_wal_end.observe(x.wal_end_lsn);
                             let committed = self.assembler.feed(&x.data).map_err(|source| {
                                 PipelineError::Assemble { lsn: x.wal_start_lsn, source }
                             })?;
@@ -399,6 +398,10 @@ impl<PL: Planner> Streamer<'_, PL> {
                                 self.resolve_types(new_types).await?;
                             }
                             if let Some(txn) = committed {
+                                self.send_lag.observe(
+                                    txn.commit_time_unix_micros,
+                                    crate::pg::pgoutput::pg_time_to_unix_micros(x.send_time),
+                                );
                                 // What the sink will confirm is the commit's end, so that is
                                 // what must count as received, wherever the server put the
                                 // message's start.
@@ -410,7 +413,6 @@ impl<PL: Planner> Streamer<'_, PL> {
                         }
                         Some(WireMessage::PrimaryKeepalive(k)) => {
                             progress.receive(k.wal_end_lsn);
-                            self.server_wal_end.observe(k.wal_end_lsn);
                             self.keepalive_lsn = self.keepalive_lsn.max(k.wal_end_lsn);
                             self.observe_confirmation(progress);
                             if k.reply_requested {
