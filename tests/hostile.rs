@@ -29,7 +29,6 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -222,7 +221,9 @@ fn ten_thousand_columns_decode_and_plan_quickly() {
     );
     assert_eq!(
         txn.plan.keys,
-        HashSet::from(["w:v9999".to_string(), "w0:v0".to_string()])
+        ["w:v9999".to_string(), "w0:v0".to_string()]
+            .into_iter()
+            .collect::<walsweep::plan::rules::EffectSet<String>>()
     );
     let took = started.elapsed();
     eprintln!("hostile: 10 000 columns decoded and planned in {took:?}");
@@ -288,7 +289,12 @@ fn a_one_gigabyte_value_is_borrowed_not_copied() {
         rules("[[table]]\nname = \"public.big\"\nkeys = [\"big:{id}\"]\n"),
         &[&begin(8), &rel, &message, &commit()],
     );
-    assert_eq!(txn.plan.keys, HashSet::from(["big:1".to_string()]));
+    assert_eq!(
+        txn.plan.keys,
+        ["big:1".to_string()]
+            .into_iter()
+            .collect::<walsweep::plan::rules::EffectSet<String>>()
+    );
     let growth = meter.growth();
     drop(message);
     eprintln!(

@@ -70,11 +70,16 @@ pub enum Effect {
 
 impl Effect {}
 
+/// The sets of keys and dependencies of plans: hashed with foldhash, not SipHash. The strings
+/// come from the database, but a set only dedups one transaction's (or batch's) effects and
+/// foldhash's per-process seed keeps collisions from being chosen.
+pub type EffectSet<T> = HashSet<T, foldhash::fast::RandomState>;
+
 /// Distinct effects of a transaction (or of a batch of them).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct EffectPlan {
-    pub keys: HashSet<String>,
-    pub(crate) deps: HashSet<String>,
+    pub keys: EffectSet<String>,
+    pub(crate) deps: EffectSet<String>,
     pub key_prefixes: BTreeMap<String, FallbackCause>,
     pub(crate) dep_prefixes: BTreeMap<String, FallbackCause>,
 }

@@ -15,7 +15,7 @@ use crate::config::{Config, OpName, TableConfig};
 use crate::pg::pgoutput::TupleValue;
 use crate::plan::{Op, Planner, RelationInfo, RowChange};
 use crate::value::{python_repr, python_str, TypeRegistry, PYTHON_NONE};
-pub use effect::{Effect, EffectPlan, FallbackCause};
+pub use effect::{Effect, EffectPlan, EffectSet, FallbackCause};
 use jiff::tz::TimeZone;
 
 /// Prefix of `pg_logical_emit_message` payloads walsweep acts on.

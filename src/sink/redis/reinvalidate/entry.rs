@@ -41,7 +41,7 @@ pub(crate) enum EntryError {
 }
 
 pub(crate) fn encode(end_lsn: Lsn, plan: &EffectPlan) -> String {
-    let sorted = |set: &std::collections::HashSet<String>| {
+    let sorted = |set: &crate::plan::rules::EffectSet<String>| {
         let mut v: Vec<String> = set.iter().cloned().collect();
         v.sort_unstable();
         v
