@@ -37,9 +37,10 @@
 //! (`walsweep:<db>/<slot>:applied`, polled with the slot, on the node that serves its hash
 //! slot) reached the end LSN. walsweep tells Postgres its confirmed position every
 //! `status_interval_ms` (1 s by default), and at once (at most every 20 ms) when everything it
-//! received is applied, so wall - applied is that status update plus the poll. And the number
-//! of sink batches, read from walsweep's metrics endpoint (on, as by default, on a free port)
-//! after the run.
+//! received is applied, so wall - applied is that status update plus the poll. And, read from
+//! walsweep's metrics endpoint (on, as by default, on a free port) after the run, the number of
+//! sink batches and of sink errors: failed batch applies (a Redis timeout, say) after which
+//! walsweep applied the batch again, their time inside the wall.
 //!
 //! After each walsweep run the bench checks, with plain connections to the node or to each
 //! primary (no cluster client), that the work was done: with `rules`, two cached entries the
@@ -48,12 +49,13 @@
 //! is mirrored.
 //!
 //! The bench's own work (polling, Redis INFO) runs in the bench process and is in none of them.
-//! Summary per transaction size, one row per consumer: medians of the rounds, and for each
-//! walsweep the rate ratio (its changes/s over pg_recvlogical's, from the median times;
-//! per-round range in brackets; target >= 0.90) and its client CPU over pg_recvlogical's
-//! (target <= 1.00). With both Redis targets, also the cluster's time over the node's (median
-//! wall times, per-round range; target <= 1.30) and the same for the applied times. The load
-//! average is printed: on a loaded machine the figures are noise.
+//! Summary per transaction size, one row per consumer: medians of the rounds (for batches and
+//! sink errors, their range over the rounds), and for each walsweep the rate ratio (its
+//! changes/s over pg_recvlogical's, from the median times; per-round range in brackets;
+//! target >= 0.90) and its client CPU over pg_recvlogical's (target <= 1.00). With both Redis
+//! targets, also the cluster's time over the node's (median wall times, per-round range;
+//! target <= 1.30) and the same for the applied times. The load average is printed: on a
+//! loaded machine the figures are noise.
 //!
 //! pg_recvlogical asks pgoutput for proto_version 2 with streaming and messages on; walsweep
 //! negotiates the newest version the server speaks (3 on Postgres 15, 4 from 16: streaming
@@ -249,6 +251,8 @@ struct Run {
     /// Sink batches walsweep applied (from its metrics endpoint): fewer, larger batches cost
     /// fewer Redis round trips.
     batches: Option<u64>,
+    /// Failed batch applies walsweep retried (from its metrics endpoint).
+    sink_errors: Option<u64>,
 }
 
 struct Round {
@@ -401,7 +405,7 @@ fn main() {
     );
     println!(
         "  txn  | consumer          wall   changes/s   cpu   walsender  redis  applied  batches    \
-         | rate ratio (rounds)  cpu ratio"
+         sink errors | rate ratio (rounds)  cpu ratio"
     );
     for (txn_size, results) in summary {
         let med = |f: &dyn Fn(&Round) -> f64| median(&results.iter().map(f).collect::<Vec<_>>());
@@ -414,7 +418,7 @@ fn main() {
         let (rl, rl_cpu) = (med(&|r| r.recvlogical.wall), med(&|r| r.recvlogical.cpu));
         println!(
             "  {txn_size:<4} | {:<16} {rl:5.2}s {:9.0}  {rl_cpu:5.2}  {:5.2}          -        -  \
-             -          |",
+             -          -           |",
             "pg_recvlogical",
             changes as f64 / rl,
             med(&|r| r.recvlogical.walsender),
@@ -429,17 +433,18 @@ fn main() {
                     format!("{:6.2}s", med(&|r| r.walsweep[i].applied.unwrap_or(0.0))),
                 ),
             };
-            let batches: Vec<u64> = results
-                .iter()
-                .filter_map(|r| r.walsweep[i].batches)
-                .collect();
-            let batches = match (batches.iter().min(), batches.iter().max()) {
-                (Some(lo), Some(hi)) => format!("{lo}-{hi}"),
-                _ => "-".to_string(),
+            let count_range = |f: &dyn Fn(&Run) -> Option<u64>| {
+                let counts: Vec<u64> = results.iter().filter_map(|r| f(&r.walsweep[i])).collect();
+                match (counts.iter().min(), counts.iter().max()) {
+                    (Some(lo), Some(hi)) => format!("{lo}-{hi}"),
+                    _ => "-".to_string(),
+                }
             };
+            let batches = count_range(&|r| r.batches);
+            let sink_errors = count_range(&|r| r.sink_errors);
             println!(
                 "  {txn_size:<4} | {:<16} {ws:5.2}s {:9.0}  {cpu:5.2}  {:5.2}      {redis}  \
-                 {applied}  {batches:<10} | {:5.2} {:<13}    {:5.2}",
+                 {applied}  {batches:<10} {sink_errors:<11} | {:5.2} {:<13}    {:5.2}",
                 target.label(),
                 changes as f64 / ws,
                 med(&|r| r.walsweep[i].walsender),
@@ -476,6 +481,11 @@ fn main() {
         );
     }
     if plan != PlanKind::Touched {
+        println!(
+            "  batches, sink errors = per-round range, from walsweep's /metrics \
+             (walsweep_batch_size_transactions_count, walsweep_errors_total{{kind=\"sink\"}}: \
+             failed batch applies, e.g. Redis timeouts, each applied again inside the wall)"
+        );
         println!(
             "  applied = when walsweep's published applied position (what `walsweep wait` reads) \
              reached the end LSN; wall - applied is the status update that tells Postgres (at \
@@ -568,9 +578,13 @@ fn run_round(bench: &Bench, changes: usize, txn_size: usize, round: usize) -> Ro
             .batches
             .map(|n| format!(", {n} batches"))
             .unwrap_or_default();
+        let errors_note = run
+            .sink_errors
+            .map(|n| format!(", {n} sink errors"))
+            .unwrap_or_default();
         println!(
             "    {:<16} {:.3}s {:.0}/s (cpu {:.2}s, walsender {:.2}s{redis_note}{applied_note}\
-             {batches_note})  rate ratio={:.2}",
+             {batches_note}{errors_note})  rate ratio={:.2}",
             target.label(),
             run.wall,
             changes as f64 / run.wall,
@@ -694,6 +708,7 @@ fn run_recvlogical(bench: &Bench, end: Lsn) -> Run {
         redis: None,
         applied: None,
         batches: None,
+        sink_errors: None,
     }
 }
 
@@ -794,9 +809,10 @@ fn run_walsweep(bench: &Bench, target: Target, end: Lsn, changes: usize, round: 
     let cpu = proc_cpu(pid).unwrap_or_else(|| panic!("no /proc/{pid}/stat for walsweep"));
     let redis_after = store.as_mut().map(Store::cpu_seconds);
     let wall = confirmed.at.duration_since(started).as_secs_f64();
-    let batches = (bench.plan != PlanKind::Touched)
-        .then(|| scrape_batches(metrics_port))
-        .flatten();
+    let scraped = match target {
+        Target::Discard => Scraped::default(),
+        Target::Node | Target::Cluster => scrape_metrics(metrics_port),
+    };
     stop(&mut child, &log_path);
 
     if let Some(store) = store.as_mut() {
@@ -835,7 +851,8 @@ fn run_walsweep(bench: &Bench, target: Target, end: Lsn, changes: usize, round: 
         cpu: cpu.as_secs_f64(),
         walsender: confirmed.walsender.as_secs_f64(),
         redis: redis_before.zip(redis_after).map(|(b, a)| a - b),
-        batches,
+        batches: scraped.batches,
+        sink_errors: scraped.sink_errors,
         // Seen together with the confirmation when both happened within one poll.
         applied: redis_before.map(|_| {
             applied_at
@@ -995,23 +1012,44 @@ fn stop(child: &mut Child, log: &Path) {
     }
 }
 
-/// `walsweep_batch_size_transactions_count` from walsweep's `/metrics`, `None` when it cannot
-/// be read (the figure is a diagnostic, not the measurement).
-fn scrape_batches(port: u16) -> Option<u64> {
+/// What the bench reads from walsweep's `/metrics` after a run: diagnostics, not the
+/// measurement, so `None` when they cannot be read.
+#[derive(Default)]
+struct Scraped {
+    /// `walsweep_batch_size_transactions_count`.
+    batches: Option<u64>,
+    /// `walsweep_errors_total{kind="sink"}`: batches that failed (a Redis timeout, say) and were
+    /// applied again, their time inside the wall.
+    sink_errors: Option<u64>,
+}
+
+fn scrape_metrics(port: u16) -> Scraped {
     use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    conn.read_to_string(&mut body).ok()?;
-    body.lines().find_map(|l| {
-        l.strip_prefix("walsweep_batch_size_transactions_count")?
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .map(|n| n as u64)
-    })
+    let body = (|| {
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).ok()?;
+        Some(body)
+    })();
+    let Some(body) = body else {
+        return Scraped::default();
+    };
+    let value = |name: &str| {
+        body.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .map(|n| n as u64)
+        })
+    };
+    Scraped {
+        batches: value("walsweep_batch_size_transactions_count"),
+        sink_errors: value("walsweep_errors_total{kind=\"sink\"}"),
+    }
 }
 
 fn tail(log: &Path) -> String {
