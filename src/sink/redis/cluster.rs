@@ -1,6 +1,7 @@
-//! Effects on a Redis Cluster, where one script or pipeline may only touch keys of one hash
+//! Effects on a Redis Cluster, where one script or command may only touch keys of one hash
 //! slot: what the one-node sink does in a single script call is split here into per-slot
-//! requests, sent concurrently (the client multiplexes them on one connection per node).
+//! commands, sent as one pipeline per primary, the primaries concurrently
+//! (`RedisConn::per_node`).
 //!
 //! Atomicity becomes per slot. Every effect stays idempotent, so a batch that fails halfway is
 //! retried whole and converges; nothing is confirmed to Postgres before every request of the
@@ -8,19 +9,13 @@
 
 use std::collections::HashMap;
 
-use ::redis::RedisResult;
-use futures_util::future::join_all;
+use ::redis::Value;
 
 use super::{RedisConn, Unlinked, KEYS_PER_COMMAND};
 use crate::sink::SinkError;
-use crate::telemetry::metrics as m;
 
 /// Number of hash slots of a Redis Cluster.
 pub(crate) const SLOTS: u16 = 16384;
-
-/// How many requests of one kind are in flight at once: enough to keep every node busy,
-/// bounded so a batch with a million keys does not queue a million futures.
-const IN_FLIGHT: usize = 256;
 
 /// The part of `key` that decides its slot: the first `{...}` with something inside, else the
 /// whole key (the cluster specification's hash tags).
@@ -73,62 +68,58 @@ pub(crate) fn group_by_slot<T>(
     groups
 }
 
-/// Runs `commands` (each within one slot, or split per slot by the client) with at most
-/// `IN_FLIGHT` of them at once; their replies in order.
-pub(crate) async fn run_commands<T: ::redis::FromRedisValue + Send + 'static>(
+/// `RedisConn::per_node`, with every error reply turned into the batch's error (a moved or
+/// moving slot's is retryable, `errors`).
+async fn run_all(
     conn: &RedisConn,
-    commands: Vec<::redis::Cmd>,
-) -> Vec<RedisResult<T>> {
-    let mut out = Vec::with_capacity(commands.len());
-    let mut commands = commands.into_iter();
-    loop {
-        let mut wave = Vec::with_capacity(IN_FLIGHT);
-        for cmd in commands.by_ref().take(IN_FLIGHT) {
-            let mut conn = conn.clone();
-            wave.push(async move {
-                let started = std::time::Instant::now();
-                let reply = cmd.query_async::<T>(&mut conn).await;
-                m::redis_round_trip(started.elapsed());
-                reply
-            });
-        }
-        if wave.is_empty() {
-            return out;
-        }
-        out.extend(join_all(wave).await);
+    commands: Vec<(u16, ::redis::Cmd)>,
+    operation: &'static str,
+) -> Result<Vec<Value>, SinkError> {
+    let replies = conn
+        .per_node(commands)
+        .await
+        .map_err(|e| super::sink_error(operation, e))?;
+    replies.into_iter().map(|r| reply(r, operation)).collect()
+}
+
+/// A reply of a `per_node` pipeline, an error reply as the batch's error.
+pub(crate) fn reply(value: Value, operation: &'static str) -> Result<Value, SinkError> {
+    match value {
+        Value::ServerError(e) => Err(super::sink_error(operation, e.into())),
+        other => Ok(other),
     }
 }
 
-/// `run_commands` where any error fails the whole request.
-async fn run_all<T: ::redis::FromRedisValue + Send + 'static>(
-    conn: &RedisConn,
-    commands: Vec<::redis::Cmd>,
-    operation: &'static str,
-) -> Result<Vec<T>, SinkError> {
-    run_commands(conn, commands)
-        .await
-        .into_iter()
-        .map(|reply| reply.map_err(|e| super::sink_error(operation, e)))
-        .collect()
+fn count(value: &Value) -> u64 {
+    match value {
+        Value::Int(n) => (*n).max(0) as u64,
+        _ => 0,
+    }
 }
 
-/// UNLINKs `keys` wherever they live; returns how many existed. One UNLINK per chunk: the
-/// client splits it per slot and sends the parts to their nodes concurrently.
+/// UNLINKs `keys` wherever they live; returns how many existed. One UNLINK per slot (at most
+/// `KEYS_PER_COMMAND` keys), one pipeline per primary.
 pub(crate) async fn unlink_keys<S: AsRef<str>>(
     conn: &RedisConn,
     keys: &[S],
     operation: &'static str,
 ) -> Result<u64, SinkError> {
     let mut commands = Vec::new();
-    for chunk in keys.chunks(KEYS_PER_COMMAND) {
-        let mut unlink = ::redis::cmd("UNLINK");
-        for key in chunk {
-            unlink.arg(key.as_ref());
+    let groups = if conn.is_cluster() {
+        group_by_slot(keys.iter().map(AsRef::as_ref), |k| k.as_bytes())
+    } else {
+        // One node: any keys go in one command.
+        vec![(0, keys.iter().map(AsRef::as_ref).collect())]
+    };
+    for (slot, group) in groups {
+        for chunk in group.chunks(KEYS_PER_COMMAND) {
+            let mut unlink = ::redis::cmd("UNLINK");
+            unlink.arg(chunk);
+            commands.push((slot, unlink));
         }
-        commands.push(unlink);
     }
-    let counts: Vec<u64> = run_all(conn, commands, operation).await?;
-    Ok(counts.into_iter().sum())
+    let counts = run_all(conn, commands, operation).await?;
+    Ok(counts.iter().map(count).sum())
 }
 
 /// Invalidates matroska-cache dependency sets on a cluster: each set's members are read on the
@@ -146,34 +137,41 @@ pub(crate) async fn invalidate_sets(
     if sets.is_empty() {
         return Ok(applied);
     }
-    let mut reads = Vec::with_capacity(sets.len());
-    for set in sets {
-        let mut smembers = ::redis::cmd("SMEMBERS");
-        smembers.arg(set);
-        reads.push(smembers);
-    }
-    let read: Vec<RedisResult<Vec<String>>> = run_commands(conn, reads).await;
-    let mut members: Vec<&str> = Vec::new();
+    let reads: Vec<(u16, ::redis::Cmd)> = sets
+        .iter()
+        .map(|set| {
+            let mut smembers = ::redis::cmd("SMEMBERS");
+            smembers.arg(set);
+            (slot_of(set.as_bytes()), smembers)
+        })
+        .collect();
+    let read = conn
+        .per_node(reads)
+        .await
+        .map_err(|e| super::sink_error(operation, e))?;
+    let mut members: Vec<String> = Vec::new();
     let mut removals = Vec::new();
-    for (set, read) in sets.iter().zip(&read) {
-        match read {
+    for (set, read) in sets.iter().zip(read) {
+        let m: Vec<String> = match read {
             // Not a set: not ours to interpret (like the one-node script).
-            Err(e) if e.code() == Some("WRONGTYPE") => applied.wrong_type_sets += 1,
-            Err(e) => return Err(super::sink_error(operation, e.clone())),
-            Ok(m) => {
-                members.extend(m.iter().map(String::as_str));
-                if remove_sets {
-                    for chunk in m.chunks(KEYS_PER_COMMAND) {
-                        let mut srem = ::redis::cmd("SREM");
-                        srem.arg(set).arg(chunk);
-                        removals.push(srem);
-                    }
-                }
+            Value::ServerError(e) if e.code() == "WRONGTYPE" => {
+                applied.wrong_type_sets += 1;
+                continue;
+            }
+            other => ::redis::from_redis_value(reply(other, operation)?)
+                .map_err(|e| super::sink_error(operation, e.into()))?,
+        };
+        if remove_sets {
+            for chunk in m.chunks(KEYS_PER_COMMAND) {
+                let mut srem = ::redis::cmd("SREM");
+                srem.arg(set).arg(chunk);
+                removals.push((slot_of(set.as_bytes()), srem));
             }
         }
+        members.extend(m);
     }
     applied.keys_unlinked += unlink_keys(conn, &members, operation).await?;
-    let _: Vec<u64> = run_all(conn, removals, operation).await?;
+    run_all(conn, removals, operation).await?;
     Ok(applied)
 }
 

@@ -3,8 +3,8 @@
 //! phases per stretch of ops:
 //!
 //! 1. rows: every op's row part (write, merge with kept TOAST fields, delete) in a
-//!    `mirror_rows.lua` call on the row's slot, the calls of each slot pipelined in commit
-//!    order, all slots concurrently;
+//!    `mirror_rows.lua` call on the row's slot, the calls of each slot in commit order, one
+//!    pipeline per primary (`RedisConn::per_node`);
 //! 2. index moves: each op's ZREM / ZADD in a `mirror_index.lua` call on the index key's slot,
 //!    again in commit order per slot, skipping the adds of an `only_if_present` row that was
 //!    not cached (like the one-node script).
@@ -18,15 +18,13 @@
 
 use std::sync::LazyLock;
 
-use ::redis::{Pipeline, Script, Value};
-use futures_util::future::join_all;
+use ::redis::{Script, Value};
 
 use super::cluster::{group_by_slot, slot_of};
-use super::errors::ScriptCalls;
 use super::mirror::{
     log_op, retention_args, score_arg_of, Call, MirrorApplied, RowPart, MIRROR_ROWS, ROWS_PER_CALL,
 };
-use super::{script_round_trip, RedisConn, RedisSink};
+use super::{RedisConn, RedisSink};
 use crate::plan::mirror::MirrorOp;
 use crate::sink::SinkError;
 
@@ -35,8 +33,6 @@ static MIRROR_INDEX: LazyLock<Script> =
 
 /// Index moves per `mirror_index.lua` call.
 const MOVES_PER_CALL: usize = 200;
-/// Per-slot pipelines in flight at once.
-const PIPELINES_IN_FLIGHT: usize = 256;
 
 /// One index move of phase 2: key, then the script's arguments.
 struct IndexMove {
@@ -171,43 +167,40 @@ async fn apply_stretch(
     }
     // Phase 1. A row that is written only if cached gets a call of its own, whose reply says
     // whether it was, so phase 2 knows whether to add its index entries.
-    let mut pipelines: Vec<(Pipeline, Vec<Option<usize>>)> = Vec::new();
-    for (_, group) in group_by_slot(ops.iter().enumerate(), |(_, op)| row_key(op).as_bytes()) {
-        let mut pipe = ::redis::pipe();
-        let mut conditional: Vec<Option<usize>> = Vec::new();
+    let mut calls: Vec<(u16, ::redis::Cmd)> = Vec::new();
+    let mut conditional: Vec<Option<usize>> = Vec::new();
+    for (slot, group) in group_by_slot(ops.iter().enumerate(), |(_, op)| row_key(op).as_bytes()) {
         let mut call = Call::default();
         for (at, op) in group {
             let only_if_present = matches!(op, MirrorOp::Write(w) if w.mode.only_if_present);
             if only_if_present || call.rows >= ROWS_PER_CALL {
-                push_call(&mut pipe, &mut conditional, std::mem::take(&mut call), None);
+                push_call(
+                    &mut calls,
+                    &mut conditional,
+                    slot,
+                    std::mem::take(&mut call),
+                    None,
+                );
             }
             call.push_row(op, cutoff_unix_secs, RowPart::RowOnly);
             if only_if_present {
                 push_call(
-                    &mut pipe,
+                    &mut calls,
                     &mut conditional,
+                    slot,
                     std::mem::take(&mut call),
                     Some(at),
                 );
             }
         }
-        push_call(&mut pipe, &mut conditional, call, None);
-        pipelines.push((pipe, conditional));
+        push_call(&mut calls, &mut conditional, slot, call, None);
     }
     let mut skipped = vec![false; ops.len()];
-    let (requests, conditionals): (Vec<Pipeline>, Vec<Vec<Option<usize>>>) =
-        pipelines.into_iter().unzip();
-    for (replies, conditional) in
-        run_pipelines(conn, requests, "write mirrored rows", "mirror_rows.lua")
-            .await?
-            .into_iter()
-            .zip(conditionals)
-    {
-        for (reply, at) in replies.iter().zip(conditional) {
-            applied.add_reply(reply);
-            if let (Some(at), Value::Array(counts)) = (at, reply) {
-                skipped[at] = matches!(counts.get(2), Some(Value::Int(n)) if *n > 0);
-            }
+    let replies = run_calls(conn, calls, "write mirrored rows", "mirror_rows.lua").await?;
+    for (reply, at) in replies.iter().zip(conditional) {
+        applied.add_reply(reply);
+        if let (Some(at), Value::Array(counts)) = (at, reply) {
+            skipped[at] = matches!(counts.get(2), Some(Value::Int(n)) if *n > 0);
         }
     }
     // Phase 2.
@@ -215,34 +208,22 @@ async fn apply_stretch(
     for (op, skipped) in ops.iter().zip(skipped) {
         push_index_moves(&mut moves, op, skipped, cutoff_unix_secs);
     }
-    let mut requests = Vec::new();
-    for (_, group) in group_by_slot(moves, |m| m.key.as_bytes()) {
-        let mut pipe = ::redis::pipe();
+    let mut calls = Vec::new();
+    for (slot, group) in group_by_slot(moves, |m| m.key.as_bytes()) {
         for chunk in group.chunks(MOVES_PER_CALL) {
-            let cmd = pipe
-                .cmd("EVALSHA")
-                .arg(MIRROR_INDEX.get_hash())
-                .arg(chunk.len());
+            let mut cmd = ::redis::cmd("EVALSHA");
+            cmd.arg(MIRROR_INDEX.get_hash()).arg(chunk.len());
             for m in chunk {
                 cmd.arg(&m.key);
             }
             for m in chunk {
                 cmd.arg(&m.args);
             }
+            calls.push((slot, cmd));
         }
-        requests.push(pipe);
     }
-    for replies in run_pipelines(
-        conn,
-        requests,
-        "move mirror index entries",
-        "mirror_index.lua",
-    )
-    .await?
-    {
-        for reply in &replies {
-            applied.add_reply(reply);
-        }
+    for reply in run_calls(conn, calls, "move mirror index entries", "mirror_index.lua").await? {
+        applied.add_reply(&reply);
     }
     Ok(())
 }
@@ -257,19 +238,21 @@ fn row_key(op: &MirrorOp) -> &str {
 }
 
 fn push_call(
-    pipe: &mut Pipeline,
+    calls: &mut Vec<(u16, ::redis::Cmd)>,
     conditional: &mut Vec<Option<usize>>,
+    slot: u16,
     call: Call,
     at: Option<usize>,
 ) {
     if call.rows == 0 {
         return;
     }
-    pipe.cmd("EVALSHA")
-        .arg(MIRROR_ROWS.get_hash())
+    let mut cmd = ::redis::cmd("EVALSHA");
+    cmd.arg(MIRROR_ROWS.get_hash())
         .arg(call.keys.len())
         .arg(&call.keys)
         .arg(&call.args);
+    calls.push((slot, cmd));
     conditional.push(at);
 }
 
@@ -312,37 +295,23 @@ fn push_index_moves(
     }
 }
 
-/// Sends each per-slot pipeline (all of them script calls), `PIPELINES_IN_FLIGHT` at once;
-/// their replies in order, or the first error.
-async fn run_pipelines(
+/// Sends script calls (each within one slot) as one pipeline per primary; their replies in
+/// order, or the batch's error (`errors::script_reply_error`).
+async fn run_calls(
     conn: &RedisConn,
-    pipelines: Vec<Pipeline>,
+    calls: Vec<(u16, ::redis::Cmd)>,
     operation: &'static str,
     script: &'static str,
-) -> Result<Vec<Vec<Value>>, SinkError> {
-    let mut out = Vec::with_capacity(pipelines.len());
-    let mut pipelines = pipelines.into_iter();
-    loop {
-        let mut wave = Vec::new();
-        for pipe in pipelines.by_ref().take(PIPELINES_IN_FLIGHT) {
-            let mut conn = conn.clone();
-            wave.push(async move {
-                script_round_trip(
-                    operation,
-                    ScriptCalls {
-                        script,
-                        at: 0..usize::MAX,
-                    },
-                    pipe.query_async::<Vec<Value>>(&mut conn),
-                )
-                .await
-            });
-        }
-        if wave.is_empty() {
-            return Ok(out);
-        }
-        for replies in join_all(wave).await {
-            out.push(replies?);
-        }
-    }
+) -> Result<Vec<Value>, SinkError> {
+    let replies = conn
+        .per_node(calls)
+        .await
+        .map_err(|e| super::sink_error(operation, e))?;
+    replies
+        .into_iter()
+        .map(|reply| match reply {
+            Value::ServerError(e) => Err(super::errors::script_reply_error(operation, script, e)),
+            other => Ok(other),
+        })
+        .collect()
 }

@@ -294,7 +294,12 @@ impl Endpoint {
                     .map(RedisConn::Node)
             }
             Endpoint::Cluster { client, .. } => {
-                client.get_async_connection().await.map(RedisConn::Cluster)
+                let mut conn = client.get_async_connection().await?;
+                // Read once per connection: a moved slot fails a request, which drops the
+                // connection, so the next one reads the map again.
+                let slots = slot_map(&mut conn).await?;
+                crate::telemetry::metrics::cluster_primaries(slots.primaries.len());
+                Ok(RedisConn::Cluster(conn, std::sync::Arc::new(slots)))
             }
         }
     }
@@ -305,7 +310,71 @@ impl Endpoint {
 #[derive(Clone)]
 pub(crate) enum RedisConn {
     Node(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConnection, std::sync::Arc<SlotMap>),
+}
+
+/// Which primary serves each hash slot, as `CLUSTER SLOTS` said when the connection was made.
+#[derive(Debug)]
+pub(crate) struct SlotMap {
+    pub(crate) primaries: Vec<Primary>,
+    /// Per slot, the index of its primary in `primaries`.
+    owners: Vec<u16>,
+}
+
+impl SlotMap {
+    /// The primary serving `slot` (the first one if the map has a hole: the request then
+    /// gets a MOVED reply and the batch is applied again on a fresh map).
+    pub(crate) fn owner(&self, slot: u16) -> usize {
+        self.owners
+            .get(usize::from(slot))
+            .copied()
+            .unwrap_or(0)
+            .into()
+    }
+}
+
+async fn slot_map(conn: &mut ClusterConnection) -> RedisResult<SlotMap> {
+    let ranges: Vec<Value> = ::redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(conn)
+        .await?;
+    let mut primaries: Vec<Primary> = Vec::new();
+    let mut owners = vec![0u16; usize::from(super::cluster::SLOTS)];
+    for range in ranges {
+        let Value::Array(items) = range else { continue };
+        // [start, end, [host, port, id, ...], replicas...]
+        let int =
+            |v: Option<&Value>| v.and_then(|v| ::redis::from_redis_value::<u16>(v.clone()).ok());
+        let (Some(start), Some(end), Some(Value::Array(node))) =
+            (int(items.first()), int(items.get(1)), items.get(2))
+        else {
+            continue;
+        };
+        let host: Option<String> = node
+            .first()
+            .and_then(|v| ::redis::from_redis_value(v.clone()).ok());
+        let (Some(host), Some(port)) = (host, int(node.get(1))) else {
+            continue;
+        };
+        let primary = Primary { host, port };
+        let at = match primaries.iter().position(|p| *p == primary) {
+            Some(at) => at,
+            None => {
+                primaries.push(primary);
+                primaries.len() - 1
+            }
+        };
+        for slot in start..=end.min(super::cluster::SLOTS - 1) {
+            owners[usize::from(slot)] = at as u16;
+        }
+    }
+    if primaries.is_empty() {
+        return Err(RedisError::from((
+            ErrorKind::Server(::redis::ServerErrorKind::ClusterDown),
+            "CLUSTER SLOTS named no primary",
+        )));
+    }
+    Ok(SlotMap { primaries, owners })
 }
 
 /// A primary of a cluster (`host`, `port`), as `CLUSTER SLOTS` names it.
@@ -316,6 +385,10 @@ pub(crate) struct Primary {
 }
 
 impl RedisConn {
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self, RedisConn::Cluster(..))
+    }
+
     /// Runs `cmd` on `node` (a cluster's primary), or on the one node.
     pub(crate) async fn query_on<T: ::redis::FromRedisValue>(
         &mut self,
@@ -323,7 +396,7 @@ impl RedisConn {
         cmd: &Cmd,
     ) -> RedisResult<T> {
         match (self, node) {
-            (RedisConn::Cluster(conn), Some(node)) => {
+            (RedisConn::Cluster(conn, _), Some(node)) => {
                 let value = conn
                     .route_command(
                         cmd.clone(),
@@ -344,48 +417,99 @@ impl RedisConn {
     pub(crate) async fn scan_nodes(&mut self) -> RedisResult<Vec<Option<Primary>>> {
         match self {
             RedisConn::Node(_) => Ok(vec![None]),
-            RedisConn::Cluster(_) => Ok(self.primaries().await?.into_iter().map(Some).collect()),
+            RedisConn::Cluster(..) => Ok(self.primaries().await?.into_iter().map(Some).collect()),
         }
     }
 
     /// A cluster's primaries, from `CLUSTER SLOTS` (empty for one node).
     pub(crate) async fn primaries(&mut self) -> RedisResult<Vec<Primary>> {
-        if let RedisConn::Node(_) = self {
+        match self {
+            RedisConn::Node(_) => Ok(Vec::new()),
+            RedisConn::Cluster(conn, _) => {
+                let mut primaries = slot_map(conn).await?.primaries;
+                primaries.sort();
+                crate::telemetry::metrics::cluster_primaries(primaries.len());
+                Ok(primaries)
+            }
+        }
+    }
+
+    /// Sends `commands`, each within one hash slot (`(slot, command)`), as ONE pipeline per
+    /// primary (the one node: one pipeline), the primaries concurrently. Replies come back in
+    /// order, an error reply as `Value::ServerError` in its place: a moved slot's MOVED or ASK
+    /// reply is the caller's to turn into a retry.
+    pub(crate) async fn per_node(&self, commands: Vec<(u16, Cmd)>) -> RedisResult<Vec<Value>> {
+        if commands.is_empty() {
             return Ok(Vec::new());
         }
-        let ranges: Vec<Value> = ::redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query_async(self)
-            .await?;
-        let mut primaries = Vec::new();
-        for range in ranges {
-            let Value::Array(items) = range else { continue };
-            // [start, end, [host, port, id, ...], replicas...]
-            let Some(Value::Array(node)) = items.get(2) else {
-                continue;
-            };
-            let host: Option<String> = node
-                .first()
-                .and_then(|v| ::redis::from_redis_value(v.clone()).ok());
-            let port: Option<u16> = node
-                .get(1)
-                .and_then(|v| ::redis::from_redis_value(v.clone()).ok());
-            if let (Some(host), Some(port)) = (host, port) {
-                let primary = Primary { host, port };
-                if !primaries.contains(&primary) {
-                    primaries.push(primary);
+        let total = commands.len();
+        let mut groups: Vec<(Option<Primary>, Vec<usize>, Pipeline)> = Vec::new();
+        match self {
+            RedisConn::Node(_) => {
+                let mut pipe = ::redis::pipe();
+                pipe.ignore_errors();
+                for (_, cmd) in &commands {
+                    pipe.add_command(cmd.clone());
+                }
+                groups.push((None, (0..total).collect(), pipe));
+            }
+            RedisConn::Cluster(_, slots) => {
+                let mut at_node: Vec<Option<usize>> = vec![None; slots.primaries.len()];
+                for (i, (slot, cmd)) in commands.into_iter().enumerate() {
+                    let node = slots.owner(slot);
+                    let group = *at_node[node].get_or_insert_with(|| {
+                        let mut pipe = ::redis::pipe();
+                        pipe.ignore_errors();
+                        groups.push((Some(slots.primaries[node].clone()), Vec::new(), pipe));
+                        groups.len() - 1
+                    });
+                    groups[group].1.push(i);
+                    groups[group].2.add_command(cmd);
                 }
             }
         }
-        if primaries.is_empty() {
-            return Err(RedisError::from((
-                ErrorKind::Server(::redis::ServerErrorKind::ClusterDown),
-                "CLUSTER SLOTS named no primary",
-            )));
+        let mut requests = Vec::with_capacity(groups.len());
+        for (node, _, pipe) in &groups {
+            let mut conn = self.clone();
+            let count = pipe.len();
+            requests.push(async move {
+                let started = std::time::Instant::now();
+                let replies = match (&mut conn, node) {
+                    (RedisConn::Cluster(c, _), Some(node)) => {
+                        c.route_pipeline(
+                            pipe.clone(),
+                            0,
+                            count,
+                            SingleNodeRoutingInfo::ByAddress {
+                                host: node.host.clone(),
+                                port: node.port,
+                            },
+                        )
+                        .await
+                    }
+                    (conn, _) => pipe.query_async::<Vec<Value>>(conn).await,
+                };
+                crate::telemetry::metrics::redis_round_trip(started.elapsed());
+                replies
+            });
         }
-        primaries.sort();
-        crate::telemetry::metrics::cluster_primaries(primaries.len());
-        Ok(primaries)
+        let mut out = vec![Value::Nil; total];
+        for ((_, indices, _), replies) in groups
+            .iter()
+            .zip(futures_util::future::join_all(requests).await)
+        {
+            let replies = replies?;
+            if replies.len() != indices.len() {
+                return Err(RedisError::from((
+                    ErrorKind::Parse,
+                    "a pipeline returned another number of replies than it had commands",
+                )));
+            }
+            for (i, reply) in indices.iter().zip(replies) {
+                out[*i] = reply;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -393,7 +517,7 @@ impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisConn::Node(c) => c.req_packed_command(cmd),
-            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c, _) => c.req_packed_command(cmd),
         }
     }
 
@@ -405,14 +529,14 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConn::Node(c) => c.req_packed_commands(cmd, offset, count),
-            RedisConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            RedisConn::Cluster(c, _) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             RedisConn::Node(c) => c.get_db(),
-            RedisConn::Cluster(c) => c.get_db(),
+            RedisConn::Cluster(c, _) => c.get_db(),
         }
     }
 }

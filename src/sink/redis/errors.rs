@@ -218,6 +218,40 @@ pub(crate) fn script_sink_error(
     }
 }
 
+/// `script_sink_error` for one error reply of a script call (a `per_node` pipeline's): fatal
+/// unless it means "not now" or a moving slot.
+pub(crate) fn script_reply_error(
+    operation: &'static str,
+    script: &'static str,
+    reply: ::redis::ServerError,
+) -> SinkError {
+    let err = RedisError::from(reply.clone());
+    count_cluster_redirects(&err);
+    let details = reply.details().unwrap_or_default();
+    if TRANSIENT_CODES.contains(&reply.code()) || moving_slot(details) {
+        return SinkError {
+            operation,
+            retryable: true,
+            source: Box::new(err),
+        };
+    }
+    m::error(m::ERROR_REDIS_SCRIPT);
+    let text = match reply.details() {
+        Some(details) => format!("{} {details}", reply.code()),
+        None => reply.code().to_string(),
+    };
+    SinkError {
+        operation,
+        retryable: false,
+        source: Box::new(ScriptError {
+            script,
+            advice: advice(reply.code(), &text),
+            reply: text,
+            commits: None,
+        }),
+    }
+}
+
 /// Names the commits being applied in a script error (no-op for any other error).
 pub(crate) fn at_commits(mut err: SinkError, first: Lsn, last: Lsn) -> SinkError {
     if let Some(script) = err.source.downcast_mut::<ScriptError>() {
