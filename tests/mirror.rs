@@ -1112,31 +1112,59 @@ async fn wait_no_spill_files(dir: &std::path::Path) {
     wait_for(30, || async { spill_files(dir).is_empty() }).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transaction_spilled_to_disk_leaves_the_mirrors_equal_to_the_table() {
+/// What the spill tests run against: walsweep streaming `SCHEMA`'s mirrors with a spill
+/// threshold low enough to spill, into `dir`; `before_start` runs on the dir first.
+struct SpillRun {
+    pg: Postgres,
+    _redis: Redis,
+    conn: redis::aio::MultiplexedConnection,
+    dir: tempfile::TempDir,
+    daemon: support::daemon::Daemon,
+    client: tokio_postgres::Client,
+}
+
+async fn spill_run(slot: &str, before_start: impl FnOnce(&std::path::Path)) -> SpillRun {
     support::init_tracing();
     let pg = Postgres::start();
     pg.create_database("app");
     pg.psql("app", SCHEMA);
     let redis = Redis::start();
-    let mut conn = redis.connection().await;
+    let conn = redis.connection().await;
     let dir = tempfile::tempdir().expect("spill dir");
-    // Left by a crashed walsweep (a pid above the kernel's largest): removed at start.
-    let stale = dir.path().join("walsweep-spill-4194305-0");
-    std::fs::write(&stale, b"pending ops of a crashed run").expect("stale file");
-    let daemon = start(config(
-        &pg,
-        &redis,
-        "app",
-        "mirror_spill",
-        &spilling(dir.path()),
-    ));
+    before_start(dir.path());
+    let daemon = start(config(&pg, &redis, "app", slot, &spilling(dir.path())));
     let client = pg.client("app").await;
     client
         .batch_execute("SET TimeZone = 'UTC'")
         .await
         .expect("UTC");
-    wait_streaming(&client, "mirror_spill").await;
+    wait_streaming(&client, slot).await;
+    SpillRun {
+        pg,
+        _redis: redis,
+        conn,
+        dir,
+        daemon,
+        client,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_spilled_to_disk_leaves_the_mirrors_equal_to_the_table() {
+    // Left by a crashed walsweep (a pid above the kernel's largest): removed at start.
+    let stale_name = "walsweep-spill-4194305-0";
+    let SpillRun {
+        pg: _pg,
+        _redis,
+        mut conn,
+        dir,
+        daemon,
+        client,
+    } = spill_run("mirror_spill", |dir| {
+        std::fs::write(dir.join(stale_name), b"pending ops of a crashed run").expect("stale file")
+    })
+    .await;
+    let stale = dir.path().join(stale_name);
     assert!(!stale.exists(), "the stale spill file is still there");
 
     let mut rng = Lcg(0x5b111);
@@ -1192,26 +1220,14 @@ async fn a_transaction_spilled_to_disk_leaves_the_mirrors_equal_to_the_table() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolled_back_spilled_transaction_leaves_no_file_and_no_effect() {
-    support::init_tracing();
-    let pg = Postgres::start();
-    pg.create_database("app");
-    pg.psql("app", SCHEMA);
-    let redis = Redis::start();
-    let mut conn = redis.connection().await;
-    let dir = tempfile::tempdir().expect("spill dir");
-    let daemon = start(config(
-        &pg,
-        &redis,
-        "app",
-        "mirror_spill_abort",
-        &spilling(dir.path()),
-    ));
-    let client = pg.client("app").await;
-    client
-        .batch_execute("SET TimeZone = 'UTC'")
-        .await
-        .expect("UTC");
-    wait_streaming(&client, "mirror_spill_abort").await;
+    let SpillRun {
+        pg: _pg,
+        _redis,
+        mut conn,
+        dir,
+        daemon,
+        client,
+    } = spill_run("mirror_spill_abort", |_| {}).await;
     let insert = |from: i32, to: i32| {
         format!(
             "INSERT INTO items (id, name, body) SELECT g, 'row ' || g, repeat('x', 100) \
