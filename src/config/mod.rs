@@ -11,6 +11,7 @@ use toml::Spanned;
 
 use crate::pg::replication::ConnectParams;
 
+pub(crate) mod hash_slot;
 mod inspect;
 mod libpq;
 mod mirror;
@@ -840,9 +841,7 @@ impl Config {
             problem(problem_found.0, problem_found.1);
         }
         if let Some(stream) = self.broadcast.as_ref().and_then(|b| b.stream.as_deref()) {
-            if self.redis.is_cluster()
-                && crate::sink::redis::cluster::same_slot_key(stream, "").is_none()
-            {
+            if self.redis.is_cluster() && hash_slot::same_slot_key(stream, "").is_none() {
                 problem(
                     "broadcast.stream",
                     format!(

@@ -2,10 +2,10 @@
 //! certificate it cannot verify is reported as the daemon would stop on it. On a cluster it
 //! also names the primaries, and for each key template whether its keys share a hash slot.
 
+use crate::config::hash_slot::hash_tag;
 use crate::config::template::{Segment, Template};
 use crate::config::Config;
 use crate::sink::redis::certificate::CertificateRejected;
-use crate::sink::redis::cluster::hash_tag;
 use crate::sink::redis::Endpoint;
 use crate::telemetry::log::display_chain;
 

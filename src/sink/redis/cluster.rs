@@ -7,63 +7,29 @@
 //! retried whole and converges; nothing is confirmed to Postgres before every request of the
 //! batch succeeded on every node.
 
-use std::collections::HashMap;
-
 use ::redis::Value;
 
 use super::{RedisConn, Unlinked, KEYS_PER_COMMAND};
 use crate::sink::SinkError;
 
-/// Number of hash slots of a Redis Cluster.
-pub(crate) const SLOTS: u16 = 16384;
-
-/// The part of `key` that decides its slot: the first `{...}` with something inside, else the
-/// whole key (the cluster specification's hash tags).
-pub(crate) fn hash_tag(key: &[u8]) -> &[u8] {
-    if let Some(open) = key.iter().position(|b| *b == b'{') {
-        if let Some(len) = key[open + 1..].iter().position(|b| *b == b'}') {
-            if len > 0 {
-                return &key[open + 1..open + 1 + len];
-            }
-        }
-    }
-    key
-}
-
-/// The hash slot of `key`.
-pub(crate) fn slot_of(key: &[u8]) -> u16 {
-    crc16::State::<crc16::XMODEM>::calculate(hash_tag(key)) % SLOTS
-}
-
-/// A key named `base` + `suffix` that lives in `base`'s slot, for state kept next to a key a
-/// script also writes; `None` when no such name can be made (`base` holds a `}` but no hash
-/// tag, so neither appending nor wrapping keeps its slot).
-pub(crate) fn same_slot_key(base: &str, suffix: &str) -> Option<String> {
-    if hash_tag(base.as_bytes()).len() < base.len() {
-        // `base`'s own tag comes first in the new name too.
-        Some(format!("{base}{suffix}"))
-    } else if !base.contains('}') {
-        // The whole of `base` becomes the tag, so it hashes exactly as `base` does.
-        Some(format!("{{{base}}}{suffix}"))
-    } else {
-        None
-    }
-}
+pub(crate) use crate::config::hash_slot::{same_slot_key, slot_of, SLOTS};
 
 /// Items grouped by the slot of their key, each group in the order the items came.
 pub(crate) fn group_by_slot<T>(
     items: impl IntoIterator<Item = T>,
     key: impl Fn(&T) -> &[u8],
 ) -> Vec<(u16, Vec<T>)> {
-    let mut index: HashMap<u16, usize> = HashMap::new();
+    // An index per slot rather than a hash map: a batch groups hundreds of thousands of keys.
+    let mut index: Vec<u32> = vec![u32::MAX; usize::from(SLOTS)];
     let mut groups: Vec<(u16, Vec<T>)> = Vec::new();
     for item in items {
         let slot = slot_of(key(&item));
-        let at = *index.entry(slot).or_insert_with(|| {
+        let at = &mut index[usize::from(slot)];
+        if *at == u32::MAX {
+            *at = groups.len() as u32;
             groups.push((slot, Vec::new()));
-            groups.len() - 1
-        });
-        groups[at].1.push(item);
+        }
+        groups[*at as usize].1.push(item);
     }
     groups
 }
@@ -178,32 +144,6 @@ pub(crate) async fn invalidate_sets(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn slots_follow_the_cluster_specification() {
-        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
-        assert_eq!(slot_of(b"123456789"), 12739);
-        assert_eq!(slot_of(b"foo"), 12182);
-        assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
-        assert_eq!(slot_of(b"foo{}{bar}"), slot_of(b"foo{}{bar}"));
-        assert_eq!(hash_tag(b"foo{}{bar}"), b"foo{}{bar}");
-        assert_eq!(hash_tag(b"foo{{bar}}zap"), b"{bar");
-        assert_eq!(hash_tag(b"foo{bar}{zap}"), b"bar");
-    }
-
-    #[test]
-    fn same_slot_keys_hash_like_their_base() {
-        for base in ["walsweep:changes", "{orders}:changes", "a{b"] {
-            let key = same_slot_key(base, ":last_lsn").expect(base);
-            assert_eq!(
-                slot_of(key.as_bytes()),
-                slot_of(base.as_bytes()),
-                "{base} -> {key}"
-            );
-        }
-        assert_eq!(same_slot_key("a{}b", ":x"), None);
-        assert_eq!(same_slot_key("a}b", ":x"), None);
-    }
 
     #[test]
     fn groups_keep_each_slots_items_in_order() {
