@@ -70,7 +70,9 @@ pub(crate) struct Streamer<'a, PL: Planner> {
     pub(crate) idle_published_lsn: Lsn,
     /// The flush position and time of the last status update sent because walsweep caught up
     /// (`StatusReason::CaughtUp`).
-    pub(crate) caught_up_sent: (Lsn, std::time::Instant),
+    pub(crate) caught_up_sent: (Lsn, tokio::time::Instant),
+    /// When to ask `tell_caught_up` again, after it found the last update too recent.
+    pub(crate) caught_up_retry: Option<tokio::time::Instant>,
     /// How late the walsender sends commits, for the sink task to tell a backlog (`backlog`).
     pub(crate) send_lag: std::sync::Arc<super::backlog::SendLag>,
     /// The server's WAL page and segment sizes, read each session, for the sink's published
@@ -384,6 +386,14 @@ impl<PL: Planner> Streamer<'_, PL> {
                         return Ok(SessionEnd::SinkDown);
                     }
                 }
+                _ = tokio::time::sleep_until(self.caught_up_retry.unwrap_or_else(tokio::time::Instant::now)),
+                    if self.caught_up_retry.is_some() =>
+                {
+                    self.caught_up_retry = None;
+                    if self.tell_caught_up(progress) {
+                        send_status(stream, progress, StatusReason::CaughtUp).await?;
+                    }
+                }
                 message = stream.next() => {
                     match message? {
                         None => return Err(ReplicationError::Closed.into()),
@@ -414,9 +424,13 @@ impl<PL: Planner> Streamer<'_, PL> {
                         Some(WireMessage::PrimaryKeepalive(k)) => {
                             progress.receive(k.wal_end_lsn);
                             self.keepalive_lsn = self.keepalive_lsn.max(k.wal_end_lsn);
+                            // This may be where a batch's confirmation is first seen (the
+                            // walsender sends a keepalive as soon as it waits for WAL).
                             self.observe_confirmation(progress);
                             if k.reply_requested {
                                 send_status(stream, progress, StatusReason::KeepaliveReply).await?;
+                            } else if self.tell_caught_up(progress) {
+                                send_status(stream, progress, StatusReason::CaughtUp).await?;
                             }
                         }
                     }
@@ -608,17 +622,22 @@ impl<PL: Planner> Streamer<'_, PL> {
     /// Whether to tell the server the flush position now rather than at the next tick: when
     /// everything received is applied and the position moved since the last such update. At
     /// most one per `CAUGHT_UP_MIN_GAP`, so a busy live stream that catches up after every
-    /// batch does not send a status update per batch.
+    /// batch does not send a status update per batch; one that comes too soon is asked again
+    /// when the gap is over (`caught_up_retry`), so the last batch of a burst is told too.
     fn tell_caught_up(&mut self, progress: &Progress) -> bool {
-        const CAUGHT_UP_MIN_GAP: std::time::Duration = std::time::Duration::from_millis(20);
+        const CAUGHT_UP_MIN_GAP: Duration = Duration::from_millis(20);
         let (sent_lsn, sent_at) = self.caught_up_sent;
-        let due = self.nothing_pending()
-            && progress.flushed_lsn() > sent_lsn
-            && sent_at.elapsed() >= CAUGHT_UP_MIN_GAP;
-        if due {
-            self.caught_up_sent = (progress.flushed_lsn(), std::time::Instant::now());
+        if !self.nothing_pending() || progress.flushed_lsn() <= sent_lsn {
+            return false;
         }
-        due
+        let due_at = sent_at + CAUGHT_UP_MIN_GAP;
+        if tokio::time::Instant::now() < due_at {
+            self.caught_up_retry = Some(due_at);
+            return false;
+        }
+        self.caught_up_sent = (progress.flushed_lsn(), tokio::time::Instant::now());
+        self.caught_up_retry = None;
+        true
     }
 
     /// With nothing pending, the keepalive position is applied too: the sink publishes it for

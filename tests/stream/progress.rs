@@ -44,6 +44,30 @@ async fn flush_position_waits_for_the_sink() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caught_up_stream_confirms_without_waiting_for_the_status_interval() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    pg.create_database("app");
+    pg.psql("app", SCHEMA);
+    let mut source = harness::source(&pg, "app", "prompt");
+    // Far longer than the test waits: only the caught-up update can confirm in time.
+    source.status_interval_ms = 60_000;
+    let mut run = harness::start(source, &[]);
+    let client = pg.client("app").await;
+    harness::wait_streaming(&client, "prompt").await;
+    for id in 1..=3 {
+        pg.psql("app", &format!("INSERT INTO items VALUES ({id}, 'now')"));
+        let txn = run.next_txn(10).await;
+        // Unasked, the server asks for a reply only every few seconds once it waits for WAL.
+        harness::wait_for(2, || async {
+            harness::slot_confirmed_flush(&client, "prompt").await >= txn.end_lsn
+        })
+        .await;
+    }
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_slot_does_not_hold_wal_written_elsewhere() {
     support::init_tracing();
     let pg = Postgres::start();

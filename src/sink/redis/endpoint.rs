@@ -448,8 +448,8 @@ impl RedisConn {
             RedisConn::Node(_) => {
                 let mut pipe = ::redis::pipe();
                 pipe.ignore_errors();
-                for (_, cmd) in &commands {
-                    pipe.add_command(cmd.clone());
+                for (_, cmd) in commands {
+                    pipe.add_command(cmd);
                 }
                 groups.push((None, (0..total).collect(), pipe));
             }
