@@ -675,6 +675,15 @@ async fn mirrors_stay_exact_when_transactions_are_redelivered_after_a_hard_stop(
 
     let daemon = start(config(&pg, &redis, "app", slot, MIRRORS));
     wait_streaming(&client, slot).await;
+    // An open transaction large enough to be streamed keeps walsweep from being caught up, so
+    // the applied workload is confirmed only at status-interval ticks, not at once: the stop
+    // below then lands before the confirmation (rolled back after the stop).
+    let open = pg.client("app").await;
+    open.batch_execute(
+        "BEGIN; INSERT INTO markers SELECT g FROM generate_series(1000000, 1010000) g",
+    )
+    .await
+    .expect("open streamed transaction");
     for txn in workload(&mut rng, &mut ids, &mut next_id) {
         client.batch_execute(&txn).await.expect("workload");
     }
@@ -708,9 +717,20 @@ async fn mirrors_stay_exact_when_transactions_are_redelivered_after_a_hard_stop(
          redelivered"
     );
 
+    open.batch_execute("ROLLBACK").await.expect("rollback");
+
     // The restart receives again what was applied but not confirmed, then new work.
     let daemon = start(config(&pg, &redis, "app", slot, MIRRORS));
     wait_streaming(&client, slot).await;
+    // An open transaction large enough to be streamed keeps walsweep from being caught up, so
+    // the applied workload is confirmed only at status-interval ticks, not at once: the stop
+    // below then lands before the confirmation (rolled back after the stop).
+    let open = pg.client("app").await;
+    open.batch_execute(
+        "BEGIN; INSERT INTO markers SELECT g FROM generate_series(1000000, 1010000) g",
+    )
+    .await
+    .expect("open streamed transaction");
     for txn in workload(&mut rng, &mut ids, &mut next_id) {
         client.batch_execute(&txn).await.expect("workload");
     }
