@@ -600,6 +600,89 @@ async fn resharding_during_a_write_load_misses_nothing() {
     f.daemon.take().expect("daemon").stop().await;
 }
 
+/// A batch whose pipeline to one primary meets ASK for one key (a row not yet on the migrating
+/// source) after other commands already ran there must not run those again on the importing
+/// node: redis-rs re-sends a redirected pipeline whole, with one ASKING in front, which wrote a
+/// row that still lived on the source onto the target too (the next MIGRATE of it then failed
+/// with BUSYKEY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_meeting_ask_writes_nothing_on_the_importing_node() {
+    let mut f = Fixture::new("cluster_ask_pipeline", "").await;
+    let rows = 100;
+    seed_items(&mut f, rows).await;
+    // Row `a` is mirrored on primary P; row `b` (not yet inserted) would be too, in another
+    // slot. The transaction below updates `a` first, so P's pipeline starts with `a`'s call.
+    let source = f.cluster.primaries()[0].port;
+    let on_source = |id: i32| {
+        let slot = f.cluster.slot_of(format!("item:{id}"));
+        (f.cluster.owner_of_slot(slot).port == source).then_some(slot)
+    };
+    let (a, slot_a) = (1..=rows)
+        .find_map(|id| on_source(id).map(|s| (id, s)))
+        .expect("a seeded row on the first primary");
+    let (b, slot_b) = (rows + 1..rows + 1000)
+        .find_map(|id| on_source(id).filter(|s| *s != slot_a).map(|s| (id, s)))
+        .expect("a new row on the first primary");
+    let target = f.cluster.primaries()[1].port;
+    let target_id = f.cluster.node_id(target);
+    let source_id = f.cluster.node_id(source);
+    for slot in [slot_a, slot_b] {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("IMPORTING")
+            .arg(&source_id)
+            .query(&mut f.cluster.node_connection(target))
+            .expect("SETSLOT IMPORTING");
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("MIGRATING")
+            .arg(&target_id)
+            .query(&mut f.cluster.node_connection(source))
+            .expect("SETSLOT MIGRATING");
+    }
+    let asks_before = f.cluster.error_stats().get("ASK").copied().unwrap_or(0);
+    f.client
+        .batch_execute(&format!(
+            "BEGIN; UPDATE items SET qty = 7 WHERE id = {a}; \
+             INSERT INTO items VALUES ({b}, 'new', 1, 'x'); COMMIT;"
+        ))
+        .await
+        .expect("update a, insert b");
+    // walsweep now retries the batch: `item:{b}` gets ASK on the source until the hand-over.
+    let count_on_target = |slot: u16| -> u64 {
+        redis::cmd("CLUSTER")
+            .arg("COUNTKEYSINSLOT")
+            .arg(slot)
+            .query(&mut f.cluster.node_connection(target))
+            .expect("COUNTKEYSINSLOT")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        assert_eq!(
+            count_on_target(slot_a),
+            0,
+            "item:{a} was written on the importing node while it still lives on the source"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let asks = f.cluster.error_stats().get("ASK").copied().unwrap_or(0) - asks_before;
+    assert!(
+        asks > 0,
+        "walsweep met ASK for item:{b} during the migration"
+    );
+    // Finishing the migration MIGRATEs item:{a}: it fails with BUSYKEY if the target has it.
+    let moved = tokio::task::block_in_place(|| {
+        f.cluster
+            .migrate_slots_paced(&[slot_a, slot_b], target, MigrationPace::FAST)
+    });
+    assert!(moved >= 1, "item:{a} moved to the target");
+    f.caught_up().await;
+    assert_mirrors_equal_select(&mut f).await;
+    f.daemon.take().expect("daemon").stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_during_a_write_load_misses_nothing() {
     // Without WAIT a primary can die with acknowledged unlinks its replica never got.

@@ -71,6 +71,13 @@ pub fn redis_client(redis: &RedisConfig) -> Result<::redis::Client, RedisClientE
 /// The client for the Redis Cluster at `redis.cluster_nodes`: TLS, user and password as for one
 /// node (from the first URL), timeouts from `redis.timeout_ms`.
 pub fn cluster_client(redis: &RedisConfig) -> Result<ClusterClient, RedisClientError> {
+    cluster_client_with_retries(redis, CLUSTER_RETRIES)
+}
+
+fn cluster_client_with_retries(
+    redis: &RedisConfig,
+    retries: u32,
+) -> Result<ClusterClient, RedisClientError> {
     let mut infos = Vec::with_capacity(redis.cluster_nodes.len());
     for url in &redis.cluster_nodes {
         infos.push(
@@ -85,7 +92,7 @@ pub fn cluster_client(redis: &RedisConfig) -> Result<ClusterClient, RedisClientE
         .response_timeout(timeout)
         // Redirections (MOVED, ASK) and "not now" replies (TRYAGAIN, CLUSTERDOWN) are retried
         // by the client a few times; past that the sink's own retry takes over, forever.
-        .retries(CLUSTER_RETRIES)
+        .retries(retries)
         // The client's defaults wait 1.28 s to 11 min between tries; a failover or a slot
         // hand-over takes seconds, and the whole request stays bounded by `timeout_ms`.
         .min_retry_wait(10)
@@ -230,6 +237,8 @@ pub(crate) enum Endpoint {
     },
     Cluster {
         client: ClusterClient,
+        /// For pipelines: the same nodes with no client-side retries (see `RedisConn::Cluster`).
+        pipeline_client: Box<ClusterClient>,
         /// `host:port` of the seed nodes, for messages.
         seeds: String,
     },
@@ -247,6 +256,7 @@ impl Endpoint {
         if redis.is_cluster() {
             return Ok(Endpoint::Cluster {
                 client: cluster_client(redis).map_err(invalid)?,
+                pipeline_client: Box::new(cluster_client_with_retries(redis, 0).map_err(invalid)?),
                 seeds: redis
                     .cluster_nodes
                     .iter()
@@ -293,13 +303,21 @@ impl Endpoint {
                     .await
                     .map(RedisConn::Node)
             }
-            Endpoint::Cluster { client, .. } => {
+            Endpoint::Cluster {
+                client,
+                pipeline_client,
+                ..
+            } => {
                 let mut conn = client.get_async_connection().await?;
+                let pipelines = pipeline_client.get_async_connection().await?;
                 // Read once per connection: a moved slot fails a request, which drops the
                 // connection, so the next one reads the map again.
                 let slots = slot_map(&mut conn).await?;
                 crate::telemetry::metrics::cluster_primaries(slots.primaries.len());
-                Ok(RedisConn::Cluster(conn, std::sync::Arc::new(slots)))
+                Ok(RedisConn::Cluster(
+                    ClusterConns { conn, pipelines },
+                    std::sync::Arc::new(slots),
+                ))
             }
         }
     }
@@ -310,7 +328,18 @@ impl Endpoint {
 #[derive(Clone)]
 pub(crate) enum RedisConn {
     Node(ConnectionManager),
-    Cluster(ClusterConnection, std::sync::Arc<SlotMap>),
+    Cluster(ClusterConns, std::sync::Arc<SlotMap>),
+}
+
+/// Two connections to the same cluster. `conn` follows MOVED and ASK for single commands.
+/// `pipelines` never retries: on a MOVED or ASK reply anywhere in a pipeline, redis-rs re-sends
+/// the WHOLE pipeline to the other node with one ASKING in front, so commands that had already
+/// run on the right node ran again on the importing one. That created keys on both nodes of a
+/// migration (the next MIGRATE failed with BUSYKEY); the sink's own retry re-plans instead.
+#[derive(Clone)]
+pub(crate) struct ClusterConns {
+    conn: ClusterConnection,
+    pipelines: ClusterConnection,
 }
 
 /// Which primary serves each hash slot, as `CLUSTER SLOTS` said when the connection was made.
@@ -396,8 +425,9 @@ impl RedisConn {
         cmd: &Cmd,
     ) -> RedisResult<T> {
         match (self, node) {
-            (RedisConn::Cluster(conn, _), Some(node)) => {
-                let value = conn
+            (RedisConn::Cluster(conns, _), Some(node)) => {
+                let value = conns
+                    .conn
                     .route_command(
                         cmd.clone(),
                         RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
@@ -425,8 +455,8 @@ impl RedisConn {
     pub(crate) async fn primaries(&mut self) -> RedisResult<Vec<Primary>> {
         match self {
             RedisConn::Node(_) => Ok(Vec::new()),
-            RedisConn::Cluster(conn, _) => {
-                let mut primaries = slot_map(conn).await?.primaries;
+            RedisConn::Cluster(conns, _) => {
+                let mut primaries = slot_map(&mut conns.conn).await?.primaries;
                 primaries.sort();
                 crate::telemetry::metrics::cluster_primaries(primaries.len());
                 Ok(primaries)
@@ -476,16 +506,17 @@ impl RedisConn {
                 let started = std::time::Instant::now();
                 let replies = match (&mut conn, node) {
                     (RedisConn::Cluster(c, _), Some(node)) => {
-                        c.route_pipeline(
-                            pipe.clone(),
-                            0,
-                            count,
-                            SingleNodeRoutingInfo::ByAddress {
-                                host: node.host.clone(),
-                                port: node.port,
-                            },
-                        )
-                        .await
+                        c.pipelines
+                            .route_pipeline(
+                                pipe.clone(),
+                                0,
+                                count,
+                                SingleNodeRoutingInfo::ByAddress {
+                                    host: node.host.clone(),
+                                    port: node.port,
+                                },
+                            )
+                            .await
                     }
                     (conn, _) => pipe.query_async::<Vec<Value>>(conn).await,
                 };
@@ -517,7 +548,7 @@ impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisConn::Node(c) => c.req_packed_command(cmd),
-            RedisConn::Cluster(c, _) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c, _) => c.conn.req_packed_command(cmd),
         }
     }
 
@@ -529,14 +560,14 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConn::Node(c) => c.req_packed_commands(cmd, offset, count),
-            RedisConn::Cluster(c, _) => c.req_packed_commands(cmd, offset, count),
+            RedisConn::Cluster(c, _) => c.pipelines.req_packed_commands(cmd, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             RedisConn::Node(c) => c.get_db(),
-            RedisConn::Cluster(c, _) => c.get_db(),
+            RedisConn::Cluster(c, _) => c.conn.get_db(),
         }
     }
 }
