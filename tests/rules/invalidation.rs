@@ -403,6 +403,57 @@ async fn a_dependency_key_of_another_type_is_reported_and_left_alone() {
     );
 }
 
+/// `remove_dependency_sets = true`: each set goes with its members, on the one-call path (all
+/// keys are sets) and on the set-by-set path a key of another type forces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_dependency_sets_go_with_their_members() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let rest = format!("[matroska]\nremove_dependency_sets = true\n{RULES}");
+    let config = config(&pg, &redis, "postgres", "unused", &rest);
+    let mut sink = walsweep::sink::redis::RedisSink::new(&config.redis, &config.matroska).unwrap();
+    let invalidate = |deps: &[&str]| {
+        let mut plan = walsweep::plan::rules::EffectPlan::default();
+        for d in deps {
+            plan.add(walsweep::plan::rules::Effect::InvalidateDep((*d).into()));
+        }
+        plan
+    };
+
+    matroska_put(&mut conn, "one", &["id:article:1", "tag:a"]).await;
+    matroska_put(&mut conn, "two", &["tag:a"]).await;
+    matroska_put(&mut conn, "kept", &["id:article:9"]).await;
+    let plan = invalidate(&["id:article:1", "tag:a", "id:article:404"]);
+    let applied = sink.apply_plans(std::iter::once(&plan)).await.unwrap();
+    assert_eq!(applied.keys_unlinked, 2, "one and two, each once");
+    assert_eq!(applied.wrong_type_sets, 0);
+    for gone in [
+        "cache::data::one",
+        "cache::data::two",
+        "cache::rdep::id:article:1",
+        "cache::rdep::tag:a",
+    ] {
+        assert!(!exists(&mut conn, gone).await, "{gone} is gone");
+    }
+    assert!(exists(&mut conn, "cache::data::kept").await);
+    assert!(exists(&mut conn, "cache::rdep::id:article:9").await);
+
+    set_keys(&mut conn, &["cache::rdep::tag:not-a-set"]).await;
+    matroska_put(&mut conn, "three", &["id:article:3"]).await;
+    let plan = invalidate(&["tag:not-a-set", "id:article:3"]);
+    let applied = sink.apply_plans(std::iter::once(&plan)).await.unwrap();
+    assert_eq!(applied.keys_unlinked, 1);
+    assert_eq!(applied.wrong_type_sets, 1);
+    assert!(!exists(&mut conn, "cache::data::three").await);
+    assert!(!exists(&mut conn, "cache::rdep::id:article:3").await);
+    assert!(
+        exists(&mut conn, "cache::rdep::tag:not-a-set").await,
+        "not a set: left alone"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_wide_invalidation_of_many_keys_unlinks_page_by_page() {
     use futures_util::StreamExt;
