@@ -77,7 +77,9 @@
 //! `cluster` (the Redis Cluster instead) or `both` (a walsweep into each, in the same rounds),
 //! `WALSWEEP_BENCH_RUNTIME` (`touched` only: `multi_thread`, the default and what `walsweep
 //! run` uses, or `current_thread`), `WALSWEEP_BENCH_BIN` (the `walsweep` binary to run, e.g. a
-//! copy of an earlier build to compare with; default the release build of this checkout).
+//! copy of an earlier build to compare with; default the release build of this checkout),
+//! `WALSWEEP_BENCH_SOURCE_EXTRA` (lines added to walsweep's `[source]`, e.g.
+//! `batch_max_txns = 64`, to compare settings).
 
 // Not every re-export of the support code is used here.
 #[allow(unused_imports)]
@@ -770,8 +772,9 @@ fn run_walsweep(bench: &Bench, target: Target, end: Lsn, changes: usize, round: 
             let config = format!(
                 "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[source]\nurl = \"{}\"\n\
                  slot = \"{slot}\"\npublication = \"{PUBLICATION}\"\ncreate_slot = false\n\
-                 create_publication = false\n[redis]\n{redis}\n{rules}",
+                 create_publication = false\n{source_extra}\n[redis]\n{redis}\n{rules}",
                 bench.pg.url(DB),
+                source_extra = std::env::var("WALSWEEP_BENCH_SOURCE_EXTRA").unwrap_or_default(),
             );
             let path = bench.dir.join(format!("walsweep-{slot}.toml"));
             std::fs::write(&path, config).expect("writing walsweep.toml");

@@ -213,7 +213,10 @@ where
         sink,
         txn_rx,
         report_tx,
-        source.batch_max_txns,
+        sink_task::BatchLimits {
+            txns: source.batch_max_txns,
+            changes: source.batch_max_changes,
+        },
         Backoff::new(source.reconnect_min(), source.reconnect_max()),
         wal.clone(),
         send_lag.clone(),

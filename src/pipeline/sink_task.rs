@@ -89,26 +89,36 @@ pub(crate) async fn sink_loop<P: Plan, S: Sink<P>>(
     mut sink: S,
     mut queue: mpsc::Receiver<SinkCommand<P>>,
     report: watch::Sender<SinkReport>,
-    batch_max: usize,
+    limits: BatchLimits,
     backoff: Backoff,
     wal: Arc<WalLayout>,
     send_lag: Arc<SendLag>,
 ) -> Result<(), SinkError> {
     let mut retry = Retry { backoff, report };
-    let mut commands = Vec::with_capacity(batch_max);
-    let mut batch = Vec::with_capacity(batch_max);
+    let mut commands = Vec::with_capacity(limits.txns);
+    let mut batch = Vec::with_capacity(limits.txns);
+    let mut batch_changes = 0;
     sink.start();
-    while queue.recv_many(&mut commands, batch_max).await > 0 {
-        fill_while_behind(&mut queue, &mut commands, batch_max, &send_lag).await;
+    while queue.recv_many(&mut commands, limits.txns).await > 0 {
+        fill_while_behind(&mut queue, &mut commands, limits, &send_lag).await;
         for command in commands.drain(..) {
             match command {
-                SinkCommand::Apply(txn) => batch.push(txn),
+                SinkCommand::Apply(txn) => {
+                    batch_changes += txn.change_count;
+                    batch.push(txn);
+                    if batch_changes >= limits.changes {
+                        apply_batch(&mut sink, &mut batch, &mut retry, &wal).await?;
+                        batch_changes = 0;
+                    }
+                }
                 SinkCommand::Idle(lsn) => {
                     apply_batch(&mut sink, &mut batch, &mut retry, &wal).await?;
+                    batch_changes = 0;
                     publish_position(&mut sink, wal.insert_position_after(lsn), &mut retry).await?;
                 }
                 SinkCommand::Control(control) => {
                     apply_batch(&mut sink, &mut batch, &mut retry, &wal).await?;
+                    batch_changes = 0;
                     loop {
                         match control.run_on(&mut sink).await {
                             Ok(()) => break retry.succeeded(),
@@ -125,27 +135,48 @@ pub(crate) async fn sink_loop<P: Plan, S: Sink<P>>(
             }
         }
         apply_batch(&mut sink, &mut batch, &mut retry, &wal).await?;
+        batch_changes = 0;
     }
     sink.finish().await;
     Ok(())
 }
 
+/// How large a sink batch may grow: whichever limit is reached first ends it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchLimits {
+    /// `source.batch_max_txns`.
+    pub(crate) txns: usize,
+    /// `source.batch_max_changes`: row changes, summed over the batch's transactions; the
+    /// transaction that reaches it ends the batch (transactions are never split).
+    pub(crate) changes: u64,
+}
+
 /// While the walsender sends commits long after they happened (a backlog drains), waits up to
-/// `FILL_WAIT` for more, until `batch_max`: one larger batch instead of several small ones
-/// (`backlog`). Only transactions: a control step or an idle position goes as soon
-/// as it came.
+/// `FILL_WAIT` for more, until the batch is full (`limits`): one larger batch instead of
+/// several small ones (`backlog`). Only transactions: a control step or an idle position goes as
+/// soon as it came.
 async fn fill_while_behind<P>(
     queue: &mut mpsc::Receiver<SinkCommand<P>>,
     commands: &mut Vec<SinkCommand<P>>,
-    batch_max: usize,
+    limits: BatchLimits,
     send_lag: &SendLag,
 ) {
     let deadline = tokio::time::Instant::now() + FILL_WAIT;
-    while commands.len() < batch_max {
+    while commands.len() < limits.txns {
         if !matches!(commands.last(), Some(SinkCommand::Apply(_))) || !send_lag.behind() {
             return;
         }
-        let more = batch_max - commands.len();
+        let changes: u64 = commands
+            .iter()
+            .map(|c| match c {
+                SinkCommand::Apply(txn) => txn.change_count,
+                _ => 0,
+            })
+            .sum();
+        if changes >= limits.changes {
+            return;
+        }
+        let more = limits.txns - commands.len();
         match tokio::time::timeout_at(deadline, queue.recv_many(commands, more)).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
@@ -245,5 +276,86 @@ impl Retry {
         );
         tokio::time::sleep(delay).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::rules::EffectPlan;
+    use std::time::Duration;
+
+    /// Records the size of each batch it is given (no destination: this tests how the sink
+    /// task cuts the queue into batches, nothing about Redis).
+    struct BatchSizes(Arc<std::sync::Mutex<Vec<usize>>>);
+
+    impl Sink<EffectPlan> for BatchSizes {
+        async fn apply(
+            &mut self,
+            batch: &[CommittedTxn<EffectPlan>],
+        ) -> Result<Applied, SinkError> {
+            self.0.lock().expect("lock").push(batch.len());
+            Ok(Applied::whole(batch))
+        }
+
+        async fn reset(&mut self) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    fn txn(n: u64, changes: u64) -> SinkCommand<EffectPlan> {
+        SinkCommand::Apply(CommittedTxn {
+            xid: n as u32,
+            commit_lsn: Lsn(n * 100),
+            end_lsn: Lsn(n * 100 + 50),
+            commit_time_unix_micros: 0,
+            change_count: changes,
+            plan: EffectPlan::default(),
+        })
+    }
+
+    async fn batches(limits: BatchLimits, queued: Vec<SinkCommand<EffectPlan>>) -> Vec<usize> {
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel(queued.len());
+        for command in queued {
+            tx.send(command).await.expect("queue");
+        }
+        drop(tx);
+        let (report, _) = watch::channel(SinkReport::default());
+        sink_loop(
+            BatchSizes(sizes.clone()),
+            rx,
+            report,
+            limits,
+            Backoff::new(Duration::from_millis(1), Duration::from_millis(1)),
+            Arc::new(WalLayout::default()),
+            Arc::new(SendLag::default()),
+        )
+        .await
+        .expect("sink loop");
+        let sizes = sizes.lock().expect("lock").clone();
+        sizes
+    }
+
+    #[tokio::test]
+    async fn a_batch_ends_at_whichever_limit_comes_first() {
+        let by_changes = BatchLimits {
+            txns: 512,
+            changes: 10,
+        };
+        // 4 changes each: the third transaction takes the batch to 12 >= 10.
+        let queued = (1..=7).map(|n| txn(n, 4)).collect();
+        assert_eq!(batches(by_changes, queued).await, vec![3, 3, 1]);
+
+        // The transaction that reaches the limit ends the batch, however large; none is split.
+        let queued = vec![txn(1, 1), txn(2, 50), txn(3, 1), txn(4, 1)];
+        assert_eq!(batches(by_changes, queued).await, vec![2, 2]);
+
+        let by_txns = BatchLimits {
+            txns: 2,
+            changes: 1_000,
+        };
+        let queued = (1..=5).map(|n| txn(n, 4)).collect();
+        assert_eq!(batches(by_txns, queued).await, vec![2, 2, 1]);
     }
 }
