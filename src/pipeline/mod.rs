@@ -238,6 +238,7 @@ where
         caught_up_sent: (Lsn::ZERO, tokio::time::Instant::now()),
         caught_up_retry: None,
         send_lag,
+        txns_committed: crate::telemetry::metrics::txns_committed(),
         wal,
         shutdown,
         backoff: Backoff::new(source.reconnect_min(), source.reconnect_max()),

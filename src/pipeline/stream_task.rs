@@ -75,6 +75,8 @@ pub(crate) struct Streamer<'a, PL: Planner> {
     pub(crate) caught_up_retry: Option<tokio::time::Instant>,
     /// How late the walsender sends commits, for the sink task to tell a backlog (`backlog`).
     pub(crate) send_lag: std::sync::Arc<super::backlog::SendLag>,
+    /// `walsweep_transactions_committed_total`.
+    pub(crate) txns_committed: metrics::Counter,
     /// The server's WAL page and segment sizes, read each session, for the sink's published
     /// position (`WalLayout`).
     pub(crate) wal: std::sync::Arc<crate::pg::wal_layout::WalLayout>,
@@ -395,48 +397,74 @@ impl<PL: Planner> Streamer<'_, PL> {
                     }
                 }
                 message = stream.next() => {
-                    match message? {
-                        None => return Err(ReplicationError::Closed.into()),
-                        Some(WireMessage::XLogData(x)) => {
-                            progress.receive(x.wal_start_lsn);
-                            let committed = self.assembler.feed(&x.data).map_err(|source| {
-                                PipelineError::Assemble { lsn: x.wal_start_lsn, source }
-                            })?;
-                            let new_types = self.assembler.take_new_type_oids();
-                            if !new_types.is_empty() {
-                                // A type created after the session started: rare.
-                                self.resolve_types(new_types).await?;
-                            }
-                            if let Some(txn) = committed {
-                                self.send_lag.observe(
-                                    txn.commit_time_unix_micros,
-                                    crate::pg::pgoutput::pg_time_to_unix_micros(x.send_time),
-                                );
-                                // What the sink will confirm is the commit's end, so that is
-                                // what must count as received, wherever the server put the
-                                // message's start.
-                                progress.receive(txn.end_lsn);
-                                if !self.enqueue(txn, stream, progress, &mut ticker).await? {
-                                    return Ok(SessionEnd::SinkDown);
-                                }
-                            }
+                    let mut message = message?;
+                    loop {
+                        if let Some(end) = self.handle(message, stream, progress, &mut ticker).await? {
+                            return Ok(end);
                         }
-                        Some(WireMessage::PrimaryKeepalive(k)) => {
-                            progress.receive(k.wal_end_lsn);
-                            self.keepalive_lsn = self.keepalive_lsn.max(k.wal_end_lsn);
-                            // This may be where a batch's confirmation is first seen (the
-                            // walsender sends a keepalive as soon as it waits for WAL).
-                            self.observe_confirmation(progress);
-                            if k.reply_requested {
-                                send_status(stream, progress, StatusReason::KeepaliveReply).await?;
-                            } else if self.tell_caught_up(progress) {
-                                send_status(stream, progress, StatusReason::CaughtUp).await?;
-                            }
+                        // The messages already read go without a select! each; the branches
+                        // above get their turn when the buffer runs dry.
+                        match stream.next_buffered()? {
+                            Some(next) => message = next,
+                            None => break,
                         }
                     }
                 }
             }
         }
+    }
+
+    /// One message of the stream (`None`: the server ended it). `Some` ends the session.
+    async fn handle(
+        &mut self,
+        message: Option<WireMessage>,
+        stream: &mut ReplicationStream,
+        progress: &mut Progress,
+        ticker: &mut tokio::time::Interval,
+    ) -> Result<Option<SessionEnd>, PipelineError> {
+        match message {
+            None => return Err(ReplicationError::Closed.into()),
+            Some(WireMessage::XLogData(x)) => {
+                progress.receive(x.wal_start_lsn);
+                let committed =
+                    self.assembler
+                        .feed(&x.data)
+                        .map_err(|source| PipelineError::Assemble {
+                            lsn: x.wal_start_lsn,
+                            source,
+                        })?;
+                let new_types = self.assembler.take_new_type_oids();
+                if !new_types.is_empty() {
+                    // A type created after the session started: rare.
+                    self.resolve_types(new_types).await?;
+                }
+                if let Some(txn) = committed {
+                    self.send_lag.observe(
+                        txn.commit_time_unix_micros,
+                        crate::pg::pgoutput::pg_time_to_unix_micros(x.send_time),
+                    );
+                    // What the sink will confirm is the commit's end, so that is what must
+                    // count as received, wherever the server put the message's start.
+                    progress.receive(txn.end_lsn);
+                    if !self.enqueue(txn, stream, progress, ticker).await? {
+                        return Ok(Some(SessionEnd::SinkDown));
+                    }
+                }
+            }
+            Some(WireMessage::PrimaryKeepalive(k)) => {
+                progress.receive(k.wal_end_lsn);
+                self.keepalive_lsn = self.keepalive_lsn.max(k.wal_end_lsn);
+                // This may be where a batch's confirmation is first seen (the walsender sends
+                // a keepalive as soon as it waits for WAL).
+                self.observe_confirmation(progress);
+                if k.reply_requested {
+                    send_status(stream, progress, StatusReason::KeepaliveReply).await?;
+                } else if self.tell_caught_up(progress) {
+                    send_status(stream, progress, StatusReason::CaughtUp).await?;
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Applies `source.on_slot_lost`. `Ok` means a new slot exists, the sink was cleared behind
@@ -664,13 +692,20 @@ impl<PL: Planner> Streamer<'_, PL> {
         ticker: &mut tokio::time::Interval,
     ) -> Result<bool, PipelineError> {
         let end_lsn = txn.end_lsn;
+        // Room in the queue is the common case: no select! to set up per transaction.
+        if let Ok(permit) = self.queue.try_reserve() {
+            self.txns_committed.increment(1);
+            permit.send(SinkCommand::Apply(txn));
+            self.enqueued_lsn = end_lsn;
+            return Ok(true);
+        }
         loop {
             tokio::select! {
                 biased;
                 permit = self.queue.reserve() => {
                     match permit {
                         Ok(permit) => {
-                            m::txn_committed();
+                            self.txns_committed.increment(1);
                             permit.send(SinkCommand::Apply(txn));
                         }
                         Err(_) => return Err(PipelineError::SinkStopped),

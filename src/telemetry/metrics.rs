@@ -409,8 +409,10 @@ pub(crate) fn describe() {
     }
 }
 
-pub(crate) fn txn_committed() {
-    counter!(TRANSACTIONS_COMMITTED_TOTAL).increment(1);
+/// The counter of committed transactions handed to the sink, kept by the stream task: a
+/// registry lookup per commit was a measurable part of draining a backlog.
+pub(crate) fn txns_committed() -> metrics::Counter {
+    counter!(TRANSACTIONS_COMMITTED_TOTAL)
 }
 
 /// The counter of decoded row changes for one table and operation (kept by the caller).
