@@ -78,6 +78,7 @@ impl Planner for TxnPlanner {
     type Plan = TxnPlan;
 
     fn plan_change(&mut self, change: &RowChange<'_>, plan: &mut TxnPlan) {
+        self.rules.size_hint.before_change(&mut plan.invalidate);
         match self
             .broadcast
             .as_ref()
@@ -95,6 +96,7 @@ impl Planner for TxnPlanner {
                 broadcast.add_change(change, &keys, &deps, &mut plan.broadcast);
             }
         }
+        self.rules.size_hint.after_change(&plan.invalidate);
         if !self.mirrors.is_empty() {
             self.mirrors.plan_change(change, &mut plan.mirror);
         }

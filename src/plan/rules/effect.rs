@@ -75,6 +75,37 @@ impl Effect {}
 /// foldhash's per-process seed keeps collisions from being chosen.
 pub type EffectSet<T> = HashSet<T, foldhash::fast::RandomState>;
 
+/// How large the sets of the last transaction planned grew: the next transaction's are sized
+/// to match at its first change. A transaction's sets otherwise grow from empty, rehashing
+/// every key a few times over, which was the largest single cost of planning a backlog of
+/// 100-row transactions. Capped so one huge transaction does not make every later one
+/// allocate for it.
+#[derive(Debug, Default)]
+pub(crate) struct SizeHint {
+    keys: usize,
+    deps: usize,
+}
+
+impl SizeHint {
+    const MOST: usize = 4_096;
+
+    /// Before a change is planned into `plan`: sizes a plan that has not allocated yet.
+    pub(crate) fn before_change(&self, plan: &mut EffectPlan) {
+        if plan.keys.capacity() == 0 && self.keys > 0 {
+            plan.keys.reserve(self.keys.min(Self::MOST));
+        }
+        if plan.deps.capacity() == 0 && self.deps > 0 {
+            plan.deps.reserve(self.deps.min(Self::MOST));
+        }
+    }
+
+    /// After a change was planned into `plan`.
+    pub(crate) fn after_change(&mut self, plan: &EffectPlan) {
+        self.keys = plan.keys.len();
+        self.deps = plan.deps.len();
+    }
+}
+
 /// Distinct effects of a transaction (or of a batch of them).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct EffectPlan {
@@ -160,6 +191,34 @@ impl Plan for EffectPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_plan_is_sized_like_the_last_one_up_to_a_cap() {
+        let mut hint = SizeHint::default();
+        let mut fresh = EffectPlan::default();
+        hint.before_change(&mut fresh);
+        assert_eq!(fresh.keys.capacity(), 0, "nothing planned yet: no guess");
+
+        let mut last = EffectPlan::default();
+        for i in 0..300 {
+            last.add(Effect::UnlinkKey(format!("k{i}")));
+            last.add(Effect::InvalidateDep(format!("d{i}")));
+            hint.after_change(&last);
+        }
+        let mut next = EffectPlan::default();
+        hint.before_change(&mut next);
+        assert!(next.keys.capacity() >= 300 && next.deps.capacity() >= 300);
+
+        let mut huge = EffectPlan::default();
+        for i in 0..10_000 {
+            huge.add(Effect::UnlinkKey(format!("k{i}")));
+        }
+        hint.after_change(&huge);
+        let mut after_huge = EffectPlan::default();
+        hint.before_change(&mut after_huge);
+        assert!(after_huge.keys.capacity() < 10_000, "capped");
+        assert!(after_huge.keys.capacity() >= SizeHint::MOST);
+    }
 
     #[test]
     fn fallback_causes_are_the_exported_labels() {

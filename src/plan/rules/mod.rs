@@ -15,6 +15,7 @@ use crate::config::{Config, OpName, TableConfig};
 use crate::pg::pgoutput::TupleValue;
 use crate::plan::{Op, Planner, RelationInfo, RowChange};
 use crate::value::{python_repr, python_str, TypeRegistry, PYTHON_NONE};
+pub(crate) use effect::SizeHint;
 pub use effect::{Effect, EffectPlan, EffectSet, FallbackCause};
 use jiff::tz::TimeZone;
 
@@ -418,6 +419,8 @@ pub struct RulesPlanner {
     /// `True` as the app's driver hands it, not Postgres's `t`.
     types: TypeRegistry,
     timezone: TimeZone,
+    /// Sizes each transaction's sets at its first change (`SizeHint`).
+    pub(crate) size_hint: SizeHint,
 }
 
 impl RulesPlanner {
@@ -428,6 +431,7 @@ impl RulesPlanner {
             warned: HashSet::new(),
             types: TypeRegistry::new(),
             timezone: rules.timezone,
+            size_hint: SizeHint::default(),
         }
     }
 
@@ -638,7 +642,9 @@ impl Planner for RulesPlanner {
     type Plan = EffectPlan;
 
     fn plan_change(&mut self, change: &RowChange<'_>, plan: &mut EffectPlan) {
+        self.size_hint.before_change(plan);
         self.effects(change, &mut |effect, _| plan.add(effect));
+        self.size_hint.after_change(plan);
     }
 
     fn plan_truncate(&mut self, relations: &[&RelationInfo], plan: &mut EffectPlan) {
