@@ -624,24 +624,7 @@ async fn a_pipeline_meeting_ask_writes_nothing_on_the_importing_node() {
         .find_map(|id| on_source(id).filter(|s| *s != slot_a).map(|s| (id, s)))
         .expect("a new row on the first primary");
     let target = f.cluster.primaries()[1].port;
-    let target_id = f.cluster.node_id(target);
-    let source_id = f.cluster.node_id(source);
-    for slot in [slot_a, slot_b] {
-        let _: () = redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(slot)
-            .arg("IMPORTING")
-            .arg(&source_id)
-            .query(&mut f.cluster.node_connection(target))
-            .expect("SETSLOT IMPORTING");
-        let _: () = redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(slot)
-            .arg("MIGRATING")
-            .arg(&target_id)
-            .query(&mut f.cluster.node_connection(source))
-            .expect("SETSLOT MIGRATING");
-    }
+    f.cluster.start_migration(&[slot_a, slot_b], target);
     let asks_before = f.cluster.error_stats().get("ASK").copied().unwrap_or(0);
     f.client
         .batch_execute(&format!(

@@ -427,18 +427,15 @@ impl RedisCluster {
         self.migrate_slots_paced(slots, to_port, MigrationPace::FAST)
     }
 
-    /// Moves `slots` with their keys from whichever primaries serve them to the primary on
-    /// `to_port`, the way resharding does: `CLUSTER SETSLOT IMPORTING` on the target and
-    /// `MIGRATING` on the source (all slots first, so they are in flight together), then
-    /// `GETKEYSINSLOT` + `MIGRATE` until each slot is empty on its source, then `SETSLOT NODE`
-    /// on the target, the source and the other primaries. Waits until every node agrees on the
-    /// new owners. Returns how many keys moved (keys a concurrent client creates meanwhile land
-    /// on the target directly, through ASK, and are not counted).
-    pub fn migrate_slots_paced(&self, slots: &[u16], to_port: u16, pace: MigrationPace) -> usize {
-        assert!(
-            pace.keys_per_migrate > 0,
-            "MigrationPace::keys_per_migrate must be at least 1"
-        );
+    /// Puts `slots` in flight towards the primary on `to_port` without moving a key:
+    /// `CLUSTER SETSLOT IMPORTING` on the target and `MIGRATING` on each source, so clients
+    /// meet ASK for keys not yet on the source. Returns the target and each moving slot with
+    /// its source (slots the target already serves are left out).
+    pub fn start_migration(
+        &self,
+        slots: &[u16],
+        to_port: u16,
+    ) -> (ClusterNode, Vec<(u16, ClusterNode)>) {
         let nodes = self.topology();
         let running = self.running_ports();
         let target = nodes
@@ -468,23 +465,28 @@ impl RedisCluster {
             }
         }
 
-        let setslot = |port: u16, slot: u16, state: &str, id: &str| {
-            let _: () = query(
-                port,
-                redis::cmd("CLUSTER")
-                    .arg("SETSLOT")
-                    .arg(slot)
-                    .arg(state)
-                    .arg(id),
-            )
-            .unwrap_or_else(|e| panic!("migrating slot {slot} to {to_port}: {e}"));
-        };
         // Importing first: a source that is already MIGRATING sends ASK to the target, which
         // must then accept it.
         for (slot, source) in &moves {
-            setslot(target.port, *slot, "IMPORTING", &source.id);
-            setslot(source.port, *slot, "MIGRATING", &target.id);
+            setslot(target.port, *slot, "IMPORTING", &source.id, to_port);
+            setslot(source.port, *slot, "MIGRATING", &target.id, to_port);
         }
+        (target, moves)
+    }
+
+    /// Moves `slots` with their keys from whichever primaries serve them to the primary on
+    /// `to_port`, the way resharding does: `CLUSTER SETSLOT IMPORTING` on the target and
+    /// `MIGRATING` on the source (all slots first, so they are in flight together), then
+    /// `GETKEYSINSLOT` + `MIGRATE` until each slot is empty on its source, then `SETSLOT NODE`
+    /// on the target, the source and the other primaries. Waits until every node agrees on the
+    /// new owners. Returns how many keys moved (keys a concurrent client creates meanwhile land
+    /// on the target directly, through ASK, and are not counted).
+    pub fn migrate_slots_paced(&self, slots: &[u16], to_port: u16, pace: MigrationPace) -> usize {
+        assert!(
+            pace.keys_per_migrate > 0,
+            "MigrationPace::keys_per_migrate must be at least 1"
+        );
+        let (target, moves) = self.start_migration(slots, to_port);
 
         let mut moved = 0;
         for (slot, source) in &moves {
@@ -527,11 +529,11 @@ impl RedisCluster {
         // target must already claim the slot, or clients bounce between the two.
         let primaries = self.primaries();
         for (slot, source) in &moves {
-            setslot(target.port, *slot, "NODE", &target.id);
-            setslot(source.port, *slot, "NODE", &target.id);
+            setslot(target.port, *slot, "NODE", &target.id, to_port);
+            setslot(source.port, *slot, "NODE", &target.id, to_port);
             for other in &primaries {
                 if other.port != target.port && other.port != source.port {
-                    setslot(other.port, *slot, "NODE", &target.id);
+                    setslot(other.port, *slot, "NODE", &target.id, to_port);
                 }
             }
         }
@@ -973,6 +975,19 @@ fn connect(port: u16) -> Result<redis::Connection, String> {
 }
 
 /// Runs one command on one node over a fresh connection; errors name the node and the command.
+/// One step of a slot migration towards `to_port` (named in the panic).
+fn setslot(port: u16, slot: u16, state: &str, node_id: &str, to_port: u16) {
+    let _: () = query(
+        port,
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(state)
+            .arg(node_id),
+    )
+    .unwrap_or_else(|e| panic!("migrating slot {slot} to {to_port}: {e}"));
+}
+
 fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Result<T, String> {
     let mut con = connect(port)?;
     cmd.query(&mut con).map_err(|e| {
