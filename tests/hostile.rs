@@ -223,7 +223,7 @@ fn ten_thousand_columns_decode_and_plan_quickly() {
         txn.plan.keys,
         ["w:v9999".to_string(), "w0:v0".to_string()]
             .into_iter()
-            .collect::<walsweep::plan::rules::EffectSet<String>>()
+            .collect::<walsweep::plan::rules::EffectSet>()
     );
     let took = started.elapsed();
     eprintln!("hostile: 10 000 columns decoded and planned in {took:?}");
@@ -293,7 +293,7 @@ fn a_one_gigabyte_value_is_borrowed_not_copied() {
         txn.plan.keys,
         ["big:1".to_string()]
             .into_iter()
-            .collect::<walsweep::plan::rules::EffectSet<String>>()
+            .collect::<walsweep::plan::rules::EffectSet>()
     );
     let growth = meter.growth();
     drop(message);

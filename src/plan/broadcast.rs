@@ -27,7 +27,7 @@ use serde::Serialize;
 use crate::config::BroadcastConfig;
 use crate::pg::pgoutput::TupleValue;
 use crate::pg::Lsn;
-use crate::plan::rules::Effect;
+use crate::plan::rules::EffectRef;
 use crate::plan::{Op, RelationInfo, RowChange};
 use crate::value::{decode_text, iso_utc, TypeRegistry, Value};
 
@@ -159,12 +159,12 @@ pub(crate) fn reset_body(reason: &str) -> String {
 
 /// Adds what a broadcast lists for one invalidation: keys and dependencies as rendered,
 /// table-wide ones as `prefix*` (what a client matches its entries against).
-pub(crate) fn list_effect(effect: &Effect, keys: &mut Vec<String>, deps: &mut Vec<String>) {
+pub(crate) fn list_effect(effect: EffectRef<'_>, keys: &mut Vec<String>, deps: &mut Vec<String>) {
     match effect {
-        Effect::UnlinkKey(k) => keys.push(k.clone()),
-        Effect::InvalidateDep(d) => deps.push(d.clone()),
-        Effect::UnlinkKeysWithPrefix { prefix, .. } => keys.push(format!("{prefix}*")),
-        Effect::InvalidateDepsWithPrefix { prefix, .. } => deps.push(format!("{prefix}*")),
+        EffectRef::UnlinkKey(k) => keys.push(k.to_string()),
+        EffectRef::InvalidateDep(d) => deps.push(d.to_string()),
+        EffectRef::UnlinkKeysWithPrefix { prefix, .. } => keys.push(format!("{prefix}*")),
+        EffectRef::InvalidateDepsWithPrefix { prefix, .. } => deps.push(format!("{prefix}*")),
     }
 }
 

@@ -86,12 +86,12 @@ impl Planner for TxnPlanner {
         {
             None => self
                 .rules
-                .effects(change, &mut |effect, _| plan.invalidate.add(effect)),
+                .effects(change, &mut |effect, _| plan.invalidate.add_ref(effect)),
             Some(broadcast) => {
                 let (mut keys, mut deps) = (Vec::new(), Vec::new());
                 self.rules.effects(change, &mut |effect, _| {
-                    crate::plan::broadcast::list_effect(&effect, &mut keys, &mut deps);
-                    plan.invalidate.add(effect);
+                    crate::plan::broadcast::list_effect(effect, &mut keys, &mut deps);
+                    plan.invalidate.add_ref(effect);
                 });
                 broadcast.add_change(change, &keys, &deps, &mut plan.broadcast);
             }

@@ -51,8 +51,9 @@ pub(crate) const PYTHON_NONE: &str = "None";
 
 /// Python's `str()` of a column value given as Postgres text, through the typed conversion.
 /// Text that does not parse as its type is returned as is (a key is better than no key; the
-/// typed reading is the one to trust). Types whose Python form is their text (text, uuid,
-/// dates, arrays, ...) are returned without being decoded, so rendering them allocates nothing.
+/// typed reading is the one to trust). Types whose Python form is their text (integers, text,
+/// uuid, dates, arrays, ...) are returned without being decoded, so rendering them allocates
+/// nothing.
 /// `zone` is the app's session TimeZone (`matroska.timezone`), for timestamptz values.
 pub(crate) fn python_str<'a>(
     type_oid: u32,
@@ -63,7 +64,11 @@ pub(crate) fn python_str<'a>(
     let passthrough = match types.shape(type_oid, 0) {
         Ok(Shape::Scalar(scalar)) => matches!(
             scalar,
-            Scalar::Text
+            // Postgres prints integers as Python does: no sign but `-`, no leading zeros.
+            Scalar::Int2
+                | Scalar::Int4
+                | Scalar::Int8
+                | Scalar::Text
                 | Scalar::Bytea
                 | Scalar::Uuid
                 | Scalar::Date
@@ -334,6 +339,25 @@ mod tests {
             python_str(Type::TIMETZ.oid(), "12:00:00+00", &types, &zone),
             "12:00:00+00:00"
         );
+    }
+
+    /// Postgres's integer text is Python's `str()` of the int psycopg2 builds, so it is used
+    /// as is, without a copy.
+    #[test]
+    fn python_str_of_an_integer_is_its_text_borrowed() {
+        let types = TypeRegistry::new();
+        for (oid, text) in [
+            (Type::INT2.oid(), "-32768"),
+            (Type::INT4.oid(), "0"),
+            (Type::INT4.oid(), "42"),
+            (Type::INT8.oid(), "9223372036854775807"),
+        ] {
+            let rendered = python_str(oid, text, &types, &TimeZone::UTC);
+            assert!(
+                matches!(rendered, Cow::Borrowed(t) if t == text),
+                "{text}: {rendered:?}"
+            );
+        }
     }
 
     /// Where the typed path is right and the text path is not: Python's Decimal switches to

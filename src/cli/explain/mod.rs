@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::plan::mirror::MirrorRule;
-use crate::plan::rules::{Effect, Origin, Rules, RulesPlanner};
+use crate::plan::rules::{EffectRef, Origin, Rules, RulesPlanner};
 use crate::plan::{OldRow, Op, RowChange};
 
 mod guess;
@@ -94,7 +94,7 @@ pub(crate) fn explain(
         timezone: rules.timezone.clone(),
     });
     let mut lines = Vec::new();
-    let mut emit = |effect: Effect, origin: Origin| lines.push((effect, origin));
+    let mut emit = |effect: EffectRef<'_>, origin: Origin| lines.push((effect.to_owned(), origin));
     let change = RowChange {
         relation: &relation,
         op,
@@ -113,7 +113,11 @@ pub(crate) fn explain(
     // What a broadcast lists: every effect as emitted, like the daemon's transaction planner.
     let (mut broadcast_keys, mut broadcast_deps) = (Vec::new(), Vec::new());
     for (effect, _) in &lines {
-        crate::plan::broadcast::list_effect(effect, &mut broadcast_keys, &mut broadcast_deps);
+        crate::plan::broadcast::list_effect(
+            effect.as_ref(),
+            &mut broadcast_keys,
+            &mut broadcast_deps,
+        );
     }
     let mut out = String::new();
     write_effects(

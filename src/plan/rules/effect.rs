@@ -1,8 +1,10 @@
 //! Effects: what one change asks of Redis, and the deduplicated plan a transaction keeps.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use crate::plan::Plan;
+
+pub use super::effect_set::EffectSet;
 
 /// Why a table-wide invalidation replaced precise ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,12 +70,59 @@ pub enum Effect {
     },
 }
 
-impl Effect {}
+impl Effect {
+    pub fn as_ref(&self) -> EffectRef<'_> {
+        match self {
+            Effect::UnlinkKey(k) => EffectRef::UnlinkKey(k),
+            Effect::InvalidateDep(d) => EffectRef::InvalidateDep(d),
+            Effect::UnlinkKeysWithPrefix { prefix, cause } => EffectRef::UnlinkKeysWithPrefix {
+                prefix,
+                cause: *cause,
+            },
+            Effect::InvalidateDepsWithPrefix { prefix, cause } => {
+                EffectRef::InvalidateDepsWithPrefix {
+                    prefix,
+                    cause: *cause,
+                }
+            }
+        }
+    }
+}
 
-/// The sets of keys and dependencies of plans: hashed with foldhash, not SipHash. The strings
-/// come from the database, but a set only dedups one transaction's (or batch's) effects and
-/// foldhash's per-process seed keeps collisions from being chosen.
-pub type EffectSet<T> = HashSet<T, foldhash::fast::RandomState>;
+/// An `Effect` whose text is borrowed: what the planner emits, rendered into a buffer it
+/// reuses, so a key a transaction already has costs no allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EffectRef<'a> {
+    UnlinkKey(&'a str),
+    InvalidateDep(&'a str),
+    UnlinkKeysWithPrefix {
+        prefix: &'a str,
+        cause: FallbackCause,
+    },
+    InvalidateDepsWithPrefix {
+        prefix: &'a str,
+        cause: FallbackCause,
+    },
+}
+
+impl EffectRef<'_> {
+    pub fn to_owned(self) -> Effect {
+        match self {
+            EffectRef::UnlinkKey(k) => Effect::UnlinkKey(k.to_string()),
+            EffectRef::InvalidateDep(d) => Effect::InvalidateDep(d.to_string()),
+            EffectRef::UnlinkKeysWithPrefix { prefix, cause } => Effect::UnlinkKeysWithPrefix {
+                prefix: prefix.to_string(),
+                cause,
+            },
+            EffectRef::InvalidateDepsWithPrefix { prefix, cause } => {
+                Effect::InvalidateDepsWithPrefix {
+                    prefix: prefix.to_string(),
+                    cause,
+                }
+            }
+        }
+    }
+}
 
 /// How large the sets of the last transaction planned grew: the next transaction's are sized
 /// to match at its first change. A transaction's sets otherwise grow from empty, rehashing
@@ -82,8 +131,8 @@ pub type EffectSet<T> = HashSet<T, foldhash::fast::RandomState>;
 /// allocate for it.
 #[derive(Debug, Default)]
 pub(crate) struct SizeHint {
-    keys: usize,
-    deps: usize,
+    keys: (usize, usize),
+    deps: (usize, usize),
 }
 
 impl SizeHint {
@@ -91,26 +140,27 @@ impl SizeHint {
 
     /// Before a change is planned into `plan`: sizes a plan that has not allocated yet.
     pub(crate) fn before_change(&self, plan: &mut EffectPlan) {
-        if plan.keys.capacity() == 0 && self.keys > 0 {
-            plan.keys.reserve(self.keys.min(Self::MOST));
-        }
-        if plan.deps.capacity() == 0 && self.deps > 0 {
-            plan.deps.reserve(self.deps.min(Self::MOST));
+        for (set, (members, bytes)) in [(&mut plan.keys, self.keys), (&mut plan.deps, self.deps)] {
+            if set.capacity() == 0 && members > 0 {
+                let most = members.min(Self::MOST);
+                // Text for that many members of the last plan's average length.
+                set.reserve(most, bytes / members * most);
+            }
         }
     }
 
     /// After a change was planned into `plan`.
     pub(crate) fn after_change(&mut self, plan: &EffectPlan) {
-        self.keys = plan.keys.len();
-        self.deps = plan.deps.len();
+        self.keys = (plan.keys.len(), plan.keys.text_len());
+        self.deps = (plan.deps.len(), plan.deps.text_len());
     }
 }
 
 /// Distinct effects of a transaction (or of a batch of them).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct EffectPlan {
-    pub keys: EffectSet<String>,
-    pub(crate) deps: EffectSet<String>,
+    pub keys: EffectSet,
+    pub(crate) deps: EffectSet,
     pub key_prefixes: BTreeMap<String, FallbackCause>,
     pub(crate) dep_prefixes: BTreeMap<String, FallbackCause>,
 }
@@ -128,18 +178,27 @@ impl EffectPlan {
     }
 
     pub fn add(&mut self, effect: Effect) {
+        self.add_ref(effect.as_ref());
+    }
+
+    /// `add` without an owned effect: its text is copied only if the plan lacks it.
+    pub fn add_ref(&mut self, effect: EffectRef<'_>) {
         match effect {
-            Effect::UnlinkKey(k) => {
+            EffectRef::UnlinkKey(k) => {
                 self.keys.insert(k);
             }
-            Effect::InvalidateDep(d) => {
+            EffectRef::InvalidateDep(d) => {
                 self.deps.insert(d);
             }
-            Effect::UnlinkKeysWithPrefix { prefix, cause } => {
-                self.key_prefixes.entry(prefix).or_insert(cause);
+            EffectRef::UnlinkKeysWithPrefix { prefix, cause } => {
+                if !self.key_prefixes.contains_key(prefix) {
+                    self.key_prefixes.insert(prefix.to_string(), cause);
+                }
             }
-            Effect::InvalidateDepsWithPrefix { prefix, cause } => {
-                self.dep_prefixes.entry(prefix).or_insert(cause);
+            EffectRef::InvalidateDepsWithPrefix { prefix, cause } => {
+                if !self.dep_prefixes.contains_key(prefix) {
+                    self.dep_prefixes.insert(prefix.to_string(), cause);
+                }
             }
         }
     }
@@ -151,12 +210,8 @@ impl EffectPlan {
 
 impl Plan for EffectPlan {
     fn merge(&mut self, later: Self) {
-        if self.keys.is_empty() {
-            self.keys = later.keys;
-        } else {
-            self.keys.extend(later.keys);
-        }
-        self.deps.extend(later.deps);
+        self.keys.merge(later.keys);
+        self.deps.merge(later.deps);
         for (p, c) in later.key_prefixes {
             self.key_prefixes.entry(p).or_insert(c);
         }
@@ -201,17 +256,18 @@ mod tests {
 
         let mut last = EffectPlan::default();
         for i in 0..300 {
-            last.add(Effect::UnlinkKey(format!("k{i}")));
-            last.add(Effect::InvalidateDep(format!("d{i}")));
+            last.add_ref(EffectRef::UnlinkKey(&format!("k{i}")));
+            last.add_ref(EffectRef::InvalidateDep(&format!("d{i}")));
             hint.after_change(&last);
         }
         let mut next = EffectPlan::default();
         hint.before_change(&mut next);
         assert!(next.keys.capacity() >= 300 && next.deps.capacity() >= 300);
+        assert!(next.keys.text_len() == 0, "sized, not filled");
 
         let mut huge = EffectPlan::default();
         for i in 0..10_000 {
-            huge.add(Effect::UnlinkKey(format!("k{i}")));
+            huge.add_ref(EffectRef::UnlinkKey(&format!("k{i}")));
         }
         hint.after_change(&huge);
         let mut after_huge = EffectPlan::default();

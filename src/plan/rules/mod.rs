@@ -5,6 +5,7 @@
 //! (`BoundTable`), so per row there are only index lookups and string building.
 
 pub(crate) mod effect;
+mod effect_set;
 pub(crate) mod hint;
 
 use std::collections::{HashMap, HashSet};
@@ -16,7 +17,8 @@ use crate::pg::pgoutput::TupleValue;
 use crate::plan::{Op, Planner, RelationInfo, RowChange};
 use crate::value::{python_repr, python_str, TypeRegistry, PYTHON_NONE};
 pub(crate) use effect::SizeHint;
-pub use effect::{Effect, EffectPlan, EffectSet, FallbackCause};
+pub use effect::{Effect, EffectPlan, EffectRef, EffectSet, FallbackCause};
+pub(crate) use effect_set::union;
 use jiff::tz::TimeZone;
 
 /// Prefix of `pg_logical_emit_message` payloads walsweep acts on.
@@ -208,20 +210,20 @@ impl Rules {
         let mut plan = EffectPlan::default();
         for table in &self.tables {
             for key in &table.keys {
-                plan.add(Effect::UnlinkKeysWithPrefix {
-                    prefix: key.literal_prefix().to_string(),
+                plan.add_ref(EffectRef::UnlinkKeysWithPrefix {
+                    prefix: key.literal_prefix(),
                     cause,
                 });
             }
             for dep in &table.deps {
-                plan.add(Effect::InvalidateDepsWithPrefix {
-                    prefix: dep.literal_prefix().to_string(),
+                plan.add_ref(EffectRef::InvalidateDepsWithPrefix {
+                    prefix: dep.literal_prefix(),
                     cause,
                 });
             }
             for scope in &table.scopes {
-                plan.add(Effect::InvalidateDepsWithPrefix {
-                    prefix: format!("condition:{}:", scope.name),
+                plan.add_ref(EffectRef::InvalidateDepsWithPrefix {
+                    prefix: &format!("condition:{}:", scope.name),
                     cause,
                 });
             }
@@ -354,6 +356,28 @@ pub(crate) fn render(
     python: bool,
 ) -> Rendered {
     let mut out = String::with_capacity(bound.template.source.len() + 16);
+    match render_into(
+        bound, change, side, type_oids, types, zone, python, &mut out,
+    ) {
+        Ok(true) => Rendered::Value(out),
+        Ok(false) => Rendered::Absent,
+        Err(cause) => Rendered::Unknown(cause),
+    }
+}
+
+/// `render` onto the end of `out`, which the caller reuses: `Ok(false)` for a NULL in a key
+/// template (no such key exists). On `Ok(false)` and errors `out` holds a partial rendering.
+#[allow(clippy::too_many_arguments)]
+fn render_into(
+    bound: &BoundTemplate,
+    change: &RowChange<'_>,
+    side: Side,
+    type_oids: &[u32],
+    types: &TypeRegistry,
+    zone: &TimeZone,
+    python: bool,
+    out: &mut String,
+) -> Result<bool, FallbackCause> {
     let mut positions = bound.positions.iter();
     for segment in &bound.template.segments {
         match segment {
@@ -371,16 +395,17 @@ pub(crate) fn render(
                     Cell::Text(t) if python => out.push_str(&python_str(oid(), &t, types, zone)),
                     Cell::Text(t) => out.push_str(&t),
                     Cell::Null if python => out.push_str(PYTHON_NONE),
-                    Cell::Null => return Rendered::Absent,
-                    Cell::Unknown(cause) => return Rendered::Unknown(cause),
+                    Cell::Null => return Ok(false),
+                    Cell::Unknown(cause) => return Err(cause),
                 }
             }
         }
     }
-    Rendered::Value(out)
+    Ok(true)
 }
 
-/// matroska's condition string: `condition:Name:&a=1&b=True&`; `None` when a value is unknown.
+/// matroska's condition string, `condition:Name:&a=1&b=True&`, onto the end of `out`; the
+/// cause when a value is unknown.
 fn scope_condition(
     scope: &BoundScope,
     change: &RowChange<'_>,
@@ -388,8 +413,11 @@ fn scope_condition(
     type_oids: &[u32],
     types: &TypeRegistry,
     zone: &TimeZone,
-) -> Result<String, FallbackCause> {
-    let mut out = format!("condition:{}:&", scope.rule.name);
+    out: &mut String,
+) -> Result<(), FallbackCause> {
+    out.push_str("condition:");
+    out.push_str(&scope.rule.name);
+    out.push_str(":&");
     for (column, position) in scope.rule.columns.iter().zip(&scope.positions) {
         out.push_str(column);
         out.push('=');
@@ -406,7 +434,7 @@ fn scope_condition(
         }
         out.push('&');
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The `Planner` built from rules.
@@ -421,6 +449,9 @@ pub struct RulesPlanner {
     timezone: TimeZone,
     /// Sizes each transaction's sets at its first change (`SizeHint`).
     pub(crate) size_hint: SizeHint,
+    /// Where each key, dependency and condition is rendered before it is emitted: reused, so
+    /// rendering allocates nothing once it is large enough.
+    rendered: String,
 }
 
 impl RulesPlanner {
@@ -432,6 +463,7 @@ impl RulesPlanner {
             types: TypeRegistry::new(),
             timezone: rules.timezone,
             size_hint: SizeHint::default(),
+            rendered: String::new(),
         }
     }
 
@@ -463,7 +495,11 @@ impl RulesPlanner {
     }
 
     /// Every effect of one change with the rule that produced it.
-    pub(crate) fn effects(&mut self, change: &RowChange<'_>, emit: &mut dyn FnMut(Effect, Origin)) {
+    pub(crate) fn effects(
+        &mut self,
+        change: &RowChange<'_>,
+        emit: &mut dyn FnMut(EffectRef<'_>, Origin),
+    ) {
         if !self.bound.contains_key(&change.relation.oid) {
             self.bind(change.relation);
         }
@@ -501,7 +537,9 @@ impl RulesPlanner {
                                 },
                                 side,
                             };
-                            match render(
+                            let out = &mut self.rendered;
+                            out.clear();
+                            match render_into(
                                 bound,
                                 change,
                                 side,
@@ -509,23 +547,22 @@ impl RulesPlanner {
                                 &self.types,
                                 &self.timezone,
                                 python,
+                                out,
                             ) {
-                                Rendered::Value(v) if python => {
-                                    emit(Effect::InvalidateDep(v), origin)
-                                }
-                                Rendered::Value(v) => emit(Effect::UnlinkKey(v), origin),
-                                Rendered::Absent => {}
-                                Rendered::Unknown(cause) => {
-                                    let prefix = bound.template.literal_prefix().to_string();
+                                Ok(true) if python => emit(EffectRef::InvalidateDep(out), origin),
+                                Ok(true) => emit(EffectRef::UnlinkKey(out), origin),
+                                Ok(false) => {}
+                                Err(cause) => {
+                                    let prefix = bound.template.literal_prefix();
                                     fallbacks.push((
                                         rule.clone(),
                                         bound.template.source.clone(),
                                         cause,
                                     ));
                                     let effect = if python {
-                                        Effect::InvalidateDepsWithPrefix { prefix, cause }
+                                        EffectRef::InvalidateDepsWithPrefix { prefix, cause }
                                     } else {
-                                        Effect::UnlinkKeysWithPrefix { prefix, cause }
+                                        EffectRef::UnlinkKeysWithPrefix { prefix, cause }
                                     };
                                     emit(
                                         effect,
@@ -557,6 +594,8 @@ impl RulesPlanner {
                         rule: RuleRef::Scope(scope.index),
                         side,
                     };
+                    let out = &mut self.rendered;
+                    out.clear();
                     match scope_condition(
                         scope,
                         change,
@@ -564,8 +603,9 @@ impl RulesPlanner {
                         &table.type_oids,
                         &self.types,
                         &self.timezone,
+                        out,
                     ) {
-                        Ok(condition) => emit(Effect::InvalidateDep(condition), origin),
+                        Ok(()) => emit(EffectRef::InvalidateDep(out), origin),
                         Err(cause) => {
                             fallbacks.push((
                                 rule.clone(),
@@ -573,7 +613,7 @@ impl RulesPlanner {
                                 cause,
                             ));
                             emit(
-                                Effect::InvalidateDep(scope.rule.invalidate_all()),
+                                EffectRef::InvalidateDep(&scope.rule.invalidate_all()),
                                 Origin {
                                     side: Side::Table,
                                     ..origin
@@ -594,7 +634,7 @@ impl RulesPlanner {
     pub(crate) fn truncate_effects(
         &mut self,
         relation: &RelationInfo,
-        emit: &mut dyn FnMut(Effect, Origin),
+        emit: &mut dyn FnMut(EffectRef<'_>, Origin),
     ) {
         if !self.bound.contains_key(&relation.oid) {
             self.bind(relation);
@@ -614,22 +654,22 @@ impl RulesPlanner {
                 side: Side::Table,
             };
             for bound in &table.keys {
-                let prefix = bound.template.literal_prefix().to_string();
+                let prefix = bound.template.literal_prefix();
                 emit(
-                    Effect::UnlinkKeysWithPrefix { prefix, cause },
+                    EffectRef::UnlinkKeysWithPrefix { prefix, cause },
                     origin(RuleRef::Key(bound.index)),
                 );
             }
             for bound in &table.deps {
-                let prefix = bound.template.literal_prefix().to_string();
+                let prefix = bound.template.literal_prefix();
                 emit(
-                    Effect::InvalidateDepsWithPrefix { prefix, cause },
+                    EffectRef::InvalidateDepsWithPrefix { prefix, cause },
                     origin(RuleRef::Dep(bound.index)),
                 );
             }
             for scope in &table.scopes {
                 emit(
-                    Effect::InvalidateDep(scope.rule.invalidate_all()),
+                    EffectRef::InvalidateDep(&scope.rule.invalidate_all()),
                     origin(RuleRef::Scope(scope.index)),
                 );
             }
@@ -643,13 +683,13 @@ impl Planner for RulesPlanner {
 
     fn plan_change(&mut self, change: &RowChange<'_>, plan: &mut EffectPlan) {
         self.size_hint.before_change(plan);
-        self.effects(change, &mut |effect, _| plan.add(effect));
+        self.effects(change, &mut |effect, _| plan.add_ref(effect));
         self.size_hint.after_change(plan);
     }
 
     fn plan_truncate(&mut self, relations: &[&RelationInfo], plan: &mut EffectPlan) {
         for relation in relations {
-            self.truncate_effects(relation, &mut |effect, _| plan.add(effect));
+            self.truncate_effects(relation, &mut |effect, _| plan.add_ref(effect));
         }
     }
 

@@ -39,7 +39,7 @@ use self::errors::{script_sink_error, ScriptCalls};
 pub use self::position::APPLIED as APPLIED_POSITION;
 use crate::config::template::glob_escape;
 use crate::config::{BroadcastConfig, MatroskaConfig, RedisConfig};
-use crate::plan::rules::{EffectPlan, EffectSet, FallbackCause};
+use crate::plan::rules::{union, EffectPlan, FallbackCause};
 use crate::plan::txn::TxnPlan;
 use crate::plan::Plan;
 use crate::sink::{Applied, Recovery, Sink, SinkError};
@@ -221,19 +221,11 @@ impl RedisSink {
         plans: impl Iterator<Item = &'a EffectPlan> + Clone,
         fence_lsn: Option<Lsn>,
     ) -> Result<Unlinked, SinkError> {
-        // Sized up front: growing a set of a batch's keys rehashed it a dozen times.
-        let (key_count, dep_count) = plans
-            .clone()
-            .fold((0, 0), |(k, d), p| (k + p.keys.len(), d + p.deps.len()));
-        let mut keys: EffectSet<&str> =
-            EffectSet::with_capacity_and_hasher(key_count, Default::default());
-        let mut deps: EffectSet<&str> =
-            EffectSet::with_capacity_and_hasher(dep_count, Default::default());
+        let keys = union(plans.clone().map(|p| &p.keys));
+        let deps = union(plans.clone().map(|p| &p.deps));
         let mut key_prefixes: BTreeMap<&str, FallbackCause> = BTreeMap::new();
         let mut dep_prefixes: BTreeMap<&str, FallbackCause> = BTreeMap::new();
         for plan in plans {
-            keys.extend(plan.keys.iter().map(String::as_str));
-            deps.extend(plan.deps.iter().map(String::as_str));
             for (p, c) in &plan.key_prefixes {
                 key_prefixes.entry(p).or_insert(*c);
             }
@@ -253,14 +245,12 @@ impl RedisSink {
 
     async fn apply_sets(
         &mut self,
-        keys: EffectSet<&str>,
-        deps: EffectSet<&str>,
+        keys: Vec<&str>,
+        deps: Vec<&str>,
         key_prefixes: BTreeMap<&str, FallbackCause>,
         dep_prefixes: BTreeMap<&str, FallbackCause>,
         fence_lsn: Option<Lsn>,
     ) -> Result<Unlinked, SinkError> {
-        let keys: Vec<&str> = keys.into_iter().collect();
-        let deps: Vec<&str> = deps.into_iter().collect();
         // One clone per batch, so the sets' keys can be written while `self` is borrowed.
         let prefix = self.prefix.clone();
         let set_keys = || -> Vec<String> { deps.iter().map(|d| dep_set_key(&prefix, d)).collect() };
@@ -487,8 +477,8 @@ fn at_commits<P>(err: SinkError, batch: &[CommittedTxn<P>]) -> SinkError {
 pub(crate) const EFFECTS_LOG_TARGET: &str = "walsweep::effects";
 
 fn log_effects(
-    keys: &EffectSet<&str>,
-    deps: &EffectSet<&str>,
+    keys: &[&str],
+    deps: &[&str],
     key_prefixes: &BTreeMap<&str, FallbackCause>,
     dep_prefixes: &BTreeMap<&str, FallbackCause>,
     prefix: &str,

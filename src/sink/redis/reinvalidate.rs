@@ -569,7 +569,7 @@ mod tests {
 
     fn plan(keys: &[&str]) -> EffectPlan {
         let mut p = EffectPlan::default();
-        p.keys.extend(keys.iter().map(|k| k.to_string()));
+        p.keys.extend(keys);
         p
     }
 
@@ -583,7 +583,7 @@ mod tests {
     fn keys(next: Next) -> (Vec<String>, bool) {
         match next {
             Next::Apply { plan, early, .. } => {
-                let mut k: Vec<String> = plan.keys.into_iter().collect();
+                let mut k: Vec<String> = plan.keys.iter().map(str::to_string).collect();
                 k.sort();
                 (k, early)
             }

@@ -41,8 +41,8 @@ pub(crate) enum EntryError {
 }
 
 pub(crate) fn encode(end_lsn: Lsn, plan: &EffectPlan) -> String {
-    let sorted = |set: &crate::plan::rules::EffectSet<String>| {
-        let mut v: Vec<String> = set.iter().cloned().collect();
+    let sorted = |set: &crate::plan::rules::EffectSet| {
+        let mut v: Vec<String> = set.iter().map(str::to_string).collect();
         v.sort_unstable();
         v
     };
