@@ -499,7 +499,10 @@ impl RedisConn {
             }
         }
         let mut requests = Vec::with_capacity(groups.len());
-        for (node, _, pipe) in &groups {
+        let mut indices_per_group = Vec::with_capacity(groups.len());
+        // Each pipeline moves into its request: cloning it copied every command of the batch.
+        for (node, indices, pipe) in groups {
+            indices_per_group.push(indices);
             let mut conn = self.clone();
             let count = pipe.len();
             requests.push(async move {
@@ -508,7 +511,7 @@ impl RedisConn {
                     (RedisConn::Cluster(c, _), Some(node)) => {
                         c.pipelines
                             .route_pipeline(
-                                pipe.clone(),
+                                pipe,
                                 0,
                                 count,
                                 SingleNodeRoutingInfo::ByAddress {
@@ -525,7 +528,7 @@ impl RedisConn {
             });
         }
         let mut out = vec![Value::Nil; total];
-        for ((_, indices, _), replies) in groups
+        for (indices, replies) in indices_per_group
             .iter()
             .zip(futures_util::future::join_all(requests).await)
         {
