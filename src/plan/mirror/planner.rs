@@ -4,7 +4,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use jiff::tz::TimeZone;
 
 use super::plan::{
     json_document, Field, IndexAdd, IndexRemove, MirrorOp, MirrorPlan, Retention, RowWrite,
@@ -12,7 +11,9 @@ use super::plan::{
 use super::{IndexRule, MirrorRule};
 use crate::config::MirrorFormat;
 use crate::pg::pgoutput::TupleValue;
-use crate::plan::rules::{bind_template, render, BoundTemplate, FallbackCause, Rendered, Side};
+use crate::plan::rules::{
+    bind_template, render, BoundTemplate, FallbackCause, Rendered, Side, ValueFormat,
+};
 use crate::plan::{Op, RelationInfo, RowChange};
 use crate::value::{decode_text, TypeRegistry, Value};
 
@@ -515,9 +516,6 @@ fn render_text(
         template,
         change,
         side,
-        &mirror.type_oids,
-        types,
-        &TimeZone::UTC,
-        false,
+        &ValueFormat::text(&mirror.type_oids, types),
     )
 }

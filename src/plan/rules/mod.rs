@@ -344,21 +344,40 @@ pub(crate) enum Rendered {
     Unknown(FallbackCause),
 }
 
-/// `python` renders values with Python's `str()` (dependencies, scopes); otherwise the text
-/// Postgres prints (keys).
+/// How a template prints its values.
+pub(crate) struct ValueFormat<'a> {
+    /// The relation's column types, by position.
+    pub(crate) type_oids: &'a [u32],
+    /// Enums and domains, resolved by the stream.
+    pub(crate) types: &'a TypeRegistry,
+    /// The app's session TimeZone, for Python's `str()` of a timestamptz.
+    pub(crate) zone: &'a TimeZone,
+    /// Python's `str()` of each value (dependencies, scopes); otherwise the text Postgres
+    /// prints (keys, mirrors).
+    pub(crate) python: bool,
+}
+
+impl<'a> ValueFormat<'a> {
+    /// Postgres's text: no time zone is ever consulted.
+    pub(crate) fn text(type_oids: &'a [u32], types: &'a TypeRegistry) -> Self {
+        static UTC: TimeZone = TimeZone::UTC;
+        ValueFormat {
+            type_oids,
+            types,
+            zone: &UTC,
+            python: false,
+        }
+    }
+}
+
 pub(crate) fn render(
     bound: &BoundTemplate,
     change: &RowChange<'_>,
     side: Side,
-    type_oids: &[u32],
-    types: &TypeRegistry,
-    zone: &TimeZone,
-    python: bool,
+    format: &ValueFormat<'_>,
 ) -> Rendered {
     let mut out = String::with_capacity(bound.template.source.len() + 16);
-    match render_into(
-        bound, change, side, type_oids, types, zone, python, &mut out,
-    ) {
+    match render_into(bound, change, side, format, &mut out) {
         Ok(true) => Rendered::Value(out),
         Ok(false) => Rendered::Absent,
         Err(cause) => Rendered::Unknown(cause),
@@ -367,17 +386,19 @@ pub(crate) fn render(
 
 /// `render` onto the end of `out`, which the caller reuses: `Ok(false)` for a NULL in a key
 /// template (no such key exists). On `Ok(false)` and errors `out` holds a partial rendering.
-#[allow(clippy::too_many_arguments)]
 fn render_into(
     bound: &BoundTemplate,
     change: &RowChange<'_>,
     side: Side,
-    type_oids: &[u32],
-    types: &TypeRegistry,
-    zone: &TimeZone,
-    python: bool,
+    format: &ValueFormat<'_>,
     out: &mut String,
 ) -> Result<bool, FallbackCause> {
+    let ValueFormat {
+        type_oids,
+        types,
+        zone,
+        python,
+    } = *format;
     let mut positions = bound.positions.iter();
     for segment in &bound.template.segments {
         match segment {
@@ -537,18 +558,15 @@ impl RulesPlanner {
                                 },
                                 side,
                             };
+                            let format = ValueFormat {
+                                type_oids: &table.type_oids,
+                                types: &self.types,
+                                zone: &self.timezone,
+                                python,
+                            };
                             let out = &mut self.rendered;
                             out.clear();
-                            match render_into(
-                                bound,
-                                change,
-                                side,
-                                &table.type_oids,
-                                &self.types,
-                                &self.timezone,
-                                python,
-                                out,
-                            ) {
+                            match render_into(bound, change, side, &format, out) {
                                 Ok(true) if python => emit(EffectRef::InvalidateDep(out), origin),
                                 Ok(true) => emit(EffectRef::UnlinkKey(out), origin),
                                 Ok(false) => {}
