@@ -4,7 +4,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-
 use super::plan::{
     json_document, Field, IndexAdd, IndexRemove, MirrorOp, MirrorPlan, Retention, RowWrite,
 };

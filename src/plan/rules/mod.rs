@@ -370,6 +370,7 @@ impl<'a> ValueFormat<'a> {
     }
 }
 
+/// `bound` rendered from one side of `change`.
 pub(crate) fn render(
     bound: &BoundTemplate,
     change: &RowChange<'_>,
