@@ -330,6 +330,71 @@ async fn rules_remove_keys_sets_scopes_and_table_wide_on_every_primary() {
         f.present(&["unrelated".into()]).await.len() == 1,
         "unrelated key stays"
     );
+    // All of it went through invalidate_node.lua: one EVAL per primary and batch (nothing
+    // else walsweep sends is an EVAL: its other scripts go by EVALSHA).
+    assert!(
+        f.cluster.command_calls("eval") > 0,
+        "invalidations took the per-node script"
+    );
+    f.daemon.take().expect("daemon").stop().await;
+}
+
+/// A cluster that refuses walsweep's per-node script (here an ACL without EVAL; a Redis before
+/// 7.0, which knows no script flags, likewise) is still invalidated, one command per hash slot,
+/// and walsweep stops asking after the first refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_refusing_the_node_script_is_invalidated_slot_by_slot() {
+    let mut f = Fixture::new("cluster_no_eval", "").await;
+    f.cluster
+        .on_every_node(redis::cmd("ACL").arg("SETUSER").arg("default").arg("-eval"));
+    let refused_before = f.cluster.error_stats().get("NOPERM").copied().unwrap_or(0);
+    for round in 0..3 {
+        let first = round * 20 + 1;
+        f.pg.psql(
+            "app",
+            &format!(
+                "INSERT INTO articles SELECT g, 's' || g, 'x', true \
+                 FROM generate_series({first}, {}) g",
+                first + 19
+            ),
+        );
+        f.caught_up().await;
+        let keys: Vec<String> = article_keys(first + 19)
+            .into_iter()
+            .skip(2 * (first as usize - 1))
+            .collect();
+        f.set(&keys).await;
+        f.matroska_put(&format!("row{first}"), &[&format!("id:article:{first}")])
+            .await;
+        f.matroska_put(
+            &format!("list{round}"),
+            &["condition:Article:&category=x&published=True&"],
+        )
+        .await;
+        f.pg.psql(
+            "app",
+            &format!(
+                "DELETE FROM articles WHERE id BETWEEN {first} AND {}",
+                first + 19
+            ),
+        );
+        f.caught_up().await;
+        let mut left = f.present(&keys).await;
+        left.extend(
+            f.present(&[
+                format!("cache::data::row{first}"),
+                format!("cache::data::list{round}"),
+            ])
+            .await,
+        );
+        assert!(left.is_empty(), "round {round} left {left:?}");
+    }
+    let refused = f.cluster.error_stats().get("NOPERM").copied().unwrap_or(0) - refused_before;
+    assert!(
+        (1..=3).contains(&refused),
+        "the script is refused at most once per primary, then not asked for again: {refused}"
+    );
+    assert_eq!(f.cluster.command_calls("eval"), 0, "no EVAL ran");
     f.daemon.take().expect("daemon").stop().await;
 }
 

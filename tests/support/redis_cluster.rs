@@ -384,6 +384,35 @@ impl RedisCluster {
         totals
     }
 
+    /// Calls of `command` (lower case, e.g. `eval`) the running nodes ran so far, summed
+    /// (`INFO commandstats`: calls made from scripts count too; refused calls do not).
+    pub fn command_calls(&self, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:calls=");
+        let mut total = 0;
+        for port in self.running_ports() {
+            let info: String = query(port, redis::cmd("INFO").arg("commandstats"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            // "cmdstat_eval:calls=3,usec=120,usec_per_call=40.00,rejected_calls=0,failed_calls=0"
+            for line in info.lines() {
+                let Some(rest) = line.strip_prefix(&prefix) else {
+                    continue;
+                };
+                let calls = rest.split(',').next().unwrap_or_default();
+                total += calls.trim().parse::<u64>().unwrap_or_else(|e| {
+                    panic!("bad calls in INFO commandstats line {line:?} of node {port}: {e}")
+                });
+            }
+        }
+        total
+    }
+
+    /// Runs `cmd` on every running node (e.g. `ACL SETUSER`, which each node keeps for itself).
+    pub fn on_every_node(&self, cmd: &redis::Cmd) {
+        for port in self.running_ports() {
+            let _: redis::Value = query(port, cmd).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
     /// Waits until every replica has acknowledged all writes its primary had when this was
     /// called. Replicas acknowledge once a second, so this takes up to ~1 s. Call it before
     /// killing a primary when the test needs its writes to survive the failover: replication

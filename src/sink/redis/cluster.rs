@@ -1,11 +1,13 @@
-//! Effects on a Redis Cluster, where one script or command may only touch keys of one hash
-//! slot: what the one-node sink does in a single script call is split here into per-slot
-//! commands, sent as one pipeline per primary, the primaries concurrently
-//! (`RedisConn::per_node`).
+//! Invalidations on a Redis Cluster, where a command or a pipeline may only touch keys of one
+//! hash slot. A batch names thousands of keys and sets, nearly each in a slot of its own, so
+//! each primary gets its share in one `invalidate_node.lua` call (a script flagged
+//! `allow-cross-slot-keys` runs one command per key, any slot of its node), the primaries
+//! concurrently (`RedisConn::per_node`). A cluster that refuses that script is sent one command
+//! per slot instead, in one pipeline per primary.
 //!
-//! Atomicity becomes per slot. Every effect stays idempotent, so a batch that fails halfway is
-//! retried whole and converges; nothing is confirmed to Postgres before every request of the
-//! batch succeeded on every node.
+//! Atomicity becomes per node (per slot on the fallback). Every effect stays idempotent, so a
+//! batch that fails halfway is retried whole and converges; nothing is confirmed to Postgres
+//! before every request of the batch succeeded on every node.
 
 use ::redis::Value;
 
@@ -63,20 +65,171 @@ fn count(value: &Value) -> u64 {
     }
 }
 
-/// UNLINKs `keys` wherever they live; returns how many existed. One UNLINK per slot (at most
-/// `KEYS_PER_COMMAND` keys), one pipeline per primary.
+/// `invalidate_node.lua`: one node's share of a batch in one call.
+const INVALIDATE_NODE_LUA: &str = include_str!("scripts/invalidate_node.lua");
+const INVALIDATE_NODE_SCRIPT: &str = "invalidate_node.lua";
+
+/// Most keys and sets in one `invalidate_node.lua` call, so one call never holds its node for
+/// long (a node runs one script at a time).
+const ITEMS_PER_NODE_CALL: usize = 4_096;
+
+/// What the `invalidate_node.lua` calls of a request did and found.
+#[derive(Default)]
+struct NodeReads {
+    keys_unlinked: u64,
+    wrong_type_sets: u64,
+    /// Each non-empty set read, with its members.
+    found: Vec<(String, Vec<String>)>,
+}
+
+/// One `invalidate_node.lua` call: keys and sets, all served by one node.
+struct NodeCall<'a> {
+    /// A slot of the node, which `per_node` routes the call by.
+    route: u16,
+    keys: Vec<&'a str>,
+    sets: Vec<&'a str>,
+}
+
+/// Unlinks `keys` and reads the members of `sets` with one `invalidate_node.lua` call per
+/// primary (more for a big batch), the primaries concurrently. `None`: the cluster refuses the
+/// script, so the caller goes one command per slot (said once, in the log).
+async fn by_node(
+    conn: &RedisConn,
+    keys: &[&str],
+    sets: &[&str],
+    operation: &'static str,
+) -> Result<Option<NodeReads>, SinkError> {
+    let Some(slots) = conn.node_script_slots() else {
+        return Ok(None);
+    };
+    let mut calls: Vec<NodeCall<'_>> = Vec::new();
+    // Per primary, its call being filled.
+    let mut open: Vec<Option<usize>> = vec![None; slots.primaries.len()];
+    let mut call_for = |slot: u16, calls: &mut Vec<NodeCall<'_>>| {
+        let node = slots.owner(slot);
+        match open.get(node).copied().flatten() {
+            Some(at) if calls[at].keys.len() + calls[at].sets.len() < ITEMS_PER_NODE_CALL => at,
+            _ => {
+                calls.push(NodeCall {
+                    route: slot,
+                    keys: Vec::new(),
+                    sets: Vec::new(),
+                });
+                if let Some(open) = open.get_mut(node) {
+                    *open = Some(calls.len() - 1);
+                }
+                calls.len() - 1
+            }
+        }
+    };
+    for key in keys {
+        let at = call_for(slot_of(key.as_bytes()), &mut calls);
+        calls[at].keys.push(key);
+    }
+    for set in sets {
+        let at = call_for(slot_of(set.as_bytes()), &mut calls);
+        calls[at].sets.push(set);
+    }
+    let requests: Vec<(u16, ::redis::Cmd)> = calls
+        .iter()
+        .map(|call| {
+            let mut eval = ::redis::cmd("EVAL");
+            // No key declared (see the script); the source rather than a SHA, as on one node.
+            eval.arg(INVALIDATE_NODE_LUA)
+                .arg(0)
+                .arg(call.keys.len())
+                .arg(&call.keys)
+                .arg(&call.sets);
+            (call.route, eval)
+        })
+        .collect();
+    let replies = conn
+        .per_node(requests)
+        .await
+        .map_err(|e| super::sink_error(operation, e))?;
+    let mut reads = NodeReads::default();
+    for reply in replies {
+        let (unlinked, wrong_type, found): (u64, u64, Vec<Vec<String>>) = match reply {
+            Value::ServerError(e) if refuses_scripts(e.code(), e.details().unwrap_or_default()) => {
+                if conn.refuse_node_scripts() {
+                    tracing::warn!(
+                        reply = %RedisErrorText(&e),
+                        "the Redis Cluster refuses walsweep's per-node script                          (invalidate_node.lua); invalidating with one command per hash slot                          from now on, which costs Redis and walsweep more per change: allow                          EVAL for walsweep's Redis user (Redis 7.0 or newer runs the script)"
+                    );
+                }
+                return Ok(None);
+            }
+            Value::ServerError(e) => {
+                return Err(super::errors::script_reply_error(
+                    operation,
+                    INVALIDATE_NODE_SCRIPT,
+                    e,
+                ))
+            }
+            other => ::redis::from_redis_value(other)
+                .map_err(|e| super::sink_error(operation, e.into()))?,
+        };
+        reads.keys_unlinked += unlinked;
+        reads.wrong_type_sets += wrong_type;
+        for mut set in found {
+            if set.is_empty() {
+                continue;
+            }
+            let name = set.remove(0);
+            reads.found.push((name, set));
+        }
+    }
+    Ok(Some(reads))
+}
+
+/// Whether an error reply to an `invalidate_node.lua` call means the cluster will never run
+/// it: an ACL denying EVAL, or a Redis older than 7.0 (no script flags).
+fn refuses_scripts(code: &str, details: &str) -> bool {
+    code == "NOPERM" || details.contains("compiling script") || details.contains("shebang")
+}
+
+/// A server error reply as Redis wrote it, for the log.
+struct RedisErrorText<'a>(&'a ::redis::ServerError);
+
+impl std::fmt::Display for RedisErrorText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.details() {
+            Some(details) => write!(f, "{} {details}", self.0.code()),
+            None => f.write_str(self.0.code()),
+        }
+    }
+}
+
+/// UNLINKs `keys` wherever they live; returns how many existed. On a cluster, one
+/// `invalidate_node.lua` call per primary (or one UNLINK per slot if the cluster refuses it);
+/// on one node, UNLINKs of at most `KEYS_PER_COMMAND` keys in one pipeline.
 pub(crate) async fn unlink_keys<S: AsRef<str>>(
     conn: &RedisConn,
     keys: &[S],
     operation: &'static str,
 ) -> Result<u64, SinkError> {
-    let mut commands = Vec::new();
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<&str> = keys.iter().map(AsRef::as_ref).collect();
+    if let Some(reads) = by_node(conn, &keys, &[], operation).await? {
+        return Ok(reads.keys_unlinked);
+    }
+    unlink_keys_per_slot(conn, &keys, operation).await
+}
+
+async fn unlink_keys_per_slot(
+    conn: &RedisConn,
+    keys: &[&str],
+    operation: &'static str,
+) -> Result<u64, SinkError> {
     let groups = if conn.is_cluster() {
-        group_by_slot(keys.iter().map(AsRef::as_ref), |k| k.as_bytes())
+        group_by_slot(keys.iter().copied(), |k| k.as_bytes())
     } else {
         // One node: any keys go in one command.
-        vec![(0, keys.iter().map(AsRef::as_ref).collect())]
+        vec![(0, keys.to_vec())]
     };
+    let mut commands = Vec::new();
     for (slot, group) in groups {
         for chunk in group.chunks(KEYS_PER_COMMAND) {
             let mut unlink = ::redis::cmd("UNLINK");
@@ -88,56 +241,89 @@ pub(crate) async fn unlink_keys<S: AsRef<str>>(
     Ok(counts.iter().map(count).sum())
 }
 
-/// Invalidates matroska-cache dependency sets on a cluster: each set's members are read on the
-/// set's node, then unlinked wherever they live; with `remove_sets`, the members read are then
-/// removed from their set (SREM, so a member added meanwhile stays for the next change to
-/// find, and a set left empty disappears). A crash in between leaves the set whole, so the
-/// retried batch finds the same members again.
-pub(crate) async fn invalidate_sets(
+/// Reads the members of `sets`, one SMEMBERS per set, one pipeline per primary.
+async fn read_sets_per_slot(
     conn: &RedisConn,
-    sets: &[String],
-    remove_sets: bool,
+    sets: &[&str],
     operation: &'static str,
-) -> Result<Unlinked, SinkError> {
-    let mut applied = Unlinked::default();
-    if sets.is_empty() {
-        return Ok(applied);
-    }
+) -> Result<NodeReads, SinkError> {
     let reads: Vec<(u16, ::redis::Cmd)> = sets
         .iter()
         .map(|set| {
             let mut smembers = ::redis::cmd("SMEMBERS");
-            smembers.arg(set);
+            smembers.arg(*set);
             (slot_of(set.as_bytes()), smembers)
         })
         .collect();
-    let read = conn
+    let replies = conn
         .per_node(reads)
         .await
         .map_err(|e| super::sink_error(operation, e))?;
-    let mut members: Vec<String> = Vec::new();
-    let mut removals = Vec::new();
-    for (set, read) in sets.iter().zip(read) {
-        let m: Vec<String> = match read {
+    let mut read = NodeReads::default();
+    for (set, reply) in sets.iter().zip(replies) {
+        let members: Vec<String> = match reply {
             // Not a set: not ours to interpret (like the one-node script).
             Value::ServerError(e) if e.code() == "WRONGTYPE" => {
-                applied.wrong_type_sets += 1;
+                read.wrong_type_sets += 1;
                 continue;
             }
-            other => ::redis::from_redis_value(reply(other, operation)?)
+            other => ::redis::from_redis_value(self::reply(other, operation)?)
                 .map_err(|e| super::sink_error(operation, e.into()))?,
         };
-        if remove_sets {
-            for chunk in m.chunks(KEYS_PER_COMMAND) {
+        if !members.is_empty() {
+            read.found.push((set.to_string(), members));
+        }
+    }
+    Ok(read)
+}
+
+/// Unlinks `keys` and invalidates matroska-cache dependency sets on a cluster: each set's
+/// members are read on the set's node (with the keys of that node, `by_node`), then unlinked
+/// wherever they live; with `remove_sets`, the members read are then removed from their set
+/// (SREM, so a member added meanwhile stays for the next change to find, and a set left empty
+/// disappears). A crash in between leaves the set whole, so the retried batch finds the same
+/// members again.
+pub(crate) async fn invalidate<S: AsRef<str>>(
+    conn: &RedisConn,
+    keys: &[&str],
+    sets: &[S],
+    remove_sets: bool,
+    operation: &'static str,
+) -> Result<Unlinked, SinkError> {
+    let sets: Vec<&str> = sets.iter().map(AsRef::as_ref).collect();
+    let reads = match by_node(conn, keys, &sets, operation).await? {
+        Some(reads) => reads,
+        None => {
+            let (unlinked, mut reads) = futures_util::future::try_join(
+                unlink_keys_per_slot(conn, keys, operation),
+                read_sets_per_slot(conn, &sets, operation),
+            )
+            .await?;
+            reads.keys_unlinked += unlinked;
+            reads
+        }
+    };
+    let mut applied = Unlinked {
+        keys_unlinked: reads.keys_unlinked,
+        wrong_type_sets: reads.wrong_type_sets,
+    };
+    let members: Vec<&str> = reads
+        .found
+        .iter()
+        .flat_map(|(_, members)| members.iter().map(String::as_str))
+        .collect();
+    applied.keys_unlinked += unlink_keys(conn, &members, operation).await?;
+    if remove_sets {
+        let mut removals = Vec::new();
+        for (set, members) in &reads.found {
+            for chunk in members.chunks(KEYS_PER_COMMAND) {
                 let mut srem = ::redis::cmd("SREM");
                 srem.arg(set).arg(chunk);
                 removals.push((slot_of(set.as_bytes()), srem));
             }
         }
-        members.extend(m);
+        run_all(conn, removals, operation).await?;
     }
-    applied.keys_unlinked += unlink_keys(conn, &members, operation).await?;
-    run_all(conn, removals, operation).await?;
     Ok(applied)
 }
 
@@ -152,5 +338,37 @@ mod tests {
         let a = groups.iter().find(|(s, _)| *s == slot_of(b"a")).unwrap();
         assert_eq!(a.1, vec!["a", "{a}1", "{a}2"]);
         assert_eq!(groups.iter().map(|(_, g)| g.len()).sum::<usize>(), 5);
+    }
+
+    #[test]
+    fn only_a_refused_script_sends_invalidations_slot_by_slot() {
+        let reply = |code, details| (code, details);
+        for refused in [
+            reply(
+                "NOPERM",
+                "this user has no permissions to run the 'eval' command",
+            ),
+            // Redis 6 reading the flags line.
+            reply(
+                "ERR",
+                "Error compiling script (new function): user_script:1: unexpected symbol near '#'",
+            ),
+            reply("ERR", "Unknown lua shebang option: allow-cross-slot-keys"),
+        ] {
+            assert!(refuses_scripts(refused.0, refused.1), "{refused:?}");
+        }
+        for other in [
+            reply(
+                "ERR",
+                "Script attempted to access a non local key in a cluster node script: e3e1",
+            ),
+            reply(
+                "WRONGTYPE",
+                "Operation against a key holding the wrong kind of value",
+            ),
+            reply("BUSY", "Redis is busy running a script"),
+        ] {
+            assert!(!refuses_scripts(other.0, other.1), "{other:?}");
+        }
     }
 }

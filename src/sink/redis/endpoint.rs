@@ -6,6 +6,7 @@
 //! the nodes concurrently. What it cannot do (a pipeline or a script across slots) the sink
 //! groups per slot itself (`cluster`).
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -241,6 +242,10 @@ pub(crate) enum Endpoint {
         pipeline_client: Box<ClusterClient>,
         /// `host:port` of the seed nodes, for messages.
         seeds: String,
+        /// Set once the cluster refused `invalidate_node.lua` (an ACL without EVAL, a Redis
+        /// before 7.0): invalidations then go one command per hash slot (`cluster`), for the
+        /// life of the process.
+        node_scripts_refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
     },
 }
 
@@ -266,6 +271,7 @@ impl Endpoint {
                     .map(|info| info.addr().to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
+                node_scripts_refused: Default::default(),
             });
         }
         let client = redis_client(redis).map_err(invalid)?;
@@ -306,6 +312,7 @@ impl Endpoint {
             Endpoint::Cluster {
                 client,
                 pipeline_client,
+                node_scripts_refused,
                 ..
             } => {
                 let mut conn = client.get_async_connection().await?;
@@ -315,7 +322,11 @@ impl Endpoint {
                 let slots = slot_map(&mut conn).await?;
                 crate::telemetry::metrics::cluster_primaries(slots.primaries.len());
                 Ok(RedisConn::Cluster(
-                    ClusterConns { conn, pipelines },
+                    ClusterConns {
+                        conn,
+                        pipelines,
+                        node_scripts_refused: node_scripts_refused.clone(),
+                    },
                     std::sync::Arc::new(slots),
                 ))
             }
@@ -340,6 +351,7 @@ pub(crate) enum RedisConn {
 pub(crate) struct ClusterConns {
     conn: ClusterConnection,
     pipelines: ClusterConnection,
+    node_scripts_refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Which primary serves each hash slot, as `CLUSTER SLOTS` said when the connection was made.
@@ -416,6 +428,30 @@ pub(crate) struct Primary {
 impl RedisConn {
     pub(crate) fn is_cluster(&self) -> bool {
         matches!(self, RedisConn::Cluster(..))
+    }
+
+    /// A cluster's slot map, when its primaries take `invalidate_node.lua` (none for one node,
+    /// or once the cluster refused the script: see `refuse_node_scripts`).
+    pub(crate) fn node_script_slots(&self) -> Option<&SlotMap> {
+        match self {
+            RedisConn::Cluster(conns, slots)
+                if !conns.node_scripts_refused.load(Ordering::Relaxed) =>
+            {
+                Some(slots)
+            }
+            _ => None,
+        }
+    }
+
+    /// Invalidates with one command per hash slot from now on (`node_script_slots`); true the
+    /// first time, so the caller says why once.
+    pub(crate) fn refuse_node_scripts(&self) -> bool {
+        match self {
+            RedisConn::Cluster(conns, _) => {
+                !conns.node_scripts_refused.swap(true, Ordering::Relaxed)
+            }
+            RedisConn::Node(_) => false,
+        }
     }
 
     /// Runs `cmd` on `node` (a cluster's primary), or on the one node.

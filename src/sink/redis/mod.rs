@@ -263,13 +263,8 @@ impl RedisSink {
         let mut applied = Unlinked::default();
         if self.endpoint.is_cluster() {
             const OPERATION: &str = "unlink keys and invalidate dependency sets";
-            let (unlinked, sets) = futures_util::future::try_join(
-                cluster::unlink_keys(&conn, &keys, OPERATION),
-                cluster::invalidate_sets(&conn, &set_keys(), self.remove_sets, OPERATION),
-            )
-            .await?;
-            applied.keys_unlinked += unlinked + sets.keys_unlinked;
-            applied.wrong_type_sets += sets.wrong_type_sets;
+            applied =
+                cluster::invalidate(&conn, &keys, &set_keys(), self.remove_sets, OPERATION).await?;
         } else if !keys.is_empty() || !deps.is_empty() {
             let mut pipe = ::redis::pipe();
             for chunk in keys.chunks(KEYS_PER_COMMAND) {
@@ -312,7 +307,7 @@ impl RedisSink {
             while let Some(page) = scan.next_page(&mut conn).await? {
                 if self.endpoint.is_cluster() {
                     let sets =
-                        cluster::invalidate_sets(&conn, &page, self.remove_sets, OPERATION).await?;
+                        cluster::invalidate(&conn, &[], &page, self.remove_sets, OPERATION).await?;
                     applied.keys_unlinked += sets.keys_unlinked;
                     applied.wrong_type_sets += sets.wrong_type_sets;
                     continue;
