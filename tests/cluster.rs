@@ -339,6 +339,58 @@ async fn rules_remove_keys_sets_scopes_and_table_wide_on_every_primary() {
     f.daemon.take().expect("daemon").stop().await;
 }
 
+/// A transaction naming more keys and sets than one `invalidate_node.lua` call takes is
+/// invalidated in several calls per primary, every key on its own node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_transaction_is_invalidated_in_several_calls_per_primary() {
+    let mut f = Fixture::new("cluster_big_txn", "").await;
+    const ROWS: i32 = 6_000;
+    f.pg.psql(
+        "app",
+        &format!(
+            "INSERT INTO articles SELECT g, 's' || g, 'x', true FROM generate_series(1, {ROWS}) g"
+        ),
+    );
+    f.caught_up().await;
+    let keys = article_keys(ROWS);
+    futures_util::future::join_all(keys.chunks(500).map(|chunk| {
+        let mut conn = f.conn.clone();
+        async move {
+            for k in chunk {
+                let _: () = conn.set(k, "cached").await.expect("SET");
+            }
+        }
+    }))
+    .await;
+    f.matroska_put("first", &["id:article:1"]).await;
+    f.matroska_put("last", &[&format!("id:article:{ROWS}")])
+        .await;
+    let evals_before = f.cluster.command_calls("eval");
+    // One transaction: 12 000 keys, 6 000 dependency sets and a scope, about 6 000 per primary.
+    f.pg.psql("app", "DELETE FROM articles");
+    f.caught_up().await;
+    let calls = f.cluster.command_calls("eval") - evals_before;
+    assert!(
+        calls >= 6,
+        "at least two calls per primary for ~6 000 items each, got {calls}"
+    );
+    let mut left = Vec::new();
+    for chunk in keys.chunks(2_000) {
+        left.extend(f.present(chunk).await);
+    }
+    left.extend(
+        f.present(&["cache::data::first".into(), "cache::data::last".into()])
+            .await,
+    );
+    assert!(
+        left.is_empty(),
+        "{} keys left, e.g. {:?}",
+        left.len(),
+        left.first()
+    );
+    f.daemon.take().expect("daemon").stop().await;
+}
+
 /// A cluster that refuses walsweep's per-node script (here an ACL without EVAL; a Redis before
 /// 7.0, which knows no script flags, likewise) is still invalidated, one command per hash slot,
 /// and walsweep stops asking after the first refusal.

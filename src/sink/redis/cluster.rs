@@ -102,34 +102,7 @@ async fn by_node(
     let Some(slots) = conn.node_script_slots() else {
         return Ok(None);
     };
-    let mut calls: Vec<NodeCall<'_>> = Vec::new();
-    // Per primary, its call being filled.
-    let mut open: Vec<Option<usize>> = vec![None; slots.primaries.len()];
-    let mut call_for = |slot: u16, calls: &mut Vec<NodeCall<'_>>| {
-        let node = slots.owner(slot);
-        match open.get(node).copied().flatten() {
-            Some(at) if calls[at].keys.len() + calls[at].sets.len() < ITEMS_PER_NODE_CALL => at,
-            _ => {
-                calls.push(NodeCall {
-                    route: slot,
-                    keys: Vec::new(),
-                    sets: Vec::new(),
-                });
-                if let Some(open) = open.get_mut(node) {
-                    *open = Some(calls.len() - 1);
-                }
-                calls.len() - 1
-            }
-        }
-    };
-    for key in keys {
-        let at = call_for(slot_of(key.as_bytes()), &mut calls);
-        calls[at].keys.push(key);
-    }
-    for set in sets {
-        let at = call_for(slot_of(set.as_bytes()), &mut calls);
-        calls[at].sets.push(set);
-    }
+    let calls = node_calls(|slot| slots.owner(slot), slots.primaries.len(), keys, sets);
     let requests: Vec<(u16, ::redis::Cmd)> = calls
         .iter()
         .map(|call| {
@@ -180,6 +153,45 @@ async fn by_node(
         }
     }
     Ok(Some(reads))
+}
+
+/// `keys` and `sets` split into `invalidate_node.lua` calls: each call's items all served by
+/// one of `nodes` primaries (`owner` of their slot), at most `ITEMS_PER_NODE_CALL` per call.
+fn node_calls<'a>(
+    owner: impl Fn(u16) -> usize,
+    nodes: usize,
+    keys: &[&'a str],
+    sets: &[&'a str],
+) -> Vec<NodeCall<'a>> {
+    let mut calls: Vec<NodeCall<'a>> = Vec::new();
+    // Per primary, its call being filled.
+    let mut open: Vec<Option<usize>> = vec![None; nodes];
+    let mut call_for = |slot: u16, calls: &mut Vec<NodeCall<'a>>| {
+        let node = owner(slot);
+        match open.get(node).copied().flatten() {
+            Some(at) if calls[at].keys.len() + calls[at].sets.len() < ITEMS_PER_NODE_CALL => at,
+            _ => {
+                calls.push(NodeCall {
+                    route: slot,
+                    keys: Vec::new(),
+                    sets: Vec::new(),
+                });
+                if let Some(open) = open.get_mut(node) {
+                    *open = Some(calls.len() - 1);
+                }
+                calls.len() - 1
+            }
+        }
+    };
+    for key in keys {
+        let at = call_for(slot_of(key.as_bytes()), &mut calls);
+        calls[at].keys.push(key);
+    }
+    for set in sets {
+        let at = call_for(slot_of(set.as_bytes()), &mut calls);
+        calls[at].sets.push(set);
+    }
+    calls
 }
 
 /// Whether an error reply to an `invalidate_node.lua` call means the cluster will never run
@@ -338,6 +350,42 @@ mod tests {
         let a = groups.iter().find(|(s, _)| *s == slot_of(b"a")).unwrap();
         assert_eq!(a.1, vec!["a", "{a}1", "{a}2"]);
         assert_eq!(groups.iter().map(|(_, g)| g.len()).sum::<usize>(), 5);
+    }
+
+    #[test]
+    fn node_calls_hold_one_nodes_items_and_at_most_their_share() {
+        // Three primaries by slot range, as `redis-cli --cluster create` splits them.
+        let owner = |slot: u16| usize::from(slot / 5462);
+        let keys: Vec<String> = (0..9_000).map(|i| format!("article:{i}")).collect();
+        let sets: Vec<String> = (0..6_000).map(|i| format!("cache::rdep::id:{i}")).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let calls = node_calls(owner, 3, &keys, &sets);
+        let mut seen_keys = Vec::new();
+        let mut seen_sets = Vec::new();
+        for call in &calls {
+            let node = owner(call.route);
+            assert!(call.keys.len() + call.sets.len() <= ITEMS_PER_NODE_CALL);
+            for item in call.keys.iter().chain(&call.sets) {
+                assert_eq!(
+                    owner(slot_of(item.as_bytes())),
+                    node,
+                    "{item} is on another node"
+                );
+            }
+            seen_keys.extend(call.keys.iter().copied());
+            seen_sets.extend(call.sets.iter().copied());
+        }
+        // 15 000 items over 3 nodes: two calls per node at least, each item exactly once.
+        assert!(calls.len() >= 6, "{} calls", calls.len());
+        seen_keys.sort();
+        seen_sets.sort();
+        let (mut want_keys, mut want_sets) = (keys.clone(), sets.clone());
+        want_keys.sort();
+        want_sets.sort();
+        assert_eq!(seen_keys, want_keys);
+        assert_eq!(seen_sets, want_sets);
+        assert!(node_calls(owner, 3, &[], &[]).is_empty());
     }
 
     #[test]
