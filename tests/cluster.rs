@@ -783,6 +783,91 @@ async fn a_pipeline_meeting_ask_writes_nothing_on_the_importing_node() {
     f.daemon.take().expect("daemon").stop().await;
 }
 
+/// A key or a dependency set already moved out of a slot still migrating is invalidated where
+/// it now lives, without waiting for the migration to end (a resharding can take minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_moved_out_of_a_migrating_slot_are_invalidated_before_it_ends() {
+    let mut f = Fixture::new("cluster_moving_keys", "").await;
+    f.pg.psql(
+        "app",
+        "INSERT INTO articles SELECT g, 's' || g, 'x', true FROM generate_series(1, 200) g",
+    );
+    f.caught_up().await;
+    // An article whose key and dependency set both live on the first primary, in two slots.
+    let source = f.cluster.primaries()[0].port;
+    let target = f.cluster.primaries()[1].port;
+    let on_source = |key: &str| {
+        let slot = f.cluster.slot_of(key);
+        (f.cluster.owner_of_slot(slot).port == source).then_some(slot)
+    };
+    let (id, key, set, slots) = (1..=200)
+        .find_map(|id| {
+            let key = format!("article:{id}");
+            let set = format!("cache::rdep::id:article:{id}");
+            match (on_source(&key), on_source(&set)) {
+                (Some(a), Some(b)) if a != b => Some((id, key, set, [a, b])),
+                _ => None,
+            }
+        })
+        .expect("an article with key and set on the first primary");
+    f.set(std::slice::from_ref(&key)).await;
+    f.matroska_put("row", &[&format!("id:article:{id}")]).await;
+    // Both slots in flight to the target, and both keys already moved there by hand.
+    f.cluster.start_migration(&slots, target);
+    let mut source_conn = f.cluster.node_connection(source);
+    for k in [&key, &set] {
+        let reply: String = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(target)
+            .arg(k)
+            .arg(0)
+            .arg(5000)
+            .query(&mut source_conn)
+            .unwrap_or_else(|e| panic!("MIGRATE {k}: {e}"));
+        assert_eq!(reply, "OK", "MIGRATE {k}");
+    }
+    let on_target = |cluster: &RedisCluster, k: &str| -> bool {
+        let (_, found): ((), bool) = redis::pipe()
+            .cmd("ASKING")
+            .cmd("EXISTS")
+            .arg(k)
+            .query(&mut cluster.node_connection(target))
+            .expect("ASKING EXISTS on the target");
+        found
+    };
+    assert!(
+        on_target(&f.cluster, &key) && on_target(&f.cluster, &set),
+        "both keys moved"
+    );
+
+    f.pg.psql("app", &format!("DELETE FROM articles WHERE id = {id}"));
+    // The marker's batch is the delete's or a later one: it lands only once the delete applied.
+    f.caught_up().await;
+    assert!(
+        !on_target(&f.cluster, &key),
+        "{key} unlinked on the importing node"
+    );
+    assert!(
+        f.present(&["cache::data::row".into()]).await.is_empty(),
+        "the dependency set, read on the importing node, had its entry unlinked"
+    );
+    for slot in slots {
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query(&mut f.cluster.node_connection(source))
+            .expect("CLUSTER NODES");
+        assert!(
+            nodes.contains(&format!("[{slot}->-")),
+            "slot {slot} still migrating when walsweep had caught up: {nodes}"
+        );
+    }
+    let _ = tokio::task::block_in_place(|| {
+        f.cluster
+            .migrate_slots_paced(&slots, target, MigrationPace::FAST)
+    });
+    f.daemon.take().expect("daemon").stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_during_a_write_load_misses_nothing() {
     // Without WAIT a primary can die with acknowledged unlinks its replica never got.

@@ -121,13 +121,19 @@ async fn by_node(
         .await
         .map_err(|e| super::sink_error(operation, e))?;
     let mut reads = NodeReads::default();
+    let mut refused_keys: Vec<String> = Vec::new();
+    let mut refused_sets: Vec<String> = Vec::new();
     for reply in replies {
-        let (unlinked, wrong_type, found): (u64, u64, Vec<Vec<String>>) = match reply {
+        type Reply = (u64, u64, Vec<Vec<String>>, Vec<String>, Vec<String>);
+        let (unlinked, wrong_type, found, keys_elsewhere, sets_elsewhere): Reply = match reply {
             Value::ServerError(e) if refuses_scripts(e.code(), e.details().unwrap_or_default()) => {
                 if conn.refuse_node_scripts() {
                     tracing::warn!(
                         reply = %RedisErrorText(&e),
-                        "the Redis Cluster refuses walsweep's per-node script                          (invalidate_node.lua); invalidating with one command per hash slot                          from now on, which costs Redis and walsweep more per change: allow                          EVAL for walsweep's Redis user (Redis 7.0 or newer runs the script)"
+                        "the Redis Cluster refuses walsweep's per-node script \
+                         (invalidate_node.lua); invalidating with one command per hash slot \
+                         from now on, which costs Redis and walsweep more per change: allow \
+                         EVAL for walsweep's Redis user (Redis 7.0 or newer runs the script)"
                     );
                 }
                 return Ok(None);
@@ -151,8 +157,61 @@ async fn by_node(
             let name = set.remove(0);
             reads.found.push((name, set));
         }
+        refused_keys.extend(keys_elsewhere);
+        refused_sets.extend(sets_elsewhere);
+    }
+    if !refused_keys.is_empty() || !refused_sets.is_empty() {
+        // A slot moved (the map is old) or is moving (ASK): either way the next batch reads
+        // the map again, and these go where the cluster redirects them now.
+        conn.mark_slot_map_stale();
+        crate::telemetry::metrics::cluster_redirect("migrating");
+        redirected(conn, &refused_keys, &refused_sets, &mut reads, operation).await?;
     }
     Ok(Some(reads))
+}
+
+/// Keys and sets a node refused (`invalidate_node.lua`'s "non local key"), one command each on
+/// the connection that follows MOVED and ASK (a single command, so nothing else is re-sent),
+/// concurrently.
+async fn redirected(
+    conn: &RedisConn,
+    keys: &[String],
+    sets: &[String],
+    reads: &mut NodeReads,
+    operation: &'static str,
+) -> Result<(), SinkError> {
+    let unlinks = futures_util::future::try_join_all(keys.iter().map(|key| {
+        let mut conn = conn.clone();
+        async move {
+            ::redis::cmd("UNLINK")
+                .arg(key)
+                .query_async::<u64>(&mut conn)
+                .await
+        }
+    }))
+    .await
+    .map_err(|e| super::sink_error(operation, e))?;
+    reads.keys_unlinked += unlinks.iter().sum::<u64>();
+    let members = futures_util::future::join_all(sets.iter().map(|set| {
+        let mut conn = conn.clone();
+        async move {
+            ::redis::cmd("SMEMBERS")
+                .arg(set)
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+        }
+    }))
+    .await;
+    for (set, members) in sets.iter().zip(members) {
+        match members {
+            Ok(members) if members.is_empty() => {}
+            Ok(members) => reads.found.push((set.clone(), members)),
+            // Not a set: not ours to interpret (like the script).
+            Err(e) if e.code() == Some("WRONGTYPE") => reads.wrong_type_sets += 1,
+            Err(e) => return Err(super::sink_error(operation, e)),
+        }
+    }
+    Ok(())
 }
 
 /// `keys` and `sets` split into `invalidate_node.lua` calls: each call's items all served by

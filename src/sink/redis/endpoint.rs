@@ -326,6 +326,7 @@ impl Endpoint {
                         conn,
                         pipelines,
                         node_scripts_refused: node_scripts_refused.clone(),
+                        slot_map_stale: Default::default(),
                     },
                     std::sync::Arc::new(slots),
                 ))
@@ -352,6 +353,9 @@ pub(crate) struct ClusterConns {
     conn: ClusterConnection,
     pipelines: ClusterConnection,
     node_scripts_refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set when a node refused a key of a slot the map says it serves: read the map again
+    /// before the next batch (`refresh_slot_map_if_stale`).
+    slot_map_stale: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Which primary serves each hash slot, as `CLUSTER SLOTS` said when the connection was made.
@@ -441,6 +445,30 @@ impl RedisConn {
             }
             _ => None,
         }
+    }
+
+    /// Says the slot map may be out of date (a node refused a key the map gives it).
+    pub(crate) fn mark_slot_map_stale(&self) {
+        if let RedisConn::Cluster(conns, _) = self {
+            conns.slot_map_stale.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads the slot map again if `mark_slot_map_stale` said so since it was read: one
+    /// `CLUSTER SLOTS`, on the connections already open.
+    pub(crate) async fn refresh_slot_map_if_stale(&mut self) -> RedisResult<()> {
+        if let RedisConn::Cluster(conns, slots) = self {
+            if conns.slot_map_stale.swap(false, Ordering::Relaxed) {
+                match slot_map(&mut conns.conn).await {
+                    Ok(fresh) => *slots = std::sync::Arc::new(fresh),
+                    Err(e) => {
+                        conns.slot_map_stale.store(true, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Invalidates with one command per hash slot from now on (`node_script_slots`); true the

@@ -48,6 +48,18 @@ fn moving_slot(details: &str) -> bool {
     details.contains("non local key in a cluster node")
 }
 
+/// Whether an error a script raised means the cluster is down for now (a primary failed and
+/// its replica has not taken over yet): a script that declares no key (`invalidate_node.lua`)
+/// runs on a node that still answers, and Redis refuses the commands inside it.
+fn cluster_down(details: &str) -> bool {
+    details.contains("while the cluster is down")
+}
+
+/// Whether an error reply means "not now" rather than a fault of the request.
+fn transient(code: &str, details: &str) -> bool {
+    TRANSIENT_CODES.contains(&code) || moving_slot(details) || cluster_down(details)
+}
+
 /// Counts the replies of `err` (a pipeline's, or one command's) saying a cluster's hash slot
 /// moved or is moving (`walsweep_redis_cluster_redirects_total`).
 fn count_cluster_redirects(err: &RedisError) {
@@ -73,6 +85,7 @@ fn count_cluster_redirects(err: &RedisError) {
             "TRYAGAIN" => "tryagain",
             "CLUSTERDOWN" => "clusterdown",
             _ if moving_slot(&details) => "migrating",
+            _ if cluster_down(&details) => "clusterdown",
             _ => continue,
         };
         m::cluster_redirect(reason);
@@ -191,8 +204,7 @@ pub(crate) fn script_sink_error(
             .iter()
             .find(|(at, reply)| {
                 calls.at.contains(at)
-                    && !TRANSIENT_CODES.contains(&reply.code())
-                    && !moving_slot(reply.details().unwrap_or_default())
+                    && !transient(reply.code(), reply.details().unwrap_or_default())
             })
             .map(|(_, reply)| {
                 let text = match reply.details() {
@@ -228,7 +240,7 @@ pub(crate) fn script_reply_error(
     let err = RedisError::from(reply.clone());
     count_cluster_redirects(&err);
     let details = reply.details().unwrap_or_default();
-    if TRANSIENT_CODES.contains(&reply.code()) || moving_slot(details) {
+    if transient(reply.code(), details) {
         return SinkError {
             operation,
             retryable: true,
@@ -333,6 +345,13 @@ mod tests {
              @user_script:222.",
         );
         assert!(script_sink_error("write mirrored rows", &calls(), migrating).is_retryable());
+        // A script declaring no key, on a node that answers while the cluster is down.
+        let down = reply(
+            "ERR",
+            "Script attempted to execute a command while the cluster is down script: bc46, on \
+             @user_script:2.",
+        );
+        assert!(script_sink_error("invalidate", &calls(), down).is_retryable());
     }
 
     #[test]

@@ -198,7 +198,12 @@ impl RedisSink {
     }
 
     async fn connection(&mut self) -> Result<RedisConn, SinkError> {
-        if let Some(c) = &self.connection {
+        if let Some(c) = &mut self.connection {
+            if let Err(e) = c.refresh_slot_map_if_stale().await {
+                let err = sink_error("read the Redis Cluster's slot map (CLUSTER SLOTS)", e);
+                self.connection = None;
+                return Err(err);
+            }
             return Ok(c.clone());
         }
         let c = self.endpoint.connect().await?;
