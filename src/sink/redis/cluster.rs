@@ -43,11 +43,20 @@ async fn run_all(
     commands: Vec<(u16, ::redis::Cmd)>,
     operation: &'static str,
 ) -> Result<Vec<Value>, SinkError> {
-    let replies = conn
-        .per_node(commands)
-        .await
-        .map_err(|e| super::sink_error(operation, e))?;
+    let replies = per_node(conn, commands, operation).await?;
     replies.into_iter().map(|r| reply(r, operation)).collect()
+}
+
+/// `RedisConn::per_node`, a failed request as the batch's error; error replies stay in their
+/// places for the caller to read.
+async fn per_node(
+    conn: &RedisConn,
+    commands: Vec<(u16, ::redis::Cmd)>,
+    operation: &'static str,
+) -> Result<Vec<Value>, SinkError> {
+    conn.per_node(commands)
+        .await
+        .map_err(|e| super::sink_error(operation, e))
 }
 
 /// A reply of a `per_node` pipeline, an error reply as the batch's error.
@@ -116,10 +125,7 @@ async fn by_node(
             (call.route, eval)
         })
         .collect();
-    let replies = conn
-        .per_node(requests)
-        .await
-        .map_err(|e| super::sink_error(operation, e))?;
+    let replies = per_node(conn, requests, operation).await?;
     let mut reads = NodeReads::default();
     let mut refused_keys: Vec<String> = Vec::new();
     let mut refused_sets: Vec<String> = Vec::new();
@@ -326,10 +332,7 @@ async fn read_sets_per_slot(
             (slot_of(set.as_bytes()), smembers)
         })
         .collect();
-    let replies = conn
-        .per_node(reads)
-        .await
-        .map_err(|e| super::sink_error(operation, e))?;
+    let replies = per_node(conn, reads, operation).await?;
     let mut read = NodeReads::default();
     for (set, reply) in sets.iter().zip(replies) {
         let members: Vec<String> = match reply {
