@@ -159,7 +159,19 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { config } => runtime.block_on(cli::run::command(&config)),
+        // On a worker thread rather than this one: a task in `block_on` is woken through this
+        // thread's own park, so every socket read of the replication stream cost a second
+        // thread wake-up (the worker that saw the socket ready, then this thread); draining
+        // one-row transactions, those wake-ups were much of walsweep's CPU.
+        Command::Run { config } => runtime.block_on(async move {
+            match tokio::spawn(async move { cli::run::command(&config).await }).await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("walsweep: the daemon task failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
         Command::Check {
             config,
             no_environment,
