@@ -135,7 +135,7 @@ async fn by_node(
             Value::ServerError(e) if refuses_scripts(e.code(), e.details().unwrap_or_default()) => {
                 if conn.refuse_node_scripts() {
                     tracing::warn!(
-                        reply = %RedisErrorText(&e),
+                        reply = %super::errors::reply_text(&e),
                         "the Redis Cluster refuses walsweep's per-node script \
                          (invalidate_node.lua); invalidating with one command per hash slot \
                          from now on, which costs Redis and walsweep more per change: allow \
@@ -263,18 +263,6 @@ fn node_calls<'a>(
 /// it: an ACL denying EVAL, or a Redis older than 7.0 (no script flags).
 fn refuses_scripts(code: &str, details: &str) -> bool {
     code == "NOPERM" || details.contains("compiling script") || details.contains("shebang")
-}
-
-/// A server error reply as Redis wrote it, for the log.
-struct RedisErrorText<'a>(&'a ::redis::ServerError);
-
-impl std::fmt::Display for RedisErrorText<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0.details() {
-            Some(details) => write!(f, "{} {details}", self.0.code()),
-            None => f.write_str(self.0.code()),
-        }
-    }
 }
 
 /// UNLINKs `keys` wherever they live; returns how many existed. On a cluster, one

@@ -206,13 +206,7 @@ pub(crate) fn script_sink_error(
                 calls.at.contains(at)
                     && !transient(reply.code(), reply.details().unwrap_or_default())
             })
-            .map(|(_, reply)| {
-                let text = match reply.details() {
-                    Some(details) => format!("{} {details}", reply.code()),
-                    None => reply.code().to_string(),
-                };
-                (reply.code().to_string(), text)
-            })
+            .map(|(_, reply)| (reply.code().to_string(), reply_text(reply)))
     });
     let Some((code, reply)) = raised else {
         return sink_error(operation, err);
@@ -248,10 +242,7 @@ pub(crate) fn script_reply_error(
         };
     }
     m::error(m::ERROR_REDIS_SCRIPT);
-    let text = match reply.details() {
-        Some(details) => format!("{} {details}", reply.code()),
-        None => reply.code().to_string(),
-    };
+    let text = reply_text(&reply);
     SinkError {
         operation,
         retryable: false,
@@ -261,6 +252,14 @@ pub(crate) fn script_reply_error(
             reply: text,
             commits: None,
         }),
+    }
+}
+
+/// An error reply as Redis wrote it: code, then details.
+pub(crate) fn reply_text(reply: &::redis::ServerError) -> String {
+    match reply.details() {
+        Some(details) => format!("{} {details}", reply.code()),
+        None => reply.code().to_string(),
     }
 }
 
