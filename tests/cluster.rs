@@ -352,8 +352,10 @@ async fn a_big_transaction_is_invalidated_in_several_calls_per_primary() {
         ),
     );
     f.caught_up().await;
-    let keys = article_keys(ROWS);
-    futures_util::future::join_all(keys.chunks(500).map(|chunk| {
+    // Every key is named by the DELETE; one in ten is cached, enough to see them all go
+    // without a burst of 12 000 writes starving the tests running beside this one.
+    let keys: Vec<String> = article_keys(ROWS).into_iter().step_by(10).collect();
+    futures_util::future::join_all(keys.chunks(300).map(|chunk| {
         let mut conn = f.conn.clone();
         async move {
             for k in chunk {
@@ -907,11 +909,11 @@ async fn a_deleted_row_key_is_gone_on_its_node() {
     seed_items(&mut f, 3).await;
     f.set(&["itemkey:2".into()]).await;
     f.pg.psql("app", "DELETE FROM items WHERE id = 2");
-    wait_gone(&mut f.conn, "itemkey:2", 20).await;
-    assert!(f
-        .present(&["item:2".into(), "itemh:2".into()])
-        .await
-        .is_empty());
+    // Invalidations go before the batch's mirror writes: the key can go a moment before the
+    // mirrored rows do.
+    for key in ["itemkey:2", "item:2", "itemh:2"] {
+        wait_gone(&mut f.conn, key, 20).await;
+    }
     f.daemon.take().expect("daemon").stop().await;
 }
 
