@@ -454,6 +454,69 @@ async fn removed_dependency_sets_go_with_their_members() {
     );
 }
 
+/// How many EVALs `conn`'s Redis has run (`INFO commandstats`).
+async fn evals_run(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    // "cmdstat_eval:calls=3,usec=120,..."; no line before the first EVAL.
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_eval:calls="))
+        .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// On one node, dependency sets are checked with EXISTS first and only chunks holding a set
+/// that exists go through `invalidate_deps.lua`: sets nothing depends on cost no script call,
+/// and a set among hundreds of missing ones is still found and invalidated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_chunks_holding_an_existing_set_run_the_dependency_script() {
+    support::init_tracing();
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let mut conn = redis.connection().await;
+    let config = config(&pg, &redis, "postgres", "unused", RULES);
+    let mut sink = walsweep::sink::redis::RedisSink::new(&config.redis, &config.matroska).unwrap();
+    // 1 000 sets: several chunks of them.
+    let missing: Vec<String> = (0..1_000).map(|i| format!("id:article:{i}")).collect();
+    let plan_of = |deps: &[String]| {
+        let mut plan = walsweep::plan::rules::EffectPlan::default();
+        for d in deps {
+            plan.add(walsweep::plan::rules::Effect::InvalidateDep(d.clone()));
+        }
+        plan
+    };
+
+    let before = evals_run(&mut conn).await;
+    let applied = sink
+        .apply_plans(std::iter::once(&plan_of(&missing)))
+        .await
+        .unwrap();
+    assert_eq!(applied.keys_unlinked, 0);
+    assert_eq!(
+        evals_run(&mut conn).await,
+        before,
+        "no set exists: no script call"
+    );
+
+    // One set that exists, in the middle of the missing ones.
+    matroska_put(&mut conn, "cached", &["id:article:700"]).await;
+    let before = evals_run(&mut conn).await;
+    let applied = sink
+        .apply_plans(std::iter::once(&plan_of(&missing)))
+        .await
+        .unwrap();
+    assert_eq!(applied.keys_unlinked, 1);
+    assert!(!exists(&mut conn, "cache::data::cached").await);
+    assert_eq!(
+        evals_run(&mut conn).await - before,
+        1,
+        "one script call, for the chunk holding the set"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_wide_invalidation_of_many_keys_unlinks_page_by_page() {
     use futures_util::StreamExt;
