@@ -372,33 +372,57 @@ async fn sink_reset_clears_everything_the_rules_maintain_and_nothing_else() {
     );
 }
 
+/// A Redis sink driven directly (no daemon), for what one batch does: its Postgres (which the
+/// config needs, unused) and Redis stay up while the fixture lives.
+struct SinkFixture {
+    _pg: Postgres,
+    _redis: Redis,
+    conn: redis::aio::MultiplexedConnection,
+    sink: walsweep::sink::redis::RedisSink,
+}
+
+impl SinkFixture {
+    /// `rest`: the config after `[redis]` (rules, `[matroska]`).
+    async fn new(rest: &str) -> SinkFixture {
+        support::init_tracing();
+        let pg = Postgres::start();
+        let redis = Redis::start();
+        let conn = redis.connection().await;
+        let config = config(&pg, &redis, "postgres", "unused", rest);
+        let sink = walsweep::sink::redis::RedisSink::new(&config.redis, &config.matroska).unwrap();
+        SinkFixture {
+            _pg: pg,
+            _redis: redis,
+            conn,
+            sink,
+        }
+    }
+}
+
+/// A plan that invalidates the dependencies `deps`.
+fn invalidate(deps: &[impl AsRef<str>]) -> walsweep::plan::rules::EffectPlan {
+    let mut plan = walsweep::plan::rules::EffectPlan::default();
+    for dep in deps {
+        plan.add(walsweep::plan::rules::Effect::InvalidateDep(
+            dep.as_ref().into(),
+        ));
+    }
+    plan
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dependency_key_of_another_type_is_reported_and_left_alone() {
-    support::init_tracing();
-    let pg = Postgres::start();
-    let redis = Redis::start();
-    let mut conn = redis.connection().await;
-    let config = config(&pg, &redis, "postgres", "unused", RULES);
-    let mut sink = walsweep::sink::redis::RedisSink::new(&config.redis, &config.matroska).unwrap();
-    set_keys(&mut conn, &["cache::rdep::tag:not-a-set"]).await;
-    matroska_put(&mut conn, "one", &["id:article:1"]).await;
-    let mut plan = walsweep::plan::rules::EffectPlan::default();
-    plan.add(walsweep::plan::rules::Effect::InvalidateDep(
-        "tag:not-a-set".into(),
-    ));
-    plan.add(walsweep::plan::rules::Effect::InvalidateDep(
-        "id:article:1".into(),
-    ));
-    plan.add(walsweep::plan::rules::Effect::InvalidateDep(
-        "id:article:404".into(),
-    ));
-    let applied = sink.apply_plans(std::iter::once(&plan)).await.unwrap();
+    let mut f = SinkFixture::new(RULES).await;
+    set_keys(&mut f.conn, &["cache::rdep::tag:not-a-set"]).await;
+    matroska_put(&mut f.conn, "one", &["id:article:1"]).await;
+    let plan = invalidate(&["tag:not-a-set", "id:article:1", "id:article:404"]);
+    let applied = f.sink.apply_plans(std::iter::once(&plan)).await.unwrap();
     assert_eq!(applied.wrong_type_sets, 1);
     assert_eq!(applied.keys_unlinked, 1);
-    assert!(!exists(&mut conn, "cache::data::one").await);
-    assert!(exists(&mut conn, "cache::rdep::tag:not-a-set").await);
+    assert!(!exists(&mut f.conn, "cache::data::one").await);
+    assert!(exists(&mut f.conn, "cache::rdep::tag:not-a-set").await);
     assert!(
-        exists(&mut conn, "cache::rdep::id:article:1").await,
+        exists(&mut f.conn, "cache::rdep::id:article:1").await,
         "sets are kept"
     );
 }
@@ -407,26 +431,16 @@ async fn a_dependency_key_of_another_type_is_reported_and_left_alone() {
 /// keys are sets) and on the set-by-set path a key of another type forces.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_dependency_sets_go_with_their_members() {
-    support::init_tracing();
-    let pg = Postgres::start();
-    let redis = Redis::start();
-    let mut conn = redis.connection().await;
-    let rest = format!("[matroska]\nremove_dependency_sets = true\n{RULES}");
-    let config = config(&pg, &redis, "postgres", "unused", &rest);
-    let mut sink = walsweep::sink::redis::RedisSink::new(&config.redis, &config.matroska).unwrap();
-    let invalidate = |deps: &[&str]| {
-        let mut plan = walsweep::plan::rules::EffectPlan::default();
-        for d in deps {
-            plan.add(walsweep::plan::rules::Effect::InvalidateDep((*d).into()));
-        }
-        plan
-    };
+    let mut f = SinkFixture::new(&format!(
+        "[matroska]\nremove_dependency_sets = true\n{RULES}"
+    ))
+    .await;
 
-    matroska_put(&mut conn, "one", &["id:article:1", "tag:a"]).await;
-    matroska_put(&mut conn, "two", &["tag:a"]).await;
-    matroska_put(&mut conn, "kept", &["id:article:9"]).await;
+    matroska_put(&mut f.conn, "one", &["id:article:1", "tag:a"]).await;
+    matroska_put(&mut f.conn, "two", &["tag:a"]).await;
+    matroska_put(&mut f.conn, "kept", &["id:article:9"]).await;
     let plan = invalidate(&["id:article:1", "tag:a", "id:article:404"]);
-    let applied = sink.apply_plans(std::iter::once(&plan)).await.unwrap();
+    let applied = f.sink.apply_plans(std::iter::once(&plan)).await.unwrap();
     assert_eq!(applied.keys_unlinked, 2, "one and two, each once");
     assert_eq!(applied.wrong_type_sets, 0);
     for gone in [
@@ -435,21 +449,21 @@ async fn removed_dependency_sets_go_with_their_members() {
         "cache::rdep::id:article:1",
         "cache::rdep::tag:a",
     ] {
-        assert!(!exists(&mut conn, gone).await, "{gone} is gone");
+        assert!(!exists(&mut f.conn, gone).await, "{gone} is gone");
     }
-    assert!(exists(&mut conn, "cache::data::kept").await);
-    assert!(exists(&mut conn, "cache::rdep::id:article:9").await);
+    assert!(exists(&mut f.conn, "cache::data::kept").await);
+    assert!(exists(&mut f.conn, "cache::rdep::id:article:9").await);
 
-    set_keys(&mut conn, &["cache::rdep::tag:not-a-set"]).await;
-    matroska_put(&mut conn, "three", &["id:article:3"]).await;
+    set_keys(&mut f.conn, &["cache::rdep::tag:not-a-set"]).await;
+    matroska_put(&mut f.conn, "three", &["id:article:3"]).await;
     let plan = invalidate(&["tag:not-a-set", "id:article:3"]);
-    let applied = sink.apply_plans(std::iter::once(&plan)).await.unwrap();
+    let applied = f.sink.apply_plans(std::iter::once(&plan)).await.unwrap();
     assert_eq!(applied.keys_unlinked, 1);
     assert_eq!(applied.wrong_type_sets, 1);
-    assert!(!exists(&mut conn, "cache::data::three").await);
-    assert!(!exists(&mut conn, "cache::rdep::id:article:3").await);
+    assert!(!exists(&mut f.conn, "cache::data::three").await);
+    assert!(!exists(&mut f.conn, "cache::rdep::id:article:3").await);
     assert!(
-        exists(&mut conn, "cache::rdep::tag:not-a-set").await,
+        exists(&mut f.conn, "cache::rdep::tag:not-a-set").await,
         "not a set: left alone"
     );
 }
@@ -473,45 +487,28 @@ async fn evals_run(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
 /// and a set among hundreds of missing ones is still found and invalidated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_chunks_holding_an_existing_set_run_the_dependency_script() {
-    support::init_tracing();
-    let pg = Postgres::start();
-    let redis = Redis::start();
-    let mut conn = redis.connection().await;
-    let config = config(&pg, &redis, "postgres", "unused", RULES);
-    let mut sink = walsweep::sink::redis::RedisSink::new(&config.redis, &config.matroska).unwrap();
+    let mut f = SinkFixture::new(RULES).await;
     // 1 000 sets: several chunks of them.
     let missing: Vec<String> = (0..1_000).map(|i| format!("id:article:{i}")).collect();
-    let plan_of = |deps: &[String]| {
-        let mut plan = walsweep::plan::rules::EffectPlan::default();
-        for d in deps {
-            plan.add(walsweep::plan::rules::Effect::InvalidateDep(d.clone()));
-        }
-        plan
-    };
+    let plan = invalidate(&missing);
 
-    let before = evals_run(&mut conn).await;
-    let applied = sink
-        .apply_plans(std::iter::once(&plan_of(&missing)))
-        .await
-        .unwrap();
+    let before = evals_run(&mut f.conn).await;
+    let applied = f.sink.apply_plans(std::iter::once(&plan)).await.unwrap();
     assert_eq!(applied.keys_unlinked, 0);
     assert_eq!(
-        evals_run(&mut conn).await,
+        evals_run(&mut f.conn).await,
         before,
         "no set exists: no script call"
     );
 
     // One set that exists, in the middle of the missing ones.
-    matroska_put(&mut conn, "cached", &["id:article:700"]).await;
-    let before = evals_run(&mut conn).await;
-    let applied = sink
-        .apply_plans(std::iter::once(&plan_of(&missing)))
-        .await
-        .unwrap();
+    matroska_put(&mut f.conn, "cached", &["id:article:700"]).await;
+    let before = evals_run(&mut f.conn).await;
+    let applied = f.sink.apply_plans(std::iter::once(&plan)).await.unwrap();
     assert_eq!(applied.keys_unlinked, 1);
-    assert!(!exists(&mut conn, "cache::data::cached").await);
+    assert!(!exists(&mut f.conn, "cache::data::cached").await);
     assert_eq!(
-        evals_run(&mut conn).await - before,
+        evals_run(&mut f.conn).await - before,
         1,
         "one script call, for the chunk holding the set"
     );
