@@ -1110,6 +1110,10 @@ async fn check_names_the_primaries_and_which_templates_pin_a_slot() {
         .map(|p| format!("127.0.0.1:{}", p.port))
         .collect();
     assert!(text.contains("Redis Cluster with 3 primaries"), "{text}");
+    assert!(
+        text.contains("every primary runs invalidate_node.lua"),
+        "{text}"
+    );
     for p in &primaries {
         assert!(text.contains(p.as_str()), "primary {p} named: {text}");
     }
@@ -1127,6 +1131,18 @@ async fn check_names_the_primaries_and_which_templates_pin_a_slot() {
     assert_ne!(code, Some(0), "{text}");
     assert!(
         text.contains("matroska.fences") && text.contains("not supported on a Redis Cluster"),
+        "{text}"
+    );
+    // A cluster whose ACL denies EVAL: said before the daemon would find out.
+    cluster.on_every_node(redis::cmd("ACL").arg("SETUSER").arg("default").arg("-eval"));
+    write("");
+    let (_, text) = check();
+    assert!(
+        text.contains("refuses walsweep's per-node script") && text.contains("NOPERM"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("every primary runs invalidate_node.lua"),
         "{text}"
     );
 }

@@ -1,11 +1,13 @@
 //! The check against the live Redis: it answers PING within `redis.timeout_ms`, and a TLS
 //! certificate it cannot verify is reported as the daemon would stop on it. On a cluster it
-//! also names the primaries, and for each key template whether its keys share a hash slot.
+//! also names the primaries, says whether they run walsweep's per-node invalidation script,
+//! and for each key template whether its keys share a hash slot.
 
 use crate::config::hash_slot::hash_tag;
 use crate::config::template::{Segment, Template};
 use crate::config::Config;
 use crate::sink::redis::certificate::CertificateRejected;
+use crate::sink::redis::cluster::{node_script_refusal, NODE_SCRIPT_REFUSED};
 use crate::sink::redis::Endpoint;
 use crate::telemetry::log::display_chain;
 
@@ -31,10 +33,11 @@ pub(super) async fn check_redis(config: &Config, report: &mut Report) {
         ::redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await?;
-        conn.primaries().await
+        let primaries = conn.primaries().await?;
+        Ok::<_, ::redis::RedisError>((conn, primaries))
     };
     match tokio::time::timeout(timeout, ping).await {
-        Ok(Ok(primaries)) if config.redis.is_cluster() => {
+        Ok(Ok((mut conn, primaries))) if config.redis.is_cluster() => {
             let names: Vec<String> = primaries
                 .iter()
                 .map(|p| format!("{}:{}", p.host, p.port))
@@ -46,6 +49,24 @@ pub(super) async fn check_redis(config: &Config, report: &mut Report) {
             ));
             for line in slot_notes(config) {
                 report.notes.push(line);
+            }
+            let tried = tokio::time::timeout(timeout, node_script_refusal(&mut conn, &primaries));
+            match tried.await {
+                Ok(Ok(None)) => report.notes.push(
+                    "every primary runs invalidate_node.lua: a batch's invalidations take one \
+                     call per primary"
+                        .to_string(),
+                ),
+                Ok(Ok(Some(refusal))) => report
+                    .warnings
+                    .push(format!("{NODE_SCRIPT_REFUSED} ({refusal})")),
+                Ok(Err(e)) => report.warnings.push(format!(
+                    "could not try invalidate_node.lua on the primaries: {e}"
+                )),
+                Err(_) => report.warnings.push(format!(
+                    "invalidate_node.lua did not answer within {} ms on the primaries",
+                    config.redis.timeout_ms
+                )),
             }
         }
         Ok(Ok(_)) => {}

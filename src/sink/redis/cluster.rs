@@ -11,6 +11,7 @@
 
 use ::redis::Value;
 
+use super::endpoint::Primary;
 use super::{RedisConn, Unlinked, KEYS_PER_COMMAND};
 use crate::sink::SinkError;
 
@@ -136,10 +137,7 @@ async fn by_node(
                 if conn.refuse_node_scripts() {
                     tracing::warn!(
                         reply = %super::errors::reply_text(&e),
-                        "the Redis Cluster refuses walsweep's per-node script \
-                         (invalidate_node.lua); invalidating with one command per hash slot \
-                         from now on, which costs Redis and walsweep more per change: allow \
-                         EVAL for walsweep's Redis user (Redis 7.0 or newer runs the script)"
+                        "{NODE_SCRIPT_REFUSED}"
                     );
                 }
                 return Ok(None);
@@ -263,6 +261,47 @@ fn node_calls<'a>(
 /// it: an ACL denying EVAL, or a Redis older than 7.0 (no script flags).
 fn refuses_scripts(code: &str, details: &str) -> bool {
     code == "NOPERM" || details.contains("compiling script") || details.contains("shebang")
+}
+
+/// What walsweep says, in its log and in `walsweep check`, of a cluster refusing
+/// `invalidate_node.lua`.
+pub(crate) const NODE_SCRIPT_REFUSED: &str = "the Redis Cluster refuses walsweep's per-node \
+     script (invalidate_node.lua); invalidations go one command per hash slot instead, which \
+     costs Redis and walsweep more per change: allow EVAL for walsweep's Redis user (Redis 7.0 \
+     or newer runs the script)";
+
+/// Runs `invalidate_node.lua` with nothing to invalidate on each of `primaries`: `None` when
+/// every one ran it, else the refusal as the node replied (`walsweep check`); `Err`: another
+/// failure, with the node that failed.
+pub(crate) async fn node_script_refusal(
+    conn: &mut RedisConn,
+    primaries: &[Primary],
+) -> Result<Option<String>, String> {
+    let mut eval = ::redis::cmd("EVAL");
+    // No key declared, no key to unlink, no set to read.
+    eval.arg(INVALIDATE_NODE_LUA).arg(0).arg(0);
+    for primary in primaries {
+        // An error reply may come back as a value (the cluster connection's routing) or as
+        // the error: either way, as Redis wrote it.
+        let (code, details) = match conn.query_on::<Value>(Some(primary), &eval).await {
+            Ok(Value::ServerError(e)) => (
+                e.code().to_string(),
+                e.details().unwrap_or_default().to_string(),
+            ),
+            Ok(_) => continue,
+            Err(e) => match e.code() {
+                Some(code) => (code.to_string(), e.detail().unwrap_or_default().to_string()),
+                None => return Err(format!("{}:{}: {e}", primary.host, primary.port)),
+            },
+        };
+        let reply = format!("{}:{}: {code} {details}", primary.host, primary.port);
+        return if refuses_scripts(&code, &details) {
+            Ok(Some(reply))
+        } else {
+            Err(reply)
+        };
+    }
+    Ok(None)
 }
 
 /// UNLINKs `keys` wherever they live; returns how many existed. On a cluster, one
