@@ -68,7 +68,8 @@ pub(crate) fn reply(value: Value, operation: &'static str) -> Result<Value, Sink
     }
 }
 
-fn count(value: &Value) -> u64 {
+/// An integer reply as a count (0 for anything else).
+pub(crate) fn count(value: &Value) -> u64 {
     match value {
         Value::Int(n) => (*n).max(0) as u64,
         _ => 0,

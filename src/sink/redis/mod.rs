@@ -353,19 +353,11 @@ impl RedisSink {
         for chunk in &chunks {
             pipe.cmd("EXISTS").arg(set_keys(prefix, chunk));
         }
-        let started = Instant::now();
-        let replies: Vec<Value> = pipe
-            .query_async(conn)
-            .await
-            .map_err(|e| sink_error(OPERATION, e))?;
-        m::redis_round_trip(started.elapsed());
+        let replies: Vec<Value> = round_trip(OPERATION, pipe.query_async(conn)).await?;
         let mut applied = Unlinked::default();
         let mut pipe = ::redis::pipe();
         for (at, reply) in replies.into_iter().enumerate() {
-            let count = match cluster::reply(reply, OPERATION)? {
-                Value::Int(n) => n.max(0) as u64,
-                _ => 0,
-            };
+            let count = cluster::count(&cluster::reply(reply, OPERATION)?);
             if at < unlinks {
                 applied.keys_unlinked += count;
             } else if count > 0 {
