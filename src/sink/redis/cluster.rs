@@ -284,23 +284,20 @@ pub(crate) async fn node_script_refusal(
     for primary in primaries {
         // An error reply may come back as a value (the cluster connection's routing) or as
         // the error: either way, as Redis wrote it.
-        let (code, details) = match conn.query_on::<Value>(Some(primary), &eval).await {
+        let (refused, reply) = match conn.query_on::<Value>(Some(primary), &eval).await {
             Ok(Value::ServerError(e)) => (
-                e.code().to_string(),
-                e.details().unwrap_or_default().to_string(),
+                refuses_scripts(e.code(), e.details().unwrap_or_default()),
+                super::errors::reply_text(&e),
             ),
             Ok(_) => continue,
-            Err(e) => match e.code() {
-                Some(code) => (code.to_string(), e.detail().unwrap_or_default().to_string()),
-                None => return Err(format!("{}:{}: {e}", primary.host, primary.port)),
-            },
+            Err(e) => (
+                e.code()
+                    .is_some_and(|code| refuses_scripts(code, e.detail().unwrap_or_default())),
+                e.to_string(),
+            ),
         };
-        let reply = format!("{}:{}: {code} {details}", primary.host, primary.port);
-        return if refuses_scripts(&code, &details) {
-            Ok(Some(reply))
-        } else {
-            Err(reply)
-        };
+        let reply = format!("{}:{}: {reply}", primary.host, primary.port);
+        return if refused { Ok(Some(reply)) } else { Err(reply) };
     }
     Ok(None)
 }
